@@ -1,0 +1,71 @@
+"""``exit-server`` command line: ``run`` and ``gen-certs``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from shared.aio.runner import run_service
+from shared.cli import add_model_flags, configure_logging, run_guarded, settings_from_args
+from shared.errors import ConfigError
+
+from .config import ServerConfig
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exit-server", description="Backhaul exit server: public HTTP ingress "
+                                     "routed by Host through authenticated tunnels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve public traffic and tunnels",
+                         description="Serve public HTTP and accept tunnel clients. Every flag also reads "
+                         "BACKHAUL_<FLAG> and the --config TOML file (flags > env > file). The token comes "
+                         "from --token-file or BACKHAUL_TOKEN, never from argv.")
+    add_model_flags(run, ServerConfig)
+    certs = sub.add_parser("gen-certs", help="write a development CA and server certificate")
+    certs.add_argument("--out", type=Path, required=True, help="directory for ca.pem, server.pem, server-key.pem")
+    certs.add_argument("--hostname", required=True, help="DNS name the clients will connect to")
+    certs.add_argument("--ip", action="append", default=[], help="IP address to include (repeatable)")
+    return parser
+
+
+async def serve(config: ServerConfig, stop: asyncio.Event) -> int:
+    from .server import ExitServer
+
+    server = ExitServer(config)
+    await server.start()
+    print(f"exit-server: public port {server.public_port}, control port {server.control_port}", flush=True)
+    await stop.wait()
+    await server.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def command() -> int:
+        if args.command == "gen-certs":
+            from .certs import generate_certs
+
+            try:
+                fingerprint = generate_certs(args.out, args.hostname, args.ip)
+            except ValueError as exc:
+                raise ConfigError(f"--ip: {exc}") from None
+            print(f"wrote {args.out}/ca.pem, server.pem, server-key.pem")
+            print(f"CA SHA-256 fingerprint: {fingerprint}")
+            return 0
+        config = settings_from_args(ServerConfig, args)
+        configure_logging(config.log_level)
+        from .server import ExitServer
+
+        ExitServer(config)  # validate secrets and TLS files before daemonising
+        return run_service(lambda stop: serve(config, stop))
+
+    return run_guarded(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Exit-server settings (flags > BACKHAUL_* environment > TOML file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from shared.config import BaseConfig, is_loopback_host, parse_addr
+
+__all__ = ["ServerConfig"]
+
+
+class ServerConfig(BaseConfig):
+    """Every setting of ``exit-server run``; the field names are the flags without dashes."""
+
+    public_addr: str = Field("127.0.0.1:8080", description="public HTTP listener, HOST:PORT")
+    control_addr: str = Field("127.0.0.1:8443", description="tunnel (WebSocket) listener, HOST:PORT")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain for the control listener")
+    tls_key: Path | None = Field(None, description="PEM private key for the control listener")
+    token_file: Path | None = Field(None, description="file holding the shared client token")
+    token: SecretStr | None = Field(None, description="the shared client token (environment/TOML only)")
+    insecure_plaintext: bool = Field(False, description="serve ws:// without TLS (loopback only)")
+    public_scheme: Literal["http", "https"] = Field(
+        "http", description="scheme reported in X-Forwarded-Proto (https behind a TLS load balancer)"
+    )
+    upstream_timeout: float = Field(60.0, gt=0, description="seconds to wait for a response head (504)")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
+    max_streams: int = Field(10_000, ge=1, description="concurrent streams per tunnel (503 beyond)")
+    max_body: int | None = Field(None, ge=0, description="largest request body in bytes (413 beyond)")
+    handshake_timeout: float = Field(10.0, gt=0, description="seconds for a client to say hello")
+    heartbeat_interval: float = Field(4.0, gt=0, description="seconds between heartbeat pings")
+    heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which a tunnel is dead")
+    stream_window: int = Field(256 * 1024, ge=16 * 1024, description="per-stream flow-control window")
+    connection_window: int = Field(16 << 20, ge=1 << 20, description="per-tunnel flow-control window")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("public_addr", "control_addr")
+    @classmethod
+    def _addr(cls, value: str) -> str:
+        parse_addr(value)
+        return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> ServerConfig:
+        if self.insecure_plaintext:
+            host, _ = parse_addr(self.control_addr)
+            if not is_loopback_host(host):
+                raise ValueError("--insecure-plaintext is only allowed on a loopback control address")
+        elif self.tls_cert is None or self.tls_key is None:
+            raise ValueError("--tls-cert and --tls-key are required (or --insecure-plaintext on loopback)")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError("--heartbeat-timeout must exceed --heartbeat-interval")
+        return self

@@ -1,0 +1,164 @@
+"""The control endpoint: TLS WebSocket listener where tunnel clients authenticate (HTTP 401
+before the upgrade), say hello, and then carry streams."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+from http import HTTPStatus
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+from shared.aio.connection import TunnelConnection
+from shared.frames import GoAwayCode
+from shared.messages import PROTOCOL_VERSION, Error, Hello, Routes, Welcome
+from shared.mux import Role, Session, SessionState
+
+from .config import ServerConfig
+from .routes import Registry, Tunnel
+
+__all__ = ["Authenticator", "ControlEndpoint", "SharedTokenAuth"]
+
+log = logging.getLogger(__name__)
+
+Authenticator = Callable[[str], str | None]
+"""Maps a presented bearer token to a client id, or None when it is not valid."""
+
+
+class SharedTokenAuth:
+    """One shared token for every client (client id ``default``), compared in constant time."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("empty token")
+        self._token = token.encode()
+
+    def __call__(self, presented: str) -> str | None:
+        return "default" if hmac.compare_digest(presented.encode(), self._token) else None
+
+
+def _bearer(request: Request) -> str:
+    value = request.headers.get("Authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+class ControlEndpoint:
+    """Accepts tunnel sessions and keeps the registry in step with them."""
+
+    def __init__(self, config: ServerConfig, registry: Registry, auth: Authenticator) -> None:
+        self.config = config
+        self.registry = registry
+        self.auth = auth
+        self.draining = False
+        self.connections: set[TunnelConnection] = set()
+        self.auth_failures = 0
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Authenticate before the upgrade: 401 for a missing or wrong token (never logged)."""
+        remote = _peer(connection)
+        if self.draining:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+        token = _bearer(request)
+        client_id = self.auth(token) if token else None
+        if client_id is None:
+            self.auth_failures += 1
+            log.warning("control: authentication failed from %s (%s)", remote,
+                        "no token" if not token else "invalid token")
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+        connection.backhaul_client_id = client_id  # type: ignore[attr-defined]
+        return None
+
+    async def handle(self, ws: ServerConnection) -> None:
+        """Run one tunnel session from hello to close."""
+        cfg = self.config
+        client_id: str = getattr(ws, "backhaul_client_id", "default")
+        session_id = secrets.token_hex(6)
+        remote = _peer(ws)
+        loop = asyncio.get_running_loop()
+        session = Session(
+            Role.SERVER,
+            max_frame=256 * 1024,
+            initial_window=cfg.stream_window,
+            connection_window=cfg.connection_window,
+            max_streams=cfg.max_streams,
+            heartbeat_interval=cfg.heartbeat_interval,
+            heartbeat_timeout=cfg.heartbeat_timeout,
+            now=loop.time(),
+        )
+        tunnel: Tunnel | None = None
+
+        def on_control(message: Hello | Welcome | Routes | Error) -> None:
+            nonlocal tunnel
+            if isinstance(message, Hello):
+                tunnel = self._register(conn, session_id, client_id, remote, message)
+            elif isinstance(message, Routes) and tunnel is not None:
+                for refusal in self.registry.set_routes(tunnel, list(message.routes)):
+                    log.warning("session %s: route %s refused: %s", session_id, refusal.route, refusal.reason)
+                log.info("session %s: routes now %s", session_id, _route_names(tunnel))
+
+        def on_goaway(code: int, reason: str) -> None:
+            if tunnel is not None:
+                self.registry.withdraw(tunnel)
+                log.info("session %s: client draining, %d streams in flight", session_id, conn.streams_in_flight)
+
+        conn = TunnelConnection(ws, session, name=session_id, on_control=on_control, on_goaway=on_goaway)
+        self.connections.add(conn)
+        watchdog = loop.call_later(cfg.handshake_timeout, self._handshake_expired, conn)
+        try:
+            await conn.run()
+        finally:
+            watchdog.cancel()
+            self.connections.discard(conn)
+            if tunnel is not None:
+                self.registry.remove(tunnel)
+                log.info("session %s: closed (client %s, instance %s): %s", session_id, client_id,
+                         tunnel.instance_id, conn.close_reason or "normal")
+
+    def _handshake_expired(self, conn: TunnelConnection) -> None:
+        if conn.session.state is SessionState.HANDSHAKE:
+            log.warning("session %s: no hello within %.0fs", conn.name, self.config.handshake_timeout)
+            conn.close_reason = "handshake timeout"
+            conn.session.refuse("handshake_timeout", "no hello in time")
+            conn.flush()
+            conn.abort()
+
+    def _register(self, conn: TunnelConnection, session_id: str, client_id: str, remote: str, hello: Hello) -> Tunnel:
+        tunnel = Tunnel(session_id, client_id, hello.instance_id, remote, conn, dict(hello.labels))
+        granted, refused, replaced = self.registry.add(tunnel, list(hello.routes))
+        if replaced is not None:
+            log.info("session %s replaces session %s of instance %s", session_id, replaced.id, hello.instance_id)
+            replaced.conn.goaway(GoAwayCode.REPLACED, "replaced by a new session")
+            replaced.conn.abort()
+        for refusal in refused:
+            log.warning("session %s: route %s refused: %s", session_id, refusal.route, refusal.reason)
+        conn.session.accept(
+            Welcome(
+                version=PROTOCOL_VERSION,
+                session_id=session_id,
+                client_id=client_id,
+                routes=granted,
+                refused=refused,
+                max_streams=self.config.max_streams,
+                initial_window=self.config.stream_window,
+                max_frame=256 * 1024,
+                heartbeat_interval=self.config.heartbeat_interval,
+            )
+        )
+        conn.flush()
+        log.info("session %s: registered client %s instance %s from %s, routes %s", session_id, client_id,
+                 hello.instance_id, remote, _route_names(tunnel))
+        return tunnel
+
+
+def _route_names(tunnel: Tunnel) -> str:
+    return ", ".join(f"{r.host}{'' if r.path_prefix == '/' else r.path_prefix}" for r in tunnel.routes) or "none"
+
+
+def _peer(connection: ServerConnection) -> str:
+    addr = connection.remote_address
+    return str(addr[0]) if addr else "-"

@@ -1,0 +1,196 @@
+"""The public HTTP listener: route by Host, open a stream, relay the exchange.
+
+Status mapping (docs/PROTOCOL.md section 12): no tunnel 503, stream limit 503 + Retry-After,
+tunnel lost or upstream refused 502, no response head in time 504. A body that breaks after the
+head was sent is aborted (connection closed without the final chunk), never presented as whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from shared.aio.connection import TunnelStream
+from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError
+from shared.frames import ResetCode
+from shared.heads import RequestHead, StreamKind
+from shared.httputil import forwarded_headers, strip_hop_by_hop
+from shared.routing import normalize_host
+
+from .config import ServerConfig
+from .routes import Registry, Tunnel
+
+__all__ = ["PublicHandler", "RESET_STATUS"]
+
+log = logging.getLogger(__name__)
+
+#: Public status for a stream reset before the response head.
+RESET_STATUS: dict[int, int] = {
+    ResetCode.CANCEL: 502,
+    ResetCode.REFUSED: 503,
+    ResetCode.UPSTREAM_CONNECT: 502,
+    ResetCode.UPSTREAM_TIMEOUT: 504,
+    ResetCode.UPSTREAM_RESET: 502,
+    ResetCode.NO_UPSTREAM: 502,
+    ResetCode.FORBIDDEN: 403,
+    ResetCode.TOO_LARGE: 413,
+}
+
+_TEXT = {
+    403: "forbidden",
+    413: "request body too large",
+    502: "bad gateway",
+    503: "no tunnel available for this host",
+    504: "gateway timeout",
+}
+
+
+def error_response(status: int, retry_after: int | None = None) -> web.Response:
+    """A short generic error body that never echoes the caller's bytes."""
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.Response(status=status, text=_TEXT.get(status, "error") + "\n", headers=headers)
+
+
+class PublicHandler:
+    """aiohttp low-level handler for every public request."""
+
+    def __init__(self, config: ServerConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.draining = False
+        self.in_flight = 0
+        self.requests = 0
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.in_flight += 1
+        self.requests += 1
+        try:
+            return await self._handle(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.draining:
+            return error_response(503, retry_after=1)
+        host = normalize_host(request.host)
+        tunnel = self.registry.pick(host, request.path)
+        if tunnel is None:
+            return error_response(503)
+        max_body = self.config.max_body
+        length = request.content_length
+        if max_body is not None and length is not None and length > max_body:
+            return error_response(413)
+        head = self._head(request, host)
+        has_body = request.body_exists
+        stream = self._open(tunnel, head, has_body)
+        if isinstance(stream, web.Response):
+            return stream
+        tunnel.requests += 1
+        conn = tunnel.conn
+        pump: asyncio.Task[None] | None = None
+        if has_body:
+            pump = asyncio.create_task(self._pump_body(request, stream))
+        try:
+            try:
+                async with asyncio.timeout(self.config.upstream_timeout):
+                    reply = await stream.response()
+            except TimeoutError:
+                stream.reset(ResetCode.UPSTREAM_TIMEOUT, "no response head in time")
+                log.warning("%s %s %s: no response head within %.0fs (504)", tunnel.id, host, request.method,
+                            self.config.upstream_timeout)
+                return error_response(504)
+            except StreamReset as exc:
+                status = RESET_STATUS.get(exc.code, 502)
+                log.info("%s stream %d %s: reset before reply (code %d, %s) -> %d", tunnel.id, stream.id, host,
+                         exc.code, exc.reason, status)
+                return error_response(status, retry_after=1 if status == 503 else None)
+            except SessionClosed:
+                log.warning("%s stream %d %s: tunnel lost before reply (502)", tunnel.id, stream.id, host)
+                return error_response(502)
+            return await self._relay_response(request, stream, reply.status, reply.headers)
+        except asyncio.CancelledError:
+            # The caller went away: cancel the stream so the client cancels the upstream call.
+            stream.reset(ResetCode.CANCEL, "caller disconnected")
+            raise
+        finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+            conn.release(stream)
+
+    def _open(self, tunnel: Tunnel, head: RequestHead, has_body: bool) -> TunnelStream | web.Response:
+        try:
+            return tunnel.conn.open_stream(head, end_stream=not has_body)  # type: ignore[no-any-return]
+        except TooManyStreams:
+            log.warning("%s: stream limit reached (503)", tunnel.id)
+            return error_response(503, retry_after=1)
+        except SessionClosed:
+            return error_response(503, retry_after=1)
+
+    def _head(self, request: web.BaseRequest, host: str) -> RequestHead:
+        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+        headers = strip_hop_by_hop(raw)
+        headers = [(k, v) for k, v in headers if k.lower() != "expect"]
+        peer = request.remote or ""
+        headers = forwarded_headers(headers, peer, self.config.public_scheme, request.host)
+        return RequestHead(
+            StreamKind.HTTP,
+            request.method,
+            request.raw_path,
+            request.host,
+            self.config.public_scheme,
+            peer,
+            tuple(headers),
+        )
+
+    async def _pump_body(self, request: web.BaseRequest, stream: TunnelStream) -> None:
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        max_body = self.config.max_body
+        total = 0
+        content = request.content
+        try:
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                total += len(chunk)
+                if max_body is not None and total > max_body:
+                    stream.reset(ResetCode.TOO_LARGE, "request body over the limit")
+                    return
+                await stream.write(chunk)
+            stream.end()
+        except TunnelError:
+            pass  # the reply side reports it
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+            log.info("stream %d: request body aborted by caller: %s", stream.id, exc)
+            stream.reset(ResetCode.CANCEL, "request body aborted")
+
+    async def _relay_response(
+        self, request: web.BaseRequest, stream: TunnelStream, status: int, headers: tuple[tuple[str, str], ...]
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status)
+        resp.headers.extend(strip_hop_by_hop(headers))  # keeps order and repeats (Set-Cookie)
+        try:
+            await resp.prepare(request)
+            while True:
+                chunk = await stream.read()
+                if not chunk:
+                    break
+                await resp.write(chunk)
+        except TunnelError as exc:
+            log.warning("stream %d: response body aborted: %s", stream.id, exc)
+            _abort(request)
+            return resp
+        except ConnectionError:
+            stream.reset(ResetCode.CANCEL, "caller disconnected")
+            _abort(request)
+            return resp
+        return resp
+
+
+def _abort(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

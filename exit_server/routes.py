@@ -1,0 +1,115 @@
+"""The live tunnel registry: which session serves which host (pure bookkeeping, no I/O).
+
+Routes belong to live sessions only (LESSONS 3): a session's routes vanish with it, a client
+instance that reconnects replaces its old session at once, and a hostname registered by one
+client id can never be taken by another.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.messages import RouteRefusal, RouteSpec
+from shared.routing import RouteTable
+
+__all__ = ["Registry", "Tunnel"]
+
+
+@dataclass(eq=False)
+class Tunnel:
+    """One connected client session as the exit server sees it."""
+
+    id: str
+    client_id: str
+    instance_id: str
+    remote: str
+    conn: Any  # shared.aio.connection.TunnelConnection (kept untyped: this module is pure)
+    labels: dict[str, str] = field(default_factory=dict)
+    routes: list[RouteSpec] = field(default_factory=list)
+    connected_at: float = field(default_factory=time.time)
+    routable: bool = True
+    requests: int = 0
+
+    @property
+    def in_flight(self) -> int:
+        return int(self.conn.streams_in_flight)
+
+
+class Registry:
+    """Sessions by id and by client instance, and the route table over them."""
+
+    def __init__(self) -> None:
+        self.table: RouteTable[Tunnel] = RouteTable()
+        self.tunnels: dict[str, Tunnel] = {}
+        self._instances: dict[tuple[str, str], Tunnel] = {}
+
+    def add(self, tunnel: Tunnel, wanted: list[RouteSpec]) -> tuple[list[RouteSpec], list[RouteRefusal], Tunnel | None]:
+        """Register a session and the routes it may serve.
+
+        Returns:
+            (granted routes, refusals, the session this one replaces or None)
+        """
+        replaced = self._instances.get((tunnel.client_id, tunnel.instance_id))
+        if replaced is not None:
+            self.remove(replaced)
+        granted, refused = self._grantable(tunnel.client_id, wanted)
+        tunnel.routes = granted
+        self.tunnels[tunnel.id] = tunnel
+        self._instances[(tunnel.client_id, tunnel.instance_id)] = tunnel
+        for route in granted:
+            self.table.add(route.host, route.path_prefix, tunnel)
+        return granted, refused, replaced
+
+    def _grantable(self, client_id: str, wanted: list[RouteSpec]) -> tuple[list[RouteSpec], list[RouteRefusal]]:
+        granted: list[RouteSpec] = []
+        refused: list[RouteRefusal] = []
+        for route in wanted:
+            holders = self.table.holders(route.host, route.path_prefix)
+            if any(h.client_id != client_id for h in holders):
+                refused.append(RouteRefusal(route=f"{route.host}{route.path_prefix}",
+                                            reason="hostname is served by another client"))
+            elif route not in granted:
+                granted.append(route)
+        return granted, refused
+
+    def set_routes(self, tunnel: Tunnel, wanted: list[RouteSpec]) -> list[RouteRefusal]:
+        """Replace a session's routes (health changes on the client)."""
+        self._unroute(tunnel)
+        granted, refused = self._grantable(tunnel.client_id, wanted)
+        tunnel.routes = granted
+        if tunnel.routable:
+            for route in granted:
+                self.table.add(route.host, route.path_prefix, tunnel)
+        return refused
+
+    def withdraw(self, tunnel: Tunnel) -> None:
+        """Stop routing new requests to a draining session (it stays listed until closed)."""
+        if tunnel.routable:
+            tunnel.routable = False
+            self._unroute(tunnel)
+
+    def _unroute(self, tunnel: Tunnel) -> None:
+        for route in tunnel.routes:
+            self.table.remove(route.host, route.path_prefix, tunnel)
+
+    def remove(self, tunnel: Tunnel) -> None:
+        """Forget a session and its routes (idempotent)."""
+        self._unroute(tunnel)
+        tunnel.routable = False
+        if self.tunnels.get(tunnel.id) is tunnel:
+            del self.tunnels[tunnel.id]
+        key = (tunnel.client_id, tunnel.instance_id)
+        if self._instances.get(key) is tunnel:
+            del self._instances[key]
+
+    def pick(self, host: str, path: str, exclude: Tunnel | None = None) -> Tunnel | None:
+        """The routable session for (host, path) with the fewest streams in flight."""
+        best: Tunnel | None = None
+        for tunnel in self.table.lookup(host, path):
+            if tunnel is exclude or not tunnel.conn.session.accepting_streams:
+                continue
+            if best is None or tunnel.in_flight < best.in_flight:
+                best = tunnel
+        return best

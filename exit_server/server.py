@@ -1,0 +1,129 @@
+"""The exit server as a library object: start, serve, drain, stop.
+
+    server = ExitServer(config, auth=SharedTokenAuth(token))
+    await server.start()
+    ...   # server.public_port, server.control_port
+    await server.shutdown()          # go-away, drain in-flight, close
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from aiohttp import web
+from websockets.asyncio.server import Server, serve
+
+from shared.aio.connection import ws_limits
+from shared.aio.tls import server_context
+from shared.config import parse_addr, read_secret
+from shared.frames import GoAwayCode
+
+from .config import ServerConfig
+from .control import Authenticator, ControlEndpoint, SharedTokenAuth
+from .public import PublicHandler
+from .routes import Registry
+
+__all__ = ["ExitServer"]
+
+log = logging.getLogger(__name__)
+
+
+class ExitServer:
+    """Public listener + control listener around one registry.
+
+    Args:
+        config: validated settings.
+        auth: maps a bearer token to a client id; defaults to the configured shared token.
+    """
+
+    def __init__(self, config: ServerConfig, auth: Authenticator | None = None) -> None:
+        self.config = config
+        self.registry = Registry()
+        if auth is None:
+            auth = SharedTokenAuth(read_secret(config.token_file, config.token, "token"))
+        self.control = ControlEndpoint(config, self.registry, auth)
+        self.public = PublicHandler(config, self.registry)
+        self._ws_server: Server | None = None
+        self._runner: web.ServerRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.public_port = 0
+        self.control_port = 0
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind both listeners (port 0 picks free ports, see ``public_port``/``control_port``)."""
+        cfg = self.config
+        ssl_ctx = None if cfg.insecure_plaintext else server_context(cfg.tls_cert, cfg.tls_key)  # type: ignore[arg-type]
+        host, port = parse_addr(cfg.control_addr)
+        self._ws_server = await serve(
+            self.control.handle,
+            host,
+            port,
+            ssl=ssl_ctx,
+            process_request=self.control.process_request,
+            server_header="backhaul",
+            **ws_limits(256 * 1024),
+        )
+        self.control_port = _bound_port(self._ws_server.sockets)
+        server = web.Server(self.public, handler_cancellation=True, access_log=None,
+                            max_line_size=8190, max_field_size=8190)
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.drain_timeout)
+        await self._runner.setup()
+        phost, pport = parse_addr(cfg.public_addr)
+        self._site = web.TCPSite(self._runner, phost, pport, reuse_address=True, backlog=1024)
+        await self._site.start()
+        assert self._site._server is not None
+        self.public_port = _bound_port(self._site._server.sockets)  # type: ignore[attr-defined]
+        log.info("exit server: public http://%s:%d, control %s://%s:%d", phost, self.public_port,
+                 "ws" if ssl_ctx is None else "wss", host, self.control_port)
+
+    @property
+    def ready(self) -> bool:
+        return self._site is not None and self._ws_server is not None and not self.public.draining
+
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop taking requests and tunnels, let in-flight requests finish, then close.
+
+        Args:
+            drain_timeout: seconds to wait for in-flight requests (default from config).
+        """
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        log.info("exit server: draining (%d requests in flight, up to %.0fs)", self.public.in_flight, timeout)
+        self.public.draining = True
+        self.control.draining = True
+        if self._site is not None and self._site._server is not None:
+            self._site._server.close()  # stop accepting public connections
+        for conn in list(self.control.connections):
+            conn.goaway(GoAwayCode.SHUTDOWN, "exit server shutting down")
+        try:
+            async with asyncio.timeout(timeout):
+                while self.public.in_flight:
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            log.warning("exit server: drain timeout with %d requests in flight", self.public.in_flight)
+        await self.close()
+
+    async def close(self) -> None:
+        """Close everything now (in-flight requests are cut)."""
+        for conn in list(self.control.connections):
+            await conn.close(1001, "server shutting down")
+        if self._ws_server is not None:
+            self._ws_server.close()
+            await self._ws_server.wait_closed()
+            self._ws_server = None
+        if self._runner is not None:
+            await self._runner.shutdown()
+            await self._runner.cleanup()
+            self._runner = None
+        self._site = None
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _bound_port(sockets: list[socket.socket] | tuple[socket.socket, ...] | None) -> int:
+    assert sockets
+    return int(sockets[0].getsockname()[1])

@@ -1,0 +1,476 @@
+"""One tunnel session over a websockets connection: the thin asyncio adapter around
+:class:`shared.mux.Session` (websockets ``asyncio/connection.py`` is the model).
+
+One reader task feeds received messages to the session; one writer task flushes
+``data_to_send()`` (so frames queued in the same loop iteration share a WebSocket message); one
+heartbeat task drives ``tick()``. Streams are :class:`TunnelStream` objects with ``read``/
+``write`` that respect flow control. Teardown cancels and awaits every task it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.connection import Connection
+from websockets.exceptions import ConnectionClosed
+
+from ..errors import SessionClosed, StreamReset, TunnelError
+from ..events import (
+    ConnectionFailed,
+    ControlReceived,
+    DataReceived,
+    GoAwayReceived,
+    ReplyReceived,
+    ResetReceived,
+    StreamOpened,
+    WindowUpdated,
+)
+from ..frames import GoAwayCode, ResetCode
+from ..heads import RequestHead, ResponseHead
+from ..messages import Error, Hello, Routes, Welcome
+from ..mux import Session, SessionState
+
+__all__ = ["TunnelConnection", "TunnelStream", "ws_limits"]
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 256 * 1024
+
+
+def ws_limits(max_frame: int) -> dict[str, Any]:
+    """websockets keyword arguments tuned for the tunnel: no compression (payloads are often
+    compressed already and deflate costs CPU), our own heartbeat instead of WebSocket pings,
+    a message limit that fits one frame or one coalesced batch, a larger write buffer."""
+    return {
+        "compression": None,
+        "ping_interval": None,
+        "ping_timeout": None,
+        "max_size": max(max_frame, MAX_MESSAGE) + 64,
+        "max_queue": 64,
+        "write_limit": 1 << 20,
+        "close_timeout": 2,
+    }
+
+
+class TunnelStream:
+    """The asyncio face of one stream."""
+
+    __slots__ = ("_chunks", "_conn", "_eof", "_error", "_readable", "_reply", "_task", "_writable", "head", "id", "info")
+
+    def __init__(self, conn: TunnelConnection, stream_id: int, head: RequestHead | None = None) -> None:
+        self.id = stream_id
+        self.head = head
+        self.info: dict[str, Any] = {}
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._error: TunnelError | None = None
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._reply: asyncio.Future[ResponseHead] | None = None
+        self._task: asyncio.Task[None] | None = None  # client side: the handler to cancel on reset
+
+    # -- fed by the connection
+    def _feed(self, data: bytes, end: bool) -> None:
+        if data:
+            self._chunks.append(data)
+        if end:
+            self._eof = True
+        self._readable.set()
+
+    def _fail(self, error: TunnelError) -> None:
+        if self._error is None:
+            self._error = error
+        self._readable.set()
+        self._writable.set()
+        if self._reply is not None and not self._reply.done():
+            self._reply.set_exception(error)
+            self._reply.exception()  # mark retrieved: nobody may be waiting any more
+
+    def _set_reply(self, head: ResponseHead, end: bool) -> None:
+        if self._reply is None:
+            self._reply = asyncio.get_running_loop().create_future()
+        if not self._reply.done():
+            self._reply.set_result(head)
+        if end:
+            self._feed(b"", True)
+
+    @property
+    def error(self) -> TunnelError | None:
+        """The reset or session error that ended this stream, if any."""
+        return self._error
+
+    @property
+    def at_eof(self) -> bool:
+        """True when the peer half-closed and every chunk was read."""
+        return self._eof and not self._chunks
+
+    async def response(self) -> ResponseHead:
+        """Exit-server side: wait for the client's REPLY.
+
+        Raises:
+            StreamReset: the client reset the stream before replying.
+            SessionClosed: the tunnel dropped.
+        """
+        if self._reply is None:
+            self._reply = asyncio.get_running_loop().create_future()
+            if self._error is not None:
+                raise self._error
+        return await self._reply
+
+    async def read(self) -> bytes:
+        """Return the next chunk, or b"" at the peer's end of stream.
+
+        Raises:
+            StreamReset / SessionClosed: the stream ended abnormally.
+        """
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._conn._consumed(self.id, len(chunk))
+                return chunk
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+
+    async def write(self, data: bytes, end: bool = False) -> None:
+        """Send ``data`` (then END_STREAM if ``end``), waiting for credit as needed."""
+        session = self._conn.session
+        total = len(data)
+        offset = 0
+        view = memoryview(data) if total else None
+        while True:
+            if self._error is not None:
+                raise self._error
+            if session.state is SessionState.CLOSED:
+                raise SessionClosed("tunnel closed")
+            remaining = total - offset
+            if remaining == 0:
+                if end:
+                    session.send_data(self.id, b"", True)
+                    self._conn.flush()
+                return
+            window = session.send_window(self.id)
+            if window <= 0:
+                self._writable.clear()
+                self._conn._blocked.add(self)
+                await self._writable.wait()
+                continue
+            n = min(window, remaining)
+            last = n == remaining
+            assert view is not None
+            chunk = data if (offset == 0 and last) else bytes(view[offset : offset + n])
+            session.send_data(self.id, chunk, end and last)
+            offset += n
+            self._conn.flush()
+            if last:
+                return
+
+    def end(self) -> None:
+        """Half-close our side (no more DATA)."""
+        if self._error is None and self._conn.session.send_window(self.id) >= 0:
+            with contextlib.suppress(TunnelError):
+                self._conn.session.send_data(self.id, b"", True)
+                self._conn.flush()
+
+    def reset(self, code: int = ResetCode.CANCEL, reason: str = "") -> None:
+        """Abort the stream in both directions (no-op once it is closed)."""
+        if self._conn.session.state is not SessionState.CLOSED:
+            self._conn.session.reset_stream(self.id, code, reason)
+            self._conn.flush()
+        self._fail(StreamReset(code, reason or "reset locally"))
+        self._conn._streams.pop(self.id, None)
+
+    def send_reply(self, head: ResponseHead, end: bool = False) -> None:
+        """Client side: send the response head."""
+        if self._error is not None:
+            raise self._error
+        self._conn.session.send_reply(self.id, head, end)
+        self._conn.flush()
+
+
+StreamHandler = Callable[[TunnelStream], Awaitable[None]]
+
+
+class TunnelConnection:
+    """Runs a :class:`Session` over an open websockets connection.
+
+    Args:
+        ws: the open WebSocket (client or server side).
+        session: the sans-I/O session; its handshake may already be queued.
+        name: an id for log lines (session id).
+        on_stream: client side, called in a new task for each stream the server opens.
+        on_control: called for each control message (Hello, Welcome, Routes, Error).
+        on_goaway: called when the peer starts draining.
+    """
+
+    def __init__(
+        self,
+        ws: Connection,
+        session: Session,
+        *,
+        name: str = "-",
+        on_stream: StreamHandler | None = None,
+        on_control: Callable[[Hello | Welcome | Routes | Error], None] | None = None,
+        on_goaway: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.ws = ws
+        self.session = session
+        self.name = name
+        self._on_stream = on_stream
+        self._on_control = on_control
+        self._on_goaway = on_goaway
+        self._streams: dict[int, TunnelStream] = {}
+        self._blocked: set[TunnelStream] = set()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = asyncio.Event()
+        self.close_reason = ""
+        self._loop = asyncio.get_running_loop()
+
+    # ------------------------------------------------------------------ API
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def streams_in_flight(self) -> int:
+        return len(self._streams)
+
+    def flush(self) -> None:
+        """Wake the writer (frames queued in this loop iteration go out together)."""
+        self._wake.set()
+
+    def open_stream(self, head: RequestHead, end_stream: bool = False) -> TunnelStream:
+        """Exit-server side: open a stream.
+
+        Raises:
+            SessionClosed, TooManyStreams: the session cannot take a new stream.
+        """
+        stream_id = self.session.open_stream(head, end_stream)
+        stream = TunnelStream(self, stream_id, head)
+        self._streams[stream_id] = stream
+        self.flush()
+        return stream
+
+    def send_control(self, message: Routes | Error) -> None:
+        self.session.send_control(message)
+        self.flush()
+
+    def goaway(self, code: int = GoAwayCode.NO_ERROR, reason: str = "") -> None:
+        """Start draining this session."""
+        self.session.send_goaway(code, reason)
+        self.flush()
+        self._check_idle()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no stream is in flight (or ``timeout``); True when drained."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._streams and not self.closed:
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the WebSocket after flushing what is queued."""
+        self.close_reason = self.close_reason or reason
+        await self._flush_now()
+        try:
+            async with asyncio.timeout(2):
+                await self.ws.close(code, reason[:120])
+        except (TimeoutError, ConnectionClosed, OSError):
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the transport at once (dead peer)."""
+        transport = getattr(self.ws, "transport", None)
+        if transport is not None:
+            transport.abort()
+
+    async def run(self) -> None:
+        """Run until the session ends; then fail every stream and await every task."""
+        writer = asyncio.create_task(self._writer(), name=f"tunnel-writer-{self.name}")
+        ticker = asyncio.create_task(self._ticker(), name=f"tunnel-heartbeat-{self.name}")
+        self.flush()
+        try:
+            await self._reader()
+        finally:
+            await self._flush_now()
+            writer.cancel()
+            ticker.cancel()
+            self._teardown()
+            tasks = [writer, ticker, *self._tasks]
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._closed.set()
+
+    # ------------------------------------------------------------------ internals
+
+    def _consumed(self, stream_id: int, n: int) -> None:
+        if self.session.consume(stream_id, n):
+            self.flush()
+
+    def _teardown(self) -> None:
+        error = self.session.error
+        if not isinstance(error, TunnelError) or isinstance(error, StreamReset):
+            error = SessionClosed(self.close_reason or "tunnel closed")
+        if self.session.state is not SessionState.CLOSED:
+            self.session.close(error)
+        for stream in list(self._streams.values()):
+            stream._fail(error if isinstance(error, SessionClosed) else SessionClosed(str(error)))
+        self._streams.clear()
+        self._blocked.clear()
+
+    async def _reader(self) -> None:
+        session = self.session
+        loop_time = self._loop.time
+        try:
+            async for message in self.ws:
+                if isinstance(message, str):
+                    self.close_reason = "text message on the tunnel"
+                    await self.close(1003, "binary frames only")
+                    return
+                session.receive(message, loop_time())
+                self._handle_events()
+                if session.state is SessionState.CLOSED:
+                    await self.close(1002 if session.error else 1000, str(session.error or "closed"))
+                    return
+                if self.session.has_output:
+                    self.flush()
+        except ConnectionClosed as exc:
+            self.close_reason = self.close_reason or f"websocket closed: {exc.rcvd.reason if exc.rcvd else 'no close frame'}"
+
+    def _handle_events(self) -> None:
+        for event in self.session.events():
+            kind = type(event)
+            if kind is DataReceived:
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._feed(event.data, event.end_stream)  # type: ignore[union-attr]
+            elif kind is WindowUpdated:
+                self._wake_writers(event.stream_id)
+            elif kind is ReplyReceived:
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._set_reply(event.head, event.end_stream)  # type: ignore[union-attr]
+            elif kind is ResetReceived:
+                stream = self._streams.pop(event.stream_id, None)
+                if stream is not None:
+                    stream._fail(StreamReset(event.code, event.reason))  # type: ignore[union-attr]
+                    self._blocked.discard(stream)
+                    if stream._task is not None:  # the server gave up: cancel the upstream call
+                        stream._task.cancel()
+            elif kind is StreamOpened:
+                self._start_stream(event)  # type: ignore[arg-type]
+            elif kind is ControlReceived:
+                if self._on_control is not None:
+                    self._on_control(event.message)  # type: ignore[union-attr]
+            elif kind is GoAwayReceived:
+                log.info("session %s: peer going away (code %s): %s", self.name, event.code, event.reason)  # type: ignore[union-attr]
+                if self._on_goaway is not None:
+                    self._on_goaway(event.code, event.reason)  # type: ignore[union-attr]
+            elif kind is ConnectionFailed:
+                self.close_reason = str(event.error)  # type: ignore[union-attr]
+                log.warning("session %s failed: %s", self.name, event.error)  # type: ignore[union-attr]
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self.session.is_idle and not self._streams:
+            task = asyncio.create_task(self.close(1000, "drained"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def release(self, stream: TunnelStream) -> None:
+        """Forget a stream the application has finished with."""
+        self._streams.pop(stream.id, None)
+        self._blocked.discard(stream)
+        self._check_idle()
+
+    def _wake_writers(self, stream_id: int) -> None:
+        if stream_id == 0:
+            blocked = self._blocked
+            self._blocked = set()
+            for stream in blocked:
+                stream._writable.set()
+            return
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream in self._blocked:
+            self._blocked.discard(stream)
+            stream._writable.set()
+
+    def _start_stream(self, event: StreamOpened) -> None:
+        stream = TunnelStream(self, event.stream_id, event.head)
+        if event.end_stream:
+            stream._eof = True
+        self._streams[event.stream_id] = stream
+        if self._on_stream is None:
+            stream.reset(ResetCode.REFUSED, "no stream handler")
+            return
+        task = asyncio.create_task(self._run_stream(stream), name=f"stream-{self.name}-{stream.id}")
+        stream._task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_stream(self, stream: TunnelStream) -> None:
+        assert self._on_stream is not None
+        try:
+            await self._on_stream(stream)
+        except TunnelError:
+            pass
+        except Exception:
+            log.exception("session %s stream %d: handler failed", self.name, stream.id)
+            stream.reset(ResetCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self.release(stream)
+
+    async def _flush_now(self) -> None:
+        messages = self.session.data_to_send(MAX_MESSAGE)
+        try:
+            for message in messages:
+                await self.ws.send(message)
+        except (ConnectionClosed, OSError):
+            pass
+
+    async def _writer(self) -> None:
+        session = self.session
+        ws = self.ws
+        wake = self._wake
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                for message in session.data_to_send(MAX_MESSAGE):
+                    await ws.send(message)
+        except (ConnectionClosed, OSError) as exc:
+            self.close_reason = self.close_reason or f"send failed: {exc}"
+
+    async def _ticker(self) -> None:
+        session = self.session
+        step = min(1.0, session.heartbeat_interval / 2)
+        while session.state is not SessionState.CLOSED:
+            await asyncio.sleep(step)
+            session.tick(self._loop.time())
+            self._handle_events()
+            if session.has_output:
+                self.flush()
+            if session.state is SessionState.CLOSED:
+                log.warning("session %s: %s", self.name, session.error)
+                self.close_reason = str(session.error)
+                await self._flush_now()
+                self.abort()
+                return

@@ -1,0 +1,43 @@
+"""TLS contexts for the tunnel: TLS 1.2+ with AEAD suites only, verification always on."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from ..errors import ConfigError
+
+__all__ = ["AEAD_CIPHERS", "client_context", "server_context"]
+
+#: TLS 1.2 suites allowed (TLS 1.3 suites are all AEAD).
+AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """Server context from a PEM chain and key.
+
+    Raises:
+        ConfigError: the files are missing or do not match.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(AEAD_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--tls-cert/--tls-key: cannot load {cert} / {key}: {exc}") from None
+    return ctx
+
+
+def client_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Client context that verifies the server against the system store or ``ca_file``."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--ca-file: cannot load {ca_file}: {exc}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(AEAD_CIPHERS)
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx

@@ -1,0 +1,82 @@
+"""Command-line plumbing shared by ``exit-server`` and ``tunnel-client``: flags generated from
+the settings model (so a flag, its ``BACKHAUL_*`` variable and its TOML key never drift apart),
+one-line errors with exit status 2, and logging setup."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic_settings import BaseSettings
+
+from .config import load_settings
+from .errors import ConfigError
+
+__all__ = ["add_model_flags", "configure_logging", "die", "settings_from_args"]
+
+#: Settings never accepted on argv (LESSONS 8: secrets visible in ps).
+SECRET_FIELDS = frozenset({"token", "admin_token"})
+
+
+def _is_list(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return True
+    return any(_is_list(a) for a in typing.get_args(annotation)) if origin is not None else False
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseSettings]) -> None:
+    """Add ``--flag`` for every field of ``model`` except secrets. Defaults stay unset so
+    that only flags actually given override the environment and the file."""
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file with settings (lowest precedence)")
+    for name, field in model.model_fields.items():
+        if name in SECRET_FIELDS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        env = "BACKHAUL_" + name.upper()
+        default = "" if field.default is None or _is_list(field.annotation) else f" (default: {field.default})"
+        help_text = f"{field.description or name}{default} [env {env}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
+        elif _is_list(field.annotation):
+            parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="VALUE",
+                                help=help_text + " (repeatable)")
+        else:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=help_text)
+
+
+def settings_from_args(model: type[Any], args: argparse.Namespace) -> Any:
+    """Load settings with precedence flags > environment > ``--config`` file."""
+    cli = {k: v for k, v in vars(args).items() if k in model.model_fields}
+    return load_settings(model, cli, getattr(args, "config", None))
+
+
+def die(message: str, code: int = 2) -> typing.NoReturn:
+    """Print one line to stderr and exit."""
+    prog = Path(sys.argv[0]).name or "backhaul"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def configure_logging(level: str = "info") -> None:
+    """Text logs on stderr with time, level and logger."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def run_guarded(func: typing.Callable[[], int]) -> int:
+    """Run a command; a ConfigError becomes one line and exit status 2."""
+    try:
+        return func()
+    except ConfigError as exc:
+        die(str(exc))

@@ -1,0 +1,132 @@
+"""Configuration loading shared by both command lines: flags > BACKHAUL_* environment > TOML
+file given by ``--config`` (pydantic-settings). Validation errors become one clear line."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from .errors import ConfigError
+
+__all__ = [
+    "BaseConfig",
+    "is_loopback_host",
+    "load_settings",
+    "parse_addr",
+    "read_secret",
+    "split_list",
+]
+
+S = TypeVar("S", bound="BaseConfig")
+
+
+class BaseConfig(BaseSettings):
+    """Base of both sides' settings: ``BACKHAUL_`` environment prefix, unknown keys refused."""
+
+    model_config = SettingsConfigDict(env_prefix="BACKHAUL_", extra="forbid", frozen=True)
+
+
+def load_settings(cls: type[S], cli: dict[str, Any], config_file: Path | None = None) -> S:
+    """Build settings from flags (``cli``), the environment and an optional TOML file.
+
+    Raises:
+        ConfigError: a value is invalid; the message names the setting.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"--config: no such file: {config_file}")
+
+    class _Loaded(cls):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(
+            cls_,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if config_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            return tuple(sources)
+
+    _Loaded.__name__ = cls.__name__
+    try:
+        return _Loaded(**cli)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    except ValueError as exc:  # TOML syntax errors
+        raise ConfigError(f"--config: {exc}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the first bad setting as its flag, without echoing secrets."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ())]
+    flag = "--" + loc[0].replace("_", "-") if loc else "config"
+    msg = str(first.get("msg", "invalid value"))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return f"{flag}: {msg}"
+
+
+def split_list(value: Any) -> Any:
+    """Accept a list, or a comma/newline separated string (environment variables)."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.replace("\n", ",").split(",") if item.strip()]
+    return value
+
+
+def parse_addr(value: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` or ``[V6]:PORT`` (port 0 picks a free port).
+
+    Raises:
+        ValueError: not of that form.
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"bad port in {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, number
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and loopback addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_secret(path: Path | None, value: SecretStr | None, what: str) -> str:
+    """Resolve a secret from a file (first line) or a value; refuse an empty one.
+
+    Raises:
+        ConfigError: neither given, unreadable, or empty.
+    """
+    secret = ""
+    if path is not None:
+        try:
+            secret = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--{what}-file: cannot read {path}: {exc.strerror}") from None
+    elif value is not None:
+        secret = value.get_secret_value().strip()
+    if not secret:
+        raise ConfigError(
+            f"a {what} is required: --{what}-file FILE or BACKHAUL_{what.upper()} (an empty {what} is refused)"
+        )
+    return secret

@@ -1,0 +1,67 @@
+"""HTTP proxy rules shared by both sides: hop-by-hop removal and X-Forwarded-* (RFC 9110
+section 7.6.1, RFC 7239 practice). Pure functions over header tuples."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["HOP_BY_HOP", "forwarded_headers", "strip_hop_by_hop"]
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[str, str]], keep_upgrade: bool = False) -> list[tuple[str, str]]:
+    """Drop hop-by-hop headers and any header named in ``Connection``.
+
+    Args:
+        headers: (name, value) pairs in order; repeated names are kept.
+        keep_upgrade: keep ``Connection: upgrade`` and ``Upgrade`` (WebSocket streams).
+    """
+    pairs = list(headers)
+    named: set[str] = set()
+    for name, value in pairs:
+        if name.lower() == "connection":
+            named.update(token.strip().lower() for token in value.split(",") if token.strip())
+    drop = HOP_BY_HOP | named
+    if keep_upgrade:
+        drop = drop - {"upgrade", "connection"}
+    return [(n, v) for n, v in pairs if n.lower() not in drop]
+
+
+def forwarded_headers(
+    headers: list[tuple[str, str]], client_addr: str, proto: str, host: str
+) -> list[tuple[str, str]]:
+    """Append the caller to ``X-Forwarded-For`` and set ``X-Forwarded-Proto``/``-Host``
+    when absent. Existing chains are extended, never replaced."""
+    out: list[tuple[str, str]] = []
+    chain: list[str] = []
+    have_proto = have_host = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "x-forwarded-for":
+            chain.append(value.strip())
+            continue
+        if lower == "x-forwarded-proto":
+            have_proto = True
+        elif lower == "x-forwarded-host":
+            have_host = True
+        out.append((name, value))
+    chain.append(client_addr)
+    out.append(("X-Forwarded-For", ", ".join(c for c in chain if c)))
+    if not have_proto:
+        out.append(("X-Forwarded-Proto", proto))
+    if not have_host and host:
+        out.append(("X-Forwarded-Host", host))
+    return out

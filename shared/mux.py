@@ -1,0 +1,718 @@
+"""Sans-I/O tunnel session: handshake, streams, flow control, heartbeat, go-away.
+
+Bytes in (:meth:`Session.receive`), events out (:meth:`Session.events`), bytes to send out
+(:meth:`Session.data_to_send`). No clock is read here: callers pass ``now``. The rules are those
+of docs/PROTOCOL.md; section numbers in comments refer to it.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from .errors import (
+    FlowControlError,
+    InvalidState,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    SessionClosed,
+    TooManyStreams,
+    TunnelError,
+    TunnelTimeout,
+)
+from .events import (
+    ConnectionFailed,
+    ControlReceived,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    ReplyReceived,
+    ResetReceived,
+    StreamOpened,
+    WindowUpdated,
+)
+from .frames import (
+    HEADER,
+    Flags,
+    FrameType,
+    GoAwayCode,
+    ResetCode,
+    decode_frames,
+    decode_goaway,
+    decode_reset,
+    decode_window,
+    encode_goaway,
+    encode_reset,
+    encode_window,
+)
+from .heads import (
+    RequestHead,
+    ResponseHead,
+    decode_request_head,
+    decode_response_head,
+    encode_request_head,
+    encode_response_head,
+)
+from .messages import (
+    SUPPORTED_VERSIONS,
+    Error,
+    Hello,
+    Routes,
+    Welcome,
+    decode_control,
+    encode_control,
+)
+
+__all__ = [
+    "INITIAL_CONNECTION_WINDOW",
+    "Role",
+    "Session",
+    "SessionState",
+    "StreamEvent",
+    "StreamState",
+    "transition",
+]
+
+#: Both connection windows start here; a WINDOW on stream 0 right after the handshake raises
+#: them to the configured size (section 6).
+INITIAL_CONNECTION_WINDOW = 1 << 20
+_PING = struct.Struct(">d")
+
+
+class Role(enum.Enum):
+    """SERVER is the exit server (opens streams); CLIENT is the tunnel client."""
+
+    SERVER = "server"
+    CLIENT = "client"
+
+
+class SessionState(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+class StreamState(enum.Enum):
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed-local"  # we sent END_STREAM
+    HALF_CLOSED_REMOTE = "half-closed-remote"  # the peer sent END_STREAM
+    CLOSED = "closed"
+
+
+class StreamEvent(enum.Enum):
+    SEND_END = "send-end"
+    RECV_END = "recv-end"
+    SEND_RESET = "send-reset"
+    RECV_RESET = "recv-reset"
+
+
+_S = StreamState
+_E = StreamEvent
+#: Every legal stream transition (section 7); anything else raises InvalidState.
+_TRANSITIONS: dict[tuple[StreamState, StreamEvent], StreamState] = {
+    (_S.OPEN, _E.SEND_END): _S.HALF_CLOSED_LOCAL,
+    (_S.OPEN, _E.RECV_END): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_LOCAL, _E.RECV_END): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _E.SEND_END): _S.CLOSED,
+    (_S.OPEN, _E.SEND_RESET): _S.CLOSED,
+    (_S.OPEN, _E.RECV_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _E.SEND_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _E.RECV_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _E.SEND_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _E.RECV_RESET): _S.CLOSED,
+}
+_CAN_SEND = frozenset({_S.OPEN, _S.HALF_CLOSED_REMOTE})
+_CAN_RECV = frozenset({_S.OPEN, _S.HALF_CLOSED_LOCAL})
+
+
+def transition(state: StreamState, event: StreamEvent) -> StreamState:
+    """Return the stream state after ``event``.
+
+    Raises:
+        InvalidState: the transition is not in the table.
+    """
+    try:
+        return _TRANSITIONS[(state, event)]
+    except KeyError:
+        raise InvalidState("stream", state, event) from None
+
+
+@dataclass(slots=True)
+class _Stream:
+    state: StreamState
+    send_window: int
+    recv_window: int
+    replied: bool = False
+    buffered: int = 0
+    consumed: int = 0
+
+
+class Session:
+    """One tunnel session, seen from one side.
+
+    Args:
+        role: SERVER for the exit server, CLIENT for the tunnel client.
+        max_frame: the largest frame payload we accept.
+        initial_window: the per-stream credit we grant the peer.
+        connection_window: the connection credit we grant the peer.
+        max_streams: the most concurrent streams we accept (client) or open (server).
+        buffer_budget: received-but-unconsumed bytes above which connection credit is only
+            returned as streams are consumed (bounds memory while one slow reader only stalls
+            its own stream up to that budget).
+        heartbeat_interval: seconds between our PINGs.
+        heartbeat_timeout: seconds without any received byte after which the peer is dead.
+        now: the current time, for the heartbeat clock.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame: int = 256 * 1024,
+        initial_window: int = 256 * 1024,
+        connection_window: int = 16 << 20,
+        max_streams: int = 10_000,
+        buffer_budget: int = 64 << 20,
+        heartbeat_interval: float = 5.0,
+        heartbeat_timeout: float = 15.0,
+        now: float = 0.0,
+    ) -> None:
+        if connection_window < INITIAL_CONNECTION_WINDOW:
+            raise LocalProtocolError("connection window below the protocol minimum")
+        self.role = role
+        self.state = SessionState.HANDSHAKE
+        self.max_frame = max_frame
+        self.initial_window = initial_window
+        self.connection_window = connection_window
+        self.max_streams = max_streams
+        self.buffer_budget = buffer_budget
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.error: TunnelError | None = None
+        self.version: int | None = None
+        self.rtt: float | None = None
+        # What the peer allows us (learnt in the handshake).
+        self.peer_max_frame = 16 * 1024
+        self.peer_initial_window = 64 * 1024
+        self.peer_max_streams = 1
+        self.peer_goaway: tuple[int, int, str] | None = None
+        self.local_goaway: tuple[int, int, str] | None = None
+        self._streams: dict[int, _Stream] = {}
+        self._next_stream_id = 1
+        self._highest_remote = 0
+        self._send_conn_window = INITIAL_CONNECTION_WINDOW
+        self._recv_conn_window = INITIAL_CONNECTION_WINDOW
+        self._conn_credit_pending = 0
+        self._conn_credit_withheld = 0
+        self._buffered = 0
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._last_received = now
+        self._last_ping = now
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def open_streams(self) -> int:
+        """How many streams are not yet closed."""
+        return len(self._streams)
+
+    @property
+    def accepting_streams(self) -> bool:
+        """True while new streams may be opened on this session (server side)."""
+        return self.state is SessionState.OPEN
+
+    def stream_ids(self) -> list[int]:
+        """The ids of the streams that are not yet closed."""
+        return list(self._streams)
+
+    def stream_state(self, stream_id: int) -> StreamState:
+        """The state of a stream; a stream we no longer track is CLOSED."""
+        stream = self._streams.get(stream_id)
+        return stream.state if stream is not None else StreamState.CLOSED
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes of DATA that may be sent on ``stream_id`` now (0 when it cannot send)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state not in _CAN_SEND:
+            return 0
+        return max(0, min(stream.send_window, self._send_conn_window))
+
+    # ------------------------------------------------------------------ output
+
+    def data_to_send(self, max_message: int = 256 * 1024) -> list[bytes]:
+        """Return queued frames grouped into WebSocket messages of at most ``max_message``
+        bytes (a single frame larger than that forms its own message)."""
+        if not self._out:
+            return []
+        out = self._out
+        self._out = []
+        messages: list[bytes] = []
+        group: list[bytes] = []
+        size = 0
+        for chunk in out:
+            if size and size + len(chunk) > max_message:
+                messages.append(b"".join(group))
+                group, size = [], 0
+            group.append(chunk)
+            size += len(chunk)
+        messages.append(group[0] if len(group) == 1 else b"".join(group))
+        for message in messages:
+            self.bytes_out += len(message)
+        return messages
+
+    def _queue(self, ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+        n = len(payload)
+        self._out.append(HEADER.pack(n >> 16, n & 0xFFFF, ftype, flags, stream_id) + payload)
+
+    def events(self) -> list[Event]:
+        """Return and clear the events produced so far."""
+        events = self._events
+        self._events = []
+        return events
+
+    # ------------------------------------------------------------------ handshake
+
+    def send_hello(self, hello: Hello) -> None:
+        """Client: send the first message (section 5.1)."""
+        self._require_role(Role.CLIENT, "send_hello")
+        if self.state is not SessionState.HANDSHAKE:
+            raise InvalidState("session", self.state, "send_hello")
+        self._queue(FrameType.CONTROL, 0, 0, encode_control(hello))
+
+    def accept(self, welcome: Welcome) -> None:
+        """Server: accept the client's Hello with ``welcome``."""
+        self._require_role(Role.SERVER, "accept")
+        if self.state is not SessionState.HANDSHAKE or self.version is None:
+            raise InvalidState("session", self.state, "accept")
+        self._queue(FrameType.CONTROL, 0, 0, encode_control(welcome))
+        self._enter_open()
+
+    def refuse(self, code: str, message: str = "") -> None:
+        """Server: refuse the session with an Error message; the session is then closed."""
+        self._queue(FrameType.CONTROL, 0, 0, encode_control(Error(code=code, message=message)))
+        self.state = SessionState.CLOSED
+
+    def send_control(self, message: Routes | Error) -> None:
+        """Send a control message after the handshake (a Routes update, or a fatal Error)."""
+        if self.state not in (SessionState.OPEN, SessionState.DRAINING):
+            raise InvalidState("session", self.state, f"send {message.type}")
+        self._queue(FrameType.CONTROL, 0, 0, encode_control(message))
+        if isinstance(message, Error):
+            self.state = SessionState.CLOSED
+
+    def _enter_open(self) -> None:
+        self.state = SessionState.OPEN
+        extra = self.connection_window - INITIAL_CONNECTION_WINDOW
+        if extra:
+            self._recv_conn_window += extra
+            self._queue(FrameType.WINDOW, 0, 0, encode_window(extra))
+
+    def _handle_hello(self, hello: Hello) -> None:
+        common = sorted(set(hello.versions) & set(SUPPORTED_VERSIONS))
+        if not common:
+            self.refuse("unsupported_version", f"server speaks versions {list(SUPPORTED_VERSIONS)}")
+            self._fail(RemoteProtocolError(f"no common protocol version in {hello.versions}"))
+            return
+        self.version = common[-1]
+        self.peer_max_frame = hello.max_frame
+        self.peer_initial_window = hello.initial_window
+        self.peer_max_streams = hello.max_streams
+        self._events.append(ControlReceived(hello))
+
+    def _handle_welcome(self, welcome: Welcome) -> None:
+        if welcome.version not in SUPPORTED_VERSIONS:
+            raise RemoteProtocolError(f"server chose unsupported version {welcome.version}")
+        self.version = welcome.version
+        self.peer_max_frame = welcome.max_frame
+        self.peer_initial_window = welcome.initial_window
+        self.peer_max_streams = welcome.max_streams
+        self._enter_open()
+        self._events.append(ControlReceived(welcome))
+
+    # ------------------------------------------------------------------ streams (send side)
+
+    def open_stream(self, head: RequestHead, end_stream: bool = False) -> int:
+        """Server: open a stream carrying ``head``; returns its id.
+
+        Raises:
+            SessionClosed: the session is draining or closed.
+            TooManyStreams: the peer's or our own stream limit is reached.
+        """
+        self._require_role(Role.SERVER, "open_stream")
+        if self.state is not SessionState.OPEN:
+            raise SessionClosed(f"session is {self.state.value}")
+        if len(self._streams) >= min(self.max_streams, self.peer_max_streams):
+            raise TooManyStreams(f"{len(self._streams)} streams open")
+        stream_id = self._next_stream_id
+        if stream_id >= (1 << 31):
+            raise SessionClosed("stream ids exhausted")
+        self._next_stream_id += 2
+        stream = _Stream(StreamState.OPEN, self.peer_initial_window, self.initial_window)
+        self._streams[stream_id] = stream
+        self._queue(FrameType.OPEN, Flags.END_STREAM if end_stream else 0, stream_id,
+                    encode_request_head(head))
+        if end_stream:
+            stream.state = transition(stream.state, StreamEvent.SEND_END)
+        return stream_id
+
+    def send_reply(self, stream_id: int, head: ResponseHead, end_stream: bool = False) -> None:
+        """Client: answer a stream with a response head (exactly once, before any DATA)."""
+        self._require_role(Role.CLIENT, "send_reply")
+        stream = self._sendable(stream_id, "send_reply")
+        if stream.replied:
+            raise LocalProtocolError(f"stream {stream_id} already replied")
+        stream.replied = True
+        self._queue(FrameType.REPLY, Flags.END_STREAM if end_stream else 0, stream_id,
+                    encode_response_head(head))
+        if end_stream:
+            self._local_transition(stream_id, stream, StreamEvent.SEND_END)
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """Queue DATA within the available credit, split to the peer's frame limit.
+
+        Raises:
+            FlowControlError: ``data`` is longer than :meth:`send_window`.
+            InvalidState: the stream cannot send.
+        """
+        stream = self._sendable(stream_id, "send_data")
+        if self.role is Role.CLIENT and not stream.replied:
+            raise LocalProtocolError(f"stream {stream_id}: DATA before REPLY")
+        n = len(data)
+        if n > stream.send_window or n > self._send_conn_window:
+            raise FlowControlError(f"stream {stream_id}: {n} bytes exceed the send window")
+        stream.send_window -= n
+        self._send_conn_window -= n
+        step = self.peer_max_frame
+        if n <= step:
+            self._queue(FrameType.DATA, Flags.END_STREAM if end_stream else 0, stream_id, data)
+        else:
+            view = memoryview(data)
+            for offset in range(0, n, step):
+                last = offset + step >= n
+                flags = Flags.END_STREAM if (end_stream and last) else 0
+                self._queue(FrameType.DATA, flags, stream_id, bytes(view[offset : offset + step]))
+        if end_stream:
+            self._local_transition(stream_id, stream, StreamEvent.SEND_END)
+
+    def reset_stream(self, stream_id: int, code: int, reason: str = "") -> None:
+        """Reset a stream; a no-op when it is already closed (section 7.3)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        self._queue(FrameType.RESET, 0, stream_id, encode_reset(code, reason))
+        self._local_transition(stream_id, stream, StreamEvent.SEND_RESET)
+
+    @property
+    def has_output(self) -> bool:
+        """True when frames are queued for :meth:`data_to_send`."""
+        return bool(self._out)
+
+    def consume(self, stream_id: int, n: int) -> bool:
+        """Tell the session that ``n`` received bytes of ``stream_id`` were processed, so
+        credit can be returned to the peer (section 6). Returns True when a WINDOW frame was
+        queued (the caller should flush)."""
+        if n <= 0:
+            return False
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return False
+        before = len(self._out)
+        n = min(n, stream.buffered)
+        stream.buffered -= n
+        self._buffered -= n
+        stream.consumed += n
+        if stream.consumed >= self.initial_window // 2 and stream.state in _CAN_RECV:
+            self._queue(FrameType.WINDOW, 0, stream_id, encode_window(stream.consumed))
+            stream.recv_window += stream.consumed
+            stream.consumed = 0
+        self._release_withheld()
+        return len(self._out) != before
+
+    def _release_withheld(self) -> None:
+        if self._conn_credit_withheld:
+            room = self.buffer_budget - self._buffered
+            if room > 0:
+                release = min(room, self._conn_credit_withheld)
+                self._conn_credit_withheld -= release
+                self._conn_credit_pending += release
+        if self._conn_credit_pending >= self.connection_window // 4:
+            self._queue(FrameType.WINDOW, 0, 0, encode_window(self._conn_credit_pending))
+            self._recv_conn_window += self._conn_credit_pending
+            self._conn_credit_pending = 0
+
+    def _sendable(self, stream_id: int, what: str) -> _Stream:
+        if self.state is SessionState.CLOSED:
+            raise SessionClosed("session is closed")
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise InvalidState(f"stream {stream_id}", StreamState.CLOSED, what)
+        if stream.state not in _CAN_SEND:
+            raise InvalidState(f"stream {stream_id}", stream.state, what)
+        return stream
+
+    def _local_transition(self, stream_id: int, stream: _Stream, event: StreamEvent) -> None:
+        stream.state = transition(stream.state, event)
+        if stream.state is StreamState.CLOSED:
+            self._forget(stream_id, stream)
+
+    def _forget(self, stream_id: int, stream: _Stream) -> None:
+        del self._streams[stream_id]
+        if stream.buffered:
+            self._buffered -= stream.buffered
+            self._conn_credit_pending += stream.buffered
+            stream.buffered = 0
+            self._release_withheld()
+
+    # ------------------------------------------------------------------ go-away, heartbeat
+
+    def send_goaway(self, code: int = GoAwayCode.NO_ERROR, reason: str = "") -> None:
+        """Start draining: no new streams (section 8). Idempotent."""
+        if self.state in (SessionState.CLOSED, SessionState.HANDSHAKE):
+            self.state = SessionState.CLOSED
+            return
+        last = self._next_stream_id - 2 if self.role is Role.SERVER else self._highest_remote
+        self.local_goaway = (max(last, 0), int(code), reason)
+        self._queue(FrameType.GOAWAY, 0, 0, encode_goaway(max(last, 0), code, reason))
+        self.state = SessionState.DRAINING
+
+    def send_ping(self, now: float) -> None:
+        """Queue a heartbeat PING stamped with ``now``."""
+        self._last_ping = now
+        self._queue(FrameType.PING, 0, 0, _PING.pack(now))
+
+    def tick(self, now: float) -> None:
+        """Heartbeat clock (section 9): ping when due, fail when the peer has been silent
+        longer than ``heartbeat_timeout``."""
+        if self.state is SessionState.CLOSED:
+            return
+        if now - self._last_received > self.heartbeat_timeout:
+            self._fail(TunnelTimeout(f"no data from peer for {now - self._last_received:.1f}s"),
+                       GoAwayCode.HEARTBEAT_TIMEOUT)
+            return
+        if self.state is not SessionState.HANDSHAKE and now - self._last_ping >= self.heartbeat_interval:
+            self.send_ping(now)
+
+    @property
+    def is_idle(self) -> bool:
+        """True when a draining session has no streams left (it may be closed)."""
+        return self.state is SessionState.DRAINING and not self._streams
+
+    def close(self, error: TunnelError | None = None) -> None:
+        """Mark the session closed (transport gone); open streams are reported as reset."""
+        if self.state is SessionState.CLOSED:
+            return
+        self.state = SessionState.CLOSED
+        self.error = error
+        self._drop_streams(ResetCode.INTERNAL_ERROR, "session closed")
+
+    def _drop_streams(self, code: int, reason: str) -> None:
+        for stream_id in list(self._streams):
+            self._events.append(ResetReceived(stream_id, code, reason))
+        self._streams.clear()
+        self._buffered = 0
+
+    def _fail(self, error: TunnelError, code: int = GoAwayCode.PROTOCOL_ERROR) -> None:
+        if self.state is not SessionState.CLOSED:
+            last = self._highest_remote if self.role is Role.CLIENT else max(self._next_stream_id - 2, 0)
+            self._queue(FrameType.GOAWAY, 0, 0, encode_goaway(last, code, str(error)[:200]))
+        self.state = SessionState.CLOSED
+        self.error = error
+        self._drop_streams(ResetCode.INTERNAL_ERROR, "session failed")
+        self._events.append(ConnectionFailed(error))
+
+    def _require_role(self, role: Role, what: str) -> None:
+        if self.role is not role:
+            raise LocalProtocolError(f"{what} is for the {role.value} side")
+
+    # ------------------------------------------------------------------ receive side
+
+    def receive(self, data: bytes | memoryview, now: float) -> None:
+        """Feed one received WebSocket message. Protocol errors never escape: the session
+        moves to CLOSED, queues a GOAWAY naming the cause, and emits ConnectionFailed."""
+        self._last_received = now
+        if self.state is SessionState.CLOSED:
+            return
+        self.bytes_in += len(data)
+        try:
+            for ftype, flags, stream_id, payload in decode_frames(data, self.max_frame):
+                if ftype == FrameType.DATA:
+                    self._recv_data(stream_id, payload, flags & Flags.END_STREAM != 0)
+                elif self.state is SessionState.HANDSHAKE and ftype != FrameType.CONTROL:
+                    raise RemoteProtocolError(f"frame type {ftype:#x} before the handshake")
+                else:
+                    self._dispatch(ftype, flags, stream_id, payload, now)
+                if self.state is SessionState.CLOSED:
+                    break
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def _dispatch(self, ftype: int, flags: int, stream_id: int, payload: memoryview, now: float) -> None:
+        if ftype == FrameType.WINDOW:
+            self._recv_window(stream_id, decode_window(payload))
+        elif ftype == FrameType.OPEN:
+            self._recv_open(stream_id, payload, flags & Flags.END_STREAM != 0)
+        elif ftype == FrameType.REPLY:
+            self._recv_reply(stream_id, payload, flags & Flags.END_STREAM != 0)
+        elif ftype == FrameType.RESET:
+            self._recv_reset(stream_id, payload)
+        elif ftype == FrameType.PING:
+            self._recv_ping(flags, payload, now)
+        elif ftype == FrameType.GOAWAY:
+            self._recv_goaway(payload)
+        else:  # CONTROL; decode_frames has rejected unknown types
+            self._recv_control(payload)
+
+    def _recv_data(self, stream_id: int, payload: memoryview, end: bool) -> None:
+        if self.state is SessionState.HANDSHAKE:
+            raise RemoteProtocolError("DATA before the handshake")
+        n = len(payload)
+        if n > self._recv_conn_window:
+            raise FlowControlError(f"connection window exceeded by {n - self._recv_conn_window}")
+        self._recv_conn_window -= n
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._unknown_stream(stream_id, "DATA")
+            self._conn_credit_pending += n  # section 6.3: credit of dropped data comes back
+            self._release_withheld()
+            return
+        if stream.state not in _CAN_RECV:
+            raise InvalidState(f"stream {stream_id}", stream.state, "DATA")
+        if self.role is Role.SERVER and not stream.replied:
+            raise RemoteProtocolError(f"stream {stream_id}: DATA before REPLY")
+        if n > stream.recv_window:
+            raise FlowControlError(f"stream {stream_id} window exceeded")
+        stream.recv_window -= n
+        if n:
+            stream.buffered += n
+            self._buffered += n
+            if self._buffered <= self.buffer_budget:
+                self._conn_credit_pending += n
+            else:
+                self._conn_credit_withheld += n
+            self._release_withheld()
+        self._events.append(DataReceived(stream_id, bytes(payload), end))
+        if end:
+            self._remote_transition(stream_id, stream, StreamEvent.RECV_END)
+
+    def _recv_open(self, stream_id: int, payload: memoryview, end: bool) -> None:
+        if self.role is not Role.CLIENT:
+            raise RemoteProtocolError("only the exit server opens streams")
+        if stream_id % 2 == 0 or stream_id <= self._highest_remote:
+            raise RemoteProtocolError(f"stream id {stream_id} is not new and odd")
+        self._highest_remote = stream_id
+        head = decode_request_head(payload)
+        if self.state is not SessionState.OPEN or len(self._streams) >= self.max_streams:
+            # Section 8: refused streams were not processed and are safe to retry.
+            self._queue(FrameType.RESET, 0, stream_id, encode_reset(ResetCode.REFUSED, "not accepting streams"))
+            return
+        stream = _Stream(StreamState.OPEN, self.peer_initial_window, self.initial_window)
+        self._streams[stream_id] = stream
+        self._events.append(StreamOpened(stream_id, head, end))
+        if end:
+            stream.state = transition(stream.state, StreamEvent.RECV_END)
+
+    def _recv_reply(self, stream_id: int, payload: memoryview, end: bool) -> None:
+        if self.role is not Role.SERVER:
+            raise RemoteProtocolError("REPLY sent to the client")
+        head = decode_response_head(payload)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._unknown_stream(stream_id, "REPLY")
+            return
+        if stream.replied or stream.state not in _CAN_RECV:
+            raise RemoteProtocolError(f"stream {stream_id}: unexpected REPLY")
+        stream.replied = True
+        self._events.append(ReplyReceived(stream_id, head, end))
+        if end:
+            self._remote_transition(stream_id, stream, StreamEvent.RECV_END)
+
+    def _recv_reset(self, stream_id: int, payload: memoryview) -> None:
+        code, reason = decode_reset(payload)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._unknown_stream(stream_id, "RESET")
+            return
+        self._events.append(ResetReceived(stream_id, code, reason))
+        self._remote_transition(stream_id, stream, StreamEvent.RECV_RESET)
+
+    def _recv_window(self, stream_id: int, increment: int) -> None:
+        if stream_id == 0:
+            self._send_conn_window += increment
+            if self._send_conn_window >= 1 << 31:
+                raise FlowControlError("connection window above 2**31-1")
+            self._events.append(WindowUpdated(0))
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._unknown_stream(stream_id, "WINDOW")
+            return
+        stream.send_window += increment
+        if stream.send_window >= 1 << 31:
+            raise FlowControlError(f"stream {stream_id} window above 2**31-1")
+        self._events.append(WindowUpdated(stream_id))
+
+    def _recv_ping(self, flags: int, payload: memoryview, now: float) -> None:
+        if len(payload) != 8:
+            raise RemoteProtocolError("PING payload must be 8 bytes")
+        if flags & Flags.ACK:
+            (sent,) = _PING.unpack_from(payload)
+            if 0 <= now - sent < 3600:
+                self.rtt = now - sent
+        else:
+            self._queue(FrameType.PING, Flags.ACK, 0, bytes(payload))
+
+    def _recv_goaway(self, payload: memoryview) -> None:
+        last, code, reason = decode_goaway(payload)
+        self.peer_goaway = (last, code, reason)
+        if self.state is SessionState.OPEN:
+            self.state = SessionState.DRAINING
+        if self.role is Role.SERVER:
+            # Streams the client never saw were not processed: report them refused (retryable).
+            for stream_id in [s for s in self._streams if s > last]:
+                del self._streams[stream_id]
+                self._events.append(ResetReceived(stream_id, ResetCode.REFUSED, "peer going away"))
+        self._events.append(GoAwayReceived(last, code, reason))
+        if code not in (GoAwayCode.NO_ERROR, GoAwayCode.SHUTDOWN, GoAwayCode.REPLACED):
+            self.state = SessionState.CLOSED
+            self.error = SessionClosed(f"peer went away (code {code}): {reason}")
+            self._drop_streams(ResetCode.INTERNAL_ERROR, "peer went away")
+
+    def _recv_control(self, payload: memoryview) -> None:
+        message = decode_control(payload)
+        if isinstance(message, Error):
+            self.state = SessionState.CLOSED
+            self.error = SessionClosed(f"peer error {message.code}: {message.message}")
+            self._drop_streams(ResetCode.INTERNAL_ERROR, "peer error")
+            self._events.append(ControlReceived(message))
+            self._events.append(ConnectionFailed(self.error))
+            return
+        if self.state is SessionState.HANDSHAKE:
+            if self.role is Role.SERVER and isinstance(message, Hello) and self.version is None:
+                self._handle_hello(message)
+                return
+            if self.role is Role.CLIENT and isinstance(message, Welcome):
+                self._handle_welcome(message)
+                return
+            raise RemoteProtocolError(f"unexpected {message.type} during the handshake")
+        if self.role is Role.SERVER and isinstance(message, Routes):
+            self._events.append(ControlReceived(message))
+            return
+        raise RemoteProtocolError(f"unexpected {message.type} after the handshake")
+
+    def _remote_transition(self, stream_id: int, stream: _Stream, event: StreamEvent) -> None:
+        stream.state = transition(stream.state, event)
+        if stream.state is StreamState.CLOSED:
+            self._forget(stream_id, stream)
+
+    def _unknown_stream(self, stream_id: int, what: str) -> None:
+        # Section 7.3: frames for a stream we closed (a race with our RESET) are ignored;
+        # frames for a stream that never existed are a protocol error.
+        opened = self._next_stream_id - 2 if self.role is Role.SERVER else self._highest_remote
+        if stream_id > opened:
+            raise RemoteProtocolError(f"{what} on stream {stream_id} that was never opened")

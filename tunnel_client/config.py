@@ -1,0 +1,129 @@
+"""Tunnel-client settings (flags > BACKHAUL_* environment > TOML file)."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
+
+from shared.config import BaseConfig, is_loopback_host, split_list
+
+__all__ = ["ClientConfig", "Upstream", "parse_upstream"]
+
+_HOST_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-.*")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """``HOST[/PREFIX]=URL``: where requests for a host (and path prefix) go."""
+
+    host: str
+    path_prefix: str
+    scheme: str
+    netloc: str
+    base_path: str
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+
+def parse_upstream(spec: str) -> Upstream:
+    """Parse ``HOST[/PREFIX]=URL``; HOST is exact, ``*.example.com`` or ``default``.
+
+    Raises:
+        ValueError: malformed host, prefix or URL.
+    """
+    left, sep, url = spec.partition("=")
+    if not sep or not left or not url:
+        raise ValueError(f"expected HOST=URL, got {spec!r}")
+    host, slash, prefix = left.partition("/")
+    host = host.lower()
+    prefix = "/" + prefix if slash else "/"
+    if host != "default" and (not set(host) <= _HOST_CHARS or "*" in host[2:] or ("*" in host and not host.startswith("*."))):
+        raise ValueError(f"bad host pattern {host!r} (exact, *.example.com or default)")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"bad upstream URL {url!r} (http:// or https:// with a host)")
+    return Upstream(host, prefix.rstrip("/") or "/", parts.scheme, parts.netloc, parts.path.rstrip("/"))
+
+
+class ClientConfig(BaseConfig):
+    """Every setting of ``tunnel-client run``; the field names are the flags without dashes."""
+
+    server: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="exit server control URL, wss://HOST:PORT"
+    )
+    token_file: Path | None = Field(None, description="file holding the client token")
+    token: SecretStr | None = Field(None, description="the client token (environment/TOML only)")
+    ca_file: Path | None = Field(None, description="CA bundle to verify the exit server (default: system store)")
+    upstream: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="route HOST[/PREFIX]=URL; HOST exact, *.example.com or default"
+    )
+    label: Annotated[list[str], NoDecode] = Field(default_factory=list, description="label KEY=VALUE sent at registration")
+    insecure_plaintext: bool = Field(False, description="allow ws:// to a loopback exit server")
+    instance_id: str = Field(default_factory=lambda: secrets.token_hex(8), description="stable id of this client instance")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to open the tunnel")
+    upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to an upstream")
+    max_streams: int = Field(10_000, ge=1, description="concurrent streams this client accepts")
+    heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which the tunnel is dead")
+    backoff_base: float = Field(1.0, gt=0, description="first reconnect delay ceiling, seconds")
+    backoff_cap: float = Field(30.0, gt=0, description="largest reconnect delay ceiling, seconds")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    _split = field_validator("server", "upstream", "label", mode="before")(split_list)
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstreams(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            parse_upstream(spec)
+        return value
+
+    @field_validator("label")
+    @classmethod
+    def _labels(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if "=" not in item or not item.partition("=")[0]:
+                raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        return value
+
+    @field_validator("server")
+    @classmethod
+    def _servers(cls, value: list[str]) -> list[str]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("ws", "wss") or not parts.hostname:
+                raise ValueError(f"bad server URL {url!r} (wss://HOST:PORT)")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ClientConfig:
+        if not self.server:
+            raise ValueError("at least one --server is required")
+        if not self.upstream:
+            raise ValueError("at least one --upstream is required")
+        for url in self.server:
+            parts = urlsplit(url)
+            if parts.scheme == "ws":
+                if not self.insecure_plaintext:
+                    raise ValueError(f"{url}: ws:// needs --insecure-plaintext (and a loopback server)")
+                if not is_loopback_host(parts.hostname or ""):
+                    raise ValueError(f"{url}: ws:// is only allowed to a loopback address")
+        if self.backoff_cap < self.backoff_base:
+            raise ValueError("--backoff-cap must be at least --backoff-base")
+        return self
+
+    @property
+    def upstreams(self) -> list[Upstream]:
+        return [parse_upstream(spec) for spec in self.upstream]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.label)
