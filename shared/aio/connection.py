@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 256 * 1024
 
+#: websockets logs handshake headers (Authorization included) at DEBUG: its logger is kept at
+#: INFO whatever the process log level, so a token never reaches a log.
+WS_LOG = logging.getLogger("backhaul.websockets")
+WS_LOG.setLevel(logging.INFO)
+
 
 def ws_limits(max_frame: int) -> dict[str, Any]:
     """websockets keyword arguments tuned for the tunnel: no compression (payloads are often
@@ -54,6 +59,7 @@ def ws_limits(max_frame: int) -> dict[str, Any]:
         "max_queue": 64,
         "write_limit": 1 << 20,
         "close_timeout": 2,
+        "logger": WS_LOG,
     }
 
 

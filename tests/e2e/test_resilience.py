@@ -1,0 +1,158 @@
+"""Reconnects, dead links, replacement, and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from exit_server import ExitServer
+from tunnel_client import TunnelClient
+
+from .helpers import TOKEN, BlackholeProxy, Certs, _token_auth, client_config, server_config, stack, upstream
+
+pytestmark = pytest.mark.asyncio
+
+
+def slow_app(delay: float = 1.0) -> web.Application:
+    async def h(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("d", delay)))
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", h)
+    return app
+
+
+async def test_client_back_within_5s_after_exit_server_restart(certs: Certs) -> None:
+    async with upstream(slow_app(0)) as up:
+        server = ExitServer(server_config(certs), auth=_token_auth())
+        await server.start()
+        port = server.control_port
+        # Default backoff (1 s base, full jitter), as a user would run it.
+        client = TunnelClient(client_config(certs, server, [f"default={up.url}"], backoff_base=1.0, backoff_cap=30.0),
+                              token=TOKEN)
+        task = asyncio.create_task(client.run())
+        try:
+            await client.wait_connected(10)
+            await server.close()
+            server = ExitServer(server_config(certs, control_addr=f"127.0.0.1:{port}"), auth=_token_auth())
+            await server.start()
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await client.wait_connected(5)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{server.public_port}/") as r:
+                    assert r.status == 200
+            assert loop.time() - t0 < 5
+            assert client.links[0].reconnects >= 1
+        finally:
+            await client.shutdown(1)
+            await task
+            await server.close()
+
+
+async def test_heartbeat_detects_blackholed_link_and_reconnects(certs: Certs) -> None:
+    async with upstream(slow_app(0)) as up, stack(certs) as s:
+        proxy = BlackholeProxy(s.server.control_port)
+        await proxy.start()
+        try:
+            running = await s.add_client([f"default={up.url}"], server=[f"wss://localhost:{proxy.port}"])
+            client = running.client
+            loop = asyncio.get_running_loop()
+            proxy.blackhole = True
+            t0 = loop.time()
+            while (client.connected or s.server.registry.tunnels) and loop.time() - t0 < 20:
+                await asyncio.sleep(0.1)
+            detected = loop.time() - t0
+            assert not client.connected and not s.server.registry.tunnels
+            assert detected < 15, f"dead link noticed after {detected:.1f}s"
+            async with aiohttp.ClientSession() as http:  # new requests get 503 at once
+                async with http.get(s.base + "/") as r:
+                    assert r.status == 503
+            proxy.heal()
+            await client.wait_connected(10)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(s.base + "/") as r:
+                    assert r.status == 200
+        finally:
+            await proxy.close()
+
+
+async def test_tunnel_dropped_mid_request_gives_502(certs: Certs) -> None:
+    async with upstream(slow_app(30)) as up, stack(certs) as s:
+        running = await s.add_client([f"default={up.url}"], backoff_base=5.0, backoff_cap=5.0)
+        async with aiohttp.ClientSession() as http:
+            async def call() -> int:
+                async with http.get(s.base + "/") as r:
+                    return r.status
+
+            pending = asyncio.create_task(call())
+            await asyncio.sleep(0.3)
+            conn = running.client.links[0].conn
+            assert conn is not None
+            conn.abort()  # the link dies under the request
+            status = await asyncio.wait_for(pending, 5)
+            assert status == 502
+        tunnel_count = len(s.server.registry.tunnels)
+        assert tunnel_count == 0
+
+
+async def test_reconnecting_instance_replaces_its_old_session(certs: Certs) -> None:
+    async with upstream(slow_app(0)) as up, stack(certs) as s:
+        first = await s.add_client([f"default={up.url}"], instance_id="replica-1")
+        old_ids = set(s.server.registry.tunnels)
+        second = await s.add_client([f"default={up.url}"], instance_id="replica-1")
+        assert second.client.connected
+        new_ids = set(s.server.registry.tunnels) - old_ids
+        assert len(new_ids) == 1
+        assert not old_ids & set(s.server.registry.tunnels)  # the old session is gone at once
+        await first.stop()
+
+
+async def test_client_shutdown_drains_in_flight_and_refuses_new(certs: Certs) -> None:
+    async with upstream(slow_app(1.0)) as up, stack(certs) as s:
+        running = await s.add_client([f"default={up.url}"])
+        async with aiohttp.ClientSession() as http:
+            async def call(path: str) -> tuple[int, str]:
+                async with http.get(s.base + path) as r:
+                    return r.status, await r.text()
+
+            in_flight = asyncio.create_task(call("/?d=1.0"))
+            await asyncio.sleep(0.3)
+            stopping = asyncio.create_task(running.client.shutdown(drain_timeout=5))
+            await asyncio.sleep(0.2)
+            status, _ = await call("/?d=0")
+            assert status == 503  # not routed to the draining client
+            assert await in_flight == (200, "done")
+            await asyncio.wait_for(stopping, 5)
+            await asyncio.wait_for(running.task, 5)
+
+
+async def test_exit_server_shutdown_drains(certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with upstream(slow_app(1.0)) as up:
+        server = ExitServer(server_config(certs), auth=_token_auth())
+        await server.start()
+        client = TunnelClient(client_config(certs, server, [f"default={up.url}"]), token=TOKEN)
+        task = asyncio.create_task(client.run())
+        try:
+            await client.wait_connected(10)
+            async with aiohttp.ClientSession() as http:
+                async def call() -> tuple[int, str]:
+                    async with http.get(f"http://127.0.0.1:{server.public_port}/?d=1") as r:
+                        return r.status, await r.text()
+
+                in_flight = asyncio.create_task(call())
+                await asyncio.sleep(0.3)
+                await server.shutdown(drain_timeout=5)
+                assert await in_flight == (200, "done")
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    await call()
+            assert any("peer going away" in r.getMessage() for r in caplog.records)
+        finally:
+            await client.shutdown(1)
+            await task
