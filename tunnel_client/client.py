@@ -152,7 +152,8 @@ class ServerLink:
             self._draining.add(run)
             run.add_done_callback(self._draining.discard)
             return "goaway"
-        log.warning("link %s: session %s ended: %s", self.url, self.session_id or "-", conn.close_reason or "closed")
+        log.log(logging.INFO if self.client.stopping else logging.WARNING, "link %s: session %s ended: %s",
+                self.url, self.session_id or "-", conn.close_reason or "closed")
         return "established" if established else "failed"
 
     async def drain(self, timeout: float) -> None:

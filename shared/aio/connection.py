@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 256 * 1024
 
 #: websockets logs handshake headers (Authorization included) at DEBUG: its logger is kept at
-#: INFO whatever the process log level, so a token never reaches a log.
+#: WARNING whatever the process log level, so a token never reaches a log.
 WS_LOG = logging.getLogger("backhaul.websockets")
-WS_LOG.setLevel(logging.INFO)
+WS_LOG.setLevel(logging.WARNING)
 
 
 def ws_limits(max_frame: int) -> dict[str, Any]:

@@ -1,0 +1,127 @@
+"""`make demo`: an exit server, a demo upstream and a tunnel client on loopback, one request
+through the tunnel, then wait for Ctrl-C and stop everything cleanly.
+
+    python scripts/demo.py          # interactive (Ctrl-C to stop)
+    python scripts/demo.py --once   # exit after the first request (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+UPSTREAM = """
+import sys
+from aiohttp import web
+async def hello(request):
+    return web.Response(text=f"Hello from the on-prem container! You asked for {request.path_qs} "
+                             f"on {request.host} (via {request.headers.get('X-Forwarded-For', '?')})\\n")
+app = web.Application()
+app.router.add_route("*", "/{tail:.*}", hello)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"demo: port {port} did not open")
+
+
+def fetch(url: str, host: str) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 (loopback)
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--once", action="store_true", help="exit after the first request")
+    args = parser.parse_args()
+    work = ROOT / ".demo"
+    certs = work / "certs"
+    work.mkdir(exist_ok=True)
+    if not (certs / "server.pem").exists():
+        subprocess.run([str(BIN / "exit-server"), "gen-certs", "--out", str(certs), "--hostname", "localhost",
+                        "--ip", "127.0.0.1"], check=True)
+    token = work / "token"
+    token.write_text(secrets.token_urlsafe(32) + "\n")
+    token.chmod(0o600)
+    up_port, public, control = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-c", UPSTREAM, str(up_port)], env=env, start_new_session=True))
+        procs.append(subprocess.Popen(
+            [str(BIN / "exit-server"), "run", "--public-addr", f"127.0.0.1:{public}",
+             "--control-addr", f"127.0.0.1:{control}", "--tls-cert", str(certs / "server.pem"),
+             "--tls-key", str(certs / "server-key.pem"), "--token-file", str(token), "--drain-timeout", "5"], env=env, start_new_session=True))
+        procs.append(subprocess.Popen(
+            [str(BIN / "tunnel-client"), "run", "--server", f"wss://localhost:{control}", "--ca-file",
+             str(certs / "ca.pem"), "--token-file", str(token), "--upstream", f"app.localhost=http://127.0.0.1:{up_port}",
+             "--drain-timeout", "5"], env=env, start_new_session=True))
+        wait_port(up_port)
+        wait_port(public)
+        url = f"http://127.0.0.1:{public}/hello?from=demo"
+        deadline = time.monotonic() + 15
+        status, body = 0, ""
+        while time.monotonic() < deadline:
+            status, body = fetch(url, "app.localhost")
+            if status == 200:
+                break
+            time.sleep(0.2)
+        print()
+        print(f"Public URL:  http://127.0.0.1:{public}/  (Host: app.localhost)")
+        print(f"Try:         curl -H 'Host: app.localhost' {url}")
+        print(f"Answer ({status}): {body.strip()}")
+        if status != 200:
+            return 1
+        if args.once:
+            return 0
+        print("\nRunning; press Ctrl-C to stop.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(procs):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print("demo: stopped exit server, tunnel client and upstream.")
+
+
+if __name__ == "__main__":
+    # The children run in their own sessions, so Ctrl-C reaches only this script, which then
+    # stops them with one SIGTERM each (a graceful drain). SIGTERM to the script does the same.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""1 GiB up and down through real exit-server and tunnel-client processes, watching their RSS."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .helpers import TOKEN, Certs
+from .test_cli import Proc, free_port, wait_port, wait_status
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+
+GIB = 1 << 30
+CHUNK = bytes(range(256)) * 4096  # 1 MiB pattern
+
+UPSTREAM = """
+import hashlib
+from aiohttp import web
+CHUNK = bytes(range(256)) * 4096
+async def download(r):
+    n = int(r.query["n"])
+    resp = web.StreamResponse(headers={"Content-Length": str(n)})
+    await resp.prepare(r)
+    sent = 0
+    while sent < n:
+        part = CHUNK[: min(len(CHUNK), n - sent)]
+        await resp.write(part)
+        sent += len(part)
+    await resp.write_eof()
+    return resp
+async def upload(r):
+    h = hashlib.sha256(); total = 0
+    async for chunk in r.content.iter_any():
+        h.update(chunk); total += len(chunk)
+    return web.json_response({"total": total, "sha256": h.hexdigest()})
+app = web.Application(client_max_size=0)
+app.router.add_get("/download", download)
+app.router.add_post("/upload", upload)
+web.run_app(app, host="127.0.0.1", port=PORT, print=None)
+"""
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def tunnel_processes(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[tuple[int, Proc, Proc]]:
+    tmp = tmp_path_factory.mktemp("big")
+    up_port, public, control = free_port(), free_port(), free_port()
+    script = tmp / "up.py"
+    script.write_text(UPSTREAM.replace("PORT", str(up_port)))
+    up = subprocess.Popen([sys.executable, str(script)])
+    server = Proc(["exit-server", "run", "--public-addr", f"127.0.0.1:{public}", "--control-addr",
+                   f"127.0.0.1:{control}", "--tls-cert", str(certs.cert), "--tls-key", str(certs.key)],
+                  {"BACKHAUL_TOKEN": TOKEN})
+    client = Proc(["tunnel-client", "run", "--server", f"wss://localhost:{control}", "--ca-file", str(certs.ca),
+                   "--upstream", f"default=http://127.0.0.1:{up_port}"], {"BACKHAUL_TOKEN": TOKEN})
+    try:
+        wait_port(up_port)
+        wait_port(public)
+        wait_status(f"http://127.0.0.1:{public}/download?n=10", "x", 200)
+        yield public, server, client
+    finally:
+        server.stop()
+        client.stop()
+        up.kill()
+        up.wait()
+
+
+async def _pattern(total: int) -> AsyncIterator[bytes]:
+    sent = 0
+    while sent < total:
+        part = CHUNK[: min(len(CHUNK), total - sent)]
+        sent += len(part)
+        yield part
+
+
+def _expected_sha(total: int) -> str:
+    h = hashlib.sha256()
+    full, rest = divmod(total, len(CHUNK))
+    for _ in range(full):
+        h.update(CHUNK)
+    h.update(CHUNK[:rest])
+    return h.hexdigest()
+
+
+async def test_one_gib_download_streams_with_bounded_memory(tunnel_processes: tuple[int, Proc, Proc]) -> None:
+    public, server, client = tunnel_processes
+    before = (rss_kib(server.popen.pid), rss_kib(client.popen.pid))
+    peak = list(before)
+    h = hashlib.sha256()
+    total = 0
+    t0 = time.monotonic()
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with http.get(f"http://127.0.0.1:{public}/download?n={GIB}") as r:
+            assert r.status == 200
+            async for chunk in r.content.iter_any():
+                h.update(chunk)
+                total += len(chunk)
+                if total % (64 << 20) < len(chunk):
+                    peak = [max(peak[0], rss_kib(server.popen.pid)), max(peak[1], rss_kib(client.popen.pid))]
+    elapsed = time.monotonic() - t0
+    assert total == GIB
+    assert h.hexdigest() == _expected_sha(GIB)
+    growth = [(p - b) / 1024 for p, b in zip(peak, before, strict=True)]
+    print(f"1 GiB download: {GIB / elapsed / 2**20:.0f} MiB/s, RSS growth server {growth[0]:.1f} MiB, "
+          f"client {growth[1]:.1f} MiB")
+    assert growth[0] < 64 and growth[1] < 64
+
+
+async def test_one_gib_upload_streams_with_bounded_memory(tunnel_processes: tuple[int, Proc, Proc]) -> None:
+    public, server, client = tunnel_processes
+    before = (rss_kib(server.popen.pid), rss_kib(client.popen.pid))
+    peak = list(before)
+    sent = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent, peak
+        async for part in _pattern(GIB):
+            sent += len(part)
+            if sent % (64 << 20) < len(part):
+                peak = [max(peak[0], rss_kib(server.popen.pid)), max(peak[1], rss_kib(client.popen.pid))]
+            yield part
+
+    t0 = time.monotonic()
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with http.post(f"http://127.0.0.1:{public}/upload", data=body(),
+                             headers={"Content-Length": str(GIB)}) as r:
+            assert r.status == 200
+            result = await r.json()
+    elapsed = time.monotonic() - t0
+    assert result["total"] == GIB
+    assert result["sha256"] == _expected_sha(GIB)
+    growth = [(p - b) / 1024 for p, b in zip(peak, before, strict=True)]
+    print(f"1 GiB upload: {GIB / elapsed / 2**20:.0f} MiB/s, RSS growth server {growth[0]:.1f} MiB, "
+          f"client {growth[1]:.1f} MiB")
+    assert growth[0] < 64 and growth[1] < 64
