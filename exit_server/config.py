@@ -34,6 +34,7 @@ class ServerConfig(BaseConfig):
     heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which a tunnel is dead")
     stream_window: int = Field(256 * 1024, ge=16 * 1024, description="per-stream flow-control window")
     connection_window: int = Field(16 << 20, ge=1 << 20, description="per-tunnel flow-control window")
+    tcp_port_range: str | None = Field(None, description="public TCP ports clients may ask for, LO-HI (none: TCP off)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("public_addr", "control_addr")
@@ -41,6 +42,23 @@ class ServerConfig(BaseConfig):
     def _addr(cls, value: str) -> str:
         parse_addr(value)
         return value
+
+    @field_validator("tcp_port_range")
+    @classmethod
+    def _range(cls, value: str | None) -> str | None:
+        if value is not None:
+            lo, sep, hi = value.partition("-")
+            if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or not 1 <= int(lo) <= int(hi) <= 65535:
+                raise ValueError(f"expected LO-HI within 1-65535, got {value!r}")
+        return value
+
+    @property
+    def tcp_ports(self) -> range:
+        """The allowed public TCP ports (empty when TCP tunnels are off)."""
+        if self.tcp_port_range is None:
+            return range(0)
+        lo, _, hi = self.tcp_port_range.partition("-")
+        return range(int(lo), int(hi) + 1)
 
     @model_validator(mode="after")
     def _tls(self) -> ServerConfig:

@@ -20,6 +20,7 @@ from shared.mux import Role, Session, SessionState
 
 from .config import ServerConfig
 from .routes import Registry, Tunnel
+from .tcp import TcpListeners
 
 __all__ = ["Authenticator", "ControlEndpoint", "SharedTokenAuth"]
 
@@ -50,9 +51,10 @@ def _bearer(request: Request) -> str:
 class ControlEndpoint:
     """Accepts tunnel sessions and keeps the registry in step with them."""
 
-    def __init__(self, config: ServerConfig, registry: Registry, auth: Authenticator) -> None:
+    def __init__(self, config: ServerConfig, registry: Registry, auth: Authenticator, tcp: TcpListeners) -> None:
         self.config = config
         self.registry = registry
+        self.tcp = tcp
         self.auth = auth
         self.draining = False
         self.connections: set[TunnelConnection] = set()
@@ -116,6 +118,7 @@ class ControlEndpoint:
             self.connections.discard(conn)
             if tunnel is not None:
                 self.registry.remove(tunnel)
+                self.tcp.sync()
                 log.info("session %s: closed (client %s, instance %s): %s", session_id, client_id,
                          tunnel.instance_id, conn.close_reason or "normal")
 
@@ -129,7 +132,8 @@ class ControlEndpoint:
 
     def _register(self, conn: TunnelConnection, session_id: str, client_id: str, remote: str, hello: Hello) -> Tunnel:
         tunnel = Tunnel(session_id, client_id, hello.instance_id, remote, conn, dict(hello.labels))
-        granted, refused, replaced = self.registry.add(tunnel, list(hello.routes))
+        granted, ports, refused, replaced = self.registry.add(tunnel, list(hello.routes), list(hello.tcp), self.tcp.bind)
+        self.tcp.sync()
         if replaced is not None:
             log.info("session %s replaces session %s of instance %s", session_id, replaced.id, hello.instance_id)
             replaced.conn.goaway(GoAwayCode.REPLACED, "replaced by a new session")
@@ -142,6 +146,7 @@ class ControlEndpoint:
                 session_id=session_id,
                 client_id=client_id,
                 routes=granted,
+                tcp=ports,
                 refused=refused,
                 max_streams=self.config.max_streams,
                 initial_window=self.config.stream_window,
@@ -156,7 +161,9 @@ class ControlEndpoint:
 
 
 def _route_names(tunnel: Tunnel) -> str:
-    return ", ".join(f"{r.host}{'' if r.path_prefix == '/' else r.path_prefix}" for r in tunnel.routes) or "none"
+    names = [f"{r.host}{'' if r.path_prefix == '/' else r.path_prefix}" for r in tunnel.routes]
+    names += [f"tcp:{port}" for port in tunnel.tcp_ports]
+    return ", ".join(names) or "none"
 
 
 def _peer(connection: ServerConnection) -> str:

@@ -13,6 +13,7 @@ import logging
 from aiohttp import web
 
 from shared.aio.connection import TunnelStream
+from shared.aio.pump import Endpoint, RawFeeder, pump
 from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
@@ -82,9 +83,10 @@ class PublicHandler:
         length = request.content_length
         if max_body is not None and length is not None and length > max_body:
             return error_response(413)
-        head = self._head(request, host)
-        has_body = request.body_exists
-        stream = self._open(tunnel, head, has_body)
+        websocket = _is_websocket(request)
+        head = self._head(request, host, websocket)
+        has_body = request.body_exists and not websocket
+        stream = self._open(tunnel, head, has_body or websocket)
         if isinstance(stream, web.Response):
             return stream
         tunnel.requests += 1
@@ -109,6 +111,8 @@ class PublicHandler:
             except SessionClosed:
                 log.warning("%s stream %d %s: tunnel lost before reply (502)", tunnel.id, stream.id, host)
                 return error_response(502)
+            if websocket:
+                return await self._relay_websocket(request, stream, reply.status, reply.headers)
             return await self._relay_response(request, stream, reply.status, reply.headers)
         except asyncio.CancelledError:
             # The caller went away: cancel the stream so the client cancels the upstream call.
@@ -128,14 +132,14 @@ class PublicHandler:
         except SessionClosed:
             return error_response(503, retry_after=1)
 
-    def _head(self, request: web.BaseRequest, host: str) -> RequestHead:
+    def _head(self, request: web.BaseRequest, host: str, websocket: bool = False) -> RequestHead:
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
-        headers = strip_hop_by_hop(raw)
+        headers = strip_hop_by_hop(raw, keep_upgrade=websocket)
         headers = [(k, v) for k, v in headers if k.lower() != "expect"]
         peer = request.remote or ""
         headers = forwarded_headers(headers, peer, self.config.public_scheme, request.host)
         return RequestHead(
-            StreamKind.HTTP,
+            StreamKind.WEBSOCKET if websocket else StreamKind.HTTP,
             request.method,
             request.raw_path,
             request.host,
@@ -188,6 +192,39 @@ class PublicHandler:
             _abort(request)
             return resp
         return resp
+
+
+    async def _relay_websocket(
+        self, request: web.BaseRequest, stream: TunnelStream, status: int, headers: tuple[tuple[str, str], ...]
+    ) -> web.StreamResponse:
+        """After the upstream's 101, hand the raw connection to a byte pump (section 4.2)."""
+        if status != 101:  # the upstream declined the upgrade: an ordinary response
+            return await self._relay_response(request, stream, status, headers)
+        resp = web.StreamResponse(status=101)
+        resp.headers.extend(strip_hop_by_hop(headers, keep_upgrade=True))
+        await resp.prepare(request)
+        transport = request.transport
+        assert transport is not None
+        feeder = RawFeeder(transport)  # type: ignore[arg-type]
+        request.protocol.set_parser(feeder)  # type: ignore[arg-type]
+        writer = request.writer
+
+        async def send(data: bytes) -> None:
+            await writer.write(data)
+
+        def close_send() -> None:
+            transport.close()
+
+        await pump(stream, Endpoint(feeder.read, send, close_send, transport.abort))
+        if not transport.is_closing():
+            transport.close()
+        return resp
+
+
+def _is_websocket(request: web.BaseRequest) -> bool:
+    if request.method != "GET" or request.headers.get("Upgrade", "").lower() != "websocket":
+        return False
+    return "upgrade" in request.headers.get("Connection", "").lower()
 
 
 def _abort(request: web.BaseRequest) -> None:

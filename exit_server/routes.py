@@ -11,7 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.messages import RouteRefusal, RouteSpec
+from collections.abc import Callable
+
+from shared.messages import RouteRefusal, RouteSpec, TcpSpec
 from shared.routing import RouteTable
 
 __all__ = ["Registry", "Tunnel"]
@@ -28,6 +30,7 @@ class Tunnel:
     conn: Any  # shared.aio.connection.TunnelConnection (kept untyped: this module is pure)
     labels: dict[str, str] = field(default_factory=dict)
     routes: list[RouteSpec] = field(default_factory=list)
+    tcp_ports: list[int] = field(default_factory=list)
     connected_at: float = field(default_factory=time.time)
     routable: bool = True
     requests: int = 0
@@ -40,27 +43,58 @@ class Tunnel:
 class Registry:
     """Sessions by id and by client instance, and the route table over them."""
 
-    def __init__(self) -> None:
+    def __init__(self, tcp_ports: range = range(0)) -> None:
         self.table: RouteTable[Tunnel] = RouteTable()
         self.tunnels: dict[str, Tunnel] = {}
+        self.tcp: dict[int, list[Tunnel]] = {}
+        self.tcp_allowed = tcp_ports
         self._instances: dict[tuple[str, str], Tunnel] = {}
 
-    def add(self, tunnel: Tunnel, wanted: list[RouteSpec]) -> tuple[list[RouteSpec], list[RouteRefusal], Tunnel | None]:
-        """Register a session and the routes it may serve.
+    def add(
+        self,
+        tunnel: Tunnel,
+        wanted: list[RouteSpec],
+        ports: list[TcpSpec] = [],  # noqa: B006 (never mutated)
+        bind: Callable[[int], str | None] = lambda port: None,
+    ) -> tuple[list[RouteSpec], list[TcpSpec], list[RouteRefusal], Tunnel | None]:
+        """Register a session, the routes and the public TCP ports it may serve.
+
+        Args:
+            bind: called for a port that has no listener yet; returns an error text when the
+                port cannot be opened.
 
         Returns:
-            (granted routes, refusals, the session this one replaces or None)
+            (granted routes, granted ports, refusals, the session this one replaces or None)
         """
         replaced = self._instances.get((tunnel.client_id, tunnel.instance_id))
         if replaced is not None:
             self.remove(replaced)
         granted, refused = self._grantable(tunnel.client_id, wanted)
         tunnel.routes = granted
+        granted_ports: list[TcpSpec] = []
+        for spec in ports:
+            reason = self._port_refusal(tunnel.client_id, spec.port, bind)
+            if reason:
+                refused.append(RouteRefusal(route=f"tcp:{spec.port}", reason=reason))
+            else:
+                granted_ports.append(spec)
+                tunnel.tcp_ports.append(spec.port)
+                self.tcp.setdefault(spec.port, []).append(tunnel)
         self.tunnels[tunnel.id] = tunnel
         self._instances[(tunnel.client_id, tunnel.instance_id)] = tunnel
         for route in granted:
             self.table.add(route.host, route.path_prefix, tunnel)
-        return granted, refused, replaced
+        return granted, granted_ports, refused, replaced
+
+    def _port_refusal(self, client_id: str, port: int, bind: Callable[[int], str | None]) -> str | None:
+        if port not in self.tcp_allowed:
+            return "port outside the server's --tcp-port-range" if self.tcp_allowed else "TCP tunnels are off"
+        holders = self.tcp.get(port)
+        if holders:
+            if any(h.client_id != client_id for h in holders):
+                return "port is served by another client"
+            return None
+        return bind(port)
 
     def _grantable(self, client_id: str, wanted: list[RouteSpec]) -> tuple[list[RouteSpec], list[RouteRefusal]]:
         granted: list[RouteSpec] = []
@@ -94,15 +128,36 @@ class Registry:
         for route in tunnel.routes:
             self.table.remove(route.host, route.path_prefix, tunnel)
 
-    def remove(self, tunnel: Tunnel) -> None:
-        """Forget a session and its routes (idempotent)."""
+    def remove(self, tunnel: Tunnel) -> list[int]:
+        """Forget a session and its routes (idempotent). Returns the TCP ports nobody serves
+        any more (their listeners should close)."""
         self._unroute(tunnel)
+        orphaned: list[int] = []
+        for port in tunnel.tcp_ports:
+            holders = self.tcp.get(port, [])
+            if tunnel in holders:
+                holders.remove(tunnel)
+            if not holders and port in self.tcp:
+                del self.tcp[port]
+                orphaned.append(port)
+        tunnel.tcp_ports = []
         tunnel.routable = False
         if self.tunnels.get(tunnel.id) is tunnel:
             del self.tunnels[tunnel.id]
         key = (tunnel.client_id, tunnel.instance_id)
         if self._instances.get(key) is tunnel:
             del self._instances[key]
+        return orphaned
+
+    def pick_tcp(self, port: int) -> Tunnel | None:
+        """The routable session serving a public TCP port with the fewest streams in flight."""
+        best: Tunnel | None = None
+        for tunnel in self.tcp.get(port, ()):
+            if not tunnel.routable or not tunnel.conn.session.accepting_streams:
+                continue
+            if best is None or tunnel.in_flight < best.in_flight:
+                best = tunnel
+        return best
 
     def pick(self, host: str, path: str, exclude: Tunnel | None = None) -> Tunnel | None:
         """The routable session for (host, path) with the fewest streams in flight."""

@@ -24,6 +24,7 @@ from .config import ServerConfig
 from .control import Authenticator, ControlEndpoint, SharedTokenAuth
 from .public import PublicHandler
 from .routes import Registry
+from .tcp import TcpListeners
 
 __all__ = ["ExitServer"]
 
@@ -40,10 +41,11 @@ class ExitServer:
 
     def __init__(self, config: ServerConfig, auth: Authenticator | None = None) -> None:
         self.config = config
-        self.registry = Registry()
+        self.registry = Registry(config.tcp_ports)
         if auth is None:
             auth = SharedTokenAuth(read_secret(config.token_file, config.token, "token"))
-        self.control = ControlEndpoint(config, self.registry, auth)
+        self.tcp = TcpListeners(config, self.registry, parse_addr(config.public_addr)[0])
+        self.control = ControlEndpoint(config, self.registry, auth, self.tcp)
         self.public = PublicHandler(config, self.registry)
         self._ws_server: Server | None = None
         self._runner: web.ServerRunner | None = None
@@ -95,11 +97,12 @@ class ExitServer:
         self.control.draining = True
         if self._site is not None and self._site._server is not None:
             self._site._server.close()  # stop accepting public connections
+        self.tcp.stop_accepting()
         for conn in list(self.control.connections):
             conn.goaway(GoAwayCode.SHUTDOWN, "exit server shutting down")
         try:
             async with asyncio.timeout(timeout):
-                while self.public.in_flight:
+                while self.public.in_flight or self.tcp.connections:
                     await asyncio.sleep(0.05)
         except TimeoutError:
             log.warning("exit server: drain timeout with %d requests in flight", self.public.in_flight)
@@ -109,6 +112,7 @@ class ExitServer:
         """Close everything now (in-flight requests are cut)."""
         for conn in list(self.control.connections):
             await conn.close(1001, "server shutting down")
+        await self.tcp.close()
         if self._ws_server is not None:
             self._ws_server.close()
             await self._ws_server.wait_closed()

@@ -23,7 +23,7 @@ from shared.aio.tls import client_context
 from shared.backoff import backoff_delays
 from shared.config import read_secret
 from shared.frames import GoAwayCode
-from shared.messages import SUPPORTED_VERSIONS, Error, Hello, RouteSpec, Routes, Welcome
+from shared.messages import SUPPORTED_VERSIONS, Error, Hello, RouteSpec, Routes, TcpSpec, Welcome
 from shared.mux import Role, Session
 
 from .config import ClientConfig
@@ -108,6 +108,7 @@ class ServerLink:
                 versions=list(SUPPORTED_VERSIONS),
                 instance_id=cfg.instance_id,
                 routes=self.client.routes,
+                tcp=[TcpSpec(port=t.public_port) for t in self.client.config.tcp_targets],
                 labels=self.client.labels,
                 max_streams=cfg.max_streams,
                 initial_window=256 * 1024,
@@ -125,7 +126,8 @@ class ServerLink:
                     log.error("link %s: route %s refused: %s", self.url, refusal.route, refusal.reason)
                 log.info("link %s: registered as session %s (client %s), routes: %s", self.url,
                          message.session_id, message.client_id,
-                         ", ".join(r.host + ("" if r.path_prefix == "/" else r.path_prefix) for r in message.routes) or "none")
+                         ", ".join([r.host + ("" if r.path_prefix == "/" else r.path_prefix) for r in message.routes]
+                                   + [f"tcp:{t.port}" for t in message.tcp]) or "none")
                 self.registered.set()
                 self.client._changed()
             elif isinstance(message, Error):
@@ -180,7 +182,8 @@ class TunnelClient:
         self.config = config
         self.token = token if token is not None else read_secret(config.token_file, config.token, "token")
         self.ssl_context = client_context(config.ca_file) if any(u.startswith("wss:") for u in config.server) else None
-        self.forwarder = Forwarder(config.upstreams, config.upstream_connect_timeout)
+        self.forwarder = Forwarder(config.upstreams, config.upstream_connect_timeout, config.tcp_targets,
+                                   config.proxy_protocol)
         self.routes = [RouteSpec(host=u.host, path_prefix=u.path_prefix) for u in config.upstreams]
         self.labels = config.labels
         self.links = [ServerLink(self, url) for url in config.server]

@@ -13,7 +13,7 @@ from pydantic_settings import NoDecode
 
 from shared.config import BaseConfig, is_loopback_host, split_list
 
-__all__ = ["ClientConfig", "Upstream", "parse_upstream"]
+__all__ = ["ClientConfig", "TcpTarget", "Upstream", "parse_tcp", "parse_upstream"]
 
 _HOST_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-.*")
 
@@ -53,6 +53,31 @@ def parse_upstream(spec: str) -> Upstream:
     return Upstream(host, prefix.rstrip("/") or "/", parts.scheme, parts.netloc, parts.path.rstrip("/"))
 
 
+@dataclass(frozen=True, slots=True)
+class TcpTarget:
+    """``PUBLIC_PORT=HOST:PORT``: a public TCP port on the exit server forwarded to HOST:PORT."""
+
+    public_port: int
+    host: str
+    port: int
+
+
+def parse_tcp(spec: str) -> TcpTarget:
+    """Parse ``PUBLIC_PORT=HOST:PORT``.
+
+    Raises:
+        ValueError: malformed spec or port out of range.
+    """
+    left, sep, right = spec.partition("=")
+    host, colon, port = right.rpartition(":")
+    if not sep or not colon or not left.isdigit() or not port.isdigit() or not host:
+        raise ValueError(f"expected PUBLIC_PORT=HOST:PORT, got {spec!r}")
+    public, target = int(left), int(port)
+    if not (1 <= public <= 65535 and 1 <= target <= 65535):
+        raise ValueError(f"port out of range in {spec!r}")
+    return TcpTarget(public, host.strip("[]"), target)
+
+
 class ClientConfig(BaseConfig):
     """Every setting of ``tunnel-client run``; the field names are the flags without dashes."""
 
@@ -65,6 +90,10 @@ class ClientConfig(BaseConfig):
     upstream: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="route HOST[/PREFIX]=URL; HOST exact, *.example.com or default"
     )
+    tcp: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="TCP tunnel PUBLIC_PORT=HOST:PORT (the exit server listens on PUBLIC_PORT)"
+    )
+    proxy_protocol: bool = Field(False, description="send a PROXY protocol v2 header to TCP upstreams")
     label: Annotated[list[str], NoDecode] = Field(default_factory=list, description="label KEY=VALUE sent at registration")
     insecure_plaintext: bool = Field(False, description="allow ws:// to a loopback exit server")
     instance_id: str = Field(default_factory=lambda: secrets.token_hex(8), description="stable id of this client instance")
@@ -77,7 +106,15 @@ class ClientConfig(BaseConfig):
     backoff_cap: float = Field(30.0, gt=0, description="largest reconnect delay ceiling, seconds")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
-    _split = field_validator("server", "upstream", "label", mode="before")(split_list)
+    _split = field_validator("server", "upstream", "label", "tcp", mode="before")(split_list)
+
+    @field_validator("tcp")
+    @classmethod
+    def _tcps(cls, value: list[str]) -> list[str]:
+        ports = [parse_tcp(spec).public_port for spec in value]
+        if len(set(ports)) != len(ports):
+            raise ValueError("a public port appears twice")
+        return value
 
     @field_validator("upstream")
     @classmethod
@@ -107,8 +144,8 @@ class ClientConfig(BaseConfig):
     def _check(self) -> ClientConfig:
         if not self.server:
             raise ValueError("at least one --server is required")
-        if not self.upstream:
-            raise ValueError("at least one --upstream is required")
+        if not self.upstream and not self.tcp:
+            raise ValueError("at least one --upstream or --tcp is required")
         for url in self.server:
             parts = urlsplit(url)
             if parts.scheme == "ws":
@@ -123,6 +160,10 @@ class ClientConfig(BaseConfig):
     @property
     def upstreams(self) -> list[Upstream]:
         return [parse_upstream(spec) for spec in self.upstream]
+
+    @property
+    def tcp_targets(self) -> list[TcpTarget]:
+        return [parse_tcp(spec) for spec in self.tcp]
 
     @property
     def labels(self) -> dict[str, str]:

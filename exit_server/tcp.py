@@ -1,0 +1,129 @@
+"""Public TCP listeners for raw TCP tunnels: one listener per granted port, open while at least
+one live session serves it; each accepted connection becomes a TCP stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+from shared.aio.pump import pump, stream_endpoint
+from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError
+from shared.frames import ResetCode
+from shared.heads import RequestHead, StreamKind
+
+from .config import ServerConfig
+from .routes import Registry
+
+__all__ = ["TcpListeners"]
+
+log = logging.getLogger(__name__)
+
+
+class TcpListeners:
+    """Opens and closes public TCP listeners as sessions come and go."""
+
+    def __init__(self, config: ServerConfig, registry: Registry, host: str) -> None:
+        self.config = config
+        self.registry = registry
+        self.host = host
+        self._servers: dict[int, asyncio.Server] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.connections = 0
+
+    def bind(self, port: int) -> str | None:
+        """Open a listener on ``port`` now (synchronously, so a busy port is refused in the
+        welcome); returns an error text or None."""
+        if port in self._servers:
+            return None
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            log.warning("tcp: cannot listen on %s:%d: %s", self.host, port, exc.strerror)
+            return "the exit server cannot listen on this port"
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._serve(port, sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return None
+
+    async def _serve(self, port: int, sock: socket.socket) -> None:
+        server = await asyncio.start_server(lambda r, w: self._accept(port, r, w), sock=sock)
+        self._servers[port] = server
+        log.info("tcp: listening on %s:%d", self.host, port)
+
+    def sync(self) -> None:
+        """Close the listeners of ports no session serves any more."""
+        for port in [p for p in self._servers if p not in self.registry.tcp]:
+            server = self._servers.pop(port)
+            server.close()
+            log.info("tcp: closed port %d (no session serves it)", port)
+
+    def stop_accepting(self) -> None:
+        """Close every listener; connections already open carry on (drain)."""
+        for server in self._servers.values():
+            server.close()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._servers.values():
+            server.close()
+        for server in self._servers.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1)
+        self._servers.clear()
+
+    async def _accept(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        current = asyncio.current_task()
+        if current is not None:  # owned here, so close() can cancel it
+            self._tasks.add(current)  # type: ignore[arg-type]
+        peer = writer.get_extra_info("peername") or ("", 0)
+        local = writer.get_extra_info("sockname") or ("", port)
+        tunnel = self.registry.pick_tcp(port)
+        if tunnel is None:
+            log.info("tcp %d: no session serves this port; closing connection from %s", port, peer[0])
+            writer.transport.abort()
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = RequestHead(StreamKind.TCP, "", str(port), _hostport(local[0], local[1]), "tcp", _hostport(peer[0], peer[1]))
+        try:
+            stream = tunnel.conn.open_stream(head)
+        except (TooManyStreams, SessionClosed) as exc:
+            log.warning("tcp %d: %s; closing connection", port, exc)
+            writer.transport.abort()
+            return
+        self.connections += 1
+        try:
+            async with asyncio.timeout(self.config.upstream_timeout):
+                await stream.response()
+            await pump(stream, stream_endpoint(reader, writer))
+        except (TimeoutError, StreamReset, TunnelError) as exc:
+            log.info("tcp %d stream %d: %s", port, stream.id, exc)
+            stream.reset(ResetCode.UPSTREAM_CONNECT, "no upstream connection")
+            writer.transport.abort()
+        except asyncio.CancelledError:
+            stream.reset(ResetCode.CANCEL, "server closing")
+            writer.transport.abort()
+            raise
+        finally:
+            tunnel.conn.release(stream)
+            self.connections -= 1
+            self._tasks.discard(current)  # type: ignore[arg-type]
+            if not writer.is_closing():
+                writer.close()
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
