@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from shared.cli import add_model_flags, configure_logging, run_guarded, settings
 from shared.errors import ConfigError
 
 from .config import ServerConfig
+from .token_cli import add_commands as add_token_commands
+from .token_cli import run_command as run_token_command
 
 __all__ = ["main"]
 
@@ -25,10 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "BACKHAUL_<FLAG> and the --config TOML file (flags > env > file). The token comes "
                          "from --token-file or BACKHAUL_TOKEN, never from argv.")
     add_model_flags(run, ServerConfig)
+    status = sub.add_parser("status", help="print the connected tunnels (from the admin API)")
+    status.add_argument("--admin-addr", default=None, metavar="HOST:PORT",
+                        help="admin listener (default: BACKHAUL_ADMIN_ADDR or 127.0.0.1:9090)")
+    status.add_argument("--admin-token-file", type=Path, default=None,
+                        help="file with the admin token (default: BACKHAUL_ADMIN_TOKEN)")
+    status.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     certs = sub.add_parser("gen-certs", help="write a development CA and server certificate")
     certs.add_argument("--out", type=Path, required=True, help="directory for ca.pem, server.pem, server-key.pem")
     certs.add_argument("--hostname", required=True, help="DNS name the clients will connect to")
     certs.add_argument("--ip", action="append", default=[], help="IP address to include (repeatable)")
+    add_token_commands(sub)  # token add|rotate|revoke|list, hash-password
     return parser
 
 
@@ -37,6 +48,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event) -> int:
 
     server = ExitServer(config)
     await server.start()
+    with contextlib.suppress(NotImplementedError, AttributeError):  # SIGHUP re-reads --tokens and --access
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.reload, "SIGHUP")
     print(f"exit-server: public port {server.public_port}, control port {server.control_port}", flush=True)
     await stop.wait()
     await server.shutdown()
@@ -47,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def command() -> int:
+        if args.command in ("token", "hash-password"):
+            return run_token_command(args)
+        if args.command == "status":
+            from .status import print_status
+
+            return print_status(args.admin_addr, args.admin_token_file, args.json)
         if args.command == "gen-certs":
             from .certs import generate_certs
 
@@ -58,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"CA SHA-256 fingerprint: {fingerprint}")
             return 0
         config = settings_from_args(ServerConfig, args)
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, config.log_format)
         from .server import ExitServer
 
         ExitServer(config)  # validate secrets and TLS files before daemonising

@@ -29,12 +29,27 @@ class ServerConfig(BaseConfig):
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
     max_streams: int = Field(10_000, ge=1, description="concurrent streams per tunnel (503 beyond)")
     max_body: int | None = Field(None, ge=0, description="largest request body in bytes (413 beyond)")
+    tokens: Path | None = Field(None, description="TOML file of per-client tokens, replaces --token-file "
+                                "(see `exit-server token`)")
+    access: Path | None = Field(None, description="TOML file of access rules for public hostnames "
+                                "(IP allow-lists, basic/bearer auth)")
+    client_ca: Path | None = Field(None, description="require tunnel client certificates signed by this CA "
+                                   "(mutual TLS)")
+    header_timeout: float = Field(10.0, gt=0, description="seconds for a public request head to arrive (408 beyond)")
+    body_timeout: float = Field(15.0, gt=0, description="seconds a public request body may stay idle (408 beyond)")
+    send_timeout: float = Field(30.0, gt=0, description="seconds a public caller may take nothing of a response "
+                                "before it is dropped")
     handshake_timeout: float = Field(10.0, gt=0, description="seconds for a client to say hello")
     heartbeat_interval: float = Field(4.0, gt=0, description="seconds between heartbeat pings")
     heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which a tunnel is dead")
     stream_window: int = Field(256 * 1024, ge=16 * 1024, description="per-stream flow-control window")
     connection_window: int = Field(16 << 20, ge=1 << 20, description="per-tunnel flow-control window")
     tcp_port_range: str | None = Field(None, description="public TCP ports clients may ask for, LO-HI (none: TCP off)")
+    admin_addr: str | None = Field("127.0.0.1:9090", description="admin listener HOST:PORT (health, metrics, API); "
+                                   "empty to disable")
+    admin_token_file: Path | None = Field(None, description="file holding the admin API token")
+    admin_token: SecretStr | None = Field(None, description="the admin API token (environment/TOML only)")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("public_addr", "control_addr")
@@ -42,6 +57,13 @@ class ServerConfig(BaseConfig):
     def _addr(cls, value: str) -> str:
         parse_addr(value)
         return value
+
+    @field_validator("admin_addr")
+    @classmethod
+    def _admin_addr(cls, value: str | None) -> str | None:
+        if value:
+            parse_addr(value)
+        return value or None
 
     @field_validator("tcp_port_range")
     @classmethod
@@ -70,4 +92,8 @@ class ServerConfig(BaseConfig):
             raise ValueError("--tls-cert and --tls-key are required (or --insecure-plaintext on loopback)")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("--heartbeat-timeout must exceed --heartbeat-interval")
+        if self.tokens is not None and (self.token_file is not None or self.token is not None):
+            raise ValueError("--tokens replaces the shared token: give either --tokens or --token-file/BACKHAUL_TOKEN")
+        if self.client_ca is not None and self.insecure_plaintext:
+            raise ValueError("--client-ca needs TLS (not --insecure-plaintext)")
         return self

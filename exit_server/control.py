@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from websockets.asyncio.server import ServerConnection
@@ -19,15 +20,19 @@ from shared.messages import PROTOCOL_VERSION, Error, Hello, Routes, Welcome
 from shared.mux import Role, Session, SessionState
 
 from .config import ServerConfig
+from .limits import FailureLimiter
+from .observe import Metrics
 from .routes import Registry, Tunnel
 from .tcp import TcpListeners
+from .tokens import Principal
 
 __all__ = ["Authenticator", "ControlEndpoint", "SharedTokenAuth"]
 
 log = logging.getLogger(__name__)
 
-Authenticator = Callable[[str], str | None]
-"""Maps a presented bearer token to a client id, or None when it is not valid."""
+Authenticator = Callable[[str], "str | Principal | None | Awaitable[str | Principal | None]"]
+"""Maps a presented bearer token to a client id or a :class:`Principal` (a client id plus what
+it may register), or None when it is not valid; may be a coroutine function."""
 
 
 class SharedTokenAuth:
@@ -51,28 +56,48 @@ def _bearer(request: Request) -> str:
 class ControlEndpoint:
     """Accepts tunnel sessions and keeps the registry in step with them."""
 
-    def __init__(self, config: ServerConfig, registry: Registry, auth: Authenticator, tcp: TcpListeners) -> None:
+    def __init__(
+        self, config: ServerConfig, registry: Registry, auth: Authenticator, tcp: TcpListeners, metrics: Metrics
+    ) -> None:
         self.config = config
         self.registry = registry
         self.tcp = tcp
+        self.metrics = metrics
         self.auth = auth
         self.draining = False
         self.connections: set[TunnelConnection] = set()
         self.auth_failures = 0
+        self.limiter = FailureLimiter()  # failed tokens per source: 10, then 1/s (429 beyond)
+        self.principals: dict[TunnelConnection, Principal] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Authenticate before the upgrade: 401 for a missing or wrong token (never logged)."""
+    async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Authenticate before the upgrade: 401 for a missing or wrong token (never logged),
+        429 with Retry-After for a source that failed too often."""
         remote = _peer(connection)
         if self.draining:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+        retry = self.limiter.retry_after(remote)
+        if retry is not None:
+            log.warning("control: too many failed authentications from %s (429)", remote)
+            response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many requests\n")
+            response.headers["Retry-After"] = str(retry)
+            return response
         token = _bearer(request)
-        client_id = self.auth(token) if token else None
+        result = self.auth(token) if token else None
+        if inspect.isawaitable(result):
+            result = await result
+        principal = Principal(result) if isinstance(result, str) else result
+        client_id = principal.client_id if principal is not None else None
         if client_id is None:
+            self.limiter.failure(remote)
             self.auth_failures += 1
+            self.metrics.auth_failures.inc()
             log.warning("control: authentication failed from %s (%s)", remote,
                         "no token" if not token else "invalid token")
             return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
         connection.backhaul_client_id = client_id  # type: ignore[attr-defined]
+        connection.backhaul_principal = principal  # type: ignore[attr-defined]
         return None
 
     async def handle(self, ws: ServerConnection) -> None:
@@ -110,12 +135,14 @@ class ControlEndpoint:
 
         conn = TunnelConnection(ws, session, name=session_id, on_control=on_control, on_goaway=on_goaway)
         self.connections.add(conn)
+        self.principals[conn] = getattr(ws, "backhaul_principal", None) or Principal(client_id)
         watchdog = loop.call_later(cfg.handshake_timeout, self._handshake_expired, conn)
         try:
             await conn.run()
         finally:
             watchdog.cancel()
             self.connections.discard(conn)
+            self.principals.pop(conn, None)
             if tunnel is not None:
                 self.registry.remove(tunnel)
                 self.tcp.sync()
@@ -130,8 +157,25 @@ class ControlEndpoint:
             conn.flush()
             conn.abort()
 
+    def revoke(self, current: Callable[[Principal], Principal | None]) -> int:
+        """Close every session whose credentials are no longer in force (``current`` returns
+        None for them): GOAWAY AUTH_REVOKED, then close. Returns how many were closed."""
+        stale = [(conn, p) for conn, p in self.principals.items() if current(p) is None]
+        for conn, principal in stale:
+            log.warning("session %s: credentials of client %s revoked or changed: closing", conn.name,
+                        principal.client_id)
+            del self.principals[conn]
+            conn.close_reason = "credentials revoked"
+            conn.goaway(GoAwayCode.AUTH_REVOKED, "credentials revoked")
+            task = asyncio.get_running_loop().create_task(conn.close(1008, "credentials revoked"))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return len(stale)
+
     def _register(self, conn: TunnelConnection, session_id: str, client_id: str, remote: str, hello: Hello) -> Tunnel:
         tunnel = Tunnel(session_id, client_id, hello.instance_id, remote, conn, dict(hello.labels))
+        tunnel.policy = self.principals.get(conn)
+        self.metrics.registered(client_id, hello.instance_id)
         granted, ports, refused, replaced = self.registry.add(tunnel, list(hello.routes), list(hello.tcp), self.tcp.bind)
         self.tcp.sync()
         if replaced is not None:

@@ -20,7 +20,10 @@ from shared.heads import RequestHead, StreamKind
 from shared.httputil import forwarded_headers, strip_hop_by_hop
 from shared.routing import normalize_host
 
+from .access import AccessRules
 from .config import ServerConfig
+from .httpguard import generic_response, head_problem
+from .observe import Exchange, Metrics, request_id
 from .routes import Registry, Tunnel
 
 __all__ = ["PublicHandler", "RESET_STATUS"]
@@ -41,6 +44,7 @@ RESET_STATUS: dict[int, int] = {
 
 _TEXT = {
     403: "forbidden",
+    408: "request timeout",
     413: "request body too large",
     502: "bad gateway",
     503: "no tunnel available for this host",
@@ -51,15 +55,21 @@ _TEXT = {
 def error_response(status: int, retry_after: int | None = None) -> web.Response:
     """A short generic error body that never echoes the caller's bytes."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return web.Response(status=status, text=_TEXT.get(status, "error") + "\n", headers=headers)
+    resp = web.Response(status=status, text=_TEXT.get(status, "error") + "\n", headers=headers)
+    if status == 408:
+        resp.force_close()  # the rest of the body is not coming
+    return resp
 
 
 class PublicHandler:
     """aiohttp low-level handler for every public request."""
 
-    def __init__(self, config: ServerConfig, registry: Registry) -> None:
+    access: AccessRules | None = None  # --access rules, checked before a stream opens
+
+    def __init__(self, config: ServerConfig, registry: Registry, metrics: Metrics | None = None) -> None:
         self.config = config
         self.registry = registry
+        self.metrics = metrics if metrics is not None else Metrics(registry)
         self.draining = False
         self.in_flight = 0
         self.requests = 0
@@ -67,53 +77,79 @@ class PublicHandler:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         self.in_flight += 1
         self.requests += 1
+        ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, request.host,
+                      request.path, request.remote or "")
         try:
-            return await self._handle(request)
+            resp = await self._handle(request, ex)
+            ex.status = resp.status
+            return resp
+        except asyncio.CancelledError:
+            ex.status = 499  # the caller went away (nginx's convention)
+            raise
         finally:
             self.in_flight -= 1
+            self.metrics.finish(ex)
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    def _reject(self, ex: Exchange, reason: str, status: int, retry_after: int | None = None) -> web.Response:
+        ex.rejected = reason
+        return error_response(status, retry_after)
+
+    async def _handle(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
         if self.draining:
-            return error_response(503, retry_after=1)
+            return self._reject(ex, "draining", 503, retry_after=1)
+        problem = head_problem(request)  # total header size, transfer codings (exit_server/httpguard.py)
+        if problem is not None:
+            ex.rejected = "bad_request"
+            return generic_response(problem)
         host = normalize_host(request.host)
-        tunnel = self.registry.pick(host, request.path)
+        if self.access is not None and (denied := await self.access.check(request, host)) is not None:
+            ex.rejected = "access_denied"
+            return denied
+        ex.route, tunnel = self.registry.pick_route(host, request.path)
         if tunnel is None:
-            return error_response(503)
+            ex.route = ex.route or "unrouted"
+            return self._reject(ex, "no_tunnel", 503)
         max_body = self.config.max_body
         length = request.content_length
         if max_body is not None and length is not None and length > max_body:
-            return error_response(413)
+            return self._reject(ex, "body_too_large", 413)
         websocket = _is_websocket(request)
-        head = self._head(request, host, websocket)
+        head = self._head(request, host, ex.request_id, websocket)
+        if self.access is not None:
+            head = self.access.strip(head, host)  # credentials consumed here never go upstream
         has_body = request.body_exists and not websocket
         stream = self._open(tunnel, head, has_body or websocket)
         if isinstance(stream, web.Response):
+            ex.rejected = "stream_limit" if stream.status == 503 else "tunnel_closed"
             return stream
         tunnel.requests += 1
+        ex.tunnel_id = tunnel.id
         conn = tunnel.conn
         pump: asyncio.Task[None] | None = None
         if has_body:
-            pump = asyncio.create_task(self._pump_body(request, stream))
+            pump = asyncio.create_task(self._pump_body(request, stream, ex))
         try:
             try:
                 async with asyncio.timeout(self.config.upstream_timeout):
                     reply = await stream.response()
+                ex.mark_head()
             except TimeoutError:
                 stream.reset(ResetCode.UPSTREAM_TIMEOUT, "no response head in time")
                 log.warning("%s %s %s: no response head within %.0fs (504)", tunnel.id, host, request.method,
                             self.config.upstream_timeout)
                 return error_response(504)
             except StreamReset as exc:
-                status = RESET_STATUS.get(exc.code, 502)
+                status = stream.info.get("status") or RESET_STATUS.get(exc.code, 502)
                 log.info("%s stream %d %s: reset before reply (code %d, %s) -> %d", tunnel.id, stream.id, host,
                          exc.code, exc.reason, status)
                 return error_response(status, retry_after=1 if status == 503 else None)
             except SessionClosed:
                 log.warning("%s stream %d %s: tunnel lost before reply (502)", tunnel.id, stream.id, host)
                 return error_response(502)
+            headers = reply.headers + (("X-Request-Id", ex.request_id),)
             if websocket:
-                return await self._relay_websocket(request, stream, reply.status, reply.headers)
-            return await self._relay_response(request, stream, reply.status, reply.headers)
+                return await self._relay_websocket(request, stream, reply.status, headers, ex)
+            return await self._relay_response(request, stream, reply.status, headers, ex)
         except asyncio.CancelledError:
             # The caller went away: cancel the stream so the client cancels the upstream call.
             stream.reset(ResetCode.CANCEL, "caller disconnected")
@@ -132,10 +168,11 @@ class PublicHandler:
         except SessionClosed:
             return error_response(503, retry_after=1)
 
-    def _head(self, request: web.BaseRequest, host: str, websocket: bool = False) -> RequestHead:
+    def _head(self, request: web.BaseRequest, host: str, rid: str, websocket: bool = False) -> RequestHead:
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
         headers = strip_hop_by_hop(raw, keep_upgrade=websocket)
-        headers = [(k, v) for k, v in headers if k.lower() != "expect"]
+        headers = [(k, v) for k, v in headers if k.lower() not in ("expect", "x-request-id")]
+        headers.append(("X-Request-Id", rid))
         peer = request.remote or ""
         headers = forwarded_headers(headers, peer, self.config.public_scheme, request.host)
         return RequestHead(
@@ -148,7 +185,7 @@ class PublicHandler:
             tuple(headers),
         )
 
-    async def _pump_body(self, request: web.BaseRequest, stream: TunnelStream) -> None:
+    async def _pump_body(self, request: web.BaseRequest, stream: TunnelStream, ex: Exchange) -> None:
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         max_body = self.config.max_body
@@ -156,11 +193,21 @@ class PublicHandler:
         content = request.content
         try:
             while True:
-                chunk = await content.readany()
+                try:
+                    async with asyncio.timeout(self.config.body_timeout):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    log.info("stream %d: request body idle for %.0fs (408)", stream.id, self.config.body_timeout)
+                    ex.rejected = "body_timeout"
+                    stream.info["status"] = 408
+                    stream.reset(ResetCode.CANCEL, "request body idle")
+                    return
                 if not chunk:
                     break
                 total += len(chunk)
+                ex.bytes_in = total
                 if max_body is not None and total > max_body:
+                    ex.rejected = "body_too_large"
                     stream.reset(ResetCode.TOO_LARGE, "request body over the limit")
                     return
                 await stream.write(chunk)
@@ -172,7 +219,8 @@ class PublicHandler:
             stream.reset(ResetCode.CANCEL, "request body aborted")
 
     async def _relay_response(
-        self, request: web.BaseRequest, stream: TunnelStream, status: int, headers: tuple[tuple[str, str], ...]
+        self, request: web.BaseRequest, stream: TunnelStream, status: int, headers: tuple[tuple[str, str], ...],
+        ex: Exchange,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(status=status)
         resp.headers.extend(strip_hop_by_hop(headers))  # keeps order and repeats (Set-Cookie)
@@ -182,9 +230,16 @@ class PublicHandler:
                 chunk = await stream.read()
                 if not chunk:
                     break
-                await resp.write(chunk)
+                ex.bytes_out += len(chunk)
+                async with asyncio.timeout(self.config.send_timeout):
+                    await resp.write(chunk)
         except TunnelError as exc:
             log.warning("stream %d: response body aborted: %s", stream.id, exc)
+            _abort(request)
+            return resp
+        except TimeoutError:
+            log.info("stream %d: caller took nothing for %.0fs: dropped", stream.id, self.config.send_timeout)
+            stream.reset(ResetCode.CANCEL, "caller not reading")
             _abort(request)
             return resp
         except ConnectionError:
@@ -195,11 +250,12 @@ class PublicHandler:
 
 
     async def _relay_websocket(
-        self, request: web.BaseRequest, stream: TunnelStream, status: int, headers: tuple[tuple[str, str], ...]
+        self, request: web.BaseRequest, stream: TunnelStream, status: int, headers: tuple[tuple[str, str], ...],
+        ex: Exchange,
     ) -> web.StreamResponse:
         """After the upstream's 101, hand the raw connection to a byte pump (section 4.2)."""
         if status != 101:  # the upstream declined the upgrade: an ordinary response
-            return await self._relay_response(request, stream, status, headers)
+            return await self._relay_response(request, stream, status, headers, ex)
         resp = web.StreamResponse(status=101)
         resp.headers.extend(strip_hop_by_hop(headers, keep_upgrade=True))
         await resp.prepare(request)
@@ -215,7 +271,7 @@ class PublicHandler:
         def close_send() -> None:
             transport.close()
 
-        await pump(stream, Endpoint(feeder.read, send, close_send, transport.abort))
+        ex.bytes_out = await pump(stream, Endpoint(feeder.read, send, close_send, transport.abort))
         if not transport.is_closing():
             transport.close()
         return resp

@@ -8,10 +8,9 @@ client id can never be taken by another.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-from collections.abc import Callable
 
 from shared.messages import RouteRefusal, RouteSpec, TcpSpec
 from shared.routing import RouteTable
@@ -34,6 +33,7 @@ class Tunnel:
     connected_at: float = field(default_factory=time.time)
     routable: bool = True
     requests: int = 0
+    policy: Any = None  # exit_server.tokens.Principal: what the client may register (None: anything)
 
     @property
     def in_flight(self) -> int:
@@ -69,11 +69,11 @@ class Registry:
         replaced = self._instances.get((tunnel.client_id, tunnel.instance_id))
         if replaced is not None:
             self.remove(replaced)
-        granted, refused = self._grantable(tunnel.client_id, wanted)
+        granted, refused = self._grantable(tunnel.client_id, wanted, tunnel.policy)
         tunnel.routes = granted
         granted_ports: list[TcpSpec] = []
         for spec in ports:
-            reason = self._port_refusal(tunnel.client_id, spec.port, bind)
+            reason = self._port_refusal(tunnel.client_id, spec.port, bind, tunnel.policy)
             if reason:
                 refused.append(RouteRefusal(route=f"tcp:{spec.port}", reason=reason))
             else:
@@ -86,7 +86,10 @@ class Registry:
             self.table.add(route.host, route.path_prefix, tunnel)
         return granted, granted_ports, refused, replaced
 
-    def _port_refusal(self, client_id: str, port: int, bind: Callable[[int], str | None]) -> str | None:
+    def _port_refusal(self, client_id: str, port: int, bind: Callable[[int], str | None],
+                      policy: Any = None) -> str | None:
+        if policy is not None and (reason := policy.port_refusal(port)):
+            return str(reason)
         if port not in self.tcp_allowed:
             return "port outside the server's --tcp-port-range" if self.tcp_allowed else "TCP tunnels are off"
         holders = self.tcp.get(port)
@@ -96,12 +99,18 @@ class Registry:
             return None
         return bind(port)
 
-    def _grantable(self, client_id: str, wanted: list[RouteSpec]) -> tuple[list[RouteSpec], list[RouteRefusal]]:
+    def _grantable(
+        self, client_id: str, wanted: list[RouteSpec], policy: Any = None
+    ) -> tuple[list[RouteSpec], list[RouteRefusal]]:
         granted: list[RouteSpec] = []
         refused: list[RouteRefusal] = []
         for route in wanted:
-            holders = self.table.holders(route.host, route.path_prefix)
-            if any(h.client_id != client_id for h in holders):
+            # A hostname belongs to the client id holding it under any path prefix: another
+            # tenant can take neither the host nor a path below it.
+            holders = self.table.host_holders(route.host)
+            if policy is not None and (reason := policy.route_refusal(route.host)):
+                refused.append(RouteRefusal(route=f"{route.host}{route.path_prefix}", reason=str(reason)))
+            elif any(h.client_id != client_id for h in holders):
                 refused.append(RouteRefusal(route=f"{route.host}{route.path_prefix}",
                                             reason="hostname is served by another client"))
             elif route not in granted:
@@ -111,7 +120,7 @@ class Registry:
     def set_routes(self, tunnel: Tunnel, wanted: list[RouteSpec]) -> list[RouteRefusal]:
         """Replace a session's routes (health changes on the client)."""
         self._unroute(tunnel)
-        granted, refused = self._grantable(tunnel.client_id, wanted)
+        granted, refused = self._grantable(tunnel.client_id, wanted, tunnel.policy)
         tunnel.routes = granted
         if tunnel.routable:
             for route in granted:
@@ -151,20 +160,23 @@ class Registry:
 
     def pick_tcp(self, port: int) -> Tunnel | None:
         """The routable session serving a public TCP port with the fewest streams in flight."""
-        best: Tunnel | None = None
-        for tunnel in self.tcp.get(port, ()):
-            if not tunnel.routable or not tunnel.conn.session.accepting_streams:
-                continue
-            if best is None or tunnel.in_flight < best.in_flight:
-                best = tunnel
-        return best
+        return _least_loaded(self.tcp.get(port, ()), None)
 
     def pick(self, host: str, path: str, exclude: Tunnel | None = None) -> Tunnel | None:
         """The routable session for (host, path) with the fewest streams in flight."""
-        best: Tunnel | None = None
-        for tunnel in self.table.lookup(host, path):
-            if tunnel is exclude or not tunnel.conn.session.accepting_streams:
-                continue
-            if best is None or tunnel.in_flight < best.in_flight:
-                best = tunnel
-        return best
+        return self.pick_route(host, path, exclude)[1]
+
+    def pick_route(self, host: str, path: str, exclude: Tunnel | None = None) -> tuple[str, Tunnel | None]:
+        """Like :meth:`pick`, also naming the matched host pattern (a bounded metric label)."""
+        pattern, candidates = self.table.match(host, path)
+        return pattern, _least_loaded(candidates, exclude)
+
+
+def _least_loaded(candidates: Iterable[Tunnel], exclude: Tunnel | None) -> Tunnel | None:
+    best: Tunnel | None = None
+    for tunnel in candidates:
+        if tunnel is exclude or not tunnel.routable or not tunnel.conn.session.accepting_streams:
+            continue
+        if best is None or tunnel.in_flight < best.in_flight:
+            best = tunnel
+    return best

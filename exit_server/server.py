@@ -20,11 +20,17 @@ from shared.aio.tls import server_context
 from shared.config import parse_addr, read_secret
 from shared.frames import GoAwayCode
 
+from .access import AccessRules
+from .admin import AdminApp
 from .config import ServerConfig
 from .control import Authenticator, ControlEndpoint, SharedTokenAuth
+from .httpguard import GuardedServer
+from .observe import Metrics
 from .public import PublicHandler
+from .reload import Reloadable, Reloader
 from .routes import Registry
 from .tcp import TcpListeners
+from .tokens import TokenRegistry
 
 __all__ = ["ExitServer"]
 
@@ -42,11 +48,25 @@ class ExitServer:
     def __init__(self, config: ServerConfig, auth: Authenticator | None = None) -> None:
         self.config = config
         self.registry = Registry(config.tcp_ports)
-        if auth is None:
+        if auth is None and config.tokens is not None:
+            auth = TokenRegistry(config.tokens)  # per-client credentials replace the shared token
+        elif auth is None:
             auth = SharedTokenAuth(read_secret(config.token_file, config.token, "token"))
-        self.tcp = TcpListeners(config, self.registry, parse_addr(config.public_addr)[0])
-        self.control = ControlEndpoint(config, self.registry, auth, self.tcp)
-        self.public = PublicHandler(config, self.registry)
+        self.metrics = Metrics(self.registry)
+        self.tcp = TcpListeners(config, self.registry, parse_addr(config.public_addr)[0], self.metrics)
+        self.control = ControlEndpoint(config, self.registry, auth, self.tcp, self.metrics)
+        self.public = PublicHandler(config, self.registry, self.metrics)
+        self.access = AccessRules(config.access) if config.access is not None else None
+        self.public.access = self.access
+        reloadable: list[Reloadable] = [x for x in (auth, self.access) if isinstance(x, TokenRegistry | AccessRules)]
+        self.reloader = Reloader(reloadable, self._credentials_changed)
+        self._reload_task: asyncio.Task[None] | None = None
+        admin_token = None
+        if config.admin_token_file is not None or config.admin_token is not None:
+            admin_token = read_secret(config.admin_token_file, config.admin_token, "admin-token")
+        self.admin = AdminApp(self, admin_token)
+        self._admin_runner: web.AppRunner | None = None
+        self.admin_port = 0
         self._ws_server: Server | None = None
         self._runner: web.ServerRunner | None = None
         self._site: web.TCPSite | None = None
@@ -57,7 +77,8 @@ class ExitServer:
     async def start(self) -> None:
         """Bind both listeners (port 0 picks free ports, see ``public_port``/``control_port``)."""
         cfg = self.config
-        ssl_ctx = None if cfg.insecure_plaintext else server_context(cfg.tls_cert, cfg.tls_key)  # type: ignore[arg-type]
+        ssl_ctx = (None if cfg.insecure_plaintext
+                   else server_context(cfg.tls_cert, cfg.tls_key, cfg.client_ca))  # type: ignore[arg-type]
         host, port = parse_addr(cfg.control_addr)
         self._ws_server = await serve(
             self.control.handle,
@@ -69,8 +90,8 @@ class ExitServer:
             **ws_limits(256 * 1024),
         )
         self.control_port = _bound_port(self._ws_server.sockets)
-        server = web.Server(self.public, handler_cancellation=True, access_log=None,
-                            max_line_size=8190, max_field_size=8190)
+        server = GuardedServer(self.public, handler_cancellation=True, access_log=None,
+                               header_timeout=cfg.header_timeout)  # 414/431/408, generic error bodies
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.drain_timeout)
         await self._runner.setup()
         phost, pport = parse_addr(cfg.public_addr)
@@ -78,8 +99,28 @@ class ExitServer:
         await self._site.start()
         assert self._site._server is not None
         self.public_port = _bound_port(self._site._server.sockets)  # type: ignore[attr-defined]
-        log.info("exit server: public http://%s:%d, control %s://%s:%d", phost, self.public_port,
-                 "ws" if ssl_ctx is None else "wss", host, self.control_port)
+        if self.reloader.items:
+            self._reload_task = asyncio.create_task(self.reloader.run(), name="reload-credentials")
+        if cfg.admin_addr:
+            self._admin_runner = web.AppRunner(self.admin.app, access_log=None, handle_signals=False)
+            await self._admin_runner.setup()
+            ahost, aport = parse_addr(cfg.admin_addr)
+            admin_site = web.TCPSite(self._admin_runner, ahost, aport, reuse_address=True)
+            await admin_site.start()
+            self.admin_port = _bound_port(admin_site._server.sockets)  # type: ignore[union-attr]
+        log.info("exit server: public http://%s:%d, control %s://%s:%d, admin %s", phost, self.public_port,
+                 "ws" if ssl_ctx is None else "wss", host, self.control_port,
+                 f"http://{cfg.admin_addr.rpartition(':')[0]}:{self.admin_port}" if cfg.admin_addr else "off")
+
+    def reload(self, why: str = "SIGHUP") -> bool:
+        """Re-read ``--tokens`` and ``--access`` now; sessions whose credentials were revoked or
+        changed are closed. Returns True when something changed."""
+        return self.reloader.reload_now(why)
+
+    def _credentials_changed(self) -> None:
+        auth = self.control.auth
+        if isinstance(auth, TokenRegistry):
+            self.control.revoke(auth.current)
 
     @property
     def ready(self) -> bool:
@@ -110,6 +151,9 @@ class ExitServer:
 
     async def close(self) -> None:
         """Close everything now (in-flight requests are cut)."""
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+            self._reload_task = None
         for conn in list(self.control.connections):
             await conn.close(1001, "server shutting down")
         await self.tcp.close()
@@ -121,6 +165,9 @@ class ExitServer:
             await self._runner.shutdown()
             await self._runner.cleanup()
             self._runner = None
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
         self._site = None
         self._stopped.set()
 

@@ -14,6 +14,7 @@ from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
 
 from .config import ServerConfig
+from .observe import Metrics
 from .routes import Registry
 
 __all__ = ["TcpListeners"]
@@ -24,9 +25,10 @@ log = logging.getLogger(__name__)
 class TcpListeners:
     """Opens and closes public TCP listeners as sessions come and go."""
 
-    def __init__(self, config: ServerConfig, registry: Registry, host: str) -> None:
+    def __init__(self, config: ServerConfig, registry: Registry, host: str, metrics: Metrics) -> None:
         self.config = config
         self.registry = registry
+        self.metrics = metrics
         self.host = host
         self._servers: dict[int, asyncio.Server] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -105,6 +107,7 @@ class TcpListeners:
             writer.transport.abort()
             return
         self.connections += 1
+        self.metrics.tcp_connections.labels(str(port)).inc()
         try:
             async with asyncio.timeout(self.config.upstream_timeout):
                 await stream.response()

@@ -72,7 +72,10 @@ def main() -> int:
     token = work / "token"
     token.write_text(secrets.token_urlsafe(32) + "\n")
     token.chmod(0o600)
-    up_port, public, control = free_port(), free_port(), free_port()
+    up_port, public, control, admin = free_port(), free_port(), free_port(), free_port()
+    admin_token = work / "admin-token"
+    admin_token.write_text(secrets.token_urlsafe(24) + "\n")
+    admin_token.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -80,11 +83,12 @@ def main() -> int:
         procs.append(subprocess.Popen(
             [str(BIN / "exit-server"), "run", "--public-addr", f"127.0.0.1:{public}",
              "--control-addr", f"127.0.0.1:{control}", "--tls-cert", str(certs / "server.pem"),
-             "--tls-key", str(certs / "server-key.pem"), "--token-file", str(token), "--drain-timeout", "5"], env=env, start_new_session=True))
+             "--tls-key", str(certs / "server-key.pem"), "--token-file", str(token), "--drain-timeout", "5",
+             "--admin-addr", f"127.0.0.1:{admin}", "--admin-token-file", str(admin_token)], env=env, start_new_session=True))
         procs.append(subprocess.Popen(
             [str(BIN / "tunnel-client"), "run", "--server", f"wss://localhost:{control}", "--ca-file",
              str(certs / "ca.pem"), "--token-file", str(token), "--upstream", f"app.localhost=http://127.0.0.1:{up_port}",
-             "--drain-timeout", "5"], env=env, start_new_session=True))
+             "--drain-timeout", "5", "--admin-addr", "127.0.0.1:0"], env=env, start_new_session=True))
         wait_port(up_port)
         wait_port(public)
         url = f"http://127.0.0.1:{public}/hello?from=demo"
@@ -99,6 +103,8 @@ def main() -> int:
         print(f"Public URL:  http://127.0.0.1:{public}/  (Host: app.localhost)")
         print(f"Try:         curl -H 'Host: app.localhost' {url}")
         print(f"Answer ({status}): {body.strip()}")
+        print(f"Dashboard:   http://127.0.0.1:{admin}/#token={admin_token.read_text().strip()}")
+        print(f"Metrics:     http://127.0.0.1:{admin}/metrics")
         if status != 200:
             return 1
         if args.once:

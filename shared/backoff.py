@@ -24,9 +24,17 @@ def backoff_delays(
         cap: the largest ceiling.
         factor: growth of the ceiling per attempt.
         rand: the random source (tests pass a deterministic one).
+
+    Raises:
+        ValueError: at the call, not at the first ``next()``: ``base <= 0``, ``cap < base``
+            or ``factor < 1``.
     """
     if base <= 0 or cap < base or factor < 1:
         raise ValueError("need 0 < base <= cap and factor >= 1")
+    return _delays(base, cap, factor, rand)
+
+
+def _delays(base: float, cap: float, factor: float, rand: Callable[[float, float], float]) -> Iterator[float]:
     ceiling = base
     while True:
         yield rand(0.0, ceiling)

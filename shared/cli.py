@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings
 from .config import load_settings
 from .errors import ConfigError
 
-__all__ = ["add_model_flags", "configure_logging", "die", "settings_from_args"]
+__all__ = ["add_model_flags", "configure_logging", "die", "run_guarded", "settings_from_args"]
 
 #: Settings never accepted on argv (LESSONS 8: secrets visible in ps).
 SECRET_FIELDS = frozenset({"token", "admin_token"})
@@ -41,7 +41,9 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseSettings]) 
         default = "" if field.default is None or _is_list(field.annotation) else f" (default: {field.default})"
         help_text = f"{field.description or name}{default} [env {env}]"
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag, dest=name, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text
+            )
         elif _is_list(field.annotation):
             parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="VALUE",
                                 help=help_text + " (repeatable)")
@@ -62,14 +64,18 @@ def die(message: str, code: int = 2) -> typing.NoReturn:
     raise SystemExit(code)
 
 
-def configure_logging(level: str = "info") -> None:
-    """Text logs on stderr with time, level and logger."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+def configure_logging(level: str = "info", fmt: str = "text") -> None:
+    """Logs on stderr, as text lines or as JSON objects (python-json-logger) through the
+    standard logging module, so library log lines come out in the same format."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                           rename_fields={"levelname": "level", "name": "logger", "asctime": "time"}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
     logging.getLogger("websockets").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

@@ -14,6 +14,7 @@ from .errors import ConfigError
 
 __all__ = [
     "BaseConfig",
+    "describe_validation_error",
     "is_loopback_host",
     "load_settings",
     "parse_addr",
@@ -127,6 +128,7 @@ def read_secret(path: Path | None, value: SecretStr | None, what: str) -> str:
         secret = value.get_secret_value().strip()
     if not secret:
         raise ConfigError(
-            f"a {what} is required: --{what}-file FILE or BACKHAUL_{what.upper()} (an empty {what} is refused)"
+            f"a {what} is required: --{what}-file FILE or BACKHAUL_{what.upper().replace('-', '_')} "
+            f"(an empty {what} is refused)"
         )
     return secret

@@ -175,7 +175,9 @@ def decode_frames(message: bytes | memoryview, max_payload: int) -> Iterator[Fra
         allowed = ALLOWED_FLAGS.get(ftype)
         if allowed is None:
             raise RemoteProtocolError(f"unknown frame type {ftype:#x}")
-        if flags & ~allowed:
+        # int(): the complement of an IntFlag member stays within the defined bits
+        # (~Flags.END_STREAM == Flags.NONE), which would let every reserved bit through.
+        if flags & ~int(allowed):
             raise RemoteProtocolError(f"reserved flag bits {flags:#x} set on frame type {ftype:#x}")
         if stream_id & 0x80000000:
             raise RemoteProtocolError("reserved stream id bit set")

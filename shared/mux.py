@@ -180,8 +180,8 @@ class Session:
         heartbeat_timeout: float = 15.0,
         now: float = 0.0,
     ) -> None:
-        if connection_window < INITIAL_CONNECTION_WINDOW:
-            raise LocalProtocolError("connection window below the protocol minimum")
+        if not INITIAL_CONNECTION_WINDOW <= connection_window < (1 << 31):
+            raise LocalProtocolError("connection window outside 1 MiB .. 2**31-1")
         self.role = role
         self.state = SessionState.HANDSHAKE
         self.max_frame = max_frame
@@ -352,11 +352,12 @@ class Session:
         stream_id = self._next_stream_id
         if stream_id >= (1 << 31):
             raise SessionClosed("stream ids exhausted")
+        # Encode first: a head that cannot be sent must not leave a stream behind.
+        payload = self._head_payload(encode_request_head(head), "OPEN")
         self._next_stream_id += 2
         stream = _Stream(StreamState.OPEN, self.peer_initial_window, self.initial_window)
         self._streams[stream_id] = stream
-        self._queue(FrameType.OPEN, Flags.END_STREAM if end_stream else 0, stream_id,
-                    encode_request_head(head))
+        self._queue(FrameType.OPEN, Flags.END_STREAM if end_stream else 0, stream_id, payload)
         if end_stream:
             stream.state = transition(stream.state, StreamEvent.SEND_END)
         return stream_id
@@ -367,11 +368,18 @@ class Session:
         stream = self._sendable(stream_id, "send_reply")
         if stream.replied:
             raise LocalProtocolError(f"stream {stream_id} already replied")
+        payload = self._head_payload(encode_response_head(head), "REPLY")
         stream.replied = True
-        self._queue(FrameType.REPLY, Flags.END_STREAM if end_stream else 0, stream_id,
-                    encode_response_head(head))
+        self._queue(FrameType.REPLY, Flags.END_STREAM if end_stream else 0, stream_id, payload)
         if end_stream:
             self._local_transition(stream_id, stream, StreamEvent.SEND_END)
+
+    def _head_payload(self, payload: bytes, what: str) -> bytes:
+        # Sections 4.1 and 13: a head must fit in one frame of the peer's size. Sending a larger one
+        # would make the peer fail the whole session (every stream), so refuse it here.
+        if len(payload) > self.peer_max_frame:
+            raise LocalProtocolError(f"{what} head of {len(payload)} bytes exceeds the peer's frame limit")
+        return payload
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Queue DATA within the available credit, split to the peer's frame limit.
@@ -435,12 +443,14 @@ class Session:
         return len(self._out) != before
 
     def _release_withheld(self) -> None:
+        # Section 6.2: only the credit of bytes buffered beyond the budget stays withheld.
+        # (Releasing just "budget - buffered" could strand credit for good once the withheld
+        # amount exceeded the budget: every byte consumed, and the peer still blocked.)
         if self._conn_credit_withheld:
-            room = self.buffer_budget - self._buffered
-            if room > 0:
-                release = min(room, self._conn_credit_withheld)
-                self._conn_credit_withheld -= release
-                self._conn_credit_pending += release
+            excess = max(0, self._buffered - self.buffer_budget)
+            if self._conn_credit_withheld > excess:
+                self._conn_credit_pending += self._conn_credit_withheld - excess
+                self._conn_credit_withheld = excess
         if self._conn_credit_pending >= self.connection_window // 4:
             self._queue(FrameType.WINDOW, 0, 0, encode_window(self._conn_credit_pending))
             self._recv_conn_window += self._conn_credit_pending
@@ -464,8 +474,9 @@ class Session:
     def _forget(self, stream_id: int, stream: _Stream) -> None:
         del self._streams[stream_id]
         if stream.buffered:
+            # Section 6.2: connection credit for these bytes was returned on receipt, or
+            # withheld; dropping them only frees budget, so withheld credit may flow again.
             self._buffered -= stream.buffered
-            self._conn_credit_pending += stream.buffered
             stream.buffered = 0
             self._release_withheld()
 
@@ -475,6 +486,8 @@ class Session:
         """Start draining: no new streams (section 8). Idempotent."""
         if self.state in (SessionState.CLOSED, SessionState.HANDSHAKE):
             self.state = SessionState.CLOSED
+            return
+        if self.local_goaway is not None:
             return
         last = self._next_stream_id - 2 if self.role is Role.SERVER else self._highest_remote
         self.local_goaway = (max(last, 0), int(code), reason)
@@ -547,7 +560,8 @@ class Session:
                     raise RemoteProtocolError(f"frame type {ftype:#x} before the handshake")
                 else:
                     self._dispatch(ftype, flags, stream_id, payload, now)
-                if self.state is SessionState.CLOSED:
+                # The handlers above may close the session; mypy cannot see that.
+                if self.state is SessionState.CLOSED:  # type: ignore[comparison-overlap]
                     break
         except ProtocolError as exc:
             self._fail(exc)
@@ -675,7 +689,7 @@ class Session:
         if self.role is Role.SERVER:
             # Streams the client never saw were not processed: report them refused (retryable).
             for stream_id in [s for s in self._streams if s > last]:
-                del self._streams[stream_id]
+                self._forget(stream_id, self._streams[stream_id])
                 self._events.append(ResetReceived(stream_id, ResetCode.REFUSED, "peer going away"))
         self._events.append(GoAwayReceived(last, code, reason))
         if code not in (GoAwayCode.NO_ERROR, GoAwayCode.SHUTDOWN, GoAwayCode.REPLACED):
@@ -714,5 +728,5 @@ class Session:
         # Section 7.3: frames for a stream we closed (a race with our RESET) are ignored;
         # frames for a stream that never existed are a protocol error.
         opened = self._next_stream_id - 2 if self.role is Role.SERVER else self._highest_remote
-        if stream_id > opened:
+        if stream_id > opened or stream_id % 2 == 0:
             raise RemoteProtocolError(f"{what} on stream {stream_id} that was never opened")

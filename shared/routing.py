@@ -78,20 +78,34 @@ class RouteTable(Generic[T]):
         bucket = self._bucket(host, False)
         return list(bucket.get(prefix, [])) if bucket else []
 
+    def host_holders(self, host: str) -> list[T]:
+        """Values registered under ``host`` (exact, ``*.suffix`` or ``default``), any prefix."""
+        bucket = self._bucket(host, False)
+        return [value for values in bucket.values() for value in values] if bucket else []
+
     def lookup(self, host: str, path: str) -> list[T]:
         """The values of the best match for a normalized host and a path, or []."""
+        return self.match(host, path)[1]
+
+    def match(self, host: str, path: str) -> tuple[str, list[T]]:
+        """Like :meth:`lookup`, also naming the host pattern that matched (exact host,
+        ``*.suffix`` or ``default``; "" when nothing did): a bounded label for metrics."""
+        pattern = host
         bucket = self._exact.get(host)
         if bucket is None and self._wild:
             labels = host.split(".")
             for i in range(1, len(labels)):  # longest suffix first
-                bucket = self._wild.get(".".join(labels[i:]))
+                suffix = ".".join(labels[i:])
+                bucket = self._wild.get(suffix)
                 if bucket is not None:
+                    pattern = "*." + suffix
                     break
         if bucket is None:
-            bucket = self._default
+            bucket, pattern = self._default, "default"
         if not bucket:
-            return []
-        return _best_prefix(bucket, path)
+            return "", []
+        values = _best_prefix(bucket, path)
+        return (pattern, values) if values else ("", [])
 
     def keys(self) -> Iterable[tuple[str, str]]:
         """Every (host pattern, prefix) that has values."""

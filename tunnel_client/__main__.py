@@ -9,6 +9,7 @@ import sys
 from shared.aio.runner import run_service
 from shared.cli import add_model_flags, configure_logging, run_guarded, settings_from_args
 
+from .audit import add_audit_parser, audit_command
 from .config import ClientConfig
 
 __all__ = ["main"]
@@ -23,13 +24,39 @@ def build_parser() -> argparse.ArgumentParser:
                          "also reads BACKHAUL_<FLAG> and the --config TOML file (flags > env > file). The token "
                          "comes from --token-file or BACKHAUL_TOKEN, never from argv.")
     add_model_flags(run, ClientConfig)
+    health = sub.add_parser("healthcheck", help="exit 0 when the local client is connected and registered",
+                            description="Ask the local client's admin listener for /healthz: exit 0 when at least "
+                            "one session is connected and registered, 1 otherwise (for ECS healthCheck and Docker "
+                            "HEALTHCHECK).")
+    health.add_argument("--admin-addr", default=None, metavar="HOST:PORT",
+                        help="the client's admin listener (default: BACKHAUL_ADMIN_ADDR or 127.0.0.1:9091)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
+    add_audit_parser(sub)
     return parser
+
+
+def healthcheck(admin_addr: str | None, timeout: float) -> int:
+    """Exit status 0 when the client's /healthz answers 200."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    addr = admin_addr or os.environ.get("BACKHAUL_ADMIN_ADDR") or "127.0.0.1:9091"
+    try:
+        with urllib.request.urlopen(f"http://{addr}/healthz", timeout=timeout) as resp:  # noqa: S310 (local)
+            ok = resp.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"tunnel-client: unhealthy: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    print("healthy" if ok else "unhealthy")
+    return 0 if ok else 1
 
 
 async def serve(config: ClientConfig, stop: asyncio.Event) -> int:
     from .client import TunnelClient
 
     client = TunnelClient(config)
+    client.killswitch.install_signal_handler(asyncio.get_running_loop())  # SIGUSR1 toggles the kill switch
     task = asyncio.create_task(client.run())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -44,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def command() -> int:
+        if args.command == "healthcheck":
+            return healthcheck(args.admin_addr, args.timeout)
+        if args.command == "audit":
+            return audit_command(args)
         config = settings_from_args(ClientConfig, args)
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, config.log_format)
         from .client import TunnelClient
 
         TunnelClient(config)  # validate the token and TLS files up front

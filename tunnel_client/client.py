@@ -13,20 +13,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from urllib.parse import urlsplit
+import time
 
+import aiohttp
+from aiohttp import web
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
-from shared.aio.connection import TunnelConnection, ws_limits
+from shared.aio.connection import TunnelConnection, TunnelStream, ws_limits
 from shared.aio.tls import client_context
 from shared.backoff import backoff_delays
-from shared.config import read_secret
+from shared.config import parse_addr, read_secret
+from shared.errors import StreamReset
 from shared.frames import GoAwayCode
-from shared.messages import SUPPORTED_VERSIONS, Error, Hello, RouteSpec, Routes, TcpSpec, Welcome
+from shared.messages import SUPPORTED_VERSIONS, Error, Hello, Routes, RouteSpec, TcpSpec, Welcome
 from shared.mux import Role, Session
 
-from .config import ClientConfig
+from .admin import ClientMetrics, admin_app
+from .audit import AuditLog
+from .config import ClientConfig, parse_upstream
+from .ecs import METADATA_ENV, discover_routes, fetch_metadata, labels_from_task
+from .guard import Guard
+from .killswitch import KillSwitch
+from .pinning import parse_pin, pinned_connection
 from .upstream import Forwarder
 
 __all__ = ["TunnelClient"]
@@ -59,10 +68,17 @@ class ServerLink:
         while not self.client.stopping:
             if not first:
                 self.reconnects += 1
+                self.client.metrics.reconnects.labels(self.url).inc()
             first = False
+            await self.client.killswitch.wait_lifted(self.client._stop)  # returns at once when not engaged
+            if self.client.stopping:
+                break
             outcome = await self._one_session()
             if self.client.stopping:
                 break
+            if outcome == "killed":
+                delays = backoff_delays(cfg.backoff_base, cfg.backoff_cap)
+                continue  # wait above until the kill switch is lifted, then connect at once
             if outcome == "goaway":
                 continue  # the old session drains in the background; connect a new one now
             if outcome == "established":
@@ -84,6 +100,7 @@ class ServerLink:
                 open_timeout=cfg.connect_timeout,
                 user_agent_header=SOFTWARE,
                 proxy=None,
+                create_connection=self.client.pinned if ssl_ctx is not None else None,
                 **ws_limits(256 * 1024),
             )
         except InvalidStatus as exc:
@@ -137,18 +154,23 @@ class ServerLink:
             if code in (GoAwayCode.NO_ERROR, GoAwayCode.SHUTDOWN):
                 went_away.set()
 
-        conn = TunnelConnection(ws, session, name="-", on_stream=self.client.forwarder.handle,
+        conn = TunnelConnection(ws, session, name="-", on_stream=self.client.serve_stream,
                                 on_control=on_control, on_goaway=on_goaway)
         self.conn = conn
         run = asyncio.create_task(conn.run(), name=f"link-{self.url}")
         waiter = asyncio.create_task(went_away.wait())
+        killed = asyncio.create_task(self.client.killswitch.wait_engaged())
         try:
-            await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({run, waiter, killed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
+            killed.cancel()
         established = self.registered.is_set()
         self.registered.clear()
         self.client._changed()
+        if self.client.killswitch.engaged and not self.client.stopping:
+            await self.withdraw(conn, run)
+            return "killed"
         if not run.done():
             log.info("link %s: server draining session %s; connecting a new session", self.url, self.session_id)
             self._draining.add(run)
@@ -169,6 +191,17 @@ class ServerLink:
             log.warning("link %s: drain timeout with %d streams in flight", self.url, conn.streams_in_flight)
         await conn.close(1001, "client shutting down")
 
+    async def withdraw(self, conn: TunnelConnection, run: asyncio.Task[None]) -> None:
+        """Kill switch: go away and close at once; in-flight streams are cut, not drained
+        (an emergency stop; see tunnel_client/killswitch.py)."""
+        log.warning("link %s: kill switch: closing session %s (%d streams in flight are cut)", self.url,
+                    self.session_id or "-", conn.streams_in_flight)
+        if not conn.closed:
+            conn.goaway(GoAwayCode.NO_ERROR, "kill switch")
+            await conn.close(1001, "kill switch")
+        await asyncio.gather(run, return_exceptions=True)
+        await self.finish()  # sessions still draining after a server go-away are cut too
+
     async def finish(self) -> None:
         for task in list(self._draining):
             task.cancel()
@@ -181,12 +214,21 @@ class TunnelClient:
     def __init__(self, config: ClientConfig, token: str | None = None) -> None:
         self.config = config
         self.token = token if token is not None else read_secret(config.token_file, config.token, "token")
-        self.ssl_context = client_context(config.ca_file) if any(u.startswith("wss:") for u in config.server) else None
+        self.ssl_context = (client_context(config.ca_file, config.client_cert, config.client_key)
+                            if any(u.startswith("wss:") for u in config.server) else None)
+        # --pin: checked after TLS, before the upgrade request carrying the token (pinning.py).
+        self.pinned = pinned_connection(frozenset(parse_pin(p) for p in config.pin)) if config.pin else None
         self.forwarder = Forwarder(config.upstreams, config.upstream_connect_timeout, config.tcp_targets,
                                    config.proxy_protocol)
+        self.killswitch = KillSwitch(config.kill_switch_file)
+        self.forwarder.guard = Guard(config.allow_paths)
+        self.forwarder.killswitch = self.killswitch
+        self.forwarder.audit = AuditLog(config.audit_log) if config.audit_log else None
         self.routes = [RouteSpec(host=u.host, path_prefix=u.path_prefix) for u in config.upstreams]
         self.labels = config.labels
         self.links = [ServerLink(self, url) for url in config.server]
+        self.metrics = ClientMetrics(self)
+        self.admin_port = 0
         self.stopping = False
         self._stop = asyncio.Event()
         self._state = asyncio.Condition()
@@ -220,15 +262,62 @@ class TunnelClient:
         except TimeoutError:
             pass
 
+    async def serve_stream(self, stream: TunnelStream) -> None:
+        """Serve one stream through the forwarder, counting its outcome."""
+        kind = stream.head.kind.name.lower() if stream.head is not None else "unknown"
+        started = time.perf_counter()
+        try:
+            await self.forwarder.handle(stream)
+        finally:
+            error = stream.error
+            outcome = "ok" if error is None else ("reset" if isinstance(error, StreamReset) else "closed")
+            self.metrics.streams.labels(kind, outcome).inc()
+            self.metrics.duration.labels(kind).observe(time.perf_counter() - started)
+
+    async def _discover_ecs(self) -> None:
+        """Labels (and with --upstream-from-ecs, routes) from the ECS task metadata."""
+        try:
+            found = await fetch_metadata()
+        except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
+            log.warning("ecs: task metadata unavailable: %s", exc)
+            return
+        if found is None:
+            if self.config.upstream_from_ecs:
+                log.error("ecs: --upstream-from-ecs set but %s is not", METADATA_ENV)
+            return
+        own, task = found
+        self.labels = {**labels_from_task(task), **self.labels}
+        log.info("ecs: task %s (cluster %s, family %s:%s, service %s)", self.labels.get("ecs.task_arn", "?"),
+                 self.labels.get("ecs.cluster", "?"), self.labels.get("ecs.family", "?"),
+                 self.labels.get("ecs.revision", "?"), self.labels.get("ecs.service", "-"))
+        if self.config.upstream_from_ecs:
+            for spec in discover_routes(own, task):
+                upstream = parse_upstream(spec)
+                self.forwarder.add_upstream(upstream)
+                self.routes.append(RouteSpec(host=upstream.host, path_prefix=upstream.path_prefix))
+                log.info("ecs: route %s", spec)
+
     async def run(self) -> None:
         """Run every link until :meth:`shutdown`."""
+        await self._discover_ecs()
         await self.forwarder.start()
+        admin: web.AppRunner | None = None
         try:
+            if self.config.admin_addr:
+                admin = web.AppRunner(admin_app(self), access_log=None, handle_signals=False)
+                await admin.setup()
+                host, port = parse_addr(self.config.admin_addr)
+                site = web.TCPSite(admin, host, port, reuse_address=True)
+                await site.start()
+                self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             async with asyncio.TaskGroup() as group:
+                group.create_task(self.killswitch.run(self._stop), name="kill-switch")
                 for link in self.links:
                     group.create_task(link.run(), name=f"link-{link.url}")
         finally:
             await self.forwarder.close()
+            if admin is not None:
+                await admin.cleanup()
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Go away on every session, let in-flight streams finish, then stop."""

@@ -11,7 +11,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from shared.config import BaseConfig, is_loopback_host, split_list
+from shared.config import BaseConfig, is_loopback_host, parse_addr, split_list
+
+from .guard import parse_allow_paths
 
 __all__ = ["ClientConfig", "TcpTarget", "Upstream", "parse_tcp", "parse_upstream"]
 
@@ -87,6 +89,12 @@ class ClientConfig(BaseConfig):
     token_file: Path | None = Field(None, description="file holding the client token")
     token: SecretStr | None = Field(None, description="the client token (environment/TOML only)")
     ca_file: Path | None = Field(None, description="CA bundle to verify the exit server (default: system store)")
+    pin: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="sha256:BASE64 of the exit server's public key (SPKI); refuse others"
+    )
+    client_cert: Path | None = Field(None, description="PEM client certificate for mutual TLS "
+                                     "(--client-ca on the server)")
+    client_key: Path | None = Field(None, description="PEM key of --client-cert (default: in the same file)")
     upstream: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="route HOST[/PREFIX]=URL; HOST exact, *.example.com or default"
     )
@@ -94,6 +102,11 @@ class ClientConfig(BaseConfig):
         default_factory=list, description="TCP tunnel PUBLIC_PORT=HOST:PORT (the exit server listens on PUBLIC_PORT)"
     )
     proxy_protocol: bool = Field(False, description="send a PROXY protocol v2 header to TCP upstreams")
+    allow_path: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="only these paths on a route: HOST[/PREFIX]=/exact,/prefix/* (else 403)"
+    )
+    audit_log: Path | None = Field(None, description="append a hash-chained JSON line per stream served to FILE")
+    kill_switch_file: Path | None = Field(None, description="withdraw the tunnel while this file exists")
     label: Annotated[list[str], NoDecode] = Field(default_factory=list, description="label KEY=VALUE sent at registration")
     insecure_plaintext: bool = Field(False, description="allow ws:// to a loopback exit server")
     instance_id: str = Field(default_factory=lambda: secrets.token_hex(8), description="stable id of this client instance")
@@ -104,9 +117,29 @@ class ClientConfig(BaseConfig):
     heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which the tunnel is dead")
     backoff_base: float = Field(1.0, gt=0, description="first reconnect delay ceiling, seconds")
     backoff_cap: float = Field(30.0, gt=0, description="largest reconnect delay ceiling, seconds")
+    upstream_from_ecs: bool = Field(False, description="add routes from sibling ECS containers' backhaul.* labels")
+    admin_addr: str | None = Field("127.0.0.1:9091", description="admin listener HOST:PORT (/healthz, /metrics); "
+                                   "empty to disable")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     _split = field_validator("server", "upstream", "label", "tcp", mode="before")(split_list)
+    _split_allow = field_validator("allow_path", mode="before")(split_list)
+
+    @field_validator("allow_path")
+    @classmethod
+    def _allow_paths(cls, value: list[str]) -> list[str]:
+        parse_allow_paths(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_allow_routes(self) -> ClientConfig:
+        # A typo in --allow-path must not silently leave a route open.
+        routes = {(u.host, u.path_prefix) for u in self.upstreams}
+        for host, prefix in parse_allow_paths(self.allow_path):
+            if (host, prefix) not in routes and not getattr(self, "upstream_from_ecs", False):
+                raise ValueError(f"--allow-path names {host}{'' if prefix == '/' else prefix}, not an --upstream route")
+        return self
 
     @field_validator("tcp")
     @classmethod
@@ -122,6 +155,30 @@ class ClientConfig(BaseConfig):
         for spec in value:
             parse_upstream(spec)
         return value
+
+    @field_validator("admin_addr")
+    @classmethod
+    def _admin_addr(cls, value: str | None) -> str | None:
+        if value:
+            parse_addr(value)
+        return value or None
+
+    _split_pin = field_validator("pin", mode="before")(split_list)
+
+    @field_validator("pin")
+    @classmethod
+    def _pins(cls, value: list[str]) -> list[str]:
+        from .pinning import parse_pin
+
+        for pin in value:
+            parse_pin(pin)
+        return value
+
+    @model_validator(mode="after")
+    def _check_client_cert(self) -> ClientConfig:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("--client-key needs --client-cert")
+        return self
 
     @field_validator("label")
     @classmethod
@@ -144,8 +201,8 @@ class ClientConfig(BaseConfig):
     def _check(self) -> ClientConfig:
         if not self.server:
             raise ValueError("at least one --server is required")
-        if not self.upstream and not self.tcp:
-            raise ValueError("at least one --upstream or --tcp is required")
+        if not self.upstream and not self.tcp and not self.upstream_from_ecs:
+            raise ValueError("at least one --upstream, --tcp or --upstream-from-ecs is required")
         for url in self.server:
             parts = urlsplit(url)
             if parts.scheme == "ws":
@@ -160,6 +217,11 @@ class ClientConfig(BaseConfig):
     @property
     def upstreams(self) -> list[Upstream]:
         return [parse_upstream(spec) for spec in self.upstream]
+
+    @property
+    def allow_paths(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        """``{(host, prefix): path patterns}`` from ``--allow-path``."""
+        return parse_allow_paths(self.allow_path)
 
     @property
     def tcp_targets(self) -> list[TcpTarget]:

@@ -1,26 +1,34 @@
 """The local forwarder: turns each tunnel stream into a request to a configured upstream and
 streams the answer back. It only ever talks to upstreams in its own configuration: the server
-sends a Host and a path, never an address (customer guardrail)."""
+sends a Host and a path, never an address (customer guardrail). Every head first passes the
+checks of :mod:`tunnel_client.guard`; the upstream URL is built from the configured origin and
+the canonical origin-form path, so no target can name another host. Each stream served may be
+recorded in the audit log (:mod:`tunnel_client.audit`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from shared.aio.connection import TunnelStream
-from shared.aio.pump import pump, stream_endpoint
+from shared.aio.pump import Endpoint, pump, stream_endpoint
 from shared.errors import TunnelError
 from shared.frames import ResetCode
-from shared.heads import ResponseHead, StreamKind
+from shared.heads import RequestHead, ResponseHead, StreamKind
 from shared.httputil import strip_hop_by_hop
 from shared.proxyproto import proxy_v2_header
 from shared.routing import RouteTable, normalize_host
 
+from .audit import AuditLog, AuditRecord
 from .config import TcpTarget, Upstream
+from .guard import Guard, Refused, check_tcp_target
+from .killswitch import KillSwitch
 
 __all__ = ["Forwarder"]
 
@@ -52,6 +60,9 @@ class Forwarder:
         self.connect_timeout = connect_timeout
         self._http: aiohttp.ClientSession | None = None
         self.requests = 0
+        self.guard = Guard()
+        self.audit: AuditLog | None = None
+        self.killswitch: KillSwitch | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60)
@@ -62,11 +73,19 @@ class Forwarder:
             timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
             skip_auto_headers=_SKIP_AUTO,
         )
+        if self.audit is not None:
+            self.audit.start()
 
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        if self.audit is not None:
+            await self.audit.close()
+
+    def add_upstream(self, upstream: Upstream) -> None:
+        """Serve one more route (ECS discovery adds its routes before the first session)."""
+        self.table.add(upstream.host, upstream.path_prefix, upstream)
 
     def match(self, authority: str, path: str) -> Upstream | None:
         found = self.table.lookup(normalize_host(authority), path)
@@ -76,37 +95,82 @@ class Forwarder:
         """Serve one stream (runs in its own task; cancelled when the server resets it)."""
         head = stream.head
         assert head is not None
+        record = AuditRecord(time.time(), stream.session_name, stream.id, head.kind.name.lower(), head.method,
+                             head.authority, head.target.partition("?")[0], head.client_addr)
+        stream.info["audit"] = record
+        start = time.monotonic()
+        try:
+            await self._serve(stream, head, record)
+        finally:
+            record.duration_ms = (time.monotonic() - start) * 1000
+            if record.reset is None and stream.error is not None:
+                code = getattr(stream.error, "code", None)
+                record.reset = "peer:" + (ResetCode(code).name if code in _CODES else type(stream.error).__name__)
+            if self.audit is not None:
+                self.audit.write(record)
+
+    async def _serve(self, stream: TunnelStream, head: RequestHead, record: AuditRecord) -> None:
+        if self.killswitch is not None and self.killswitch.engaged:
+            _reset(stream, ResetCode.REFUSED, "tunnel withdrawn (kill switch)")
+            return
         if head.kind is StreamKind.TCP:
             await self._tcp(stream)
             return
-        path = head.target.split("?", 1)[0]
+        try:
+            path, query = self.guard.check_request(head)
+        except Refused as exc:
+            log.warning("session %s stream %d: refused by the guardrails: %s", stream.session_name, stream.id,
+                        exc.reason)
+            _reset(stream, exc.code, exc.reason)
+            return
+        record.path = path
         upstream = self.match(head.authority, path)
         if upstream is None:
-            log.warning("stream %d: no upstream for %s%s", stream.id, head.authority, path)
-            stream.reset(ResetCode.NO_UPSTREAM, "no upstream for this host")
+            log.warning("session %s stream %d: no upstream for %r", stream.session_name, stream.id,
+                        head.authority[:100])
+            _reset(stream, ResetCode.NO_UPSTREAM, "no upstream for this host")
+            return
+        record.upstream = upstream.host + ("" if upstream.path_prefix == "/" else upstream.path_prefix)
+        try:
+            self.guard.check_route(upstream.host, upstream.path_prefix, path)
+        except Refused as exc:
+            log.warning("session %s stream %d: %s: %s", stream.session_name, stream.id, record.upstream, exc.reason)
+            _reset(stream, exc.code, exc.reason)
             return
         self.requests += 1
+        target = upstream.base_path + path
         if head.kind is StreamKind.WEBSOCKET:
-            await self._websocket(stream, upstream)
+            await self._websocket(stream, upstream, target + ("" if query is None else "?" + query))
         else:
-            await self._proxy(stream, upstream)
+            url = URL.build(scheme=upstream.scheme, authority=upstream.netloc, path=target, query_string=query or "",
+                            encoded=True)
+            await self._proxy(stream, upstream, url)
 
-    async def _connect(self, stream: TunnelStream, host: str, port: int, tls: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    async def _connect(
+        self, stream: TunnelStream, host: str, port: int, tls: bool
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 return await asyncio.open_connection(host, port, ssl=tls or None, limit=1 << 20)
         except (OSError, TimeoutError) as exc:
             log.warning("stream %d: upstream %s:%d unreachable: %s", stream.id, host, port, exc)
-            stream.reset(ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
+            _reset(stream, ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
             return None
 
     async def _tcp(self, stream: TunnelStream) -> None:
         head = stream.head
         assert head is not None
-        target = self.tcp.get(int(head.target)) if head.target.isdigit() else None
+        try:
+            target = self.tcp.get(check_tcp_target(head.target))
+        except Refused:
+            target = None
         if target is None:  # only ever our own configuration decides where to connect
-            stream.reset(ResetCode.NO_UPSTREAM, "no TCP upstream for this port")
+            log.warning("session %s stream %d: no TCP upstream for port %r", stream.session_name, stream.id,
+                        head.target[:20])
+            _reset(stream, ResetCode.NO_UPSTREAM, "no TCP upstream for this port")
             return
+        stream.info["audit"].upstream = f"tcp:{target.public_port}"
+        self.requests += 1
         conn = await self._connect(stream, target.host, target.port, False)
         if conn is None:
             return
@@ -117,12 +181,12 @@ class Forwarder:
                     writer.write(proxy_v2_header(head.client_addr, head.authority))
                 except ValueError:
                     log.warning("stream %d: no PROXY header: unusable addresses", stream.id)
-            stream.send_reply(ResponseHead(200))
-            await pump(stream, stream_endpoint(reader, writer))
+            _reply(stream, ResponseHead(200))
+            await pump(stream, _counted(stream, stream_endpoint(reader, writer)))
         finally:
             writer.transport.abort() if stream.error else writer.close()
 
-    async def _websocket(self, stream: TunnelStream, upstream: Upstream) -> None:
+    async def _websocket(self, stream: TunnelStream, upstream: Upstream, target: str) -> None:
         """Relay a WebSocket upgrade byte for byte: the upstream's own handshake and frames
         reach the caller unchanged (fragments, pings, close codes, extensions)."""
         head = stream.head
@@ -136,7 +200,7 @@ class Forwarder:
             return
         reader, writer = conn
         try:
-            lines = [f"{head.method} {upstream.base_path}{head.target} HTTP/1.1"]
+            lines = [f"{head.method} {target} HTTP/1.1"]  # every part checked by the guard
             lines += [f"{name}: {value}" for name, value in strip_hop_by_hop(head.headers, keep_upgrade=True)]
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             try:
@@ -144,52 +208,54 @@ class Forwarder:
                     raw = await reader.readuntil(b"\r\n\r\n")
                 status, headers = _parse_response_head(raw)
             except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
-                stream.reset(ResetCode.UPSTREAM_CONNECT, "bad upgrade response")
+                _reset(stream, ResetCode.UPSTREAM_CONNECT, "bad upgrade response")
                 return
             upgraded = status == 101
             kept = strip_hop_by_hop(headers, keep_upgrade=upgraded)
-            stream.send_reply(ResponseHead(status, tuple(kept)))
+            _reply(stream, ResponseHead(status, tuple(kept)))
             if not upgraded:  # refused upgrade: relay its body and finish
                 length = next((int(v) for k, v in headers if k.lower() == "content-length" and v.isdigit()), None)
                 body = await (reader.readexactly(length) if length is not None else reader.read(1 << 20))
+                stream.info["audit"].bytes_out += len(body)
                 await stream.write(body, end=True)
                 return
-            await pump(stream, stream_endpoint(reader, writer))
+            await pump(stream, _counted(stream, stream_endpoint(reader, writer)))
         finally:
             writer.transport.abort() if stream.error else writer.close()
 
-    async def _proxy(self, stream: TunnelStream, upstream: Upstream) -> None:
+    async def _proxy(self, stream: TunnelStream, upstream: Upstream, url: URL) -> None:
         assert self._http is not None and stream.head is not None
         head = stream.head
-        url = upstream.origin + upstream.base_path + head.target
+        record: AuditRecord = stream.info["audit"]
         headers = CIMultiDict(strip_hop_by_hop(head.headers))
-        body = None if stream.at_eof else _body(stream)
+        body = None if stream.at_eof else _body(stream, record)
         replied = False
         try:
             async with self._http.request(
                 head.method, url, headers=headers, data=body, allow_redirects=False, compress=False
             ) as resp:
                 raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
-                stream.send_reply(ResponseHead(resp.status, tuple(strip_hop_by_hop(raw))))
+                _reply(stream, ResponseHead(resp.status, tuple(strip_hop_by_hop(raw))))
                 replied = True
                 content = resp.content
                 while True:
                     chunk = await content.readany()
                     if not chunk:
                         break
+                    record.bytes_out += len(chunk)
                     await stream.write(chunk)
                 stream.end()
         except TunnelError:
             return  # the server side is gone or reset the stream
         except aiohttp.ClientConnectorError as exc:
             log.warning("stream %d: upstream %s refused: %s", stream.id, upstream.origin, exc.os_error)
-            stream.reset(ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
-        except (TimeoutError, asyncio.TimeoutError):
-            stream.reset(ResetCode.UPSTREAM_TIMEOUT, "upstream timeout")
+            _reset(stream, ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
+        except TimeoutError:
+            _reset(stream, ResetCode.UPSTREAM_TIMEOUT, "upstream timeout")
         except (aiohttp.ClientError, OSError) as exc:
             log.warning("stream %d: upstream %s failed %s: %s", stream.id, upstream.origin,
                         "mid-body" if replied else "before reply", type(exc).__name__)
-            stream.reset(ResetCode.UPSTREAM_RESET if replied else ResetCode.UPSTREAM_CONNECT, "upstream failed")
+            _reset(stream, ResetCode.UPSTREAM_RESET if replied else ResetCode.UPSTREAM_CONNECT, "upstream failed")
 
 
 def _parse_response_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:
@@ -207,9 +273,45 @@ def _parse_response_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:
     return int(rest[:3]), headers
 
 
-async def _body(stream: TunnelStream) -> AsyncIterator[bytes]:
+async def _body(stream: TunnelStream, record: AuditRecord) -> AsyncIterator[bytes]:
     while True:
         chunk = await stream.read()
         if not chunk:
             return
+        record.bytes_in += len(chunk)
         yield chunk
+
+
+_CODES = frozenset(int(code) for code in ResetCode)
+
+
+def _reset(stream: TunnelStream, code: ResetCode, reason: str) -> None:
+    """Reset a stream and note the code for the audit record."""
+    record: AuditRecord | None = stream.info.get("audit")
+    if record is not None and record.reset is None:
+        record.reset = code.name
+    stream.reset(code, reason)
+
+
+def _reply(stream: TunnelStream, head: ResponseHead) -> None:
+    """Send the response head and note the status for the audit record."""
+    record: AuditRecord | None = stream.info.get("audit")
+    if record is not None:
+        record.status = head.status
+    stream.send_reply(head)
+
+
+def _counted(stream: TunnelStream, endpoint: Endpoint) -> Endpoint:
+    """Wrap a pump endpoint to count bytes both ways into the stream's audit record."""
+    record: AuditRecord = stream.info["audit"]
+
+    async def recv() -> bytes:
+        data = await endpoint.recv()
+        record.bytes_out += len(data)
+        return data
+
+    async def send(data: bytes) -> None:
+        record.bytes_in += len(data)
+        await endpoint.send(data)
+
+    return Endpoint(recv, send, endpoint.close_send, endpoint.abort)

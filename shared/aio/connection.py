@@ -112,6 +112,11 @@ class TunnelStream:
         return self._error
 
     @property
+    def session_name(self) -> str:
+        """The id of the session carrying this stream (for log lines and audit records)."""
+        return self._conn.name
+
+    @property
     def at_eof(self) -> bool:
         """True when the peer half-closed and every chunk was read."""
         return self._eof and not self._chunks

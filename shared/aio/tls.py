@@ -13,8 +13,9 @@ __all__ = ["AEAD_CIPHERS", "client_context", "server_context"]
 AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """Server context from a PEM chain and key.
+def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """Server context from a PEM chain and key; with ``client_ca``, clients must present a
+    certificate signed by it (mutual TLS).
 
     Raises:
         ConfigError: the files are missing or do not match.
@@ -27,11 +28,18 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"--tls-cert/--tls-key: cannot load {cert} / {key}: {exc}") from None
+    if client_ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(client_ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--client-ca: cannot load {client_ca}: {exc}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
-def client_context(ca_file: Path | None) -> ssl.SSLContext:
-    """Client context that verifies the server against the system store or ``ca_file``."""
+def client_context(ca_file: Path | None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """Client context that verifies the server against the system store or ``ca_file``; with
+    ``cert`` (and ``key``), it presents a client certificate (mutual TLS)."""
     try:
         ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ssl.SSLError) as exc:
@@ -40,4 +48,9 @@ def client_context(ca_file: Path | None) -> ssl.SSLContext:
     ctx.set_ciphers(AEAD_CIPHERS)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if cert is not None:
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--client-cert/--client-key: cannot load {cert} / {key}: {exc}") from None
     return ctx

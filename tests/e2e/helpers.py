@@ -53,6 +53,7 @@ def server_config(certs: Certs, **overrides: Any) -> ServerConfig:
     values: dict[str, Any] = {
         "public_addr": "127.0.0.1:0",
         "control_addr": "127.0.0.1:0",
+        "admin_addr": "127.0.0.1:0",
         "tls_cert": certs.cert,
         "tls_key": certs.key,
         "drain_timeout": 5,
@@ -69,6 +70,7 @@ def client_config(certs: Certs, target: ExitServer | list[ExitServer], upstreams
         "upstream": upstreams,
         "backoff_base": 0.2,
         "backoff_cap": 1.0,
+        "admin_addr": "127.0.0.1:0",
         "drain_timeout": 5,
     }
     values.update(overrides)

@@ -27,6 +27,7 @@ def free_port() -> int:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
+    full_env["BACKHAUL_ADMIN_ADDR"] = "127.0.0.1:0"  # never the fixed default port in tests
     full_env.update(env or {})
     return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=full_env, timeout=30)
 
@@ -86,6 +87,7 @@ def test_gen_certs_writes_files_and_fingerprint(tmp_path: Path) -> None:
 class Proc:
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
+        full_env["BACKHAUL_ADMIN_ADDR"] = "127.0.0.1:0"  # never the fixed default port in tests
         full_env.update(env)
         self.popen = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=full_env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True)

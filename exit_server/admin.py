@@ -1,0 +1,117 @@
+"""The exit server's admin listener: health, readiness, Prometheus metrics, the tunnel API
+(behind an admin token) and the live dashboard (one HTML page, no outside assets)."""
+
+from __future__ import annotations
+
+import hmac
+import importlib.resources
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shared.frames import GoAwayCode
+
+if TYPE_CHECKING:
+    from .server import ExitServer
+
+__all__ = ["AdminApp", "tunnel_view"]
+
+log = logging.getLogger(__name__)
+
+
+def tunnel_view(tunnel: Any) -> dict[str, Any]:
+    """The public (secret-free) description of a tunnel for the API and the dashboard."""
+    session = tunnel.conn.session
+    return {
+        "id": tunnel.id,
+        "client_id": tunnel.client_id,
+        "instance_id": tunnel.instance_id,
+        "hostnames": [r.host + ("" if r.path_prefix == "/" else r.path_prefix) for r in tunnel.routes],
+        "tcp_ports": list(tunnel.tcp_ports),
+        "remote_addr": tunnel.remote,
+        "connected_since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(tunnel.connected_at)),
+        "connected_seconds": round(time.time() - tunnel.connected_at, 1),
+        "labels": dict(tunnel.labels),
+        "routable": tunnel.routable,
+        "streams_in_flight": tunnel.in_flight,
+        "requests": tunnel.requests,
+        "bytes_in": session.bytes_in,
+        "bytes_out": session.bytes_out,
+        "rtt_ms": round(session.rtt * 1000, 2) if session.rtt is not None else None,
+    }
+
+
+class AdminApp:
+    """Builds the aiohttp application of the admin listener."""
+
+    def __init__(self, server: ExitServer, admin_token: str | None) -> None:
+        self.server = server
+        self._token = admin_token.encode() if admin_token else None
+        self.app = web.Application()
+        r = self.app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/api/tunnels", self.list_tunnels)
+        r.add_delete("/api/tunnels/{id}", self.delete_tunnel)
+        r.add_get("/api/stats", self.stats)
+        r.add_get("/", self.dashboard)
+
+    def _authorized(self, request: web.Request) -> web.Response | None:
+        if self._token is None:
+            return web.json_response({"error": "admin API disabled: no admin token configured"}, status=403)
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), self._token):
+            log.warning("admin: unauthorized API call from %s", request.remote)
+            return web.json_response({"error": "unauthorized"}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="backhaul-admin"'})
+        return None
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.server.ready:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready\n")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.server.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def list_tunnels(self, request: web.Request) -> web.Response:
+        if (denied := self._authorized(request)) is not None:
+            return denied
+        tunnels = sorted(self.server.registry.tunnels.values(), key=lambda t: t.connected_at)
+        return web.json_response({"tunnels": [tunnel_view(t) for t in tunnels]})
+
+    async def delete_tunnel(self, request: web.Request) -> web.Response:
+        if (denied := self._authorized(request)) is not None:
+            return denied
+        tunnel = self.server.registry.tunnels.get(request.match_info["id"])
+        if tunnel is None:
+            return web.json_response({"error": "no such tunnel"}, status=404)
+        log.info("admin: disconnecting tunnel %s (client %s) on request from %s", tunnel.id, tunnel.client_id,
+                 request.remote)
+        self.server.registry.remove(tunnel)
+        self.server.tcp.sync()
+        tunnel.conn.goaway(GoAwayCode.NO_ERROR, "disconnected by the operator")
+        await tunnel.conn.close(1000, "disconnected by the operator")
+        return web.Response(status=204)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        if (denied := self._authorized(request)) is not None:
+            return denied
+        return web.json_response({"time": time.time(), "hosts": self.server.metrics.host_stats(),
+                                  "tunnels": [tunnel_view(t) for t in self.server.registry.tunnels.values()],
+                                  "in_flight": self.server.public.in_flight})
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        page = importlib.resources.files("exit_server").joinpath("static/dashboard.html").read_text()
+        return web.Response(text=page, content_type="text/html",
+                            headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                     "style-src 'unsafe-inline'; connect-src 'self'",
+                                     "Cache-Control": "no-store"})

@@ -1,0 +1,174 @@
+"""Hygiene of the public HTTP listener, around aiohttp's parser (llhttp, or the pure-Python
+parser with the same limits).
+
+What aiohttp 3.14 does by itself, and what this module adds:
+
+- A request target longer than ``max_line_size`` raises ``LineTooLong`` (limit = the line
+  limit); a header whose name plus value exceeds ``max_field_size`` raises ``LineTooLong``
+  (limit = the field limit); more than ``max_headers`` headers raise ``BadHttpMessage("Too
+  many headers received")``. aiohttp answers all of them ``400`` with the exception text as
+  the body, which echoes the caller's bytes. :class:`GuardedRequestHandler.handle_error` maps
+  them to ``414`` and ``431`` (the two limits differ by design so the mapping can tell them
+  apart) and answers every parse error with a short generic body, closing the connection.
+- Content-Length together with Transfer-Encoding, a duplicate or non-numeric Content-Length,
+  a Transfer-Encoding other than ``chunked`` as the final coding, and malformed chunk sizes are
+  parse errors in llhttp (400, connection closed). :func:`head_problem` adds the checks the
+  parser does not make: the total size of the headers (431), a transfer coding other than
+  plain ``chunked`` (501: we could not forward it faithfully) and Transfer-Encoding on
+  HTTP/1.0 (400, RFC 9112 section 6.1).
+- Slow headers: a request head must be complete within ``header_timeout`` of its first byte
+  (or of the connection opening); otherwise 408 and close (idle keep-alive connections are
+  governed by aiohttp's keep-alive timeout instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+__all__ = [
+    "FIELD_LIMIT",
+    "HEADERS_LIMIT",
+    "MAX_HEADERS",
+    "REQUEST_LINE_LIMIT",
+    "GuardedRequestHandler",
+    "GuardedServer",
+    "head_problem",
+]
+
+log = logging.getLogger(__name__)
+
+#: Longest request target (llhttp counts the target; the pure-Python parser the whole line): 414.
+REQUEST_LINE_LIMIT = 8192
+#: Longest header, name plus value: 431. Kept different from REQUEST_LINE_LIMIT on purpose.
+FIELD_LIMIT = 8190
+#: Most headers in a request: 431 beyond.
+MAX_HEADERS = 100
+#: Largest total of all header lines: 431 beyond.
+HEADERS_LIMIT = 16 * 1024
+
+_TEXT = {
+    400: "bad request",
+    408: "request timeout",
+    414: "uri too long",
+    431: "request header fields too large",
+    500: "internal server error",
+    501: "not implemented",
+    504: "gateway timeout",
+}
+
+_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: 16\r\nConnection: close\r\n\r\nrequest timeout\n")
+
+
+def generic_response(status: int) -> web.Response:
+    """A closing response with a fixed body that never echoes the caller's bytes."""
+    resp = web.Response(status=status, text=_TEXT.get(status, "error") + "\n")
+    resp.force_close()
+    return resp
+
+
+def parse_error_status(exc: BaseException | None) -> int:
+    """The status for an aiohttp parse error."""
+    if isinstance(exc, LineTooLong):
+        return 414 if exc.args[1] == REQUEST_LINE_LIMIT else 431
+    if isinstance(exc, BadHttpMessage) and exc.message.startswith("Too many headers"):
+        return 431
+    return 400
+
+
+def head_problem(request: web.BaseRequest) -> int | None:
+    """Checks on a parsed head the parser does not make; the status to answer, or None."""
+    total = 0
+    for name, value in request.raw_headers:
+        total += len(name) + len(value) + 4
+    if total > HEADERS_LIMIT:
+        return 431
+    te = request.headers.get("Transfer-Encoding")
+    if te is not None:
+        if request.version < (1, 1):
+            return 400
+        if te.strip().lower() != "chunked":
+            return 501
+    return None
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's connection handler with generic error bodies, 414/431 and a header deadline."""
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer(started=False)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:
+            self._cancel_head_timer()
+        elif (data and self._head_timer is None and not self._request_in_progress and not self._messages
+              and self._payload_parser is None and not self._upgraded and not self._force_close):
+            self._arm_head_timer(started=True)  # the first bytes of a new request head
+
+    def _arm_head_timer(self, started: bool) -> None:
+        self._head_started = started
+        self._head_timer = self._loop.call_later(self._header_timeout, self._head_expired)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._request_in_progress or self._messages or self.transport is None:
+            return
+        peer = self.transport.get_extra_info("peername")
+        log.debug("public: request head not complete within %.0fs from %s: closed", self._header_timeout,
+                  peer[0] if peer else "-")
+        if self._head_started:
+            self.transport.write(_TIMEOUT_408)
+        self.force_close()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """Generic body, 414/431 for the parser's size limits, and a log line without the
+        caller's bytes (aiohttp's own logs the exception text, which quotes them)."""
+        if status == 400:
+            status = parse_error_status(exc)
+            log.debug("public: %d for a malformed request from %s (%s)", status, request.remote or "-",
+                      type(exc).__name__)
+        elif status == 500:
+            log.error("public: internal error while handling a request from %s", request.remote or "-",
+                      exc_info=exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        return generic_response(status)
+
+
+class GuardedServer(web.Server):
+    """``web.Server`` whose connections are :class:`GuardedRequestHandler` objects."""
+
+    def __init__(self, handler: Any, *, header_timeout: float = 10.0, **kwargs: Any) -> None:
+        kwargs.setdefault("max_line_size", REQUEST_LINE_LIMIT)
+        kwargs.setdefault("max_field_size", FIELD_LIMIT)
+        kwargs.setdefault("max_headers", MAX_HEADERS)
+        super().__init__(handler, **kwargs)
+        self._header_timeout = header_timeout
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)

@@ -1,0 +1,115 @@
+"""``exit-server token add|rotate|revoke|list`` and ``exit-server hash-password``.
+
+A new token is printed once, alone on stdout (so ``token add ... > client.token`` works); what
+happened goes to stderr. Secrets are never read from argv: ``hash-password`` reads the password
+from stdin (or prompts when stdin is a terminal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+
+from shared.errors import ConfigError
+
+from .hashing import hash_secret
+from .tokens import CLIENT_ID, load_entries, new_entry, save_entries, validate_pattern
+
+__all__ = ["add_commands", "run_command"]
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``token`` and ``hash-password`` sub-commands."""
+    token = sub.add_parser("token", help="manage per-client tokens (--tokens FILE)",
+                           description="Manage the per-client credentials file read by `run --tokens`. "
+                           "The file holds salted scrypt hashes only; add and rotate print the new token once.")
+    actions = token.add_subparsers(dest="token_action", required=True)
+    for name, text in (("add", "add a client and print its token"),
+                       ("rotate", "give a client a new token (the old one stops working; live sessions close)"),
+                       ("revoke", "revoke a client (its live sessions close within a second)"),
+                       ("list", "list clients (never tokens or hashes)")):
+        p = actions.add_parser(name, help=text, description=text)
+        p.add_argument("--tokens", type=Path, required=True, metavar="FILE", help="the tokens file")
+        if name != "list":
+            p.add_argument("--client", required=True, help="client id (letters, digits, . _ -)")
+        if name == "add":
+            p.add_argument("--host", action="append", default=[], metavar="PATTERN",
+                           help="hostname the client may register: exact, *.suffix, default or * (repeatable)")
+            p.add_argument("--tcp-port", action="append", default=[], type=int, metavar="PORT",
+                           help="public TCP port the client may ask for (repeatable)")
+    pw = sub.add_parser("hash-password", help="hash a password or bearer token for --access (reads stdin)",
+                        description="Print the scrypt hash of a password (basic auth) or bearer token for the "
+                        "--access file. The secret is read from stdin, or prompted for on a terminal.")
+    pw.add_argument("--user", help="print USER:HASH instead of the hash alone")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``token ...`` or ``hash-password``.
+
+    Raises:
+        ConfigError: bad arguments or an unusable file (one line, exit status 2).
+    """
+    if args.command == "hash-password":
+        return _hash_password(args.user)
+    path: Path = args.tokens
+    action = args.token_action
+    entries = load_entries(path) if path.exists() else {}
+    if action == "list":
+        for e in sorted(entries.values(), key=lambda e: e.client_id):
+            state = "revoked" if e.revoked else "active"
+            hosts = ",".join(e.hosts) or "-"
+            ports = ",".join(map(str, e.tcp_ports)) or "-"
+            print(f"{e.client_id}\t{state}\ttoken_id={e.token_id}\thosts={hosts}\ttcp_ports={ports}\t"
+                  f"created={e.created or '-'}")
+        return 0
+    client = args.client
+    if not CLIENT_ID.match(client):
+        raise ConfigError(f"--client: bad client id {client!r} (letters, digits, . _ -; at most 64)")
+    if action == "add":
+        if client in entries and not entries[client].revoked:
+            raise ConfigError(f"--client: {client} exists already (use rotate for a new token)")
+        try:
+            hosts = [validate_pattern(h) for h in args.host]
+        except ValueError as exc:
+            raise ConfigError(f"--host: {exc}") from None
+        if not hosts and not args.tcp_port:
+            raise ConfigError("--host or --tcp-port: a client must be allowed at least one hostname or port")
+        if any(not 1 <= p <= 65535 for p in args.tcp_port):
+            raise ConfigError("--tcp-port: ports are 1-65535")
+        entry, token = new_entry(client, hosts, args.tcp_port)
+    else:
+        if client not in entries:
+            raise ConfigError(f"--client: no client {client} in {path}")
+        old = entries[client]
+        if action == "revoke":
+            old.revoked = True
+            entries[client] = old
+            save_entries(path, entries)
+            print(f"revoked client {client}; a running exit server closes its sessions within a second",
+                  file=sys.stderr)
+            return 0
+        entry, token = new_entry(client, old.hosts, old.tcp_ports)
+    entries[client] = entry
+    save_entries(path, entries)
+    print(f"{'added' if action == 'add' else 'rotated'} client {client} (token_id {entry.token_id}); "
+          "the token is printed once below, store it now", file=sys.stderr)
+    print(token, flush=True)
+    return 0
+
+
+def _hash_password(user: str | None) -> int:
+    if sys.stdin.isatty():
+        secret = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != secret:
+            raise ConfigError("the two entries differ")
+    else:
+        secret = sys.stdin.readline().rstrip("\r\n")
+    if not secret:
+        raise ConfigError("empty password")
+    if user is not None and (":" in user or not user):
+        raise ConfigError("--user: a user name cannot be empty or contain ':'")
+    hashed = hash_secret(secret)
+    print(f"{user}:{hashed}" if user is not None else hashed)
+    return 0

@@ -1,0 +1,357 @@
+"""Per-client credentials (``exit-server run --tokens FILE``).
+
+The file is TOML and holds, per client, a salted scrypt hash of its token (never the token), the
+hostname patterns it may register and the public TCP ports it may ask for::
+
+    [clients.acme]
+    token_id = "3f9a0c1d7e2b"          # public lookup id, the <id> in bh_<id>_<secret>
+    hash = "scrypt$ln=14,r=8,p=1$...$..."
+    hosts = ["app.acme.example", "*.acme.example"]   # exact, *.suffix, "default" or "*" (any)
+    tcp_ports = [7000]
+    created = "2025-01-01T00:00:00Z"
+    revoked = false
+
+Tokens look like ``bh_<id>_<secret>``: the server finds the entry by ``<id>`` and verifies
+``<secret>`` against the hash, so one verification costs one scrypt whatever the number of
+clients. Successful verifications are cached (keyed by an HMAC of the token under a per-process
+key) until the file changes, so reconnect storms stay cheap. ``exit-server token`` manages the
+file (``add``/``rotate`` print the new token once; writes are atomic, mode 0600).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+
+from .hashing import HashFormatError, hash_secret, parse_hash, verify_secret, waste_time
+
+__all__ = [
+    "Principal",
+    "TokenEntry",
+    "TokenRegistry",
+    "format_token",
+    "host_allowed",
+    "load_entries",
+    "parse_token",
+    "save_entries",
+    "validate_pattern",
+]
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TOKEN = re.compile(r"^bh_([0-9a-f]{12})_([A-Za-z0-9_-]{32,128})$")
+_PATTERN = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*$")
+
+
+def validate_pattern(pattern: str) -> str:
+    """Normalise and check a hostname pattern: exact, ``*.suffix``, ``default`` or ``*``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    value = pattern.strip().lower().rstrip(".")
+    if value in ("*", "default") or (_PATTERN.match(value) and len(value) <= 253):
+        return value
+    raise ValueError(f"bad hostname pattern {pattern!r} (exact, *.example.com, default or *)")
+
+
+def host_allowed(pattern: str, host: str) -> bool:
+    """True when every host that route ``host`` can match is covered by ``pattern``.
+
+    ``*.example.com`` covers ``a.example.com`` and ``*.a.example.com`` but not ``example.com``;
+    ``default`` is covered only by ``default`` and ``*``.
+    """
+    if pattern == "*" or pattern == host:
+        return True
+    if pattern.startswith("*.") and host != "default":
+        suffix = pattern[1:]
+        return host.endswith(suffix) and len(host) > len(suffix)
+    return False
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated client and what it may register.
+
+    ``hosts``/``tcp_ports`` of None mean unrestricted (the shared-token mode). ``version``
+    changes whenever the credential or the policy of this client changes in the file.
+    """
+
+    client_id: str
+    hosts: tuple[str, ...] | None = None
+    tcp_ports: frozenset[int] | None = None
+    version: str = ""
+
+    def route_refusal(self, host: str) -> str | None:
+        """Why this client may not register ``host`` (None: allowed)."""
+        if self.hosts is None or any(host_allowed(p, host) for p in self.hosts):
+            return None
+        return "hostname not allowed for this client's credentials"
+
+    def port_refusal(self, port: int) -> str | None:
+        """Why this client may not ask for public TCP ``port`` (None: allowed)."""
+        if self.tcp_ports is None or port in self.tcp_ports:
+            return None
+        return "port not allowed for this client's credentials"
+
+
+@dataclass
+class TokenEntry:
+    """One client in the tokens file."""
+
+    client_id: str
+    token_id: str
+    hash: str
+    hosts: list[str] = field(default_factory=list)
+    tcp_ports: list[int] = field(default_factory=list)
+    created: str = ""
+    revoked: bool = False
+
+    def principal(self) -> Principal:
+        digest = hashlib.sha256(repr((self.token_id, self.hash, sorted(self.hosts), sorted(self.tcp_ports),
+                                      self.revoked)).encode()).hexdigest()[:16]
+        return Principal(self.client_id, tuple(self.hosts), frozenset(self.tcp_ports), digest)
+
+
+def format_token(token_id: str, secret: str) -> str:
+    return f"bh_{token_id}_{secret}"
+
+
+def parse_token(token: str) -> tuple[str, str] | None:
+    """Split ``bh_<id>_<secret>`` (None when the token is not of that form)."""
+    match = _TOKEN.match(token)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def new_secret() -> tuple[str, str]:
+    """A fresh (token id, secret): 48 bits of public id, 256 bits of secret."""
+    return secrets.token_hex(6), secrets.token_urlsafe(32)
+
+
+# ---------------------------------------------------------------------------------------- file
+
+
+def _entry(client_id: str, raw: Any) -> TokenEntry:
+    if not CLIENT_ID.match(client_id):
+        raise ValueError(f"bad client id {client_id!r} (letters, digits, . _ -; at most 64)")
+    if not isinstance(raw, dict):
+        raise ValueError(f"client {client_id}: expected a table")
+    unknown = set(raw) - {"token_id", "hash", "hosts", "tcp_ports", "created", "revoked"}
+    if unknown:
+        raise ValueError(f"client {client_id}: unknown keys {sorted(unknown)}")
+    token_id = raw.get("token_id")
+    if not isinstance(token_id, str) or not re.fullmatch(r"[0-9a-f]{12}", token_id):
+        raise ValueError(f"client {client_id}: token_id must be 12 hex digits")
+    digest = raw.get("hash")
+    try:
+        parse_hash(digest if isinstance(digest, str) else "")
+    except HashFormatError:
+        raise ValueError(f"client {client_id}: hash is not scrypt$ln=N,r=R,p=P$SALT$HASH") from None
+    hosts = raw.get("hosts", [])
+    ports = raw.get("tcp_ports", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        raise ValueError(f"client {client_id}: hosts must be a list of strings")
+    if not isinstance(ports, list) or not all(isinstance(p, int) and 1 <= p <= 65535 for p in ports):
+        raise ValueError(f"client {client_id}: tcp_ports must be a list of ports 1-65535")
+    revoked = raw.get("revoked", False)
+    if not isinstance(revoked, bool):
+        raise ValueError(f"client {client_id}: revoked must be true or false")
+    return TokenEntry(client_id, token_id, str(digest), [validate_pattern(h) for h in hosts], list(ports),
+                      str(raw.get("created", "")), revoked)
+
+
+def load_entries(path: Path) -> dict[str, TokenEntry]:
+    """Read and validate a tokens file (client id -> entry).
+
+    Raises:
+        ConfigError: unreadable, not TOML, or an invalid entry (the message never holds a hash).
+    """
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"--tokens: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--tokens: {path} is not valid TOML: {exc}") from None
+    unknown = set(data) - {"clients"}
+    if unknown:
+        raise ConfigError(f"--tokens: unknown top-level keys {sorted(unknown)} in {path}")
+    clients = data.get("clients", {})
+    if not isinstance(clients, dict):
+        raise ConfigError(f"--tokens: [clients] must be a table in {path}")
+    entries: dict[str, TokenEntry] = {}
+    seen: set[str] = set()
+    for client_id, raw in clients.items():
+        try:
+            entry = _entry(client_id, raw)
+        except ValueError as exc:
+            raise ConfigError(f"--tokens: {path}: {exc}") from None
+        if entry.token_id in seen:
+            raise ConfigError(f"--tokens: {path}: token_id of client {client_id} is used twice")
+        seen.add(entry.token_id)
+        entries[client_id] = entry
+    return entries
+
+
+def _toml_str(value: str) -> str:
+    # Client ids, hosts, hashes and dates are ASCII without control characters (validated).
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_entries(entries: dict[str, TokenEntry]) -> str:
+    lines = [
+        "# Backhaul client credentials, managed with `exit-server token add|rotate|revoke|list`.",
+        "# Only salted scrypt hashes of the tokens are stored here, never a token.",
+        "",
+    ]
+    for entry in sorted(entries.values(), key=lambda e: e.client_id):
+        lines += [
+            f"[clients.{_toml_str(entry.client_id)}]",
+            f"token_id = {_toml_str(entry.token_id)}",
+            f"hash = {_toml_str(entry.hash)}",
+            "hosts = [" + ", ".join(_toml_str(h) for h in entry.hosts) + "]",
+            "tcp_ports = [" + ", ".join(str(p) for p in entry.tcp_ports) + "]",
+            f"created = {_toml_str(entry.created)}",
+            f"revoked = {'true' if entry.revoked else 'false'}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def save_entries(path: Path, entries: dict[str, TokenEntry]) -> None:
+    """Write the file atomically (temporary file in the same directory, fsync, rename), 0600."""
+    text = render_entries(entries)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def new_entry(client_id: str, hosts: list[str], ports: list[int]) -> tuple[TokenEntry, str]:
+    """A new entry and its token (to be shown once)."""
+    token_id, secret = new_secret()
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    entry = TokenEntry(client_id, token_id, hash_secret(secret), [validate_pattern(h) for h in hosts],
+                       sorted(set(ports)), created)
+    return entry, format_token(token_id, secret)
+
+
+# ------------------------------------------------------------------------------ authenticator
+
+
+class TokenRegistry:
+    """Authenticator over a tokens file; reloadable (SIGHUP or a change of the file).
+
+    Call it with a presented token: returns the client's :class:`Principal` or None.
+    """
+
+    #: scrypt verifications running at once (each takes ~0.1 s of CPU and 16 MiB).
+    CONCURRENCY = 2
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._key = secrets.token_bytes(32)
+        self._entries: dict[str, TokenEntry] = {}
+        self._by_token_id: dict[str, TokenEntry] = {}
+        self._cache: dict[bytes, Principal] = {}
+        self._limit: asyncio.Semaphore | None = None
+        self.reload(strict=True)
+
+    @property
+    def clients(self) -> dict[str, TokenEntry]:
+        return dict(self._entries)
+
+    def reload(self, strict: bool = False) -> bool:
+        """Re-read the file. Returns True when it changed. A broken file keeps the previous
+        credentials in force (and is logged), unless ``strict`` (start-up), where it raises.
+
+        Raises:
+            ConfigError: ``strict`` and the file is unreadable or invalid.
+        """
+        try:
+            entries = load_entries(self.path)
+        except ConfigError as exc:
+            if strict:
+                raise
+            log.error("tokens: reload failed, keeping the previous credentials: %s", exc)
+            return False
+        if strict:
+            mode = self.path.stat().st_mode & 0o077
+            if mode:
+                log.warning("tokens: %s is readable by group/others (mode %o); chmod 600 it", self.path,
+                            self.path.stat().st_mode & 0o777)
+        changed = {k: v.principal() for k, v in entries.items()} != {
+            k: v.principal() for k, v in self._entries.items()}
+        self._entries = entries
+        self._by_token_id = {e.token_id: e for e in entries.values()}
+        self._cache.clear()
+        if changed and not strict:
+            log.info("tokens: reloaded %s (%d clients, %d revoked)", self.path, len(entries),
+                     sum(e.revoked for e in entries.values()))
+        return changed
+
+    def current(self, principal: Principal) -> Principal | None:
+        """The principal as the file has it now (None: revoked, removed or changed)."""
+        entry = self._entries.get(principal.client_id)
+        if entry is None or entry.revoked:
+            return None
+        now = entry.principal()
+        return now if now.version == principal.version else None
+
+    async def __call__(self, token: str) -> Principal | None:
+        parts = parse_token(token)
+        if parts is None:
+            return None
+        key = hmac.new(self._key, token.encode(), hashlib.sha256).digest()
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        token_id, secret = parts
+        entry = self._by_token_id.get(token_id)
+        if self._limit is None:
+            self._limit = asyncio.Semaphore(self.CONCURRENCY)
+        async with self._limit:
+            ok = await asyncio.to_thread(self._verify, secret, entry)
+        # The file may have been reloaded meanwhile: answer from what is in force now.
+        current = self._by_token_id.get(token_id)
+        if not ok or entry is None or current is None or current.hash != entry.hash or current.revoked:
+            return None
+        principal = current.principal()
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[key] = principal
+        return principal
+
+    @staticmethod
+    def _verify(secret: str, entry: TokenEntry | None) -> bool:
+        if entry is None:
+            waste_time(secret)
+            return False
+        try:
+            return verify_secret(secret, entry.hash)
+        except HashFormatError:
+            return False
