@@ -27,6 +27,8 @@ class ServerConfig(BaseConfig):
     )
     upstream_timeout: float = Field(60.0, gt=0, description="seconds to wait for a response head (504)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
+    shutdown_delay: float = Field(0.0, ge=0, description="seconds to keep serving after SIGTERM while /readyz "
+                                  "reports 503, so a load balancer stops sending traffic first")
     max_streams: int = Field(10_000, ge=1, description="concurrent streams per tunnel (503 beyond)")
     max_body: int | None = Field(None, ge=0, description="largest request body in bytes (413 beyond)")
     tokens: Path | None = Field(None, description="TOML file of per-client tokens, replaces --token-file "

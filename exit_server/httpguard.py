@@ -39,6 +39,7 @@ __all__ = [
     "GuardedRequestHandler",
     "GuardedServer",
     "head_problem",
+    "send_and_close",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,16 @@ def head_problem(request: web.BaseRequest) -> int | None:
     return None
 
 
+async def send_and_close(request: web.BaseRequest, resp: web.StreamResponse) -> web.StreamResponse:
+    """Send ``resp`` now and close the connection without reading the rest of the request body
+    (aiohttp would otherwise linger up to 10 s draining it: pointless for an idle caller)."""
+    resp.force_close()
+    await resp.prepare(request)
+    await resp.write_eof()
+    request.protocol.force_close()
+    return resp
+
+
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's connection handler with generic error bodies, 414/431 and a header deadline."""
 
@@ -120,6 +131,8 @@ class GuardedRequestHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != count:
             self._cancel_head_timer()
+        elif self._head_timer is not None:
+            self._head_started = self._head_started or bool(data)
         elif (data and self._head_timer is None and not self._request_in_progress and not self._messages
               and self._payload_parser is None and not self._upgraded and not self._force_close):
             self._arm_head_timer(started=True)  # the first bytes of a new request head

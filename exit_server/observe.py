@@ -51,6 +51,7 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     rejected: str | None = None
+    continue_sent: bool = False  # "100 Continue" goes out once, even when the request is retried
 
     def mark_head(self) -> None:
         self.head_seconds = time.perf_counter() - self.started

@@ -22,7 +22,7 @@ from shared.routing import normalize_host
 
 from .access import AccessRules
 from .config import ServerConfig
-from .httpguard import generic_response, head_problem
+from .httpguard import generic_response, head_problem, send_and_close
 from .observe import Exchange, Metrics, request_id
 from .routes import Registry, Tunnel
 
@@ -42,6 +42,9 @@ RESET_STATUS: dict[int, int] = {
     ResetCode.TOO_LARGE: 413,
 }
 
+#: Methods repeated on another session when a tunnel is lost before the response head.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 _TEXT = {
     403: "forbidden",
     408: "request timeout",
@@ -55,10 +58,7 @@ _TEXT = {
 def error_response(status: int, retry_after: int | None = None) -> web.Response:
     """A short generic error body that never echoes the caller's bytes."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    resp = web.Response(status=status, text=_TEXT.get(status, "error") + "\n", headers=headers)
-    if status == 408:
-        resp.force_close()  # the rest of the body is not coming
-    return resp
+    return web.Response(status=status, text=_TEXT.get(status, "error") + "\n", headers=headers)
 
 
 class PublicHandler:
@@ -82,6 +82,8 @@ class PublicHandler:
         try:
             resp = await self._handle(request, ex)
             ex.status = resp.status
+            if self.draining and not resp.prepared:
+                resp.force_close()
             return resp
         except asyncio.CancelledError:
             ex.status = 499  # the caller went away (nginx's convention)
@@ -95,8 +97,6 @@ class PublicHandler:
         return error_response(status, retry_after)
 
     async def _handle(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
-        if self.draining:
-            return self._reject(ex, "draining", 503, retry_after=1)
         problem = head_problem(request)  # total header size, transfer codings (exit_server/httpguard.py)
         if problem is not None:
             ex.rejected = "bad_request"
@@ -118,6 +118,30 @@ class PublicHandler:
         if self.access is not None:
             head = self.access.strip(head, host)  # credentials consumed here never go upstream
         has_body = request.body_exists and not websocket
+        for attempt in (1, 2):
+            result = await self._exchange(request, ex, tunnel, head, host, has_body, websocket, final=attempt == 2)
+            if not isinstance(result, Tunnel):
+                return result
+            log.info("%s %s %s: retrying on session %s (%s)", ex.request_id, request.method, host, result.id,
+                     "tunnel lost before the response head")
+            tunnel = result
+        raise AssertionError("unreachable")
+
+    def _retry_target(self, request: web.BaseRequest, ex: Exchange, tunnel: Tunnel, host: str,
+                      error: TunnelError) -> Tunnel | None:
+        """Another session for a request that failed before its response head, when repeating
+        it is safe (section 12.1): the client refused it unprocessed, or it is a safe method
+        whose body (if any) was not yet sent."""
+        refused = isinstance(error, StreamReset) and error.code == ResetCode.REFUSED
+        lost = isinstance(error, SessionClosed) or (
+            isinstance(error, StreamReset) and error.code == ResetCode.INTERNAL_ERROR)
+        if ex.bytes_in or not (refused or (lost and request.method in SAFE_METHODS)):
+            return None
+        return self.registry.pick(host, request.path, exclude=tunnel)
+
+    async def _exchange(self, request: web.BaseRequest, ex: Exchange, tunnel: Tunnel, head: RequestHead, host: str,
+                        has_body: bool, websocket: bool, final: bool) -> web.StreamResponse | Tunnel:
+        """One attempt over one session; returns the response, or the session to retry on."""
         stream = self._open(tunnel, head, has_body or websocket)
         if isinstance(stream, web.Response):
             ex.rejected = "stream_limit" if stream.status == 503 else "tunnel_closed"
@@ -138,14 +162,21 @@ class PublicHandler:
                 log.warning("%s %s %s: no response head within %.0fs (504)", tunnel.id, host, request.method,
                             self.config.upstream_timeout)
                 return error_response(504)
-            except StreamReset as exc:
+            except (StreamReset, SessionClosed) as exc:
+                if pump is not None:
+                    pump.cancel()
+                retry = None if final else self._retry_target(request, ex, tunnel, host, exc)
+                if retry is not None:
+                    return retry
+                if isinstance(exc, SessionClosed):
+                    log.warning("%s stream %d %s: tunnel lost before reply (502)", tunnel.id, stream.id, host)
+                    return error_response(502)
                 status = stream.info.get("status") or RESET_STATUS.get(exc.code, 502)
                 log.info("%s stream %d %s: reset before reply (code %d, %s) -> %d", tunnel.id, stream.id, host,
                          exc.code, exc.reason, status)
+                if status == 408:  # the caller's body went idle: answer and close (httpguard.py)
+                    return await send_and_close(request, error_response(408))
                 return error_response(status, retry_after=1 if status == 503 else None)
-            except SessionClosed:
-                log.warning("%s stream %d %s: tunnel lost before reply (502)", tunnel.id, stream.id, host)
-                return error_response(502)
             headers = reply.headers + (("X-Request-Id", ex.request_id),)
             if websocket:
                 return await self._relay_websocket(request, stream, reply.status, headers, ex)
@@ -186,7 +217,8 @@ class PublicHandler:
         )
 
     async def _pump_body(self, request: web.BaseRequest, stream: TunnelStream, ex: Exchange) -> None:
-        if request.headers.get("Expect", "").lower() == "100-continue":
+        if not ex.continue_sent and request.headers.get("Expect", "").lower() == "100-continue":
+            ex.continue_sent = True
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         max_body = self.config.max_body
         total = 0
@@ -223,6 +255,8 @@ class PublicHandler:
         ex: Exchange,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(status=status)
+        if self.draining:
+            resp.force_close()  # the server is going away: the caller reconnects elsewhere
         resp.headers.extend(strip_hop_by_hop(headers))  # keeps order and repeats (Set-Cookie)
         try:
             await resp.prepare(request)

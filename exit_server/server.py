@@ -72,6 +72,7 @@ class ExitServer:
         self._site: web.TCPSite | None = None
         self.public_port = 0
         self.control_port = 0
+        self.stopping = False
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -124,29 +125,41 @@ class ExitServer:
 
     @property
     def ready(self) -> bool:
-        return self._site is not None and self._ws_server is not None and not self.public.draining
+        return (self._site is not None and self._ws_server is not None and not self.public.draining
+                and not self.stopping)
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
-        """Stop taking requests and tunnels, let in-flight requests finish, then close.
+        """Drain and stop (docs/SCALING.md, "Rolling restarts"):
+
+        1. report not ready (``/readyz`` 503) and keep serving for ``--shutdown-delay`` so a
+           load balancer's health check takes this server out of rotation;
+        2. stop accepting connections; requests on open connections are still served, with
+           ``Connection: close``;
+        3. wait for in-flight requests (``drain_timeout``);
+        4. send go-away to every tunnel client and close.
 
         Args:
             drain_timeout: seconds to wait for in-flight requests (default from config).
         """
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        self.stopping = True
+        if self.config.shutdown_delay:
+            log.info("exit server: not ready; serving %.1fs more before draining", self.config.shutdown_delay)
+            await asyncio.sleep(self.config.shutdown_delay)
         log.info("exit server: draining (%d requests in flight, up to %.0fs)", self.public.in_flight, timeout)
         self.public.draining = True
         self.control.draining = True
         if self._site is not None and self._site._server is not None:
             self._site._server.close()  # stop accepting public connections
         self.tcp.stop_accepting()
-        for conn in list(self.control.connections):
-            conn.goaway(GoAwayCode.SHUTDOWN, "exit server shutting down")
         try:
             async with asyncio.timeout(timeout):
                 while self.public.in_flight or self.tcp.connections:
                     await asyncio.sleep(0.05)
         except TimeoutError:
             log.warning("exit server: drain timeout with %d requests in flight", self.public.in_flight)
+        for conn in list(self.control.connections):
+            conn.goaway(GoAwayCode.SHUTDOWN, "exit server shutting down")
         await self.close()
 
     async def close(self) -> None:

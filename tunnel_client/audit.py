@@ -161,6 +161,7 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._dropped = 0
+        self._dead = False
         self.seq = 0
         self.head = GENESIS
         self.written = 0
@@ -181,7 +182,7 @@ class AuditLog:
 
     def write(self, record: AuditRecord) -> None:
         """Queue a finished record (never blocks the event loop)."""
-        if self._thread is None:
+        if self._thread is None or self._dead:
             return
         try:
             self._queue.put_nowait(record)
@@ -197,8 +198,12 @@ class AuditLog:
         thread = self._thread
         if thread is None:
             return
-        self._queue.put(None)
-        thread.join(timeout)
+        if thread.is_alive():
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                log.error("audit log %s: writer stuck; %d records not written", self.path, self._queue.qsize())
+            thread.join(timeout)
         self._thread = None
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -230,6 +235,7 @@ class AuditLog:
                         os.fsync(fh.fileno())
                         last_sync = time.monotonic()
         except OSError as exc:
+            self._dead = True
             log.error("audit log %s: write failed, audit stopped: %s", self.path, exc)
         finally:
             try:

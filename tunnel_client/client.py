@@ -11,9 +11,12 @@ with full-jitter backoff; streams are served by the :class:`Forwarder`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import ssl
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -24,7 +27,7 @@ from shared.aio.connection import TunnelConnection, TunnelStream, ws_limits
 from shared.aio.tls import client_context
 from shared.backoff import backoff_delays
 from shared.config import parse_addr, read_secret
-from shared.errors import StreamReset
+from shared.errors import StreamReset, TunnelError
 from shared.frames import GoAwayCode
 from shared.messages import SUPPORTED_VERSIONS, Error, Hello, Routes, RouteSpec, TcpSpec, Welcome
 from shared.mux import Role, Session
@@ -36,6 +39,7 @@ from .ecs import METADATA_ENV, discover_routes, fetch_metadata, labels_from_task
 from .guard import Guard
 from .killswitch import KillSwitch
 from .pinning import parse_pin, pinned_connection
+from .health import HealthChecker, parse_health_path
 from .upstream import Forwarder
 
 __all__ = ["TunnelClient"]
@@ -45,12 +49,20 @@ log = logging.getLogger(__name__)
 SOFTWARE = "backhaul/0.1.0"
 
 
+async def resolve(host: str) -> list[str]:
+    """The distinct addresses of a host name, in resolver order."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
 class ServerLink:
     """Keeps one session to one exit server URL alive."""
 
-    def __init__(self, client: TunnelClient, url: str) -> None:
+    def __init__(self, client: TunnelClient, url: str, address: str | None = None) -> None:
         self.client = client
         self.url = url
+        self.address = address  # a resolved address of the URL's host, when it has several
+        self.name = f"{url} ({address})" if address else url
         self.conn: TunnelConnection | None = None
         self.session_id = ""
         self.registered = asyncio.Event()
@@ -101,6 +113,7 @@ class ServerLink:
                 user_agent_header=SOFTWARE,
                 proxy=None,
                 create_connection=self.client.pinned if ssl_ctx is not None else None,
+                **({"host": self.address} if self.address else {}),
                 **ws_limits(256 * 1024),
             )
         except InvalidStatus as exc:
@@ -224,7 +237,10 @@ class TunnelClient:
         self.forwarder.guard = Guard(config.allow_paths)
         self.forwarder.killswitch = self.killswitch
         self.forwarder.audit = AuditLog(config.audit_log) if config.audit_log else None
-        self.routes = [RouteSpec(host=u.host, path_prefix=u.path_prefix) for u in config.upstreams]
+        self.upstreams = list(config.upstreams)
+        self.health = HealthChecker(self.upstreams, dict(parse_health_path(p) for p in config.health_path),
+                                    config.health_interval, config.health_timeout, config.health_rise,
+                                    config.health_fall, self._routes_changed)
         self.labels = config.labels
         self.links = [ServerLink(self, url) for url in config.server]
         self.metrics = ClientMetrics(self)
@@ -262,6 +278,50 @@ class TunnelClient:
         except TimeoutError:
             pass
 
+    @property
+    def routes(self) -> list[RouteSpec]:
+        """The routes to announce: every configured upstream that is not unhealthy."""
+        out: list[RouteSpec] = []
+        for upstream in self.upstreams:
+            spec = RouteSpec(host=upstream.host, path_prefix=upstream.path_prefix)
+            if self.health.healthy(upstream) and spec not in out:
+                out.append(spec)
+        return out
+
+    def _routes_changed(self) -> None:
+        routes = self.routes
+        for link in self.links:
+            if link.connected and link.conn is not None:
+                try:
+                    link.conn.send_control(Routes(routes=routes))
+                except TunnelError as exc:
+                    log.warning("link %s: could not update routes: %s", link.name, exc)
+
+    async def _expand_links(self) -> None:
+        """A server name that resolves to several addresses counts as several servers: one
+        link per address (the certificate is still checked against the name)."""
+        links: list[ServerLink] = []
+        for link in self.links:
+            host = urlsplit(link.url).hostname or ""
+            try:
+                ipaddress.ip_address(host)
+                links.append(link)
+                continue
+            except ValueError:
+                pass
+            try:
+                addresses = await resolve(host)
+            except OSError as exc:
+                log.warning("link %s: cannot resolve %s yet (%s); will keep trying", link.url, host, exc)
+                links.append(link)
+                continue
+            if len(addresses) <= 1:
+                links.append(link)
+                continue
+            log.info("link %s: %s resolves to %s: one session each", link.url, host, ", ".join(addresses))
+            links.extend(ServerLink(self, link.url, address) for address in addresses)
+        self.links = links
+
     async def serve_stream(self, stream: TunnelStream) -> None:
         """Serve one stream through the forwarder, counting its outcome."""
         kind = stream.head.kind.name.lower() if stream.head is not None else "unknown"
@@ -294,12 +354,14 @@ class TunnelClient:
             for spec in discover_routes(own, task):
                 upstream = parse_upstream(spec)
                 self.forwarder.add_upstream(upstream)
-                self.routes.append(RouteSpec(host=upstream.host, path_prefix=upstream.path_prefix))
+                self.upstreams.append(upstream)
                 log.info("ecs: route %s", spec)
 
     async def run(self) -> None:
         """Run every link until :meth:`shutdown`."""
         await self._discover_ecs()
+        await self._expand_links()
+        await self.health.initial()
         await self.forwarder.start()
         admin: web.AppRunner | None = None
         try:
@@ -312,6 +374,7 @@ class TunnelClient:
                 self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.killswitch.run(self._stop), name="kill-switch")
+                group.create_task(self.health.run(self._stop), name="health-checks")
                 for link in self.links:
                     group.create_task(link.run(), name=f"link-{link.url}")
         finally:

@@ -117,13 +117,29 @@ class ClientConfig(BaseConfig):
     heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which the tunnel is dead")
     backoff_base: float = Field(1.0, gt=0, description="first reconnect delay ceiling, seconds")
     backoff_cap: float = Field(30.0, gt=0, description="largest reconnect delay ceiling, seconds")
+    health_path: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="health check HOST[/PREFIX]=/PATH for that upstream (2xx/3xx = healthy)"
+    )
+    health_interval: float = Field(5.0, gt=0, description="seconds between upstream health checks")
+    health_timeout: float = Field(2.0, gt=0, description="seconds per health check")
+    health_rise: int = Field(2, ge=1, description="good checks before an unhealthy route comes back")
+    health_fall: int = Field(3, ge=1, description="bad checks before a route is withdrawn")
     upstream_from_ecs: bool = Field(False, description="add routes from sibling ECS containers' backhaul.* labels")
     admin_addr: str | None = Field("127.0.0.1:9091", description="admin listener HOST:PORT (/healthz, /metrics); "
                                    "empty to disable")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
-    _split = field_validator("server", "upstream", "label", "tcp", mode="before")(split_list)
+    _split = field_validator("server", "upstream", "label", "tcp", "health_path", mode="before")(split_list)
+
+    @field_validator("health_path")
+    @classmethod
+    def _health_paths(cls, value: list[str]) -> list[str]:
+        from .health import parse_health_path
+
+        for spec in value:
+            parse_health_path(spec)
+        return value
     _split_allow = field_validator("allow_path", mode="before")(split_list)
 
     @field_validator("allow_path")
