@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck bench clean
+.PHONY: demo test test-fast lint typecheck bench load reliability clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,47 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check shared exit_server tunnel_client tests scripts
 	$(BIN)/mypy
+
+# bench and load use the existing .venv as it is (they never reinstall it); on a fresh machine
+# they create it once through the usual stamp.
+$(BIN)/exit-server:
+	$(MAKE) $(STAMP)
+
+## bench: wrk against nginx baselines, Backhaul HTTP and TCP mode, then the scale test; writes
+## docs/BENCHMARKS.md (installs nginx and wrk from Debian if missing: needs root).
+## BENCH_ARGS="--quick --profile --skip-scale" etc. (see bench/run.py --help)
+BENCH_ARGS ?= --pin
+bench: | $(BIN)/exit-server
+	bash bench/setup.sh
+	BENCH_VIA="make bench$(if $(filter-out --pin,$(BENCH_ARGS)), BENCH_ARGS='$(BENCH_ARGS)')" \
+		$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+## load: locust (own virtualenv .venv-load, the `load` extra) against a local stack for LOAD_TIME;
+## fails on > 0.1% failures or a p95 over the locustfile's limit. Reports in bench/results/load/.
+LOAD_VENV       ?= .venv-load
+LOAD_TIME       ?= 60s
+LOAD_USERS      ?= 50
+LOAD_SPAWN_RATE ?= 10
+LOAD_STAMP      := $(LOAD_VENV)/.installed
+
+$(LOAD_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LOAD_VENV)
+	echo '*' > $(LOAD_VENV)/.gitignore
+	$(LOAD_VENV)/bin/pip install -q --upgrade pip
+	$(PYTHON) bench/load.py --print-deps | xargs $(LOAD_VENV)/bin/pip install -q
+	touch $(LOAD_STAMP)
+
+load: $(LOAD_STAMP) | $(BIN)/exit-server
+	$(BIN)/python bench/load.py --locust $(LOAD_VENV)/bin/locust --time $(LOAD_TIME) \
+		--users $(LOAD_USERS) --spawn-rate $(LOAD_SPAWN_RATE)
+
+## reliability: fault-injection scenarios against real processes (client killed, silent link loss,
+## exit server restart, upstream faults, degraded link, overload, 10 min soak; ~20 min); writes
+## docs/RELIABILITY.md. CI runs the short versions (tests/reliability). RELIABILITY_ARGS="--short" etc.
+RELIABILITY_ARGS ?=
+reliability: | $(BIN)/exit-server
+	bash reliability/setup.sh
+	$(BIN)/python reliability/run.py $(RELIABILITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis

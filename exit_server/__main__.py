@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve public traffic and tunnels",
                          description="Serve public HTTP and accept tunnel clients. Every flag also reads "
                          "BACKHAUL_<FLAG> and the --config TOML file (flags > env > file). The token comes "
-                         "from --token-file or BACKHAUL_TOKEN, never from argv.")
+                         "from --token-file or BACKHAUL_TOKEN (per-client tokens: --tokens FILE), never from argv. "
+                         "SIGHUP re-reads --tokens and --access.")
     add_model_flags(run, ServerConfig)
     status = sub.add_parser("status", help="print the connected tunnels (from the admin API)")
     status.add_argument("--admin-addr", default=None, metavar="HOST:PORT",

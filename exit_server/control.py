@@ -79,7 +79,7 @@ class ControlEndpoint:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
         retry = self.limiter.retry_after(remote)
         if retry is not None:
-            log.warning("control: too many failed authentications from %s (429)", remote)
+            log.debug("control: too many failed authentications from %s (429)", remote)  # no log flood
             response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many requests\n")
             response.headers["Retry-After"] = str(retry)
             return response

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from shared.aio.connection import TunnelStream
 from shared.aio.pump import Endpoint, RawFeeder, pump
-from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError
+from shared.errors import LocalProtocolError, SessionClosed, StreamReset, TooManyStreams, TunnelError
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
 from shared.httputil import forwarded_headers, strip_hop_by_hop
@@ -41,6 +41,10 @@ RESET_STATUS: dict[int, int] = {
     ResetCode.FORBIDDEN: 403,
     ResetCode.TOO_LARGE: 413,
 }
+
+#: Below this many bytes waiting in the caller's socket buffer a write cannot stall, so the
+#: caller-not-reading deadline (--send-timeout) is only armed above it.
+SEND_BUFFER_LOW = 64 * 1024
 
 #: Methods repeated on another session when a tunnel is lost before the response head.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -154,8 +158,7 @@ class PublicHandler:
             pump = asyncio.create_task(self._pump_body(request, stream, ex))
         try:
             try:
-                async with asyncio.timeout(self.config.upstream_timeout):
-                    reply = await stream.response()
+                reply = await stream.response(self.config.upstream_timeout)
                 ex.mark_head()
             except TimeoutError:
                 stream.reset(ResetCode.UPSTREAM_TIMEOUT, "no response head in time")
@@ -198,6 +201,9 @@ class PublicHandler:
             return error_response(503, retry_after=1)
         except SessionClosed:
             return error_response(503, retry_after=1)
+        except LocalProtocolError as exc:  # a head the tunnel cannot carry (too large for one frame)
+            log.info("%s: request head refused: %s (431)", tunnel.id, exc)
+            return error_response(431)
 
     def _head(self, request: web.BaseRequest, host: str, rid: str, websocket: bool = False) -> RequestHead:
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
@@ -209,7 +215,7 @@ class PublicHandler:
         return RequestHead(
             StreamKind.WEBSOCKET if websocket else StreamKind.HTTP,
             request.method,
-            request.raw_path,
+            _origin_form(request),
             request.host,
             self.config.public_scheme,
             peer,
@@ -254,10 +260,22 @@ class PublicHandler:
         self, request: web.BaseRequest, stream: TunnelStream, status: int, headers: tuple[tuple[str, str], ...],
         ex: Exchange,
     ) -> web.StreamResponse:
+        kept = strip_hop_by_hop(headers)
+        if request.method != "HEAD" and status not in (204, 304) and any(
+                name.lower() == "content-length" for name, _ in kept):
+            body = stream.take_complete_body()
+            if body is not None:  # all there already: head and body in one write
+                one = web.Response(status=status, body=body)
+                one.headers.extend((n, v) for n, v in kept if n.lower() != "content-length")
+                if self.draining:
+                    one.force_close()
+                ex.bytes_out += len(body)
+                return one
         resp = web.StreamResponse(status=status)
         if self.draining:
             resp.force_close()  # the server is going away: the caller reconnects elsewhere
-        resp.headers.extend(strip_hop_by_hop(headers))  # keeps order and repeats (Set-Cookie)
+        resp.headers.extend(kept)  # keeps order and repeats (Set-Cookie)
+        transport = request.transport
         try:
             await resp.prepare(request)
             while True:
@@ -265,6 +283,9 @@ class PublicHandler:
                 if not chunk:
                     break
                 ex.bytes_out += len(chunk)
+                if transport is not None and transport.get_write_buffer_size() + len(chunk) < SEND_BUFFER_LOW:
+                    await resp.write(chunk)  # cannot block for long: no timer on the hot path
+                    continue
                 async with asyncio.timeout(self.config.send_timeout):
                     await resp.write(chunk)
         except TunnelError as exc:
@@ -309,6 +330,16 @@ class PublicHandler:
         if not transport.is_closing():
             transport.close()
         return resp
+
+
+def _origin_form(request: web.BaseRequest) -> str:
+    """The request target as path and query: an absolute-form target (``GET http://host/x``,
+    RFC 9112 section 3.2.2) is reduced to its path, as the client accepts origin-form only."""
+    target = request.raw_path
+    if target.startswith("/"):
+        return target
+    url = request.rel_url
+    return url.raw_path + (f"?{url.raw_query_string}" if url.raw_query_string else "")
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:

@@ -59,9 +59,9 @@ def run_command(args: argparse.Namespace) -> int:
     if action == "list":
         for e in sorted(entries.values(), key=lambda e: e.client_id):
             state = "revoked" if e.revoked else "active"
-            hosts = ",".join(e.hosts) or "-"
-            ports = ",".join(map(str, e.tcp_ports)) or "-"
-            print(f"{e.client_id}\t{state}\ttoken_id={e.token_id}\thosts={hosts}\ttcp_ports={ports}\t"
+            host_list = ",".join(e.hosts) or "-"
+            port_list = ",".join(map(str, e.tcp_ports)) or "-"
+            print(f"{e.client_id}\t{state}\ttoken_id={e.token_id}\thosts={host_list}\ttcp_ports={port_list}\t"
                   f"created={e.created or '-'}")
         return 0
     client = args.client

@@ -25,7 +25,10 @@ def split_hostport(value: str) -> tuple[str, int]:
         raise ValueError(f"no port in {value!r}")
     host = host.strip("[]")
     ipaddress.ip_address(host)
-    return host, int(port)
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, number
 
 
 def proxy_v2_header(source: str, destination: str) -> bytes:

@@ -27,7 +27,7 @@ from shared.aio.connection import TunnelConnection, TunnelStream, ws_limits
 from shared.aio.tls import client_context
 from shared.backoff import backoff_delays
 from shared.config import parse_addr, read_secret
-from shared.errors import StreamReset, TunnelError
+from shared.errors import ConfigError, StreamReset, TunnelError
 from shared.frames import GoAwayCode
 from shared.messages import SUPPORTED_VERSIONS, Error, Hello, Routes, RouteSpec, TcpSpec, Welcome
 from shared.mux import Role, Session
@@ -370,7 +370,11 @@ class TunnelClient:
                 await admin.setup()
                 host, port = parse_addr(self.config.admin_addr)
                 site = web.TCPSite(admin, host, port, reuse_address=True)
-                await site.start()
+                try:
+                    await site.start()
+                except OSError as exc:  # e.g. two clients in host network mode on one machine
+                    raise ConfigError(f"--admin-addr {self.config.admin_addr}: cannot listen: {exc.strerror}; "
+                                      "give each client its own admin address") from None
                 self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.killswitch.run(self._stop), name="kill-switch")

@@ -103,9 +103,9 @@ class Forwarder:
             await self._serve(stream, head, record)
         finally:
             record.duration_ms = (time.monotonic() - start) * 1000
-            if record.reset is None and stream.error is not None:
+            if record.reset is None and stream.error is not None:  # reset by the server, a pump, or the session
                 code = getattr(stream.error, "code", None)
-                record.reset = "peer:" + (ResetCode(code).name if code in _CODES else type(stream.error).__name__)
+                record.reset = ResetCode(code).name if code in _CODES else type(stream.error).__name__
             if self.audit is not None:
                 self.audit.write(record)
 

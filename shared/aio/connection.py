@@ -121,18 +121,40 @@ class TunnelStream:
         """True when the peer half-closed and every chunk was read."""
         return self._eof and not self._chunks
 
-    async def response(self) -> ResponseHead:
+    async def response(self, timeout: float | None = None) -> ResponseHead:
         """Exit-server side: wait for the client's REPLY.
+
+        Args:
+            timeout: seconds to wait (a timer handle, not ``asyncio.timeout``: this is the hot path).
 
         Raises:
             StreamReset: the client reset the stream before replying.
             SessionClosed: the tunnel dropped.
+            TimeoutError: no REPLY within ``timeout``.
         """
         if self._reply is None:
             self._reply = asyncio.get_running_loop().create_future()
             if self._error is not None:
                 raise self._error
-        return await self._reply
+        reply = self._reply
+        if reply.done() or timeout is None:
+            return await reply
+        handle = asyncio.get_running_loop().call_later(timeout, _expire, reply)
+        try:
+            return await reply
+        finally:
+            handle.cancel()
+
+    def take_complete_body(self) -> bytes | None:
+        """When the whole body has already arrived, take it at once (so a small response goes
+        out in one write); None when more is to come or the stream failed."""
+        if not self._eof or self._error is not None:
+            return None
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        if body:
+            self._conn._consumed(self.id, len(body))
+        return body
 
     async def read(self) -> bytes:
         """Return the next chunk, or b"" at the peer's end of stream.
@@ -206,6 +228,11 @@ class TunnelStream:
             raise self._error
         self._conn.session.send_reply(self.id, head, end)
         self._conn.flush()
+
+
+def _expire(reply: asyncio.Future[ResponseHead]) -> None:
+    if not reply.done():
+        reply.set_exception(TimeoutError())
 
 
 StreamHandler = Callable[[TunnelStream], Awaitable[None]]

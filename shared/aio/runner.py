@@ -4,6 +4,7 @@ drain (first SIGTERM/SIGINT drains, a second one exits at once)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,9 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     """Run ``main(stop_event)`` on uvloop (or asyncio). The first SIGTERM/SIGINT sets the
     event so ``main`` can drain; a second one exits immediately with status 130."""
     loop_name = _install_uvloop()
+    # Per-request objects are short-lived and acyclic: a higher generation-0 threshold makes the
+    # cyclic collector run far less often on the hot path (it showed up at 5-7 % in profiles).
+    gc.set_threshold(50_000, 20, 20)
 
     async def wrapper() -> int:
         loop = asyncio.get_running_loop()

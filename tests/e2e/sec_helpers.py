@@ -18,7 +18,9 @@ from tunnel_client import TunnelClient
 from .helpers import Certs, RunningClient, client_config, server_config
 
 
-def write_tokens(path: Path, clients: dict[str, list[str]], ports: dict[str, list[int]] | None = None) -> dict[str, str]:
+def write_tokens(
+    path: Path, clients: dict[str, list[str]], ports: dict[str, list[int]] | None = None
+) -> dict[str, str]:
     """Create a tokens file with one entry per client (allowed host patterns); returns the tokens."""
     entries: dict[str, TokenEntry] = load_entries(path) if path.exists() else {}
     tokens: dict[str, str] = {}
@@ -46,7 +48,9 @@ class TokenStack:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.server.public_port}"
 
-    async def add_client(self, token: str, upstreams: list[str], *, wait: bool = True, **overrides: Any) -> RunningClient:
+    async def add_client(
+        self, token: str, upstreams: list[str], *, wait: bool = True, **overrides: Any
+    ) -> RunningClient:
         client = TunnelClient(client_config(self.certs, self.server, upstreams, **overrides), token=token)
         running = RunningClient(client, asyncio.create_task(client.run()))
         self.clients.append(running)
@@ -99,8 +103,9 @@ class RawResponse:
         return None
 
 
-async def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0, chunks: list[bytes] | None = None,
-                       pause: float = 0.0) -> RawResponse:
+async def raw_exchange(
+    port: int, data: bytes, *, timeout: float = 5.0, chunks: list[bytes] | None = None, pause: float = 0.0
+) -> RawResponse:
     """Write raw bytes to 127.0.0.1:port, read one response and tell whether the server closed."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from .helpers import Certs, stack, upstream
-from .sec_helpers import echo_app, raw_exchange, read_response
+from .sec_helpers import RawResponse, echo_app, raw_exchange, read_response
 
 pytestmark = pytest.mark.asyncio
 
@@ -21,7 +21,6 @@ HOST = b"Host: app.example\r\n"
 
 def _get(target: bytes = b"/", extra: bytes = b"") -> bytes:
     return b"GET " + target + b" HTTP/1.1\r\n" + HOST + extra + b"\r\n"
-
 
 
 def _assert_generic(head: bytes, body: bytes) -> None:
@@ -34,27 +33,51 @@ def _assert_generic(head: bytes, body: bytes) -> None:
     [
         ("request line over 8 KiB", _get(b"/" + MARK + b"a" * 8300), 414),
         ("one header over 8 KiB", _get(extra=b"X-Big: " + MARK + b"v" * 8300 + b"\r\n"), 431),
-        ("headers over 16 KiB in total",
-         _get(extra=b"".join(b"X-H%d: %s%s\r\n" % (i, MARK, b"v" * 6000) for i in range(3))), 431),
+        (
+            "headers over 16 KiB in total",
+            _get(extra=b"".join(b"X-H%d: %s%s\r\n" % (i, MARK, b"v" * 6000) for i in range(3))),
+            431,
+        ),
         ("more than 100 headers", _get(extra=b"".join(b"X-H%d: %s\r\n" % (i, MARK) for i in range(101))), 431),
-        ("Content-Length with Transfer-Encoding",
-         b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
-        ("duplicate Content-Length",
-         b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello", 400),
-        ("conflicting Content-Length",
-         b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
+        (
+            "Content-Length with Transfer-Encoding",
+            b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            "duplicate Content-Length",
+            b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+            400,
+        ),
+        (
+            "conflicting Content-Length",
+            b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            400,
+        ),
         ("Content-Length list", b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 5, 5\r\n\r\nhello", 400),
         ("signed Content-Length", b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: +5\r\n\r\nhello", 400),
         ("non-numeric Content-Length", b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: " + MARK + b"\r\n\r\n", 400),
-        ("malformed chunk size",
-         b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n" + MARK + b"\r\nhello\r\n0\r\n\r\n", 400),
-        ("negative chunk size",
-         b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n", 400),
+        (
+            "malformed chunk size",
+            b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n" + MARK + b"\r\nhello\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            "negative chunk size",
+            b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+            400,
+        ),
         ("chunked not last", b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked, identity\r\n\r\n", 400),
-        ("unknown transfer coding", b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
-         501),
-        ("Transfer-Encoding on HTTP/1.0", b"POST / HTTP/1.0\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-         400),
+        (
+            "unknown transfer coding",
+            b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+        ),
+        (
+            "Transfer-Encoding on HTTP/1.0",
+            b"POST / HTTP/1.0\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+        ),
         ("space before colon", _get(extra=b"X-A" + MARK + b" : b\r\n"), 400),
         ("obsolete line folding", _get(extra=b"X-A: b\r\n " + MARK + b"\r\n"), 400),
         ("bare LF", b"GET /" + MARK + b" HTTP/1.1\nHost: app.example\n\n", 400),
@@ -93,14 +116,16 @@ async def test_body_over_max_body_with_content_length_never_enters_the_tunnel(ce
     async with upstream(echo_app(seen)) as up, stack(certs, max_body=1000) as s:
         await s.add_client([f"app.example={up.url}"])
         started = time.monotonic()
-        resp = await raw_exchange(s.server.public_port,
-                                  b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 1000000\r\n\r\n" + b"x" * 100)
+        resp = await raw_exchange(
+            s.server.public_port, b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 1000000\r\n\r\n" + b"x" * 100
+        )
         assert resp.status == 413 and time.monotonic() - started < 2
         assert not seen
         (tunnel,) = s.server.registry.tunnels.values()
         assert tunnel.requests == 0  # no stream was opened
-        resp = await raw_exchange(s.server.public_port,
-                                  b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 1000\r\n\r\n" + b"x" * 1000)
+        resp = await raw_exchange(
+            s.server.public_port, b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 1000\r\n\r\n" + b"x" * 1000
+        )
         assert resp.status == 200 and resp.body == b"ok / 1000"
 
 
@@ -151,8 +176,9 @@ async def test_idle_request_body_is_answered_408(certs: Certs) -> None:
     async with upstream(echo_app()) as up, stack(certs, body_timeout=0.5) as s:
         await s.add_client([f"app.example={up.url}"])
         started = time.monotonic()
-        resp = await raw_exchange(s.server.public_port,
-                                  b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 100\r\n\r\n" + b"x" * 10)
+        resp = await raw_exchange(
+            s.server.public_port, b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 100\r\n\r\n" + b"x" * 10
+        )
         assert resp.status == 408 and resp.closed
         assert time.monotonic() - started < 3
 
@@ -214,3 +240,71 @@ async def test_stream_limit_answers_503_with_retry_after(certs: Certs) -> None:
         for reader, writer in held:
             assert (await read_response(reader)).status == 200
             writer.transport.abort()
+
+
+async def test_slowloris_does_not_starve_normal_requests(certs: Certs) -> None:
+    """300 slow-header connections (slowhttptest) are open; 200 sequential normal requests
+    keep p99 under 1 s, and the slow connections are cut at the header deadline."""
+    import shutil
+    import statistics
+
+    binary = shutil.which("slowhttptest")
+    if binary is None:
+        pytest.fail("slowhttptest is missing: `make test` installs it (scripts/ci-deps.sh)")
+    async with upstream(echo_app()) as up, stack(certs, header_timeout=6) as s:
+        await s.add_client([f"app.example={up.url}"])
+        port = s.server.public_port
+        assert s.server._runner is not None
+        public = s.server._runner.server
+        attack = await asyncio.create_subprocess_exec(
+            binary,
+            "-H",
+            "-c",
+            "300",
+            "-r",
+            "300",
+            "-i",
+            "1",
+            "-x",
+            "10",
+            "-l",
+            "12",
+            "-p",
+            "3",
+            "-u",
+            f"http://127.0.0.1:{port}/",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            async with asyncio.timeout(5):
+                while len(public.connections) < 290:
+                    await asyncio.sleep(0.05)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            latencies = []
+            for i in range(200):
+                started = time.perf_counter()
+                writer.write(_get(b"/n%d" % i))
+                resp = await _quick_response(reader)
+                latencies.append(time.perf_counter() - started)
+                assert resp.status == 200
+            writer.transport.abort()
+            assert len(public.connections) >= 250  # the attack was still on while we measured
+            p99 = statistics.quantiles(latencies, n=100)[98]
+            assert p99 < 1.0, f"p99 {p99:.3f}s"
+            async with asyncio.timeout(6 + 3):  # the header deadline cuts the slow connections
+                while len(public.connections) > 10:
+                    await asyncio.sleep(0.1)
+        finally:
+            if attack.returncode is None:
+                attack.kill()
+            await attack.wait()
+
+
+async def _quick_response(reader: asyncio.StreamReader) -> RawResponse:
+    """Read one keep-alive response with a Content-Length, without waiting for a close."""
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        resp = RawResponse(int(head.split(b" ", 2)[1]), head, b"", False)
+        resp.body = await reader.readexactly(int(resp.header("Content-Length") or 0))
+    return resp

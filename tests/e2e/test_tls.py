@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import ssl
 from pathlib import Path
 
@@ -47,7 +48,6 @@ def _scan(port: int) -> object:
 @pytest.mark.asyncio
 @pytest.mark.timeout(180)
 async def test_sslyze_scan_of_the_control_listener(certs: Certs) -> None:
-    pytest.importorskip("sslyze", reason="sslyze is in the test extra: pip install -e '.[test]'")
     from sslyze import RobotScanResultEnum, ScanCommandAttemptStatusEnum
 
     async with stack(certs) as s:
@@ -71,8 +71,7 @@ async def test_sslyze_scan_of_the_control_listener(certs: Certs) -> None:
     assert result("openssl_ccs_injection").is_vulnerable_to_ccs_injection is False  # type: ignore[attr-defined]
     assert result("robot").robot_result in (  # type: ignore[attr-defined]
         RobotScanResultEnum.NOT_VULNERABLE_RSA_NOT_SUPPORTED, RobotScanResultEnum.NOT_VULNERABLE_NO_ORACLE)
-    assert result("session_renegotiation").supports_secure_renegotiation is False or \
-        result("session_renegotiation").is_vulnerable_to_client_renegotiation_dos is False  # type: ignore[attr-defined]
+    assert result("session_renegotiation").is_vulnerable_to_client_renegotiation_dos is False  # type: ignore[attr-defined]
 
 
 def _leaf_der(cert_pem: Path) -> bytes:
@@ -99,7 +98,8 @@ async def test_pinned_server_is_accepted(certs: Certs) -> None:
 
 
 @pytest.mark.asyncio
-async def test_token_is_never_sent_to_an_unpinned_server(certs: Certs, tmp_path: Path) -> None:
+async def test_token_is_never_sent_to_an_unpinned_server(certs: Certs, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     # A server the CA vouches for (hostname and chain are fine) but with another key than the pinned one.
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
@@ -108,11 +108,8 @@ async def test_token_is_never_sent_to_an_unpinned_server(certs: Certs, tmp_path:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     rogue.configure_cert(ctx)
     received = bytearray()
-    handshakes = 0
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal handshakes
-        handshakes += 1
         try:
             received.extend(await asyncio.wait_for(reader.read(65536), 3))
         except (ssl.SSLError, ConnectionError, TimeoutError):
@@ -125,17 +122,19 @@ async def test_token_is_never_sent_to_an_unpinned_server(certs: Certs, tmp_path:
     config = ClientConfig(server=[f"wss://localhost:{port}"], ca_file=tmp_path / "ca.pem",
                           upstream=["default=http://127.0.0.1:9"], backoff_base=0.2, backoff_cap=0.5, admin_addr="",
                           pin=[pin])
+    caplog.set_level(logging.INFO)
     client = TunnelClient(config, token=TOKEN)
     task = asyncio.create_task(client.run())
-    async with asyncio.timeout(5):
-        while handshakes < 2:
-            await asyncio.sleep(0.05)
-    assert not client.connected
-    await client.shutdown(0)
-    await task
-    server.close()
-    await server.wait_closed()
-    assert handshakes >= 2  # TLS itself succeeded: only the pin refused the server
+    try:
+        await asyncio.sleep(1.5)
+        assert not client.connected
+    finally:
+        await client.shutdown(0)
+        await task
+        server.close()
+        await server.wait_closed()
+    refusals = [r for r in caplog.records if "matches no --pin" in r.getMessage()]
+    assert len(refusals) >= 2  # TLS verification passed each time: only the pin refused the server
     assert bytes(received) == b""  # not one HTTP byte, so never the token
 
 

@@ -30,13 +30,15 @@ async def _get(url: str, host: str) -> tuple[int, str]:
         return r.status, await r.text()
 
 
-async def test_client_may_register_only_its_hostnames(certs: Certs, tmp_path: Path,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+async def test_client_may_register_only_its_hostnames(
+    certs: Certs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     tokens = write_tokens(tmp_path / "tokens.toml", {"acme": ["*.acme.example", "acme.example"]})
     async with upstream(echo_app()) as up, token_stack(certs, tmp_path / "tokens.toml") as s:
-        running = await s.add_client(tokens["acme"], [f"app.acme.example={up.url}", f"evil.example={up.url}",
-                                                      f"default={up.url}"])
+        running = await s.add_client(
+            tokens["acme"], [f"app.acme.example={up.url}", f"evil.example={up.url}", f"default={up.url}"]
+        )
         link = running.client.links[0]
         assert link.connected
         (tunnel,) = s.server.registry.tunnels.values()
@@ -44,19 +46,27 @@ async def test_client_may_register_only_its_hostnames(certs: Certs, tmp_path: Pa
         assert [r.host for r in tunnel.routes] == ["app.acme.example"]
         assert await _get(s.base + "/x", "app.acme.example") == (200, "ok /x 0")
         assert (await _get(s.base + "/x", "evil.example"))[0] == 503
-    refused = [r.getMessage() for r in caplog.records if r.name == "tunnel_client.client" and "refused" in r.getMessage()]
+    refused = [
+        r.getMessage() for r in caplog.records if r.name == "tunnel_client.client" and "refused" in r.getMessage()
+    ]
     assert any("evil.example" in m and "not allowed" in m for m in refused), refused
     assert any("default" in m and "not allowed" in m for m in refused), refused
 
 
 async def test_tenant_cannot_take_over_another_tenants_hostname(certs: Certs, tmp_path: Path) -> None:
     tokens = write_tokens(tmp_path / "tokens.toml", {"alpha": ["*"], "beta": ["*"]})
-    async with upstream(echo_app()) as up_a, upstream(echo_app()) as up_b, \
-            token_stack(certs, tmp_path / "tokens.toml") as s:
+    async with (
+        upstream(echo_app()) as up_a,
+        upstream(echo_app()) as up_b,
+        token_stack(certs, tmp_path / "tokens.toml") as s,
+    ):
         await s.add_client(tokens["alpha"], [f"shop.example={up_a.url}"], instance_id="same")
         # beta asks for the same host, a path below it, and uses the same instance id.
-        beta = await s.add_client(tokens["beta"], [f"shop.example={up_b.url}", f"shop.example/api={up_b.url}",
-                                                   f"beta.example={up_b.url}"], instance_id="same")
+        beta = await s.add_client(
+            tokens["beta"],
+            [f"shop.example={up_b.url}", f"shop.example/api={up_b.url}", f"beta.example={up_b.url}"],
+            instance_id="same",
+        )
         assert beta.client.connected
         by_client = {t.client_id: t for t in s.server.registry.tunnels.values()}
         assert set(by_client) == {"alpha", "beta"}  # beta replaced nothing
@@ -81,7 +91,9 @@ async def test_revoked_client_is_closed_within_one_second(certs: Certs, tmp_path
         started = time.monotonic()
         assert s.server.reload("test") is True  # what SIGHUP does
         async with asyncio.timeout(1.0):
-            while acme.client.links[0].connected or any(t.client_id == "acme" for t in s.server.registry.tunnels.values()):
+            while acme.client.links[0].connected or any(
+                t.client_id == "acme" for t in s.server.registry.tunnels.values()
+            ):
                 await asyncio.sleep(0.01)
         assert time.monotonic() - started < 1.0
         assert conn.session.peer_goaway is not None and conn.session.peer_goaway[1] == GoAwayCode.AUTH_REVOKED
@@ -134,13 +146,16 @@ async def test_tcp_ports_are_bound_to_the_client(certs: Certs, tmp_path: Path) -
     path = tmp_path / "tokens.toml"
     tokens = write_tokens(path, {"acme": ["acme.example"]}, ports={"acme": [allowed]})
     async with upstream(echo_app()) as up, token_stack(certs, path, tcp_port_range=f"{lo}-{hi}") as s:
-        await s.add_client(tokens["acme"], [], tcp=[f"{allowed}=127.0.0.1:{up.port}", f"{forbidden}=127.0.0.1:{up.port}"])
+        await s.add_client(
+            tokens["acme"], [], tcp=[f"{allowed}=127.0.0.1:{up.port}", f"{forbidden}=127.0.0.1:{up.port}"]
+        )
         (tunnel,) = s.server.registry.tunnels.values()
         assert tunnel.tcp_ports == [allowed]
 
 
-async def test_failed_tokens_are_rate_limited_per_source(certs: Certs, tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+async def test_failed_tokens_are_rate_limited_per_source(
+    certs: Certs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     tokens = write_tokens(tmp_path / "tokens.toml", {"acme": ["acme.example"]})
     ctx = ssl.create_default_context(cafile=str(certs.ca))
@@ -157,12 +172,14 @@ async def test_failed_tokens_are_rate_limited_per_source(certs: Certs, tmp_path:
         assert int(info.value.response.headers["Retry-After"]) >= 1
         # While limited, even the right token from this source waits.
         with pytest.raises(InvalidStatus) as info:
-            await connect(url, ssl=ctx, additional_headers={"Authorization": f"Bearer {tokens['acme']}"},
-                          logger=raw_log)
+            await connect(
+                url, ssl=ctx, additional_headers={"Authorization": f"Bearer {tokens['acme']}"}, logger=raw_log
+            )
         assert info.value.response.status_code == 429
         await asyncio.sleep(1.1)  # one failure's worth of budget comes back each second
-        ws = await connect(url, ssl=ctx, additional_headers={"Authorization": f"Bearer {tokens['acme']}"},
-                           logger=raw_log)
+        ws = await connect(
+            url, ssl=ctx, additional_headers={"Authorization": f"Bearer {tokens['acme']}"}, logger=raw_log
+        )
         await ws.close()
     text = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("test."))
     assert wrong not in text and tokens["acme"] not in text
@@ -180,8 +197,9 @@ async def test_tokens_replace_the_shared_token(certs: Certs, tmp_path: Path) -> 
         ExitServer(server_config(certs, tokens=tmp_path / "broken.toml"))
 
 
-async def test_broken_file_on_reload_keeps_credentials(certs: Certs, tmp_path: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+async def test_broken_file_on_reload_keeps_credentials(
+    certs: Certs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "tokens.toml"
     tokens = write_tokens(path, {"acme": ["acme.example"]})
     async with upstream(echo_app()) as up, token_stack(certs, path) as s:
