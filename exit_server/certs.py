@@ -27,7 +27,7 @@ def generate_certs(out: Path, hostname: str, ips: list[str], days: int = 825) ->
         The CA certificate's SHA-256 fingerprint (colon-separated hex).
     """
     out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("Backhaul dev CA")
     ca = (

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from shared.config import BaseConfig, is_loopback_host, parse_addr
+from shared.config import BaseConfig, is_loopback_host, optional_addr, parse_addr
 
 __all__ = ["ServerConfig"]
 
@@ -60,12 +60,7 @@ class ServerConfig(BaseConfig):
         parse_addr(value)
         return value
 
-    @field_validator("admin_addr")
-    @classmethod
-    def _admin_addr(cls, value: str | None) -> str | None:
-        if value:
-            parse_addr(value)
-        return value or None
+    _admin_addr = field_validator("admin_addr")(optional_addr)
 
     @field_validator("tcp_port_range")
     @classmethod

@@ -176,7 +176,9 @@ class ControlEndpoint:
         tunnel = Tunnel(session_id, client_id, hello.instance_id, remote, conn, dict(hello.labels))
         tunnel.policy = self.principals.get(conn)
         self.metrics.registered(client_id, hello.instance_id)
-        granted, ports, refused, replaced = self.registry.add(tunnel, list(hello.routes), list(hello.tcp), self.tcp.bind)
+        granted, ports, refused, replaced = self.registry.add(
+            tunnel, list(hello.routes), list(hello.tcp), self.tcp.bind
+        )
         self.tcp.sync()
         if replaced is not None:
             log.info("session %s replaces session %s of instance %s", session_id, replaced.id, hello.instance_id)

@@ -316,7 +316,7 @@ class PublicHandler:
         await resp.prepare(request)
         transport = request.transport
         assert transport is not None
-        feeder = RawFeeder(transport)  # type: ignore[arg-type]
+        feeder = RawFeeder(transport)
         request.protocol.set_parser(feeder)  # type: ignore[arg-type]
         writer = request.writer
 

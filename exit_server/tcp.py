@@ -87,7 +87,7 @@ class TcpListeners:
     async def _accept(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         current = asyncio.current_task()
         if current is not None:  # owned here, so close() can cancel it
-            self._tasks.add(current)  # type: ignore[arg-type]
+            self._tasks.add(current)
         peer = writer.get_extra_info("peername") or ("", 0)
         local = writer.get_extra_info("sockname") or ("", port)
         tunnel = self.registry.pick_tcp(port)
@@ -99,7 +99,9 @@ class TcpListeners:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        head = RequestHead(StreamKind.TCP, "", str(port), _hostport(local[0], local[1]), "tcp", _hostport(peer[0], peer[1]))
+        head = RequestHead(
+            StreamKind.TCP, "", str(port), _hostport(local[0], local[1]), "tcp", _hostport(peer[0], peer[1])
+        )
         try:
             stream = tunnel.conn.open_stream(head)
         except (TooManyStreams, SessionClosed) as exc:
@@ -123,7 +125,7 @@ class TcpListeners:
         finally:
             tunnel.conn.release(stream)
             self.connections -= 1
-            self._tasks.discard(current)  # type: ignore[arg-type]
+            self._tasks.discard(current)
             if not writer.is_closing():
                 writer.close()
 

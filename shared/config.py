@@ -17,6 +17,7 @@ __all__ = [
     "describe_validation_error",
     "is_loopback_host",
     "load_settings",
+    "optional_addr",
     "parse_addr",
     "read_secret",
     "split_list",
@@ -100,6 +101,17 @@ def parse_addr(value: str) -> tuple[str, int]:
     if not 0 <= number <= 65535:
         raise ValueError(f"port out of range in {value!r}")
     return host, number
+
+
+def optional_addr(value: str | None) -> str | None:
+    """Validator for an optional ``HOST:PORT`` setting; an empty value means off (None).
+
+    Raises:
+        ValueError: not of the form HOST:PORT.
+    """
+    if value:
+        parse_addr(value)
+    return value or None
 
 
 def is_loopback_host(host: str) -> bool:

@@ -60,7 +60,8 @@ def admin_app(client: TunnelClient) -> web.Application:
         return web.Response(status=503, text="not connected\n")
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(client.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = generate_latest(client.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

@@ -37,9 +37,9 @@ from .audit import AuditLog
 from .config import ClientConfig, parse_upstream
 from .ecs import METADATA_ENV, discover_routes, fetch_metadata, labels_from_task
 from .guard import Guard
+from .health import HealthChecker, parse_health_path
 from .killswitch import KillSwitch
 from .pinning import parse_pin, pinned_connection
-from .health import HealthChecker, parse_health_path
 from .upstream import Forwarder
 
 __all__ = ["TunnelClient"]
@@ -104,6 +104,9 @@ class ServerLink:
         cfg = self.client.config
         headers = {"Authorization": f"Bearer {self.client.token}"}
         ssl_ctx = self.client.ssl_context if self.url.startswith("wss:") else None
+        options = ws_limits(256 * 1024)
+        if self.address:  # connect to this resolved address; TLS still checks the URL's name
+            options["host"] = self.address
         try:
             ws = await connect(
                 self.url,
@@ -113,8 +116,7 @@ class ServerLink:
                 user_agent_header=SOFTWARE,
                 proxy=None,
                 create_connection=self.client.pinned if ssl_ctx is not None else None,
-                **({"host": self.address} if self.address else {}),
-                **ws_limits(256 * 1024),
+                **options,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code

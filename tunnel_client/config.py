@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from shared.config import BaseConfig, is_loopback_host, parse_addr, split_list
+from shared.config import BaseConfig, is_loopback_host, optional_addr, split_list
 
 from .guard import parse_allow_paths
 
@@ -47,7 +47,8 @@ def parse_upstream(spec: str) -> Upstream:
     host, slash, prefix = left.partition("/")
     host = host.lower()
     prefix = "/" + prefix if slash else "/"
-    if host != "default" and (not set(host) <= _HOST_CHARS or "*" in host[2:] or ("*" in host and not host.startswith("*."))):
+    bad_wildcard = "*" in host[2:] or ("*" in host and not host.startswith("*."))
+    if host != "default" and (not set(host) <= _HOST_CHARS or bad_wildcard):
         raise ValueError(f"bad host pattern {host!r} (exact, *.example.com or default)")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -107,9 +108,13 @@ class ClientConfig(BaseConfig):
     )
     audit_log: Path | None = Field(None, description="append a hash-chained JSON line per stream served to FILE")
     kill_switch_file: Path | None = Field(None, description="withdraw the tunnel while this file exists")
-    label: Annotated[list[str], NoDecode] = Field(default_factory=list, description="label KEY=VALUE sent at registration")
+    label: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="label KEY=VALUE sent at registration"
+    )
     insecure_plaintext: bool = Field(False, description="allow ws:// to a loopback exit server")
-    instance_id: str = Field(default_factory=lambda: secrets.token_hex(8), description="stable id of this client instance")
+    instance_id: str = Field(
+        default_factory=lambda: secrets.token_hex(8), description="stable id of this client instance"
+    )
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
     connect_timeout: float = Field(10.0, gt=0, description="seconds to open the tunnel")
     upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to an upstream")
@@ -172,12 +177,7 @@ class ClientConfig(BaseConfig):
             parse_upstream(spec)
         return value
 
-    @field_validator("admin_addr")
-    @classmethod
-    def _admin_addr(cls, value: str | None) -> str | None:
-        if value:
-            parse_addr(value)
-        return value or None
+    _admin_addr = field_validator("admin_addr")(optional_addr)
 
     _split_pin = field_validator("pin", mode="before")(split_list)
 

@@ -66,7 +66,9 @@ def ws_limits(max_frame: int) -> dict[str, Any]:
 class TunnelStream:
     """The asyncio face of one stream."""
 
-    __slots__ = ("_chunks", "_conn", "_eof", "_error", "_readable", "_reply", "_task", "_writable", "head", "id", "info")
+    __slots__ = (
+        "_chunks", "_conn", "_eof", "_error", "_readable", "_reply", "_task", "_writable", "head", "id", "info",
+    )
 
     def __init__(self, conn: TunnelConnection, stream_id: int, head: RequestHead | None = None) -> None:
         self.id = stream_id
@@ -391,7 +393,8 @@ class TunnelConnection:
                 if self.session.has_output:
                     self.flush()
         except ConnectionClosed as exc:
-            self.close_reason = self.close_reason or f"websocket closed: {exc.rcvd.reason if exc.rcvd else 'no close frame'}"
+            why = exc.rcvd.reason if exc.rcvd else "no close frame"
+            self.close_reason = self.close_reason or f"websocket closed: {why}"
 
     def _handle_events(self) -> None:
         for event in self.session.events():
@@ -405,7 +408,7 @@ class TunnelConnection:
             elif kind is ReplyReceived:
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
-                    stream._set_reply(event.head, event.end_stream)  # type: ignore[union-attr]
+                    stream._set_reply(event.head, event.end_stream)  # type: ignore[union-attr,arg-type]
             elif kind is ResetReceived:
                 stream = self._streams.pop(event.stream_id, None)
                 if stream is not None:
@@ -446,10 +449,10 @@ class TunnelConnection:
             for stream in blocked:
                 stream._writable.set()
             return
-        stream = self._streams.get(stream_id)
-        if stream is not None and stream in self._blocked:
-            self._blocked.discard(stream)
-            stream._writable.set()
+        one = self._streams.get(stream_id)
+        if one is not None and one in self._blocked:
+            self._blocked.discard(one)
+            one._writable.set()
 
     def _start_stream(self, event: StreamOpened) -> None:
         stream = TunnelStream(self, event.stream_id, event.head)
@@ -506,7 +509,7 @@ class TunnelConnection:
             self._handle_events()
             if session.has_output:
                 self.flush()
-            if session.state is SessionState.CLOSED:
+            if session.state is SessionState.CLOSED:  # type: ignore[comparison-overlap]  # tick() closes it
                 log.warning("session %s: %s", self.name, session.error)
                 self.close_reason = str(session.error)
                 await self._flush_now()

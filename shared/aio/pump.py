@@ -35,7 +35,9 @@ class Endpoint:
         self.abort = abort
 
 
-def stream_endpoint(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, read_size: int = 256 * 1024) -> Endpoint:
+def stream_endpoint(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, read_size: int = 256 * 1024
+) -> Endpoint:
     """Endpoint over asyncio streams; ``close_send`` half-closes (write EOF)."""
 
     async def recv() -> bytes:
