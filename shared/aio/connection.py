@@ -329,15 +329,18 @@ class TunnelConnection:
         """Close the WebSocket after flushing what is queued."""
         self.close_reason = self.close_reason or reason
         await self._flush_now()
+        ws = getattr(self, "ws", None)  # None once run() has ended and released it
+        if ws is None:
+            return
         try:
             async with asyncio.timeout(2):
-                await self.ws.close(code, reason[:120])
+                await ws.close(code, reason[:120])
         except (TimeoutError, ConnectionClosed, OSError):
             self.abort()
 
     def abort(self) -> None:
         """Drop the transport at once (dead peer)."""
-        transport = getattr(self.ws, "transport", None)
+        transport = getattr(getattr(self, "ws", None), "transport", None)
         if transport is not None:
             transport.abort()
 
@@ -357,7 +360,13 @@ class TunnelConnection:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # An ended session must not keep its websocket (and TLS buffers, ~1 MiB under load)
+            # alive until the next full GC: the callbacks are closures over this connection, and
+            # streams failed with a stored error are in cycles through its traceback
+            # (docs/RELIABILITY.md, "Findings").
+            self._on_stream = self._on_control = self._on_goaway = None
             self._closed.set()
+            del self.ws
 
     # ------------------------------------------------------------------ internals
 
@@ -481,9 +490,12 @@ class TunnelConnection:
 
     async def _flush_now(self) -> None:
         messages = self.session.data_to_send(MAX_MESSAGE)
+        ws = getattr(self, "ws", None)  # None once run() has ended and released it
+        if ws is None:
+            return
         try:
             for message in messages:
-                await self.ws.send(message)
+                await ws.send(message)
         except (ConnectionClosed, OSError):
             pass
 
