@@ -273,6 +273,7 @@ class Server:
             p = await probe(self.probe_path)
             out["tasks"] = p["tasks"]
             out["task_names"] = p["task_names"]
+            out["gc_objects"] = p["gc_objects"]
         m = await self.metrics()
         out["streams"] = int(m.get("backhaul_streams_in_flight", 0))
         out["tunnels"] = int(m.get("backhaul_tunnels_connected", 0))
@@ -295,6 +296,7 @@ class Client:
             p = await probe(self.probe_path)
             out["tasks"] = p["tasks"]
             out["task_names"] = p["task_names"]
+            out["gc_objects"] = p["gc_objects"]
         return out
 
 

@@ -248,11 +248,15 @@ class Forwarder:
         except TunnelError:
             return  # the server side is gone or reset the stream
         except aiohttp.ClientConnectorError as exc:
+            exc.__traceback__ = None  # its frames (aiohappyeyeballs keeps the errors) would hold this one
             log.warning("stream %d: upstream %s refused: %s", stream.id, upstream.origin, exc.os_error)
             _reset(stream, ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
         except TimeoutError:
             _reset(stream, ResetCode.UPSTREAM_TIMEOUT, "upstream timeout")
         except (aiohttp.ClientError, OSError) as exc:
+            # aiohttp keeps a payload error on the response: its traceback (this frame, the
+            # response, the last chunk) would make a cycle that lives until the cyclic GC runs.
+            exc.__traceback__ = None
             log.warning("stream %d: upstream %s failed %s: %s", stream.id, upstream.origin,
                         "mid-body" if replied else "before reply", type(exc).__name__)
             _reset(stream, ResetCode.UPSTREAM_RESET if replied else ResetCode.UPSTREAM_CONNECT, "upstream failed")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
@@ -137,15 +137,18 @@ class TunnelStream:
         if self._reply is None:
             self._reply = asyncio.get_running_loop().create_future()
             if self._error is not None:
-                raise self._error
+                raise _fresh(self._error)
         reply = self._reply
-        if reply.done() or timeout is None:
-            return await reply
-        handle = asyncio.get_running_loop().call_later(timeout, _expire, reply)
         try:
-            return await reply
-        finally:
-            handle.cancel()
+            if reply.done() or timeout is None:
+                return await reply
+            handle = asyncio.get_running_loop().call_later(timeout, _expire, reply)
+            try:
+                return await reply
+            finally:
+                handle.cancel()
+        except (TunnelError, TimeoutError) as exc:  # kept by the future: see _fresh
+            raise _fresh(exc) from None
 
     def take_complete_body(self) -> bytes | None:
         """When the whole body has already arrived, take it at once (so a small response goes
@@ -170,7 +173,7 @@ class TunnelStream:
                 self._conn._consumed(self.id, len(chunk))
                 return chunk
             if self._error is not None:
-                raise self._error
+                raise _fresh(self._error)
             if self._eof:
                 return b""
             self._readable.clear()
@@ -184,7 +187,7 @@ class TunnelStream:
         view = memoryview(data) if total else None
         while True:
             if self._error is not None:
-                raise self._error
+                raise _fresh(self._error)
             if session.state is SessionState.CLOSED:
                 raise SessionClosed("tunnel closed")
             remaining = total - offset
@@ -227,9 +230,24 @@ class TunnelStream:
     def send_reply(self, head: ResponseHead, end: bool = False) -> None:
         """Client side: send the response head."""
         if self._error is not None:
-            raise self._error
+            raise _fresh(self._error)
         self._conn.session.send_reply(self.id, head, end)
         self._conn.flush()
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _fresh(error: _E) -> _E:
+    """A copy of a stored error to raise. Raising the stored object itself gives it a traceback
+    that holds the raising frames (the stream, the caller's request and buffers) while the
+    stream holds the error: a reference cycle that keeps all that alive until the cyclic GC
+    runs (docs/RELIABILITY.md, "Findings"). The original's traceback is dropped too."""
+    error.__traceback__ = None
+    fresh = type(error).__new__(type(error))
+    fresh.__dict__.update(error.__dict__)
+    fresh.args = error.args
+    return fresh
 
 
 def _expire(reply: asyncio.Future[ResponseHead]) -> None:
@@ -487,6 +505,7 @@ class TunnelConnection:
             stream.reset(ResetCode.INTERNAL_ERROR, "internal error")
         finally:
             self.release(stream)
+            stream._task = None  # a cancelled task keeps its CancelledError, whose traceback holds this frame
 
     async def _flush_now(self) -> None:
         messages = self.session.data_to_send(MAX_MESSAGE)
