@@ -3,9 +3,10 @@ Prometheus metrics (bounded labels: the matched route pattern, never a path or a
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,11 +28,21 @@ UNROUTED = "unrouted"
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+# A generated X-Request-Id is 24 hex characters: 12 from a random per-process prefix (48 bits
+# from os.urandom at import) and 12 from a per-process counter. It is a correlation id, not a
+# secret: unique within the process by construction and across processes and restarts with
+# overwhelming probability, not guessable before the process has handed one out, and it costs
+# no getrandom syscall per request (secrets.token_hex did, on the hot path). Nothing may use it
+# for authorization: the next id of a process is predictable from a previous one.
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(3), "big"))  # a random start, too
+
+
 def request_id(presented: str | None) -> str:
     """Keep a caller's well-formed X-Request-Id, otherwise make a new one."""
     if presented and _REQUEST_ID.match(presented):
         return presented
-    return secrets.token_hex(12)
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
 
 
 @dataclass(slots=True)
@@ -55,6 +66,28 @@ class Exchange:
 
     def mark_head(self) -> None:
         self.head_seconds = time.perf_counter() - self.started
+
+
+class _RouteMetrics:
+    """The labelled children of one route pattern, made once (``labels()`` is slow): a
+    prometheus_client child stays valid for the life of its metric. Children appear on first
+    use, as with ``labels()`` at the call site, so /metrics shows no new zero series."""
+
+    __slots__ = ("metrics", "host", "codes", "duration", "head", "bytes_in", "bytes_out", "totals")
+
+    def __init__(self, metrics: Metrics, host: str, totals: list[float]) -> None:
+        self.metrics = metrics
+        self.host = host
+        self.codes: dict[int, Counter] = {}  # status // 100 -> requests child
+        self.duration = metrics.duration.labels(host)  # observed for every exchange
+        self.head: Histogram | None = None
+        self.bytes_in: Counter | None = None
+        self.bytes_out: Counter | None = None
+        self.totals = totals  # the same list as Metrics._hosts[host]
+
+    def code(self, status_class: int) -> Counter:
+        child = self.codes[status_class] = self.metrics.requests.labels(self.host, f"{status_class}xx")
+        return child
 
 
 class _TunnelCollector(Collector):
@@ -104,8 +137,10 @@ class Metrics:
                                        registry=r)
         r.register(_TunnelCollector(registry))
         self._seen_instances: dict[str, None] = {}
-        # Per-route running totals for the dashboard: [requests, 5xx, seconds, head seconds].
+        # Per-route running totals for the dashboard: [requests, 5xx, seconds].
         self._hosts: dict[str, list[float]] = {}
+        self._routes: dict[str, _RouteMetrics] = {}
+        self._rejected: dict[str, Counter] = {}
 
     def host_stats(self) -> dict[str, dict[str, float]]:
         """Cumulative totals per route pattern (the dashboard differentiates them)."""
@@ -125,21 +160,36 @@ class Metrics:
         """Record a finished exchange: metrics and one access-log line."""
         total = time.perf_counter() - ex.started
         host = ex.route
-        self.requests.labels(host, f"{ex.status // 100}xx").inc()
-        self.duration.labels(host).observe(total)
+        route = self._routes.get(host)
+        if route is None:
+            totals = self._hosts.get(host)
+            if totals is None:
+                totals = self._hosts[host] = [0, 0, 0.0]
+            route = self._routes[host] = _RouteMetrics(self, host, totals)
+        status = ex.status
+        status_class = status // 100
+        (route.codes.get(status_class) or route.code(status_class)).inc()
+        route.duration.observe(total)
         if ex.head_seconds is not None:
-            self.head.labels(host).observe(ex.head_seconds)
+            if route.head is None:
+                route.head = self.head.labels(host)
+            route.head.observe(ex.head_seconds)
         if ex.bytes_in:
-            self.bytes.labels(host, "in").inc(ex.bytes_in)
+            if route.bytes_in is None:
+                route.bytes_in = self.bytes.labels(host, "in")
+            route.bytes_in.inc(ex.bytes_in)
         if ex.bytes_out:
-            self.bytes.labels(host, "out").inc(ex.bytes_out)
+            if route.bytes_out is None:
+                route.bytes_out = self.bytes.labels(host, "out")
+            route.bytes_out.inc(ex.bytes_out)
         if ex.rejected:
-            self.rejected.labels(ex.rejected).inc()
-        totals = self._hosts.get(host)
-        if totals is None:
-            totals = self._hosts[host] = [0, 0, 0.0]
+            rejected = self._rejected.get(ex.rejected)
+            if rejected is None:
+                rejected = self._rejected[ex.rejected] = self.rejected.labels(ex.rejected)
+            rejected.inc()
+        totals = route.totals
         totals[0] += 1
-        totals[1] += ex.status >= 500
+        totals[1] += status >= 500
         totals[2] += total
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(

@@ -17,7 +17,7 @@ from shared.aio.pump import Endpoint, RawFeeder, pump
 from shared.errors import LocalProtocolError, SessionClosed, StreamReset, TooManyStreams, TunnelError
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
-from shared.httputil import forwarded_headers, strip_hop_by_hop
+from shared.httputil import HOP_BY_HOP, forwarded_headers, strip_hop_by_hop
 from shared.routing import normalize_host
 
 from .access import AccessRules
@@ -27,6 +27,8 @@ from .observe import Exchange, Metrics, request_id
 from .routes import Registry, Tunnel
 
 __all__ = ["PublicHandler", "RESET_STATUS"]
+
+RawHeaders = tuple[tuple[bytes, bytes], ...]
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +208,9 @@ class PublicHandler:
             return error_response(431)
 
     def _head(self, request: web.BaseRequest, host: str, rid: str, websocket: bool = False) -> RequestHead:
-        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
-        headers = strip_hop_by_hop(raw, keep_upgrade=websocket)
-        headers = [(k, v) for k, v in headers if k.lower() not in ("expect", "x-request-id")]
-        headers.append(("X-Request-Id", rid))
         peer = request.remote or ""
-        headers = forwarded_headers(headers, peer, self.config.public_scheme, request.host)
+        headers = _upstream_headers(request.raw_headers, rid, peer, self.config.public_scheme, request.host,
+                                    websocket)
         return RequestHead(
             StreamKind.WEBSOCKET if websocket else StreamKind.HTTP,
             request.method,
@@ -219,7 +218,7 @@ class PublicHandler:
             request.host,
             self.config.public_scheme,
             peer,
-            tuple(headers),
+            headers,
         )
 
     async def _pump_body(self, request: web.BaseRequest, stream: TunnelStream, ex: Exchange) -> None:
@@ -260,21 +259,18 @@ class PublicHandler:
         self, request: web.BaseRequest, stream: TunnelStream, status: int, headers: tuple[tuple[str, str], ...],
         ex: Exchange,
     ) -> web.StreamResponse:
-        kept = strip_hop_by_hop(headers)
-        if request.method != "HEAD" and status not in (204, 304) and any(
-                name.lower() == "content-length" for name, _ in kept):
+        kept, unsized = _reply_headers(headers)
+        if unsized is not None and request.method != "HEAD" and status not in (204, 304):
             body = stream.take_complete_body()
             if body is not None:  # all there already: head and body in one write
-                one = web.Response(status=status, body=body)
-                one.headers.extend((n, v) for n, v in kept if n.lower() != "content-length")
+                one = web.Response(status=status, body=body, headers=unsized)  # aiohttp sets the length
                 if self.draining:
                     one.force_close()
                 ex.bytes_out += len(body)
                 return one
-        resp = web.StreamResponse(status=status)
+        resp = web.StreamResponse(status=status, headers=kept)  # keeps order and repeats (Set-Cookie)
         if self.draining:
             resp.force_close()  # the server is going away: the caller reconnects elsewhere
-        resp.headers.extend(kept)  # keeps order and repeats (Set-Cookie)
         transport = request.transport
         try:
             await resp.prepare(request)
@@ -330,6 +326,103 @@ class PublicHandler:
         if not transport.is_closing():
             transport.close()
         return resp
+
+
+# Request header names (lower case) the fused pass of _upstream_headers acts on: dropped (hop by
+# hop, Expect, the caller's X-Request-Id), or the X-Forwarded-* it extends or respects.
+_DROP, _CONNECTION, _XFF, _XF_PROTO, _XF_HOST = range(5)
+_REQUEST_NAMES: dict[str, int | None] = {name: _DROP for name in HOP_BY_HOP | {"expect", "x-request-id"}}
+_REQUEST_NAMES.update({"connection": _CONNECTION, "x-forwarded-for": _XFF, "x-forwarded-proto": _XF_PROTO,
+                       "x-forwarded-host": _XF_HOST})
+_WEBSOCKET_NAMES = dict(_REQUEST_NAMES, upgrade=None)  # Connection and Upgrade pass for a WebSocket
+_UPGRADE_NAMES = frozenset({"connection", "upgrade"})
+
+
+def _upstream_headers(raw: RawHeaders, rid: str, peer: str, proto: str, host: str,
+                      websocket: bool) -> tuple[tuple[str, str], ...]:
+    """The request headers as the upstream gets them, in one pass over the raw ones: hop-by-hop
+    headers, Expect and the caller's X-Request-Id dropped, then ours and X-Forwarded-* added.
+    Same result as :func:`_upstream_headers_slow`, which a Connection header naming further
+    headers falls back to (they must go before X-Forwarded-* is looked at)."""
+    names = _WEBSOCKET_NAMES if websocket else _REQUEST_NAMES
+    out: list[tuple[str, str]] = []
+    chain: list[str] = []
+    connection: list[str] | None = None
+    have_proto = have_host = False
+    for raw_name, raw_value in raw:
+        name = raw_name.decode("latin-1")
+        role = names.get(name.lower())
+        if role is None:
+            out.append((name, raw_value.decode("latin-1")))
+        elif role == _DROP:
+            continue
+        elif role == _CONNECTION:  # dropped unless websocket, where it passes
+            value = raw_value.decode("latin-1")
+            connection = [value] if connection is None else [*connection, value]
+            if websocket:
+                out.append((name, value))
+        elif role == _XFF:
+            chain.append(raw_value.decode("latin-1").strip())
+        else:
+            if role == _XF_PROTO:
+                have_proto = True
+            else:
+                have_host = True
+            out.append((name, raw_value.decode("latin-1")))
+    if connection is not None and _connection_names(connection, names):
+        return _upstream_headers_slow(raw, rid, peer, proto, host, websocket)
+    out.append(("X-Request-Id", rid))
+    chain.append(peer)
+    out.append(("X-Forwarded-For", ", ".join(c for c in chain if c)))
+    if not have_proto:
+        out.append(("X-Forwarded-Proto", proto))
+    if not have_host and host:
+        out.append(("X-Forwarded-Host", host))
+    return tuple(out)
+
+
+def _connection_names(values: list[str], names: dict[str, int | None]) -> bool:
+    """True when Connection names a header the fused pass may have kept (rare: the slow path)."""
+    websocket = names is _WEBSOCKET_NAMES
+    for value in values:
+        for token in value.split(","):
+            token = token.strip().lower()
+            if not token or (token in _UPGRADE_NAMES if websocket else token in HOP_BY_HOP):
+                continue  # dropped anyway, or kept anyway on a WebSocket stream
+            if names.get(token) != _DROP:
+                return True
+    return False
+
+
+def _upstream_headers_slow(raw: RawHeaders, rid: str, peer: str, proto: str, host: str,
+                           websocket: bool) -> tuple[tuple[str, str], ...]:
+    headers = strip_hop_by_hop([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw], keep_upgrade=websocket)
+    headers = [(k, v) for k, v in headers if k.lower() not in ("expect", "x-request-id")]
+    headers.append(("X-Request-Id", rid))
+    return tuple(forwarded_headers(headers, peer, proto, host))
+
+
+def _reply_headers(
+        headers: tuple[tuple[str, str], ...]) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
+    """The reply headers for the caller (hop-by-hop ones dropped), and the same without
+    Content-Length when there was one (None otherwise)."""
+    kept: list[tuple[str, str]] = []
+    unsized: list[tuple[str, str]] = []
+    sized = False
+    for pair in headers:
+        lower = pair[0].lower()
+        if lower in HOP_BY_HOP:
+            if lower == "connection":  # it may name more headers to drop: the general path
+                kept = strip_hop_by_hop(headers)
+                unsized = [p for p in kept if p[0].lower() != "content-length"]
+                return kept, unsized if len(unsized) != len(kept) else None
+            continue
+        kept.append(pair)
+        if lower == "content-length":
+            sized = True
+        else:
+            unsized.append(pair)
+    return kept, unsized if sized else None
 
 
 def _origin_form(request: web.BaseRequest) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -37,6 +38,11 @@ _STATUS_COUNT = struct.Struct(">HH")
 _FIXED_FIELDS = 5
 MAX_FIELDS = 1024
 
+#: The u16 length prefix of a short field as two ISO-8859-1 characters: a head is assembled as
+#: one str and encoded once (one char per octet), not packed field by field. Longer fields
+#: (rare) take the field-by-field path.
+_PREFIX = tuple(chr(n >> 8) + chr(n & 0xFF) for n in range(1024))
+
 
 class StreamKind(enum.IntEnum):
     """What a stream carries."""
@@ -44,6 +50,9 @@ class StreamKind(enum.IntEnum):
     HTTP = 1
     WEBSOCKET = 2
     TCP = 3
+
+
+_KINDS = {kind.value: kind for kind in StreamKind}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,33 +88,70 @@ def _pack_fields(parts: list[bytes], values: list[str]) -> None:
         parts.append(raw)
 
 
-def _unpack_fields(payload: memoryview, offset: int, count: int) -> list[str]:
-    out: list[str] = []
-    end = len(payload)
+def _encode(prefix: bytes, values: list[str]) -> bytes:
+    """``prefix`` then every value as a length-prefixed ISO-8859-1 string."""
+    try:
+        # Fast path: one str, one encode (an ISO-8859-1 str has exactly one octet per char).
+        parts: list[str] = []
+        for value in values:
+            parts += (_PREFIX[len(value)], value)
+        return prefix + "".join(parts).encode("latin-1")
+    except (IndexError, UnicodeEncodeError, TypeError):
+        pass  # a long field, or one the slow path refuses with the precise error
+    out = [prefix]
+    try:
+        _pack_fields(out, values)
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError("head field is not ISO-8859-1") from exc
+    return b"".join(out)
+
+
+def _unpack_fields(payload: memoryview | bytes, offset: int, fixed: int, pairs: int) -> tuple[list[str], Headers]:
+    """``fixed`` fields then ``pairs`` header (name, value) pairs from ``offset`` to the end."""
+    data = bytes(payload)
+    text = data.decode("latin-1")  # one char per octet: every field is a slice of it
+    first = offset
+    values: list[str] = []
+    headers: list[tuple[str, str]] = []
+    # No bounds check per field: a length prefix past the end raises IndexError, a field past
+    # the end leaves the next prefix past it or ``offset`` beyond the end; then the checking
+    # walk below names the fault.
+    try:
+        for _ in range(fixed):
+            start = offset + 2
+            offset = start + ((data[offset] << 8) | data[offset + 1])
+            values.append(text[start:offset])
+        for _ in range(pairs):
+            start = offset + 2
+            offset = start + ((data[offset] << 8) | data[offset + 1])
+            name = text[start:offset]
+            start = offset + 2
+            offset = start + ((data[offset] << 8) | data[offset + 1])
+            headers.append((name, text[start:offset]))
+    except IndexError:
+        offset = -1
+    if offset != len(data):
+        _malformed(data, first, fixed + 2 * pairs)
+    return values, tuple(headers)
+
+
+def _malformed(data: bytes, offset: int, count: int) -> NoReturn:
+    """Raise the error for fields that do not fill ``data`` exactly from ``offset``."""
+    end = len(data)
     for _ in range(count):
         if end - offset < 2:
             raise RemoteProtocolError("truncated head field length")
-        (length,) = _U16.unpack_from(payload, offset)
-        offset += 2
-        if end - offset < length:
+        offset += 2 + ((data[offset] << 8) | data[offset + 1])
+        if offset > end:
             raise RemoteProtocolError("truncated head field")
-        out.append(str(payload[offset : offset + length], "latin-1"))
-        offset += length
-    if offset != end:
-        raise RemoteProtocolError("trailing bytes after head")
-    return out
+    raise RemoteProtocolError("trailing bytes after head")
 
 
-def _flatten(headers: Headers) -> list[str]:
-    flat: list[str] = []
+def _flatten(values: list[str], headers: Headers) -> list[str]:
     for name, value in headers:
-        flat.append(name)
-        flat.append(value)
-    return flat
-
-
-def _pairs(flat: list[str]) -> Headers:
-    return tuple(zip(flat[0::2], flat[1::2], strict=True))
+        values.append(name)
+        values.append(value)
+    return values
 
 
 def encode_request_head(head: RequestHead) -> bytes:
@@ -114,16 +160,10 @@ def encode_request_head(head: RequestHead) -> bytes:
     Raises:
         LocalProtocolError: a field is over 65535 bytes, too many headers, or not ISO-8859-1.
     """
-    values = [head.method, head.target, head.authority, head.scheme, head.client_addr]
-    values += _flatten(head.headers)
+    values = _flatten([head.method, head.target, head.authority, head.scheme, head.client_addr], head.headers)
     if len(values) > MAX_FIELDS:
         raise LocalProtocolError("too many header fields")
-    parts = [_KIND_COUNT.pack(head.kind, len(values))]
-    try:
-        _pack_fields(parts, values)
-    except UnicodeEncodeError as exc:
-        raise LocalProtocolError("head field is not ISO-8859-1") from exc
-    return b"".join(parts)
+    return _encode(_KIND_COUNT.pack(head.kind, len(values)), values)
 
 
 def decode_request_head(payload: memoryview | bytes) -> RequestHead:
@@ -132,35 +172,26 @@ def decode_request_head(payload: memoryview | bytes) -> RequestHead:
     Raises:
         RemoteProtocolError: malformed payload, unknown kind, or an odd header count.
     """
-    view = memoryview(payload)
-    if len(view) < _KIND_COUNT.size:
+    if len(payload) < _KIND_COUNT.size:
         raise RemoteProtocolError("OPEN payload too short")
-    kind, count = _KIND_COUNT.unpack_from(view)
-    try:
-        stream_kind = StreamKind(kind)
-    except ValueError:
-        raise RemoteProtocolError(f"unknown stream kind {kind}") from None
+    kind, count = _KIND_COUNT.unpack_from(payload)
+    stream_kind = _KINDS.get(kind)
+    if stream_kind is None:
+        raise RemoteProtocolError(f"unknown stream kind {kind}")
     if count < _FIXED_FIELDS or (count - _FIXED_FIELDS) % 2 or count > MAX_FIELDS:
         raise RemoteProtocolError(f"bad OPEN field count {count}")
-    fields = _unpack_fields(view, _KIND_COUNT.size, count)
-    return RequestHead(
-        stream_kind, fields[0], fields[1], fields[2], fields[3], fields[4], _pairs(fields[5:])
-    )
+    fields, headers = _unpack_fields(payload, _KIND_COUNT.size, _FIXED_FIELDS, (count - _FIXED_FIELDS) >> 1)
+    return RequestHead(stream_kind, fields[0], fields[1], fields[2], fields[3], fields[4], headers)
 
 
 def encode_response_head(head: ResponseHead) -> bytes:
     """Encode a REPLY payload."""
     if not 100 <= head.status <= 999:
         raise LocalProtocolError(f"status {head.status} out of range")
-    values = _flatten(head.headers)
+    values = _flatten([], head.headers)
     if len(values) > MAX_FIELDS:
         raise LocalProtocolError("too many header fields")
-    parts = [_STATUS_COUNT.pack(head.status, len(values))]
-    try:
-        _pack_fields(parts, values)
-    except UnicodeEncodeError as exc:
-        raise LocalProtocolError("head field is not ISO-8859-1") from exc
-    return b"".join(parts)
+    return _encode(_STATUS_COUNT.pack(head.status, len(values)), values)
 
 
 def decode_response_head(payload: memoryview | bytes) -> ResponseHead:
@@ -169,12 +200,11 @@ def decode_response_head(payload: memoryview | bytes) -> ResponseHead:
     Raises:
         RemoteProtocolError: malformed payload, status out of range, or an odd header count.
     """
-    view = memoryview(payload)
-    if len(view) < _STATUS_COUNT.size:
+    if len(payload) < _STATUS_COUNT.size:
         raise RemoteProtocolError("REPLY payload too short")
-    status, count = _STATUS_COUNT.unpack_from(view)
+    status, count = _STATUS_COUNT.unpack_from(payload)
     if not 100 <= status <= 999:
         raise RemoteProtocolError(f"status {status} out of range")
     if count % 2 or count > MAX_FIELDS:
         raise RemoteProtocolError(f"bad REPLY field count {count}")
-    return ResponseHead(status, _pairs(_unpack_fields(view, _STATUS_COUNT.size, count)))
+    return ResponseHead(status, _unpack_fields(payload, _STATUS_COUNT.size, 0, count >> 1)[1])

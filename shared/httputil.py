@@ -20,6 +20,8 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+_UPGRADE = frozenset({"upgrade", "connection"})
+_HOP_BY_HOP_KEEP_UPGRADE = HOP_BY_HOP - _UPGRADE
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]], keep_upgrade: bool = False) -> list[tuple[str, str]]:
@@ -29,15 +31,24 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], keep_upgrade: bool = Fa
         headers: (name, value) pairs in order; repeated names are kept.
         keep_upgrade: keep ``Connection: upgrade`` and ``Upgrade`` (WebSocket streams).
     """
-    pairs = list(headers)
-    named: set[str] = set()
-    for name, value in pairs:
-        if name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(",") if token.strip())
-    drop = HOP_BY_HOP | named
+    drop = _HOP_BY_HOP_KEEP_UPGRADE if keep_upgrade else HOP_BY_HOP
+    out: list[tuple[str, str]] = []
+    connection: list[str] | None = None
+    for pair in headers:  # one pass, one lower() per name; a second only for Connection-named headers
+        lower = pair[0].lower()
+        if lower == "connection":
+            connection = [pair[1]] if connection is None else [*connection, pair[1]]
+        if lower not in drop:
+            out.append(pair)
+    if connection is None:
+        return out
+    named = {token.strip().lower() for value in connection for token in value.split(",") if token.strip()}
+    named -= drop
     if keep_upgrade:
-        drop = drop - {"upgrade", "connection"}
-    return [(n, v) for n, v in pairs if n.lower() not in drop]
+        named -= _UPGRADE
+    if not named:
+        return out
+    return [pair for pair in out if pair[0].lower() not in named]
 
 
 def forwarded_headers(
