@@ -15,6 +15,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from shared.aio.connection import TunnelConnection
+from shared.aio.wsfast import TunnelServerConnection
 from shared.frames import GoAwayCode
 from shared.messages import PROTOCOL_VERSION, Error, Hello, Routes, Welcome
 from shared.mux import Role, Session, SessionState
@@ -133,6 +134,7 @@ class ControlEndpoint:
                 self.registry.withdraw(tunnel)
                 log.info("session %s: client draining, %d streams in flight", session_id, conn.streams_in_flight)
 
+        assert isinstance(ws, TunnelServerConnection)  # serve(create_connection=...) in server.py
         conn = TunnelConnection(ws, session, name=session_id, on_control=on_control, on_goaway=on_goaway)
         self.connections.add(conn)
         self.principals[conn] = getattr(ws, "backhaul_principal", None) or Principal(client_id)

@@ -17,6 +17,7 @@ from websockets.asyncio.server import Server, serve
 
 from shared.aio.connection import ws_limits
 from shared.aio.tls import server_context
+from shared.aio.wsfast import TunnelServerConnection
 from shared.config import parse_addr, read_secret
 from shared.frames import GoAwayCode
 
@@ -88,6 +89,7 @@ class ExitServer:
             ssl=ssl_ctx,
             process_request=self.control.process_request,
             server_header="backhaul",
+            create_connection=TunnelServerConnection,
             **ws_limits(256 * 1024),
         )
         self.control_port = _bound_port(self._ws_server.sockets)

@@ -238,7 +238,8 @@ async def probe(path: Path, query: str = "") -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the stack
 
-SESSION_TYPES = "TunnelConnection,ServerConnection,ClientConnection,SSLObject"
+SESSION_TYPES = ("TunnelConnection,ServerConnection,ClientConnection,TunnelServerConnection,TunnelClientConnection,"
+                 "PinnedClientConnection,SSLObject")
 
 
 async def live_sessions(path: Path) -> dict[str, int]:

@@ -176,7 +176,8 @@ async def check_freed(res: Result, who: str, path: Path | None, connected: int) 
     if path is None:
         return
     live = await live_sessions(path)
-    ws = live.get("ServerConnection", 0) + live.get("ClientConnection", 0)
+    ws = sum(live.get(name, 0) for name in ("ServerConnection", "ClientConnection", "TunnelServerConnection",
+                                            "TunnelClientConnection", "PinnedClientConnection"))
     tls = live.get("SSLObject", 0)
     res.check(f"{who}: ended sessions' websockets and TLS objects freed at once", ws == connected == tls,
               f"{ws} websockets, {tls} TLS objects in memory for {connected} connected "

@@ -35,6 +35,7 @@ from .events import (
 )
 from .frames import (
     HEADER,
+    HEADER_SIZE,
     Flags,
     FrameType,
     GoAwayCode,
@@ -208,7 +209,7 @@ class Session:
         self._conn_credit_pending = 0
         self._conn_credit_withheld = 0
         self._buffered = 0
-        self._out: list[bytes] = []
+        self._out: list[tuple[bytes, bytes | memoryview]] = []  # (frame header, payload)
         self._events: list[Event] = []
         self._last_received = now
         self._last_ping = now
@@ -253,22 +254,25 @@ class Session:
         out = self._out
         self._out = []
         messages: list[bytes] = []
-        group: list[bytes] = []
+        group: list[bytes | memoryview] = []
         size = 0
-        for chunk in out:
-            if size and size + len(chunk) > max_message:
+        for header, payload in out:  # one join per message: the only copy of a payload here
+            n = HEADER_SIZE + len(payload)
+            if size and size + n > max_message:
                 messages.append(b"".join(group))
                 group, size = [], 0
-            group.append(chunk)
-            size += len(chunk)
-        messages.append(group[0] if len(group) == 1 else b"".join(group))
+            group.append(header)
+            if payload:
+                group.append(payload)
+            size += n
+        messages.append(b"".join(group))
         for message in messages:
             self.bytes_out += len(message)
         return messages
 
-    def _queue(self, ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+    def _queue(self, ftype: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> None:
         n = len(payload)
-        self._out.append(HEADER.pack(n >> 16, n & 0xFFFF, ftype, flags, stream_id) + payload)
+        self._out.append((HEADER.pack(n >> 16, n & 0xFFFF, ftype, flags, stream_id), payload))
 
     def events(self) -> list[Event]:
         """Return and clear the events produced so far."""
@@ -381,7 +385,7 @@ class Session:
             raise LocalProtocolError(f"{what} head of {len(payload)} bytes exceeds the peer's frame limit")
         return payload
 
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> None:
         """Queue DATA within the available credit, split to the peer's frame limit.
 
         Raises:
@@ -404,7 +408,7 @@ class Session:
             for offset in range(0, n, step):
                 last = offset + step >= n
                 flags = Flags.END_STREAM if (end_stream and last) else 0
-                self._queue(FrameType.DATA, flags, stream_id, bytes(view[offset : offset + step]))
+                self._queue(FrameType.DATA, flags, stream_id, view[offset : offset + step])  # joined once later
         if end_stream:
             self._local_transition(stream_id, stream, StreamEvent.SEND_END)
 

@@ -25,6 +25,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from shared.aio.connection import TunnelConnection, TunnelStream, ws_limits
 from shared.aio.tls import client_context
+from shared.aio.wsfast import TunnelClientConnection
 from shared.backoff import backoff_delays
 from shared.config import parse_addr, read_secret
 from shared.errors import ConfigError, StreamReset, TunnelError
@@ -115,7 +116,8 @@ class ServerLink:
                 open_timeout=cfg.connect_timeout,
                 user_agent_header=SOFTWARE,
                 proxy=None,
-                create_connection=self.client.pinned if ssl_ctx is not None else None,
+                create_connection=(self.client.pinned if ssl_ctx is not None and self.client.pinned is not None
+                                   else TunnelClientConnection),
                 **options,
             )
         except InvalidStatus as exc:
@@ -169,6 +171,7 @@ class ServerLink:
             if code in (GoAwayCode.NO_ERROR, GoAwayCode.SHUTDOWN):
                 went_away.set()
 
+        assert isinstance(ws, TunnelClientConnection)
         conn = TunnelConnection(ws, session, name="-", on_stream=self.client.serve_stream,
                                 on_control=on_control, on_goaway=on_goaway)
         self.conn = conn

@@ -21,8 +21,9 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidHandshake
+
+from shared.aio.wsfast import TunnelClientConnection
 
 __all__ = ["PinMismatch", "parse_pin", "pinned_connection", "spki_pin"]
 
@@ -60,11 +61,11 @@ def spki_pin(der_cert: bytes) -> str:
     return "sha256:" + base64.b64encode(spki_digest(der_cert)).decode()
 
 
-def pinned_connection(pins: frozenset[bytes]) -> type[ClientConnection]:
+def pinned_connection(pins: frozenset[bytes]) -> type[TunnelClientConnection]:
     """A websockets connection class that refuses, before any HTTP byte, a server whose leaf
     certificate's public key is not in ``pins``."""
 
-    class PinnedClientConnection(ClientConnection):
+    class PinnedClientConnection(TunnelClientConnection):
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
             ssl_object = self.transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None

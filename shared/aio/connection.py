@@ -1,10 +1,15 @@
 """One tunnel session over a websockets connection: the thin asyncio adapter around
 :class:`shared.mux.Session` (websockets ``asyncio/connection.py`` is the model).
 
-One reader task feeds received messages to the session; one writer task flushes
-``data_to_send()`` (so frames queued in the same loop iteration share a WebSocket message); one
-heartbeat task drives ``tick()``. Streams are :class:`TunnelStream` objects with ``read``/
-``write`` that respect flow control. Teardown cancels and awaits every task it started.
+Received messages reach the session from the websockets protocol callback
+(:mod:`shared.aio.wsfast`: no reader task); ``flush()`` schedules one callback per loop
+iteration that writes ``data_to_send()`` (so frames queued in the same iteration share a
+WebSocket message), and waits in a task only while the socket's write buffer is over its limit;
+one heartbeat task drives ``tick()``. Streams are :class:`TunnelStream` objects with ``read``/
+``write`` that respect flow control. Nothing on the per-request path calls
+``asyncio.get_running_loop()``, ``asyncio.create_task()`` or ``asyncio.Event.wait()``: on
+Python 3.11 each of those makes a ``getpid()`` syscall (measured: 3 per request per process).
+Teardown cancels and awaits every task it started.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
 from ..errors import SessionClosed, StreamReset, TunnelError
@@ -34,6 +38,7 @@ from ..frames import GoAwayCode, ResetCode
 from ..heads import RequestHead, ResponseHead
 from ..messages import Error, Hello, Routes, Welcome
 from ..mux import Session, SessionState
+from .wsfast import TunnelWebSocket
 
 __all__ = ["TunnelConnection", "TunnelStream", "ws_limits"]
 
@@ -67,7 +72,7 @@ class TunnelStream:
     """The asyncio face of one stream."""
 
     __slots__ = (
-        "_chunks", "_conn", "_eof", "_error", "_readable", "_reply", "_task", "_writable", "head", "id", "info",
+        "_chunks", "_conn", "_eof", "_error", "_loop", "_reply", "_rwait", "_task", "_wwait", "head", "id", "info",
     )
 
     def __init__(self, conn: TunnelConnection, stream_id: int, head: RequestHead | None = None) -> None:
@@ -78,8 +83,9 @@ class TunnelStream:
         self._chunks: deque[bytes] = deque()
         self._eof = False
         self._error: TunnelError | None = None
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
+        self._loop = conn._loop
+        self._rwait: asyncio.Future[None] | None = None  # read() waiting for data
+        self._wwait: asyncio.Future[None] | None = None  # write() waiting for credit
         self._reply: asyncio.Future[ResponseHead] | None = None
         self._task: asyncio.Task[None] | None = None  # client side: the handler to cancel on reset
 
@@ -89,20 +95,31 @@ class TunnelStream:
             self._chunks.append(data)
         if end:
             self._eof = True
-        self._readable.set()
+        waiter = self._rwait
+        if waiter is not None:
+            self._rwait = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _writable(self) -> None:
+        waiter = self._wwait
+        if waiter is not None:
+            self._wwait = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _fail(self, error: TunnelError) -> None:
         if self._error is None:
             self._error = error
-        self._readable.set()
-        self._writable.set()
+        self._feed(b"", False)
+        self._writable()
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(error)
             self._reply.exception()  # mark retrieved: nobody may be waiting any more
 
     def _set_reply(self, head: ResponseHead, end: bool) -> None:
         if self._reply is None:
-            self._reply = asyncio.get_running_loop().create_future()
+            self._reply = self._loop.create_future()
         if not self._reply.done():
             self._reply.set_result(head)
         if end:
@@ -135,14 +152,14 @@ class TunnelStream:
             TimeoutError: no REPLY within ``timeout``.
         """
         if self._reply is None:
-            self._reply = asyncio.get_running_loop().create_future()
+            self._reply = self._loop.create_future()
             if self._error is not None:
                 raise _fresh(self._error)
         reply = self._reply
         try:
             if reply.done() or timeout is None:
                 return await reply
-            handle = asyncio.get_running_loop().call_later(timeout, _expire, reply)
+            handle = self._loop.call_later(timeout, _expire, reply)
             try:
                 return await reply
             finally:
@@ -176,10 +193,10 @@ class TunnelStream:
                 raise _fresh(self._error)
             if self._eof:
                 return b""
-            self._readable.clear()
-            await self._readable.wait()
+            self._rwait = waiter = self._loop.create_future()
+            await waiter
 
-    async def write(self, data: bytes, end: bool = False) -> None:
+    async def write(self, data: bytes | memoryview, end: bool = False) -> None:
         """Send ``data`` (then END_STREAM if ``end``), waiting for credit as needed."""
         session = self._conn.session
         total = len(data)
@@ -198,14 +215,14 @@ class TunnelStream:
                 return
             window = session.send_window(self.id)
             if window <= 0:
-                self._writable.clear()
                 self._conn._blocked.add(self)
-                await self._writable.wait()
+                self._wwait = waiter = self._loop.create_future()
+                await waiter
                 continue
             n = min(window, remaining)
             last = n == remaining
             assert view is not None
-            chunk = data if (offset == 0 and last) else bytes(view[offset : offset + n])
+            chunk = data if (offset == 0 and last) else view[offset : offset + n]  # copied once, into the message
             session.send_data(self.id, chunk, end and last)
             offset += n
             self._conn.flush()
@@ -272,7 +289,7 @@ class TunnelConnection:
 
     def __init__(
         self,
-        ws: Connection,
+        ws: TunnelWebSocket,
         session: Session,
         *,
         name: str = "-",
@@ -288,11 +305,13 @@ class TunnelConnection:
         self._on_goaway = on_goaway
         self._streams: dict[int, TunnelStream] = {}
         self._blocked: set[TunnelStream] = set()
-        self._wake = asyncio.Event()
+        self._flush_pending = False
+        self._drainer: asyncio.Task[None] | None = None  # waits while the socket buffer is full
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
-        self.close_reason = ""
         self._loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[None] = self._loop.create_future()  # the reading side ended
+        self.close_reason = ""
 
     # ------------------------------------------------------------------ API
 
@@ -305,8 +324,11 @@ class TunnelConnection:
         return len(self._streams)
 
     def flush(self) -> None:
-        """Wake the writer (frames queued in this loop iteration go out together)."""
-        self._wake.set()
+        """Write what the session has queued, once per loop iteration (frames queued in the same
+        iteration go out together)."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
 
     def open_stream(self, head: RequestHead, end_stream: bool = False) -> TunnelStream:
         """Exit-server side: open a stream.
@@ -364,17 +386,20 @@ class TunnelConnection:
 
     async def run(self) -> None:
         """Run until the session ends; then fail every stream and await every task."""
-        writer = asyncio.create_task(self._writer(), name=f"tunnel-writer-{self.name}")
-        ticker = asyncio.create_task(self._ticker(), name=f"tunnel-heartbeat-{self.name}")
+        ticker = self._loop.create_task(self._ticker(), name=f"tunnel-heartbeat-{self.name}")
         self.flush()
         try:
             await self._reader()
         finally:
+            self.ws.detach()
             await self._flush_now()
-            writer.cancel()
             ticker.cancel()
+            if self._drainer is not None:
+                self._drainer.cancel()
             self._teardown()
-            tasks = [writer, ticker, *self._tasks]
+            tasks = [ticker, *self._tasks]
+            if self._drainer is not None:
+                tasks.append(self._drainer)
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -404,24 +429,50 @@ class TunnelConnection:
         self._blocked.clear()
 
     async def _reader(self) -> None:
-        session = self.session
-        loop_time = self._loop.time
+        """Attach to the websocket (messages arrive in :meth:`_on_message`) and wait until the
+        session ends or the websocket closes."""
+        ws = self.ws
+        ws.attach(self._on_message, self._on_bad_message)
+        lost = asyncio.ensure_future(ws.wait_closed())
         try:
-            async for message in self.ws:
-                if isinstance(message, str):
-                    self.close_reason = "text message on the tunnel"
-                    await self.close(1003, "binary frames only")
-                    return
-                session.receive(message, loop_time())
-                self._handle_events()
-                if session.state is SessionState.CLOSED:
-                    await self.close(1002 if session.error else 1000, str(session.error or "closed"))
-                    return
-                if self.session.has_output:
-                    self.flush()
-        except ConnectionClosed as exc:
-            why = exc.rcvd.reason if exc.rcvd else "no close frame"
-            self.close_reason = self.close_reason or f"websocket closed: {why}"
+            await asyncio.wait((lost, self._done), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if self._done.done():
+            reason = self._done.result() if not self._done.cancelled() else None
+            if isinstance(reason, tuple):
+                await self.close(*reason)
+            return
+        rcvd = getattr(ws, "protocol", None) and ws.protocol.close_rcvd
+        why = rcvd.reason if rcvd else "no close frame"
+        self.close_reason = self.close_reason or f"websocket closed: {why}"
+
+    def _end(self, code: int | None = None, reason: str = "") -> None:
+        """The reading side is over: run() closes the websocket (with ``code``) and tears down."""
+        if not self._done.done():
+            self._done.set_result((code, reason) if code is not None else None)  # type: ignore[arg-type]
+
+    def _on_message(self, message: bytes) -> None:
+        """One binary WebSocket message, from the websockets protocol callback."""
+        session = self.session
+        if self._done.done():
+            return
+        try:
+            session.receive(message, self._loop.time())
+            self._handle_events()
+        except Exception:  # a bug here must not unwind into websockets' data_received
+            log.exception("session %s: failed handling a message", self.name)
+            self.close_reason = "internal error"
+            self._end(1011, "internal error")
+            return
+        if session.state is SessionState.CLOSED:
+            self._end(1002 if session.error else 1000, str(session.error or "closed"))
+        elif session.has_output:
+            self.flush()
+
+    def _on_bad_message(self, what: str) -> None:
+        self.close_reason = what
+        self._end(1003, "binary frames only")
 
     def _handle_events(self) -> None:
         for event in self.session.events():
@@ -459,7 +510,7 @@ class TunnelConnection:
 
     def _check_idle(self) -> None:
         if self.session.is_idle and not self._streams:
-            task = asyncio.create_task(self.close(1000, "drained"))
+            task = self._loop.create_task(self.close(1000, "drained"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -474,12 +525,12 @@ class TunnelConnection:
             blocked = self._blocked
             self._blocked = set()
             for stream in blocked:
-                stream._writable.set()
+                stream._writable()
             return
         one = self._streams.get(stream_id)
         if one is not None and one in self._blocked:
             self._blocked.discard(one)
-            one._writable.set()
+            one._writable()
 
     def _start_stream(self, event: StreamOpened) -> None:
         stream = TunnelStream(self, event.stream_id, event.head)
@@ -489,7 +540,7 @@ class TunnelConnection:
         if self._on_stream is None:
             stream.reset(ResetCode.REFUSED, "no stream handler")
             return
-        task = asyncio.create_task(self._run_stream(stream), name=f"stream-{self.name}-{stream.id}")
+        task = self._loop.create_task(self._run_stream(stream))
         stream._task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -507,29 +558,47 @@ class TunnelConnection:
             self.release(stream)
             stream._task = None  # a cancelled task keeps its CancelledError, whose traceback holds this frame
 
-    async def _flush_now(self) -> None:
-        messages = self.session.data_to_send(MAX_MESSAGE)
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if self._drainer is not None:
+            return  # the socket buffer is full: the drainer flushes when it empties
         ws = getattr(self, "ws", None)  # None once run() has ended and released it
-        if ws is None:
+        if ws is None or not ws.can_send:
+            return
+        if ws.paused:
+            self._drainer = self._loop.create_task(self._drain())
             return
         try:
-            for message in messages:
-                await ws.send(message)
-        except (ConnectionClosed, OSError):
-            pass
-
-    async def _writer(self) -> None:
-        session = self.session
-        ws = self.ws
-        wake = self._wake
-        try:
-            while True:
-                await wake.wait()
-                wake.clear()
-                for message in session.data_to_send(MAX_MESSAGE):
-                    await ws.send(message)
-        except (ConnectionClosed, OSError) as exc:
+            for message in self.session.data_to_send(MAX_MESSAGE):
+                ws.send_message(message)
+        except (OSError, RuntimeError) as exc:  # uvloop raises RuntimeError on a closed transport
             self.close_reason = self.close_reason or f"send failed: {exc}"
+            self.abort()
+
+    async def _drain(self) -> None:
+        try:
+            await self.ws.drain()
+        except (ConnectionClosed, OSError):
+            return
+        finally:
+            self._drainer = None
+        self._flush()
+
+    async def _flush_now(self) -> None:
+        """Write what is queued before closing (waiting for the socket buffer if need be)."""
+        ws = getattr(self, "ws", None)
+        if ws is None:
+            return
+        if ws.paused:
+            try:
+                async with asyncio.timeout(2):
+                    await ws.drain()
+            except (TimeoutError, ConnectionClosed, OSError):
+                return
+        if self._drainer is not None:
+            self._drainer.cancel()
+            self._drainer = None
+        self._flush()
 
     async def _ticker(self) -> None:
         session = self.session

@@ -1092,7 +1092,7 @@ def test_counters_and_grouping() -> None:
     pair.server.open_stream(GET)
     pair.server.open_stream(GET)
     pair.server.open_stream(GET)
-    sizes = [len(m) for m in pair.server._out]
+    sizes = [len(h) + len(p) for h, p in pair.server._out]
     out = pair.server.data_to_send(max_message=sizes[0] + sizes[1])
     assert [len(m) for m in out] == [sizes[0] + sizes[1], sizes[2]]
     assert pair.server.bytes_out >= sum(sizes)

@@ -1,0 +1,150 @@
+"""websockets connection classes for the tunnel's hot path.
+
+websockets stays the transport: it does the opening handshake (TLS, the token check before the
+upgrade, pins), parses and unmasks every incoming frame, answers pings and runs the closing
+handshake. Two things change for tunnel connections, both measured (docs/BENCHMARKS.md):
+
+* **Incoming messages are delivered in the protocol callback.** The stock connection puts each
+  message into a queue that a reader task awaits: one task wake-up (a loop iteration) per
+  message. Here a complete binary message goes straight to a *sink* (the session's
+  ``receive``) from ``data_received``; the session's own flow control (stream and connection
+  windows) bounds what is buffered, so websockets' receive queue has nothing left to bound.
+  Messages that arrive before the sink is attached are kept in order and replayed to it.
+* **Outgoing binary messages are framed here** (:meth:`DirectMessages.send_message`):
+  the header and the (masked, on the client) payload are joined once and written, instead of
+  websockets' ``Frame.serialize`` (a BytesIO, a mask copy and a ``getvalue`` copy) and the
+  ``send()`` coroutine per message. Masking keys still come from ``os.urandom``, drawn 4 KiB at
+  a time rather than one ``getrandom`` syscall per message.
+
+Anything else the peer sends (text, fragmented messages) is a protocol violation on the tunnel:
+the *on_bad* callback closes with 1003.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event, State
+
+try:
+    from websockets.speedups import apply_mask  # type: ignore[attr-defined,import-not-found,unused-ignore]
+except ImportError:  # pragma: no cover (the C extension ships in websockets' wheels)
+    from websockets.utils import apply_mask
+
+__all__ = ["DirectMessages", "TunnelClientConnection", "TunnelServerConnection", "TunnelWebSocket", "mask_key"]
+
+_B2 = struct.Struct("!BB")
+_B2H = struct.Struct("!BBH")
+_B2Q = struct.Struct("!BBQ")
+_FIN_BINARY = 0x80 | Opcode.BINARY
+
+
+class _MaskKeys:
+    """Masking keys from ``os.urandom``, fetched in 4 KiB blocks (1,024 keys per syscall)."""
+
+    __slots__ = ("_block", "_pos")
+
+    def __init__(self) -> None:
+        self._block = b""
+        self._pos = 0
+
+    def __call__(self) -> bytes:
+        pos = self._pos
+        if pos + 4 > len(self._block):
+            self._block = os.urandom(4096)
+            pos = 0
+        self._pos = pos + 4
+        return self._block[pos : pos + 4]
+
+
+mask_key = _MaskKeys()
+
+
+class DirectMessages:
+    """Mixin for a websockets ``Connection``: see the module docstring."""
+
+    _sink: Callable[[bytes], None] | None = None
+    _on_bad: Callable[[str], None] | None = None
+    _early: list[bytes] | None = None
+    _masked = False  # client-to-server frames are masked (RFC 6455 section 5.3)
+
+    # attributes of the websockets Connection this is mixed into
+    protocol: Any
+    transport: Any
+    paused: bool
+
+    def attach(self, sink: Callable[[bytes], None], on_bad: Callable[[str], None]) -> None:
+        """Deliver every complete binary message to ``sink`` from now on (after the ones that
+        arrived before, in order); anything else to ``on_bad``."""
+        early, self._early = self._early, None
+        self._sink, self._on_bad = sink, on_bad
+        for message in early or ():
+            sink(message)
+
+    def detach(self) -> None:
+        """Stop delivering (the session is over); drops the callbacks and what they hold."""
+        self._sink = self._on_bad = None
+
+    @property
+    def can_send(self) -> bool:
+        return self.protocol.state is State.OPEN
+
+    def send_message(self, data: bytes) -> None:
+        """Write one binary message now (the caller checked :attr:`can_send`; flow control is
+        the caller's: see ``paused``)."""
+        length = len(data)
+        masked = self._masked
+        bit = 0x80 if masked else 0
+        if length < 126:
+            header = _B2.pack(_FIN_BINARY, bit | length)
+        elif length < 65536:
+            header = _B2H.pack(_FIN_BINARY, bit | 126, length)
+        else:
+            header = _B2Q.pack(_FIN_BINARY, bit | 127, length)
+        # writelines: one TLS pass and one socket write for the pieces, no join copy
+        if masked:
+            key = mask_key()
+            self.transport.writelines((header, key, apply_mask(data, key)))
+        else:
+            self.transport.writelines((header, data))
+
+    def process_event(self, event: Event) -> None:
+        if not isinstance(event, Frame):  # the handshake's Request/Response
+            super().process_event(event)  # type: ignore[misc]
+            return
+        if event.opcode is Opcode.BINARY and event.fin:
+            sink = self._sink
+            if sink is not None:
+                sink(event.data)  # type: ignore[arg-type]
+                return
+            if self._on_bad is None:  # not attached yet
+                if self._early is None:
+                    self._early = []
+                self._early.append(event.data)  # type: ignore[arg-type]
+                return
+        elif event.opcode in (Opcode.TEXT, Opcode.CONT, Opcode.BINARY):
+            on_bad = self._on_bad
+            if on_bad is not None:
+                on_bad("text message on the tunnel" if event.opcode is Opcode.TEXT else "fragmented message")
+                return
+        super().process_event(event)  # type: ignore[misc]
+
+
+class TunnelClientConnection(DirectMessages, ClientConnection):
+    """Client side of a tunnel WebSocket (``connect(create_connection=...)``)."""
+
+    _masked = True
+
+
+class TunnelServerConnection(DirectMessages, ServerConnection):
+    """Exit-server side of a tunnel WebSocket (``serve(create_connection=...)``)."""
+
+
+#: What :class:`shared.aio.connection.TunnelConnection` runs on.
+TunnelWebSocket = TunnelClientConnection | TunnelServerConnection
