@@ -34,6 +34,14 @@ class Upstream:
     def origin(self) -> str:
         return f"{self.scheme}://{self.netloc}"
 
+    @property
+    def address(self) -> tuple[str, str, int]:
+        """(scheme, host, port) to connect to; IPv6 literals without brackets."""
+        host, sep, port = self.netloc.rpartition(":")
+        if not sep or not port.isdigit() or host.count(":") and not host.endswith("]"):
+            host, port = self.netloc, ("443" if self.scheme == "https" else "80")
+        return self.scheme, host.strip("[]"), int(port)
+
 
 def parse_upstream(spec: str) -> Upstream:
     """Parse ``HOST[/PREFIX]=URL``; HOST is exact, ``*.example.com`` or ``default``.

@@ -12,10 +12,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
-from multidict import CIMultiDict
-from yarl import URL
-
 from shared.aio.connection import TunnelStream
 from shared.aio.pump import Endpoint, pump, stream_endpoint
 from shared.errors import TunnelError
@@ -28,13 +24,12 @@ from shared.routing import RouteTable, normalize_host
 from .audit import AuditLog, AuditRecord
 from .config import TcpTarget, Upstream
 from .guard import Guard, Refused, check_tcp_target
+from .http1 import UpstreamConnection, UpstreamError, UpstreamPool, exchange
 from .killswitch import KillSwitch
 
 __all__ = ["Forwarder"]
 
 log = logging.getLogger(__name__)
-
-_SKIP_AUTO = frozenset({"User-Agent", "Accept-Encoding", "Accept", "Content-Type"})
 
 
 class Forwarder:
@@ -58,28 +53,19 @@ class Forwarder:
         self.tcp = {t.public_port: t for t in tcp}
         self.proxy_protocol = proxy_protocol
         self.connect_timeout = connect_timeout
-        self._http: aiohttp.ClientSession | None = None
+        self._pool = UpstreamPool(connect_timeout)
         self.requests = 0
         self.guard = Guard()
         self.audit: AuditLog | None = None
         self.killswitch: KillSwitch | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60)
-        self._http = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
-            skip_auto_headers=_SKIP_AUTO,
-        )
+        self._pool.start()
         if self.audit is not None:
             self.audit.start()
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        await self._pool.close()
         if self.audit is not None:
             await self.audit.close()
 
@@ -142,9 +128,7 @@ class Forwarder:
         if head.kind is StreamKind.WEBSOCKET:
             await self._websocket(stream, upstream, target + ("" if query is None else "?" + query))
         else:
-            url = URL.build(scheme=upstream.scheme, authority=upstream.netloc, path=target, query_string=query or "",
-                            encoded=True)
-            await self._proxy(stream, upstream, url)
+            await self._proxy(stream, upstream, target + ("" if query is None else "?" + query))
 
     async def _connect(
         self, stream: TunnelStream, host: str, port: int, tls: bool
@@ -191,11 +175,8 @@ class Forwarder:
         reach the caller unchanged (fragments, pings, close codes, extensions)."""
         head = stream.head
         assert head is not None
-        host, _, port = upstream.netloc.rpartition(":")
-        tls = upstream.scheme == "https"
-        if not host:
-            host, port = upstream.netloc, ("443" if tls else "80")
-        conn = await self._connect(stream, host.strip("[]"), int(port), tls)
+        scheme, host, port = upstream.address
+        conn = await self._connect(stream, host, port, scheme == "https")
         if conn is None:
             return
         reader, writer = conn
@@ -223,43 +204,66 @@ class Forwarder:
         finally:
             writer.transport.abort() if stream.error else writer.close()
 
-    async def _proxy(self, stream: TunnelStream, upstream: Upstream, url: URL) -> None:
-        assert self._http is not None and stream.head is not None
+    async def _proxy(self, stream: TunnelStream, upstream: Upstream, target: str) -> None:
         head = stream.head
+        assert head is not None
         record: AuditRecord = stream.info["audit"]
-        headers = CIMultiDict(strip_hop_by_hop(head.headers))
-        body = None if stream.at_eof else _body(stream, record)
-        replied = False
+        headers = strip_hop_by_hop(head.headers)
+        body: bytes | None = None
+        body_stream: AsyncIterator[bytes] | None = None
+        if not stream.at_eof:
+            body = stream.take_complete_body()  # small bodies usually arrive with the head
+            if body is None:
+                body_stream = _body(stream, record)
+            else:
+                record.bytes_in += len(body)
+        framed = any(name.lower() == "content-length" for name, _ in headers)
+        pool = self._pool
+        conn: UpstreamConnection | None = None
+        upload: asyncio.Task[None] | None = None
         try:
-            async with self._http.request(
-                head.method, url, headers=headers, data=body, allow_redirects=False, compress=False
-            ) as resp:
-                raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
-                _reply(stream, ResponseHead(resp.status, tuple(strip_hop_by_hop(raw))))
-                replied = True
-                content = resp.content
-                while True:
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
+            conn, upload = await exchange(pool, upstream.address, head.method, target, headers, upstream.netloc,
+                                          body, body_stream, framed)
+            _reply(stream, ResponseHead(conn.status, tuple(strip_hop_by_hop(conn.headers()))))
+            while True:
+                chunks = await conn.read()
+                if not chunks:
+                    stream.end()
+                    break
+                last = len(chunks) - 1
+                ended = False
+                for i, chunk in enumerate(chunks):
                     record.bytes_out += len(chunk)
-                    await stream.write(chunk)
-                stream.end()
+                    ended = i == last and conn.drained  # the body's last bytes: END_STREAM rides on them
+                    await stream.write(chunk, end=ended)
+                if ended:
+                    break
+            if upload is not None and not upload.done():  # answered before taking the whole body
+                upload.cancel()
+                pool.discard(conn)
+            else:
+                pool.release(conn)
+            conn = upload = None
         except TunnelError:
             return  # the server side is gone or reset the stream
-        except aiohttp.ClientConnectorError as exc:
-            exc.__traceback__ = None  # its frames (aiohappyeyeballs keeps the errors) would hold this one
-            log.warning("stream %d: upstream %s refused: %s", stream.id, upstream.origin, exc.os_error)
-            _reset(stream, ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
-        except TimeoutError:
-            _reset(stream, ResetCode.UPSTREAM_TIMEOUT, "upstream timeout")
-        except (aiohttp.ClientError, OSError) as exc:
-            # aiohttp keeps a payload error on the response: its traceback (this frame, the
-            # response, the last chunk) would make a cycle that lives until the cyclic GC runs.
-            exc.__traceback__ = None
-            log.warning("stream %d: upstream %s failed %s: %s", stream.id, upstream.origin,
-                        "mid-body" if replied else "before reply", type(exc).__name__)
-            _reset(stream, ResetCode.UPSTREAM_RESET if replied else ResetCode.UPSTREAM_CONNECT, "upstream failed")
+        except UpstreamError as exc:
+            exc.__traceback__ = None  # its frames hold this one (and the stream): no cycle
+            if exc.connect:
+                log.warning("stream %d: upstream %s unreachable: %s", stream.id, upstream.origin, exc.reason)
+                if exc.timeout:
+                    _reset(stream, ResetCode.UPSTREAM_TIMEOUT, "upstream connect timeout")
+                else:
+                    _reset(stream, ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
+            else:
+                log.warning("stream %d: upstream %s failed %s: %s", stream.id, upstream.origin,
+                            "before reply" if exc.before_head else "mid-body", exc.reason)
+                _reset(stream, ResetCode.UPSTREAM_CONNECT if exc.before_head else ResetCode.UPSTREAM_RESET,
+                       "upstream failed")
+        finally:
+            if upload is not None:
+                upload.cancel()
+            if conn is not None:
+                pool.discard(conn)
 
 
 def _parse_response_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:

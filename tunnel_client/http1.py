@@ -1,0 +1,518 @@
+"""The upstream leg of HTTP streams: a lean HTTP/1.1 client with a keep-alive pool.
+
+Why not aiohttp's ``ClientSession`` here: profiles of the benchmark showed the client spending
+most of its Python time in ``ClientSession._request`` (URL objects, header multidicts, tracing
+hooks, timers) for work that, in a proxy, is a byte copy: the head is already parsed and
+checked (:mod:`tunnel_client.guard`), and the answer goes back as raw status and headers. This
+module writes the request head in one ``transport.write`` and parses the answer with
+httptools (llhttp, the parser behind uvicorn and Node.js), straight from an
+:class:`asyncio.Protocol`. Everything else (health checks, ECS metadata) keeps using aiohttp.
+
+Semantics kept from the aiohttp version (docs/PROTOCOL.md section 12):
+
+* connection refused / unreachable -> :class:`UpstreamError` ``connect=True`` (502);
+  connect timeout -> ``timeout=True`` (504);
+* the upstream closes or breaks before the response head -> 502; after it -> the body is
+  aborted (``before_head=False``), never presented as complete;
+* a request whose connection came from the pool and failed before any response byte arrived
+  is sent once more on a fresh connection when its body was not streamed (the upstream closed
+  an idle keep-alive connection as we reused it: the classic race);
+* informational 1xx answers are skipped; HEAD, 204 and 304 answers have no body; a body with
+  neither length nor chunking ends when the upstream closes.
+
+Back-pressure: body bytes are buffered up to ``HIGH_WATER`` then the upstream socket is paused
+until the tunnel has taken them; request bodies wait for ``resume_writing``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httptools
+
+from shared.errors import TunnelError
+
+__all__ = ["HIGH_WATER", "Origin", "UpstreamConnection", "UpstreamError", "UpstreamPool", "build_head"]
+
+log = logging.getLogger(__name__)
+
+#: Pause reading from the upstream above this many buffered response-body bytes.
+HIGH_WATER = 512 * 1024
+
+#: (scheme, host, port)
+Origin = tuple[str, str, int]
+
+_NO_BODY_STATUS = frozenset({204, 304})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or broke the exchange.
+
+    Attributes:
+        connect: the connection could not be opened.
+        timeout: opening it took longer than the connect timeout.
+        before_head: no response head had arrived (the caller gets 502/504, not a cut body).
+        retriable: a pooled connection failed before any response byte: safe to send again
+            when the request body was not streamed.
+    """
+
+    def __init__(self, reason: str, *, connect: bool = False, timeout: bool = False, before_head: bool = True,
+                 retriable: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.connect = connect
+        self.timeout = timeout
+        self.before_head = before_head
+        self.retriable = retriable
+
+
+def build_head(method: str, target: str, headers: list[tuple[str, str]], host: str,
+               body_length: int | None, chunked: bool) -> bytes:
+    """The request head bytes. ``headers`` are already free of hop-by-hop fields; Host is added
+    when absent, and the body's framing (Content-Length or chunked) is ours to set."""
+    parts = [f"{method} {target} HTTP/1.1\r\n"]
+    have_host = have_length = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "host":
+            have_host = True
+        elif lower == "content-length":
+            if body_length is not None or chunked:
+                continue  # ours decides (the body we really send)
+            have_length = True
+        parts.append(f"{name}: {value}\r\n")
+    if not have_host:
+        parts.append(f"Host: {host}\r\n")
+    if chunked:
+        parts.append("Transfer-Encoding: chunked\r\n")
+    elif body_length is not None:
+        parts.append(f"Content-Length: {body_length}\r\n")
+    elif not have_length and method in _BODY_METHODS:
+        parts.append("Content-Length: 0\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to an upstream; one exchange at a time."""
+
+    def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        # the loop, kept: asyncio.get_running_loop() costs a getpid() syscall on Python 3.11
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self._parser: Any = None
+        self._is_head = False
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head: asyncio.Future[None] | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._complete = False
+        self._eof_body = False
+        self._keep_alive = False
+        self._informational = False
+        self._received = False
+        self._error: UpstreamError | None = None
+        self._body_waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------------ the exchange
+
+    def begin(self, is_head: bool) -> asyncio.Future[None]:
+        """Reset the per-exchange state; returns the future set when the response head is in."""
+        self._parser = httptools.HttpResponseParser(self)
+        self._is_head = is_head
+        self._status = 0
+        self._headers = []
+        self._chunks.clear()
+        self._buffered = 0
+        self._complete = self._eof_body = self._keep_alive = self._informational = False
+        self._received = False
+        self._error = None
+        self._head = head = self._loop.create_future()
+        return head
+
+    @property
+    def status(self) -> int:
+        return self._status
+
+    def headers(self) -> list[tuple[str, str]]:
+        """The response headers, decoded as ISO-8859-1 (HTTP/1.1 octets)."""
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self._headers]
+
+    @property
+    def drained(self) -> bool:
+        """The whole response has arrived and every body byte was taken."""
+        return self._complete and not self._chunks
+
+    @property
+    def reusable(self) -> bool:
+        return self._complete and self._keep_alive and not self.closed and self._error is None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None:
+            raise self._error or UpstreamError("upstream closed the connection", before_head=self._head_pending())
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the upstream is not taking our request body."""
+        if self.closed:
+            raise self._error or UpstreamError("upstream closed the connection", before_head=self._head_pending())
+        if self._write_paused:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+
+    async def read(self) -> list[bytes]:
+        """The body chunks buffered so far, waiting for some; [] when the body is complete.
+        (A list, not a join: each chunk is copied once, into the tunnel message.)
+
+        Raises:
+            UpstreamError: the upstream broke the body.
+        """
+        while True:
+            chunks = self._chunks
+            if chunks:
+                data = list(chunks)
+                chunks.clear()
+                self._buffered = 0
+                if self._paused and not self.closed:
+                    self._paused = False
+                    assert self.transport is not None
+                    self.transport.resume_reading()
+                return data
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return []
+            self._body_waiter = self._loop.create_future()
+            await self._body_waiter
+
+    def abort(self) -> None:
+        """Drop the connection (an exchange that did not finish cleanly)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _head_pending(self) -> bool:
+        return self._head is not None and not self._head.done()
+
+    def _wake_body(self) -> None:
+        waiter = self._body_waiter
+        if waiter is not None:
+            self._body_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None and not self._complete:
+            self._error = error
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(None)  # the waiter finds self._error
+        self._wake_body()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self._complete:  # bytes nobody asked for: the connection is unusable
+            self._keep_alive = False
+            self.abort()
+            return
+        self._received = True
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("unexpected protocol upgrade", before_head=self._head_pending()))
+            self.abort()
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"malformed response: {exc}", before_head=self._head_pending()))
+            self.abort()
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        self.pool._forget(self)
+        self._settle()
+        self._parser = None  # it holds our bound methods: no cycle left for the GC to find
+
+    def _settle(self) -> None:
+        if self._head is None or self._complete:
+            return
+        if not self._head_pending() and self._eof_body and self._error is None:
+            self._complete = True  # a body delimited by the connection's end (RFC 9112 section 6.3)
+            self._wake_body()
+            return
+        before = self._head_pending()
+        self._fail(UpstreamError(
+            "upstream closed the connection " + ("before the response head" if before else "mid-body"),
+            before_head=before, retriable=before and self.reused and not self._received))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ------------------------------------------------------------------ httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if 100 <= status < 200:  # 100 Continue, 103 Early Hints: not the answer
+            self._informational = True
+            self._headers = []
+            return
+        self._status = status
+        self._keep_alive = parser.should_keep_alive()
+        if not self._is_head and status not in _NO_BODY_STATUS:
+            framed = False
+            for name, _ in self._headers:
+                lower = name.lower()
+                if lower == b"content-length" or lower == b"transfer-encoding":
+                    framed = True
+                    break
+            self._eof_body = not framed
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(None)
+        if self._is_head:  # llhttp would wait for Content-Length bytes that never come
+            self._complete = True
+            self._wake_body()
+
+    def on_body(self, body: bytes) -> None:
+        if self._is_head:
+            self._keep_alive = False
+            return
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake_body()
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        self._complete = True
+        self._wake_body()
+
+
+class UpstreamPool:
+    """Keep-alive connections per origin, most recently used first; idle ones closed after
+    ``idle_timeout`` seconds.
+
+    Args:
+        connect_timeout: seconds to open a connection (then :class:`UpstreamError`, 504).
+        idle_timeout: seconds an unused connection is kept.
+    """
+
+    def __init__(self, connect_timeout: float = 10.0, idle_timeout: float = 30.0) -> None:
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self._idle: dict[Origin, list[UpstreamConnection]] = {}
+        self._busy: set[UpstreamConnection] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._tls: ssl.SSLContext | None = None
+        self.opened = 0
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name="upstream-pool-sweeper")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        for conns in list(self._idle.values()):
+            for conn in conns:
+                conn.abort()
+        for conn in list(self._busy):
+            conn.abort()
+        self._idle.clear()
+        self._busy.clear()
+
+    @property
+    def idle_count(self) -> int:
+        return sum(len(c) for c in self._idle.values())
+
+    async def acquire(self, origin: Origin, fresh: bool = False) -> UpstreamConnection:
+        """A connection to ``origin``: an idle pooled one unless ``fresh``.
+
+        Raises:
+            UpstreamError: the connection could not be opened.
+        """
+        if not fresh:
+            idle = self._idle.get(origin)
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    conn.reused = True
+                    self._busy.add(conn)
+                    return conn
+        conn = await self._open(origin)
+        self._busy.add(conn)
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Give back a connection after its exchange: kept when it can carry another one."""
+        self._busy.discard(conn)
+        if conn.reusable:
+            conn._head = None
+            conn._parser = None
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(conn.origin, []).append(conn)
+        else:
+            conn.abort()
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """Drop a connection whose exchange failed or was cancelled."""
+        self._busy.discard(conn)
+        conn.abort()
+        # A raised error's traceback holds the frames that hold this connection: drop our
+        # reference to it so that no cycle waits for the GC (docs/RELIABILITY.md, "Findings").
+        conn._error = None
+        conn._head = None
+
+    def _forget(self, conn: UpstreamConnection) -> None:
+        self._busy.discard(conn)
+        idle = self._idle.get(conn.origin)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    async def _open(self, origin: Origin) -> UpstreamConnection:
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        tls: ssl.SSLContext | None = None
+        if scheme == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            tls = self._tls
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, proto = await loop.create_connection(
+                    lambda: UpstreamConnection(self, origin), host, port, ssl=tls,
+                    server_hostname=host if tls is not None else None)
+        except TimeoutError:
+            raise UpstreamError(f"connect timeout after {self.connect_timeout:g}s", connect=True,
+                                timeout=True) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamError(f"connect failed: {exc.strerror or exc}", connect=True) from None
+        self.opened += 1
+        return proto
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.idle_timeout / 4))
+            cutoff = time.monotonic() - self.idle_timeout
+            for conns in self._idle.values():
+                stale = [c for c in conns if c.idle_since < cutoff]
+                for conn in stale:
+                    conns.remove(conn)
+                    conn.abort()
+
+
+async def exchange(
+    pool: UpstreamPool,
+    origin: Origin,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    host: str,
+    body: bytes | None,
+    body_stream: AsyncIterator[bytes] | None,
+    framed: bool,
+) -> tuple[UpstreamConnection, asyncio.Task[None] | None]:
+    """Send one request and wait for its response head.
+
+    Args:
+        body: the whole request body when it is already known (sent with the head).
+        body_stream: the request body to stream instead (``framed``: the head's own
+            Content-Length frames it; otherwise it goes chunked).
+
+    Returns:
+        The connection (status and headers ready; read the body with ``read()``, then give it
+        back with ``pool.release``) and the upload task still running, if any.
+
+    Raises:
+        UpstreamError: no response head (the connection is already discarded).
+    """
+    is_head = method == "HEAD"
+    if body_stream is not None:
+        data = build_head(method, target, headers, host, None, not framed)
+    else:
+        data = build_head(method, target, headers, host, None if body is None else len(body), False)
+        if body:
+            data += body
+    for attempt in (1, 2):
+        conn = await pool.acquire(origin, fresh=attempt == 2)
+        head = conn.begin(is_head)
+        upload: asyncio.Task[None] | None = None
+        try:
+            conn.write(data)
+            if body_stream is not None:
+                upload = conn._loop.create_task(_upload(conn, body_stream, chunked=not framed))
+            await head
+            if conn._error is not None:
+                raise conn._error
+            return conn, upload
+        except UpstreamError as exc:
+            pool.discard(conn)
+            if upload is not None:
+                upload.cancel()
+            if attempt == 1 and exc.retriable and body_stream is None:
+                log.debug("upstream %s: pooled connection closed under us; sending again", origin)
+                continue
+            raise
+        except BaseException:
+            pool.discard(conn)
+            if upload is not None:
+                upload.cancel()
+            raise
+    raise AssertionError("unreachable")
+
+
+async def _upload(conn: UpstreamConnection, body: AsyncIterator[bytes], chunked: bool) -> None:
+    """Stream a request body to the upstream (chunked when it has no Content-Length)."""
+    try:
+        async for chunk in body:
+            if not chunk:
+                continue
+            await conn.drain()
+            conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+        if chunked:
+            conn.write(b"0\r\n\r\n")
+    except UpstreamError:
+        pass  # the response side reports it
+    except TunnelError:
+        conn.abort()  # the caller's body broke: the upstream must not take a partial request as whole
