@@ -313,7 +313,8 @@ def run_backhaul_target(runner: Runner, stack: bl.Stack, certs: bl.Certs, nginx:
                 bl.log(f"{target}: a process died\n{server.tail()}\n{client.tail()}")
                 break
         if profile and target == "http" and server.alive() and client.alive():
-            info["profile"] = run_profile(runner, f"http://127.0.0.1:{port}/{bl.SMALL_FILE}", pids)
+            wl = next(w for w in WORKLOADS if w.key == runner.args.profile_workload)
+            info["profile"] = run_profile(runner, f"http://127.0.0.1:{port}{wl.path}", wl, pids)
     finally:
         stack.stop(client)
         stack.stop(server)
@@ -342,8 +343,9 @@ PROFILE_PASSES = (
 )
 
 
-def run_profile(runner: Runner, url: str, pids: dict[str, int]) -> dict[str, Any]:
-    """Extra 100 B x50 runs of (c) with py-spy attached to both processes, one pass per output:
+def run_profile(runner: Runner, url: str, wl: Workload, pids: dict[str, int]) -> dict[str, Any]:
+    """Extra runs of one workload (100 B x50 unless --profile-workload) of (c) with py-spy attached
+    to both processes, one pass per output:
     raw collapsed stacks with native frames and Python-only (both summarised here), a flame graph
     SVG and a speedscope JSON. One py-spy per process at a time (blocking sampling, exact)."""
     try:
@@ -362,7 +364,7 @@ def run_profile(runner: Runner, url: str, pids: dict[str, int]) -> dict[str, Any
             continue  # raw-native already was Python-only
         procs = {}
         for name, pid in pids.items():
-            out = profdir / f"profile-{name}-small50.{suffix}"
+            out = profdir / f"profile-{name}-{wl.key}.{suffix}"
             cmd = [pyspy, "record", "--pid", str(pid), "--duration", str(dur), "--rate", str(runner.args.profile_rate),
                    "--format", fmt, "--output", str(out), "--function", "--full-filenames"]
             if native:
@@ -371,7 +373,7 @@ def run_profile(runner: Runner, url: str, pids: dict[str, int]) -> dict[str, Any
                                             stderr=subprocess.STDOUT, text=True), out)
         time.sleep(0.5)
         try:
-            runner.wrk(url, 50, dur + 2, tag=f"profile-{label}")
+            runner.wrk(url, wl.connections, dur + 2, tag=f"profile-{label}")
         except Exception as exc:  # noqa: BLE001
             errors.append(f"wrk during {label}: {exc}")
         for name, (proc, out) in procs.items():
@@ -392,6 +394,7 @@ def run_profile(runner: Runner, url: str, pids: dict[str, int]) -> dict[str, Any
                 view = "python" if label == "raw-python" or not native_ok else "native"
                 summary.setdefault(name, {})[view] = summarise_raw(bl.ROOT / raw)
     return {"duration_s": dur, "rate": runner.args.profile_rate, "native": native_ok,
+            "workload": wl.label,
             "files": outputs, "summary": summary, "errors": errors}
 
 
@@ -481,7 +484,8 @@ def profile_text(profile: dict[str, Any]) -> str:
         return f"Profile not taken: {profile['error']}\n"
     lines.append(f"py-spy {'' if not profile['native'] else '(native frames: `--native`) '}record at "
                  f"{profile['rate']} Hz for {profile['duration_s']} s per pass, `--function`, during extra (c) "
-                 "100 B x50 runs (their figures are not in the table). Self time = samples whose innermost frame "
+                 f"{profile.get('workload', '100 B GET, 50 conns')} runs (their figures are not in the table). "
+                 "Self time = samples whose innermost frame "
                  "it is. The native view shows where the CPU really is (syscalls, OpenSSL, the uvloop/libuv "
                  "loop, CPython); the Python-only view charges C work to the Python function that called it "
                  "(`Runner.run` there = time inside uvloop's C loop: libuv, socket I/O, callbacks' C parts). "
@@ -709,7 +713,8 @@ def write_doc(args: argparse.Namespace, command: str, info: dict[str, str], resu
         out.append(f"| {text} | {fig} | {m} |")
     out.append("\nA figure from a run with more than 0.1% errors counts as MISS.\n")
     if "profile" in extra:
-        out.append("## Profile: Backhaul HTTP mode, 100 B GETs on 50 connections\n")
+        wl_label = extra["profile"].get("workload", "100 B GET, 50 conns")
+        out.append(f"## Profile: Backhaul HTTP mode, {wl_label}\n")
         out.append(PROFILE_BEGIN)
         out.append(profile_text(extra["profile"]))
         out.append(PROFILE_END + "\n")
@@ -759,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy the exit server and client (HTTP 100 B x50)")
     parser.add_argument("--profile-duration", type=float, default=0, help="seconds per py-spy pass (default "
                         "min(duration, 10))")
+    parser.add_argument("--profile-workload", choices=[w.key for w in WORKLOADS], default="small50",
+                        help="the workload the profile runs (default small50; small1 = the latency path)")
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second (default 250)")
     parser.add_argument("--profile-no-native", action="store_true", help="py-spy without --native (no C frames)")
     parser.add_argument("--skip-scale", action="store_true", help="do not run bench/scale.py")

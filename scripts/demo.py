@@ -84,7 +84,8 @@ def main() -> int:
             [str(BIN / "exit-server"), "run", "--public-addr", f"127.0.0.1:{public}",
              "--control-addr", f"127.0.0.1:{control}", "--tls-cert", str(certs / "server.pem"),
              "--tls-key", str(certs / "server-key.pem"), "--token-file", str(token), "--drain-timeout", "5",
-             "--admin-addr", f"127.0.0.1:{admin}", "--admin-token-file", str(admin_token)], env=env, start_new_session=True))
+             "--admin-addr", f"127.0.0.1:{admin}", "--admin-token-file", str(admin_token)],
+            env=env, start_new_session=True))
         procs.append(subprocess.Popen(
             [str(BIN / "tunnel-client"), "run", "--server", f"wss://localhost:{control}", "--ca-file",
              str(certs / "ca.pem"), "--token-file", str(token), "--upstream", f"app.localhost=http://127.0.0.1:{up_port}",

@@ -62,7 +62,9 @@ def server_config(certs: Certs, **overrides: Any) -> ServerConfig:
     return ServerConfig(**values)
 
 
-def client_config(certs: Certs, target: ExitServer | list[ExitServer], upstreams: list[str], **overrides: Any) -> ClientConfig:
+def client_config(
+    certs: Certs, target: ExitServer | list[ExitServer], upstreams: list[str], **overrides: Any
+) -> ClientConfig:
     servers = target if isinstance(target, list) else [target]
     values: dict[str, Any] = {
         "server": [f"wss://localhost:{s.control_port}" for s in servers],

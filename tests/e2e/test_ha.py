@@ -133,7 +133,8 @@ async def test_server_name_with_several_addresses_gets_a_session_each(
 ) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("tunnel.test")
-    for name, blob in (("ca.pem", ca.cert_pem), ("key.pem", cert.private_key_pem), ("cert.pem", cert.cert_chain_pems[0])):
+    blobs = (("ca.pem", ca.cert_pem), ("key.pem", cert.private_key_pem), ("cert.pem", cert.cert_chain_pems[0]))
+    for name, blob in blobs:
         blob.write_to_path(str(tmp_path / name))
     certs = Certs(tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem")
     first = ExitServer(server_config(certs, control_addr="127.0.0.1:0"), auth=_token_auth())
