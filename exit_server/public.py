@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -31,6 +33,8 @@ __all__ = ["PublicHandler", "RESET_STATUS"]
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Public status for a stream reset before the response head.
 RESET_STATUS: dict[int, int] = {
@@ -80,7 +84,11 @@ class PublicHandler:
         self.in_flight = 0
         self.requests = 0
 
+    _loop: asyncio.AbstractEventLoop
+
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        if not hasattr(self, "_loop"):
+            self._loop = asyncio.get_running_loop()  # kept: each call is a getpid() on 3.11
         self.in_flight += 1
         self.requests += 1
         ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, request.host,
@@ -157,7 +165,7 @@ class PublicHandler:
         conn = tunnel.conn
         pump: asyncio.Task[None] | None = None
         if has_body:
-            pump = asyncio.create_task(self._pump_body(request, stream, ex))
+            pump = self._loop.create_task(self._pump_body(request, stream, ex))
         try:
             try:
                 reply = await stream.response(self.config.upstream_timeout)
@@ -231,8 +239,7 @@ class PublicHandler:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(self.config.body_timeout):
-                        chunk = await content.readany()
+                    chunk = await self._within(content.readany(), self.config.body_timeout)
                 except TimeoutError:
                     log.info("stream %d: request body idle for %.0fs (408)", stream.id, self.config.body_timeout)
                     ex.rejected = "body_timeout"
@@ -282,8 +289,7 @@ class PublicHandler:
                 if transport is not None and transport.get_write_buffer_size() + len(chunk) < SEND_BUFFER_LOW:
                     await resp.write(chunk)  # cannot block for long: no timer on the hot path
                     continue
-                async with asyncio.timeout(self.config.send_timeout):
-                    await resp.write(chunk)
+                await self._write_within(resp, chunk)
         except TunnelError as exc:
             log.warning("stream %d: response body aborted: %s", stream.id, exc)
             _abort(request)
@@ -299,6 +305,34 @@ class PublicHandler:
             return resp
         return resp
 
+
+    async def _write_within(self, resp: web.StreamResponse, chunk: bytes | memoryview) -> None:
+        """``resp.write(chunk)``, or TimeoutError after --send-timeout without the caller taking it."""
+        await self._within(resp.write(chunk), self.config.send_timeout)
+
+    async def _within(self, awaitable: Awaitable[_T], timeout: float) -> _T:
+        """``await awaitable``, or TimeoutError after ``timeout`` seconds. A timer handle, not
+        ``asyncio.timeout()``, which costs a ``getpid()`` syscall per call on Python 3.11 and
+        runs for every chunk of a large body."""
+        loop = self._loop
+        task = asyncio.current_task(loop)
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        handle = loop.call_later(timeout, expire)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if expired and task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            handle.cancel()
 
     async def _relay_websocket(
         self, request: web.BaseRequest, stream: TunnelStream, status: int, headers: tuple[tuple[str, str], ...],
@@ -316,7 +350,7 @@ class PublicHandler:
         request.protocol.set_parser(feeder)  # type: ignore[arg-type]
         writer = request.writer
 
-        async def send(data: bytes) -> None:
+        async def send(data: bytes | memoryview) -> None:
             await writer.write(data)
 
         def close_send() -> None:

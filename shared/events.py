@@ -52,10 +52,11 @@ class ReplyReceived:
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Body bytes for a stream; ``end_stream`` marks the peer's half-close."""
+    """Body bytes for a stream; ``end_stream`` marks the peer's half-close. ``data`` is a
+    read-only view into the received message when it is most of it (no copy), else bytes."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
     end_stream: bool
 
 

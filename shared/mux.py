@@ -210,6 +210,7 @@ class Session:
         self._conn_credit_withheld = 0
         self._buffered = 0
         self._out: list[tuple[bytes, bytes | memoryview]] = []  # (frame header, payload)
+        self._share_min = 1 << 62  # see receive()
         self._events: list[Event] = []
         self._last_received = now
         self._last_ping = now
@@ -556,6 +557,10 @@ class Session:
         if self.state is SessionState.CLOSED:
             return
         self.bytes_in += len(data)
+        # A DATA payload at least half of an immutable message is handed on as a view of it
+        # (no copy: the 1 MiB path); a smaller one is copied so that it never pins a message
+        # many times its size (slow consumers, many streams per message).
+        self._share_min = (len(data) + 1) // 2 if type(data) is bytes else 1 << 62
         try:
             for ftype, flags, stream_id, payload in decode_frames(data, self.max_frame):
                 if ftype == FrameType.DATA:
@@ -614,7 +619,7 @@ class Session:
             else:
                 self._conn_credit_withheld += n
             self._release_withheld()
-        self._events.append(DataReceived(stream_id, bytes(payload), end))
+        self._events.append(DataReceived(stream_id, payload if n >= self._share_min else bytes(payload), end))
         if end:
             self._remote_transition(stream_id, stream, StreamEvent.RECV_END)
 

@@ -163,7 +163,7 @@ class UpstreamConnection(asyncio.Protocol):
     def reusable(self) -> bool:
         return self._complete and self._keep_alive and not self.closed and self._error is None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.transport is None:
             raise self._error or UpstreamError("upstream closed the connection", before_head=self._head_pending())
         self.transport.write(data)
@@ -450,7 +450,7 @@ async def exchange(
     headers: list[tuple[str, str]],
     host: str,
     body: bytes | None,
-    body_stream: AsyncIterator[bytes] | None,
+    body_stream: AsyncIterator[bytes | memoryview] | None,
     framed: bool,
 ) -> tuple[UpstreamConnection, asyncio.Task[None] | None]:
     """Send one request and wait for its response head.
@@ -502,14 +502,14 @@ async def exchange(
     raise AssertionError("unreachable")
 
 
-async def _upload(conn: UpstreamConnection, body: AsyncIterator[bytes], chunked: bool) -> None:
+async def _upload(conn: UpstreamConnection, body: AsyncIterator[bytes | memoryview], chunked: bool) -> None:
     """Stream a request body to the upstream (chunked when it has no Content-Length)."""
     try:
         async for chunk in body:
             if not chunk:
                 continue
             await conn.drain()
-            conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            conn.write(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")) if chunked else chunk)
         if chunked:
             conn.write(b"0\r\n\r\n")
     except UpstreamError:

@@ -210,7 +210,7 @@ class Forwarder:
         record: AuditRecord = stream.info["audit"]
         headers = strip_hop_by_hop(head.headers)
         body: bytes | None = None
-        body_stream: AsyncIterator[bytes] | None = None
+        body_stream: AsyncIterator[bytes | memoryview] | None = None
         if not stream.at_eof:
             body = stream.take_complete_body()  # small bodies usually arrive with the head
             if body is None:
@@ -281,7 +281,7 @@ def _parse_response_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:
     return int(rest[:3]), headers
 
 
-async def _body(stream: TunnelStream, record: AuditRecord) -> AsyncIterator[bytes]:
+async def _body(stream: TunnelStream, record: AuditRecord) -> AsyncIterator[bytes | memoryview]:
     while True:
         chunk = await stream.read()
         if not chunk:
@@ -318,7 +318,7 @@ def _counted(stream: TunnelStream, endpoint: Endpoint) -> Endpoint:
         record.bytes_out += len(data)
         return data
 
-    async def send(data: bytes) -> None:
+    async def send(data: bytes | memoryview) -> None:
         record.bytes_in += len(data)
         await endpoint.send(data)
 

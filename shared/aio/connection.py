@@ -80,7 +80,7 @@ class TunnelStream:
         self.head = head
         self.info: dict[str, Any] = {}
         self._conn = conn
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | memoryview] = deque()
         self._eof = False
         self._error: TunnelError | None = None
         self._loop = conn._loop
@@ -90,7 +90,7 @@ class TunnelStream:
         self._task: asyncio.Task[None] | None = None  # client side: the handler to cancel on reset
 
     # -- fed by the connection
-    def _feed(self, data: bytes, end: bool) -> None:
+    def _feed(self, data: bytes | memoryview, end: bool) -> None:
         if data:
             self._chunks.append(data)
         if end:
@@ -178,8 +178,9 @@ class TunnelStream:
             self._conn._consumed(self.id, len(body))
         return body
 
-    async def read(self) -> bytes:
-        """Return the next chunk, or b"" at the peer's end of stream.
+    async def read(self) -> bytes | memoryview:
+        """Return the next chunk (bytes, or a read-only view for a large one), or b"" at the
+        peer's end of stream.
 
         Raises:
             StreamReset / SessionClosed: the stream ended abnormally.

@@ -25,7 +25,7 @@ class Endpoint:
     def __init__(
         self,
         recv: Callable[[], Awaitable[bytes]],
-        send: Callable[[bytes], Awaitable[None]],
+        send: Callable[[bytes | memoryview], Awaitable[None]],
         close_send: Callable[[], None],
         abort: Callable[[], None],
     ) -> None:
@@ -43,7 +43,7 @@ def stream_endpoint(
     async def recv() -> bytes:
         return await reader.read(read_size)
 
-    async def send(data: bytes) -> None:
+    async def send(data: bytes | memoryview) -> None:
         writer.write(data)
         await writer.drain()
 

@@ -10,6 +10,14 @@ handshake. Two things change for tunnel connections, both measured (docs/BENCHMA
   ``receive``) from ``data_received``; the session's own flow control (stream and connection
   windows) bounds what is buffered, so websockets' receive queue has nothing left to bound.
   Messages that arrive before the sink is attached are kept in order and replayed to it.
+* **Complete unfragmented binary frames are parsed here** (:meth:`DirectMessages.data_received`):
+  header, length and mask in a few slices of the received bytes, the payload unmasked straight
+  out of them (one copy) instead of websockets' generator-based reader (a buffer append, a slice
+  copy, an unmask copy, a Frame object per message). The first byte that is anything else
+  (a control frame such as close, a text or fragmented frame, an oversized or wrongly masked
+  frame) hands that byte and everything after it to websockets for good, which then applies
+  every rule of RFC 6455 as before; so does a connection whose websockets reader still held a
+  partial frame when the sink was attached.
 * **Outgoing binary messages are framed here** (:meth:`DirectMessages.send_message`):
   the header and the (masked, on the client) payload are joined once and written, instead of
   websockets' ``Frame.serialize`` (a BytesIO, a mask copy and a ``getvalue`` copy) and the
@@ -43,6 +51,8 @@ _B2 = struct.Struct("!BB")
 _B2H = struct.Struct("!BBH")
 _B2Q = struct.Struct("!BBQ")
 _FIN_BINARY = 0x80 | Opcode.BINARY
+_U16 = struct.Struct("!H")
+_U64 = struct.Struct("!Q")
 
 
 class _MaskKeys:
@@ -73,6 +83,8 @@ class DirectMessages:
     _on_bad: Callable[[str], None] | None = None
     _early: list[bytes] | None = None
     _masked = False  # client-to-server frames are masked (RFC 6455 section 5.3)
+    _fast = False  # parse frames here (set at attach, cleared for good on the first odd byte)
+    _rbuf: bytearray | None = None  # a partial frame kept between data_received calls
 
     # attributes of the websockets Connection this is mixed into
     protocol: Any
@@ -84,12 +96,84 @@ class DirectMessages:
         arrived before, in order); anything else to ``on_bad``."""
         early, self._early = self._early, None
         self._sink, self._on_bad = sink, on_bad
+        # Parse here only from a frame boundary: websockets' reader must hold nothing.
+        self._fast = not self.protocol.reader.buffer and self.protocol.state is State.OPEN
         for message in early or ():
             sink(message)
 
     def detach(self) -> None:
         """Stop delivering (the session is over); drops the callbacks and what they hold."""
         self._sink = self._on_bad = None
+        if self._fast:
+            self._fall_back(b"")
+
+    def data_received(self, data: bytes) -> None:
+        if not self._fast:
+            super().data_received(data)  # type: ignore[misc]
+            return
+        buf = self._rbuf or None  # an empty buffer counts as none
+        if buf is not None:
+            buf += data
+            pending: bytes | bytearray = buf
+        else:
+            pending = data
+        end = len(pending)
+        pos = 0
+        odd = False  # a byte websockets must parse from here on
+        want = 0x00 if self._masked else 0x80  # the client receives unmasked frames, the server masked
+        limit = self.protocol.max_message_size or (1 << 62)
+        with memoryview(pending) as view:
+            while end - pos >= 2:
+                b1 = view[pos + 1]
+                if view[pos] != _FIN_BINARY or b1 & 0x80 != want or self._sink is None:
+                    odd = True
+                    break
+                length = b1 & 0x7F
+                head = pos + 2
+                if length == 126:
+                    if end - head < 2:
+                        break
+                    length = _U16.unpack_from(view, head)[0]
+                    head += 2
+                elif length == 127:
+                    if end - head < 8:
+                        break
+                    length = _U64.unpack_from(view, head)[0]
+                    head += 8
+                if length > limit:
+                    odd = True  # websockets closes with 1009
+                    break
+                if want:
+                    if end - head < 4 + length:
+                        break
+                    key = bytes(view[head : head + 4])
+                    head += 4
+                    payload = apply_mask(view[head : head + length], key)
+                else:
+                    if end - head < length:
+                        break
+                    payload = bytes(view[head : head + length])
+                pos = head + length
+                self._sink(payload)
+            if odd:
+                rest = bytes(view[pos:])
+            elif buf is None and pos < end:
+                self._rbuf = bytearray(view[pos:])  # a partial frame: kept until the rest arrives
+        if odd:
+            if buf is not None:
+                buf.clear()
+            self._fall_back(rest)
+        elif buf is not None and pos:
+            del buf[:pos]  # bytearray drops a prefix without moving the rest
+
+    def _fall_back(self, rest: bytes) -> None:
+        """From here on websockets parses everything, starting with ``rest`` (a frame boundary)
+        and what is still buffered."""
+        self._fast = False
+        held, self._rbuf = self._rbuf, None
+        data = bytes(held or b"") + rest
+        if data:
+            super().data_received(data)  # type: ignore[misc]
 
     @property
     def can_send(self) -> bool:
