@@ -250,25 +250,30 @@ class Session:
     def data_to_send(self, max_message: int = 256 * 1024) -> list[bytes]:
         """Return queued frames grouped into WebSocket messages of at most ``max_message``
         bytes (a single frame larger than that forms its own message)."""
+        return [b"".join(pieces) for pieces in self.messages_to_send(max_message)]
+
+    def messages_to_send(self, max_message: int = 256 * 1024) -> list[list[bytes | memoryview]]:
+        """Like :meth:`data_to_send`, each message as its pieces (frame headers and payloads)
+        in order, not joined: the writer masks or encrypts them in place of a copy."""
         if not self._out:
             return []
         out = self._out
         self._out = []
-        messages: list[bytes] = []
+        messages: list[list[bytes | memoryview]] = []
         group: list[bytes | memoryview] = []
         size = 0
-        for header, payload in out:  # one join per message: the only copy of a payload here
+        for header, payload in out:
             n = HEADER_SIZE + len(payload)
             if size and size + n > max_message:
-                messages.append(b"".join(group))
+                messages.append(group)
+                self.bytes_out += size
                 group, size = [], 0
             group.append(header)
             if payload:
                 group.append(payload)
             size += n
-        messages.append(b"".join(group))
-        for message in messages:
-            self.bytes_out += len(message)
+        messages.append(group)
+        self.bytes_out += size
         return messages
 
     def _queue(self, ftype: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> None:

@@ -570,7 +570,7 @@ class TunnelConnection:
             self._drainer = self._loop.create_task(self._drain())
             return
         try:
-            for message in self.session.data_to_send(MAX_MESSAGE):
+            for message in self.session.messages_to_send(MAX_MESSAGE):
                 ws.send_message(message)
         except (OSError, RuntimeError) as exc:  # uvloop raises RuntimeError on a closed transport
             self.close_reason = self.close_reason or f"send failed: {exc}"

@@ -52,6 +52,7 @@ _B2H = struct.Struct("!BBH")
 _B2Q = struct.Struct("!BBQ")
 _FIN_BINARY = 0x80 | Opcode.BINARY
 _U16 = struct.Struct("!H")
+_JOIN_BELOW = 16 * 1024  # a TLS record's largest payload
 _U64 = struct.Struct("!Q")
 
 
@@ -179,10 +180,14 @@ class DirectMessages:
     def can_send(self) -> bool:
         return self.protocol.state is State.OPEN
 
-    def send_message(self, data: bytes) -> None:
-        """Write one binary message now (the caller checked :attr:`can_send`; flow control is
-        the caller's: see ``paused``)."""
-        length = len(data)
+    def send_message(self, pieces: list[bytes | memoryview]) -> None:
+        """Write one binary message, given as its pieces in order, now (the caller checked
+        :attr:`can_send`; flow control is the caller's: see ``paused``). The pieces are never
+        joined: on the client each is masked with the key rotated to its offset, and
+        ``writelines`` gives them to TLS in one pass and to the socket in one write."""
+        length = 0
+        for piece in pieces:
+            length += len(piece)
         masked = self._masked
         bit = 0x80 if masked else 0
         if length < 126:
@@ -191,12 +196,33 @@ class DirectMessages:
             header = _B2H.pack(_FIN_BINARY, bit | 126, length)
         else:
             header = _B2Q.pack(_FIN_BINARY, bit | 127, length)
-        # writelines: one TLS pass and one socket write for the pieces, no join copy
         if masked:
             key = mask_key()
-            self.transport.writelines((header, key, apply_mask(data, key)))
-        else:
-            self.transport.writelines((header, data))
+            if len(pieces) > 1 and length <= _JOIN_BELOW:  # one join and one mask beat many
+                pieces = [b"".join(pieces)]
+            masked_pieces: list[bytes | memoryview] = []
+            offset = 0
+            for piece in pieces:
+                shift = offset & 3
+                masked_pieces.append(apply_mask(piece, key[shift:] + key[:shift] if shift else key))
+                offset += len(piece)
+            pieces = masked_pieces
+            header += key
+        # Each piece given to the TLS transport becomes its own TLS record: small pieces are
+        # joined (with the header) into one, large ones go as they are (no copy).
+        out: list[bytes | memoryview] = []
+        small: list[bytes | memoryview] = [header]
+        for piece in pieces:
+            if len(piece) < _JOIN_BELOW:
+                small.append(piece)
+                continue
+            if small:
+                out.append(b"".join(small) if len(small) > 1 else small[0])
+                small = []
+            out.append(piece)
+        if small:
+            out.append(b"".join(small) if len(small) > 1 else small[0])
+        self.transport.writelines(out)
 
     def process_event(self, event: Event) -> None:
         if not isinstance(event, Frame):  # the handshake's Request/Response

@@ -140,10 +140,18 @@ async def test_messages_before_attach_are_replayed_in_order() -> None:
 
 
 async def test_outgoing_frames_parse_back() -> None:
-    client, _, _ = client_side()
+    client, client_got, _ = client_side()
     server, got, _ = server_side()
     for message in MESSAGES:
-        client.send_message(message)
+        client.send_message([message])
+    # a message in pieces of every alignment masks as one
+    pieces = [b"a", b"bc", b"def", b"ghij" * 2000, b"k"]
+    client.send_message(pieces)  # type: ignore[arg-type]
+    client.send_message([b"x", b"yz"])  # type: ignore[arg-type]
     wire = b"".join(client.transport.written)  # type: ignore[attr-defined]
     server.data_received(wire)
-    assert got == MESSAGES
+    assert got == [*MESSAGES, b"".join(pieces), b"xyz"]
+    # the server side's frames are unmasked
+    server.send_message([b"head", memoryview(b"-tail")])
+    client.data_received(b"".join(server.transport.written))  # type: ignore[attr-defined]
+    assert client_got == [b"head-tail"]
