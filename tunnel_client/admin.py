@@ -3,7 +3,7 @@ session is connected and registered) and ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -49,6 +49,20 @@ class ClientMetrics:
         self.duration = Histogram("backhaul_client_stream_duration_seconds", "Time to serve a stream", ["kind"],
                                   registry=r)
         r.register(_LinkCollector(client))
+        # labelled children kept: labels() costs more than the increment (a hot-path profile)
+        self._streams: dict[tuple[str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    def stream_done(self, kind: str, outcome: str, seconds: float) -> None:
+        """Count one served stream (labels are bounded: stream kinds x outcomes)."""
+        counter = self._streams.get((kind, outcome))
+        if counter is None:
+            counter = self._streams[kind, outcome] = self.streams.labels(kind, outcome)
+        counter.inc()
+        hist = self._durations.get(kind)
+        if hist is None:
+            hist = self._durations[kind] = self.duration.labels(kind)
+        hist.observe(seconds)
 
 
 def admin_app(client: TunnelClient) -> web.Application:

@@ -336,8 +336,7 @@ class TunnelClient:
         finally:
             error = stream.error
             outcome = "ok" if error is None else ("reset" if isinstance(error, StreamReset) else "closed")
-            self.metrics.streams.labels(kind, outcome).inc()
-            self.metrics.duration.labels(kind).observe(time.perf_counter() - started)
+            self.metrics.stream_done(kind, outcome, time.perf_counter() - started)
 
     async def _discover_ecs(self) -> None:
         """Labels (and with --upstream-from-ecs, routes) from the ECS task metadata."""

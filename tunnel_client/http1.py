@@ -134,7 +134,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def begin(self, is_head: bool) -> asyncio.Future[None]:
         """Reset the per-exchange state; returns the future set when the response head is in."""
-        self._parser = httptools.HttpResponseParser(self)
+        if self._parser is None or self._is_head:  # after a HEAD, llhttp still expects its body
+            self._parser = httptools.HttpResponseParser(self)
         self._is_head = is_head
         self._status = 0
         self._headers = []
@@ -235,7 +236,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if parser is None or self._complete:  # bytes nobody asked for: the connection is unusable
+        if parser is None or self._complete or self._head is None:  # bytes nobody asked for: unusable
             self._keep_alive = False
             self.abort()
             return
@@ -388,8 +389,7 @@ class UpstreamPool:
         """Give back a connection after its exchange: kept when it can carry another one."""
         self._busy.discard(conn)
         if conn.reusable:
-            conn._head = None
-            conn._parser = None
+            conn._head = None  # idle: the parser is kept for the next exchange
             conn.idle_since = time.monotonic()
             self._idle.setdefault(conn.origin, []).append(conn)
         else:
