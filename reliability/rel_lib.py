@@ -191,7 +191,7 @@ def proc_stats(pid: int) -> dict[str, int]:
 
 def fd_breakdown(pid: int, upstream_port: int) -> dict[str, int]:
     """Open fds of a process, and how many of them are TCP connections to ``upstream_port``
-    (a tunnel client's keep-alive pool: aiohttp keeps idle upstream connections 30 s)."""
+    (a tunnel client's keep-alive pool: tunnel_client/http1.py keeps idle upstream connections 30 s)."""
     inodes: dict[int, int] = {}
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):
