@@ -16,7 +16,8 @@ from shared.aio.wsfast import TunnelClientConnection, TunnelServerConnection
 
 pytestmark = pytest.mark.asyncio
 
-MESSAGES = [b"a" * 10, bytes(range(256)) * 2, b"\x00" * 70_000, b"z", b"q" * 125, b"r" * 126, b"s" * 65_535]
+MESSAGES = [b"a" * 10, bytes(range(256)) * 2, b"\x00" * 70_000, b"z", b"q" * 125, b"r" * 126, b"s" * 65_535,
+            b"G" * 300_000]  # larger than uvloop reads at once
 
 
 class Transport(asyncio.Transport):
