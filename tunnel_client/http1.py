@@ -15,8 +15,9 @@ Semantics kept from the aiohttp version (docs/PROTOCOL.md section 12):
 * the upstream closes or breaks before the response head -> 502; after it -> the body is
   aborted (``before_head=False``), never presented as complete;
 * a request whose connection came from the pool and failed before any response byte arrived
-  is sent once more on a fresh connection when its body was not streamed (the upstream closed
-  an idle keep-alive connection as we reused it: the classic race);
+  is sent once more on a fresh connection (the upstream closed an idle keep-alive connection as
+  we reused it: the classic race) when that cannot run it twice: an idempotent method (RFC 9110
+  section 9.2.2) or an ``Idempotency-Key`` header, and a body that was not streamed;
 * informational 1xx answers are skipped; HEAD, 204 and 304 answers have no body; a body with
   neither length nor chunking ends when the upstream closes.
 
@@ -50,6 +51,7 @@ Origin = tuple[str, str, int]
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class UpstreamError(Exception):
@@ -468,6 +470,7 @@ async def exchange(
         UpstreamError: no response head (the connection is already discarded).
     """
     is_head = method == "HEAD"
+    replayable = method in _IDEMPOTENT or any(name.lower() == "idempotency-key" for name, _ in headers)
     if body_stream is not None:
         data = build_head(method, target, headers, host, None, not framed)
     else:
@@ -490,7 +493,7 @@ async def exchange(
             pool.discard(conn)
             if upload is not None:
                 upload.cancel()
-            if attempt == 1 and exc.retriable and body_stream is None:
+            if attempt == 1 and exc.retriable and body_stream is None and replayable:
                 log.debug("upstream %s: pooled connection closed under us; sending again", origin)
                 continue
             raise

@@ -135,6 +135,35 @@ async def test_stale_pooled_connection_is_retried_once() -> None:
     await pool.close()
 
 
+async def test_reused_connection_dropped_on_request_replays_only_idempotent() -> None:
+    """Each connection answers one request, then drops the next one unanswered (the upstream
+    closing an idle connection as it is reused): a GET, a PUT and a POST with an
+    Idempotency-Key go out again on a fresh connection; a plain POST is not run twice (502)."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)
+        writer.transport.abort()
+
+    pool = UpstreamPool(connect_timeout=2)
+    async with raw_upstream(script) as (port, seen):
+        origin = ("http", "127.0.0.1", port)
+        assert await fetch(pool, port) == (200, b"ok")
+        for method, headers in (("GET", []), ("PUT", []), ("POST", [("Idempotency-Key", "k1")])):
+            conn, _ = await exchange(pool, origin, method, "/x", headers, "up", b"b" if method != "GET" else None,
+                                     None, False)
+            assert conn.status == 200 and conn.reused is False  # answered on a fresh connection
+            while await conn.read():
+                pass
+            pool.release(conn)
+        before = len(seen)
+        with pytest.raises(UpstreamError) as info:
+            await exchange(pool, origin, "POST", "/x", [], "up", b"body", None, False)
+        assert info.value.before_head and info.value.retriable and len(seen) == before  # not replayed
+    await pool.close()
+
+
 @pytest.mark.parametrize("answer,before", [
     (b"", True),  # closed without a byte
     (b"NOT HTTP AT ALL\r\n\r\n", True),  # malformed
