@@ -19,7 +19,7 @@ from shared.aio.pump import Endpoint, RawFeeder, pump
 from shared.errors import LocalProtocolError, SessionClosed, StreamReset, TooManyStreams, TunnelError
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
-from shared.httputil import HOP_BY_HOP, forwarded_headers, strip_hop_by_hop
+from shared.httputil import HOP_BY_HOP, append_forwarded, forwarded_headers, strip_hop_by_hop
 from shared.routing import normalize_host
 
 from .access import AccessRules
@@ -406,12 +406,7 @@ def _upstream_headers(raw: RawHeaders, rid: str, peer: str, proto: str, host: st
     if connection is not None and _connection_names(connection, names):
         return _upstream_headers_slow(raw, rid, peer, proto, host, websocket)
     out.append(("X-Request-Id", rid))
-    chain.append(peer)
-    out.append(("X-Forwarded-For", ", ".join(c for c in chain if c)))
-    if not have_proto:
-        out.append(("X-Forwarded-Proto", proto))
-    if not have_host and host:
-        out.append(("X-Forwarded-Host", host))
+    append_forwarded(out, chain, peer, proto if not have_proto else None, host if not have_host else None)
     return tuple(out)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["HOP_BY_HOP", "forwarded_headers", "strip_hop_by_hop"]
+__all__ = ["HOP_BY_HOP", "append_forwarded", "forwarded_headers", "strip_hop_by_hop"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -69,10 +69,18 @@ def forwarded_headers(
         elif lower == "x-forwarded-host":
             have_host = True
         out.append((name, value))
+    append_forwarded(out, chain, client_addr, proto if not have_proto else None, host if not have_host else None)
+    return out
+
+
+def append_forwarded(out: list[tuple[str, str]], chain: list[str], client_addr: str, proto: str | None,
+                     host: str | None) -> None:
+    """The tail of :func:`forwarded_headers`, for callers that scanned the headers themselves:
+    ``chain`` (the caller's X-Forwarded-For values) plus ``client_addr``, then X-Forwarded-Proto
+    and -Host unless None (present already) or empty."""
     chain.append(client_addr)
     out.append(("X-Forwarded-For", ", ".join(c for c in chain if c)))
-    if not have_proto:
+    if proto is not None:
         out.append(("X-Forwarded-Proto", proto))
-    if not have_host and host:
+    if host:
         out.append(("X-Forwarded-Host", host))
-    return out

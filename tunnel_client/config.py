@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -34,13 +34,14 @@ class Upstream:
     def origin(self) -> str:
         return f"{self.scheme}://{self.netloc}"
 
-    @property
-    def address(self) -> tuple[str, str, int]:
-        """(scheme, host, port) to connect to; IPv6 literals without brackets."""
+    #: (scheme, host, port) to connect to, IPv6 literals without brackets (set once, not per request)
+    address: tuple[str, str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
         host, sep, port = self.netloc.rpartition(":")
         if not sep or not port.isdigit() or host.count(":") and not host.endswith("]"):
             host, port = self.netloc, ("443" if self.scheme == "https" else "80")
-        return self.scheme, host.strip("[]"), int(port)
+        object.__setattr__(self, "address", (self.scheme, host.strip("[]"), int(port)))
 
 
 def parse_upstream(spec: str) -> Upstream:

@@ -470,7 +470,6 @@ async def exchange(
         UpstreamError: no response head (the connection is already discarded).
     """
     is_head = method == "HEAD"
-    replayable = method in _IDEMPOTENT or any(name.lower() == "idempotency-key" for name, _ in headers)
     if body_stream is not None:
         data = build_head(method, target, headers, host, None, not framed)
     else:
@@ -493,7 +492,7 @@ async def exchange(
             pool.discard(conn)
             if upload is not None:
                 upload.cancel()
-            if attempt == 1 and exc.retriable and body_stream is None and replayable:
+            if attempt == 1 and exc.retriable and body_stream is None and _replayable(method, headers):
                 log.debug("upstream %s: pooled connection closed under us; sending again", origin)
                 continue
             raise
@@ -503,6 +502,11 @@ async def exchange(
                 upload.cancel()
             raise
     raise AssertionError("unreachable")
+
+
+def _replayable(method: str, headers: list[tuple[str, str]]) -> bool:
+    """Sending it twice is harmless: an idempotent method or an Idempotency-Key."""
+    return method in _IDEMPOTENT or any(name.lower() == "idempotency-key" for name, _ in headers)
 
 
 async def _upload(conn: UpstreamConnection, body: AsyncIterator[bytes | memoryview], chunked: bool) -> None:

@@ -217,7 +217,8 @@ class Forwarder:
                 body_stream = _body(stream, record)
             else:
                 record.bytes_in += len(body)
-        framed = any(name.lower() == "content-length" for name, _ in headers)
+        # a streamed body keeps the caller's Content-Length framing when it has one
+        framed = body_stream is not None and any(name.lower() == "content-length" for name, _ in headers)
         pool = self._pool
         conn: UpstreamConnection | None = None
         upload: asyncio.Task[None] | None = None
