@@ -23,6 +23,13 @@ Semantics kept from the aiohttp version (docs/PROTOCOL.md section 12):
 
 Back-pressure: body bytes are buffered up to ``HIGH_WATER`` then the upstream socket is paused
 until the tunnel has taken them; request bodies wait for ``resume_writing``.
+
+Large bodies framed by Content-Length skip the parser: once llhttp has parsed the head (and
+whatever body bytes came in the same read), the rest of the body, when at least
+``DIRECT_BODY_MIN`` bytes, is taken straight from ``data_received``: the received ``bytes``
+objects themselves, with no per-chunk copy into a new ``bytes`` (llhttp's ``on_body`` copies
+every byte once; at 1 MiB responses that was 9 % of the client's CPU). The parser is replaced
+for the next exchange, since it still counts the body it never saw.
 """
 
 from __future__ import annotations
@@ -39,12 +46,15 @@ import httptools
 
 from shared.errors import TunnelError
 
-__all__ = ["HIGH_WATER", "Origin", "UpstreamConnection", "UpstreamError", "UpstreamPool", "build_head"]
+__all__ = ["DIRECT_BODY_MIN", "HIGH_WATER", "Origin", "UpstreamConnection", "UpstreamError", "UpstreamPool", "build_head"]
 
 log = logging.getLogger(__name__)
 
 #: Pause reading from the upstream above this many buffered response-body bytes.
 HIGH_WATER = 512 * 1024
+
+#: A Content-Length body with at least this much left after the head's read skips llhttp.
+DIRECT_BODY_MIN = 64 * 1024
 
 #: (scheme, host, port)
 Origin = tuple[str, str, int]
@@ -121,6 +131,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head: asyncio.Future[None] | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
+        self._body_left = -1  # Content-Length bytes still to come (-1: not framed by length)
+        self._direct = 0  # body bytes still to take around the parser (see the module docstring)
         self._complete = False
         self._eof_body = False
         self._keep_alive = False
@@ -143,6 +155,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers = []
         self._chunks.clear()
         self._buffered = 0
+        self._body_left = -1
+        self._direct = 0
         self._complete = self._eof_body = self._keep_alive = self._informational = False
         self._received = False
         self._error = None
@@ -243,14 +257,34 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self._received = True
+        left = self._direct
+        if left:
+            self._take_direct(data, left)
+            return
         try:
             parser.feed_data(data)
+            if self._body_left >= DIRECT_BODY_MIN and self._error is None and not self._complete:
+                self._direct = self._body_left  # the rest of the body skips llhttp
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("unexpected protocol upgrade", before_head=self._head_pending()))
             self.abort()
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"malformed response: {exc}", before_head=self._head_pending()))
             self.abort()
+
+    def _take_direct(self, data: bytes, left: int) -> None:
+        n = len(data)
+        if n < left:
+            self._direct = left - n
+            self._take(data)
+            return
+        self._direct = 0
+        self._take(data if n == left else data[:left])
+        self._parser = None  # it still expects the body: a fresh one for the next exchange
+        if n > left:
+            self._keep_alive = False  # bytes after the response nobody asked for: not reused
+        self._complete = True
+        self._wake_body()
 
     def eof_received(self) -> bool | None:
         return False  # close our side too
@@ -299,12 +333,18 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = parser.should_keep_alive()
         if not self._is_head and status not in _NO_BODY_STATUS:
             framed = False
-            for name, _ in self._headers:
+            length = -1
+            for name, value in self._headers:
                 lower = name.lower()
-                if lower == b"content-length" or lower == b"transfer-encoding":
+                if lower == b"transfer-encoding":
                     framed = True
+                    length = -1
                     break
+                if lower == b"content-length":
+                    framed = True
+                    length = int(value) if value.isdigit() else -1  # llhttp checked it
             self._eof_body = not framed
+            self._body_left = length
         head = self._head
         if head is not None and not head.done():
             head.set_result(None)
@@ -316,6 +356,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self._is_head:
             self._keep_alive = False
             return
+        if self._body_left > 0:
+            self._body_left -= len(body)
+        self._take(body)
+
+    def _take(self, body: bytes) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:

@@ -85,7 +85,9 @@ class DirectMessages:
     _early: list[bytes] | None = None
     _masked = False  # client-to-server frames are masked (RFC 6455 section 5.3)
     _fast = False  # parse frames here (set at attach, cleared for good on the first odd byte)
-    _rbuf: bytearray | None = None  # a partial frame kept between data_received calls
+    _parts: list[bytes | memoryview] | None = None  # a partial frame, as received
+    _have = 0  # bytes in _parts
+    _need = 0  # bytes _parts must reach before parsing is worth trying again
 
     # attributes of the websockets Connection this is mixed into
     protocol: Any
@@ -112,14 +114,19 @@ class DirectMessages:
         if not self._fast:
             super().data_received(data)  # type: ignore[misc]
             return
-        buf = self._rbuf or None  # an empty buffer counts as none
-        if buf is not None:
-            buf += data
-            pending: bytes | bytearray = buf
+        parts = self._parts
+        if parts is not None:  # a partial frame: collect until it is whole, then join once
+            parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return
+            self._parts = None
+            pending = b"".join(parts)
         else:
             pending = data
         end = len(pending)
         pos = 0
+        need = 0  # bytes from pos on that the frame being parsed needs (when incomplete)
         odd = False  # a byte websockets must parse from here on
         want = 0x00 if self._masked else 0x80  # the client receives unmasked frames, the server masked
         limit = self.protocol.max_message_size or (1 << 62)
@@ -146,33 +153,32 @@ class DirectMessages:
                     break
                 if want:
                     if end - head < 4 + length:
+                        need = head + 4 + length - pos
                         break
                     key = bytes(view[head : head + 4])
                     head += 4
                     payload = apply_mask(view[head : head + length], key)
                 else:
                     if end - head < length:
+                        need = head + length - pos
                         break
                     payload = bytes(view[head : head + length])
                 pos = head + length
                 self._sink(payload)
-            if odd:
-                rest = bytes(view[pos:])
-            elif buf is None and pos < end:
-                self._rbuf = bytearray(view[pos:])  # a partial frame: kept until the rest arrives
-        if odd:
-            if buf is not None:
-                buf.clear()
+            rest = bytes(view[pos:]) if odd else None
+        if rest is not None:
             self._fall_back(rest)
-        elif buf is not None and pos:
-            del buf[:pos]  # bytearray drops a prefix without moving the rest
+        elif pos < end:  # a partial frame: kept (not copied) until the rest arrives
+            self._parts = [memoryview(pending)[pos:] if pos else pending]
+            self._have = end - pos
+            self._need = need or self._have + 1
 
     def _fall_back(self, rest: bytes) -> None:
         """From here on websockets parses everything, starting with ``rest`` (a frame boundary)
         and what is still buffered."""
         self._fast = False
-        held, self._rbuf = self._rbuf, None
-        data = bytes(held or b"") + rest
+        held, self._parts = self._parts, None
+        data = b"".join([*(held or ()), rest])
         if data:
             super().data_received(data)  # type: ignore[misc]
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-from tunnel_client.http1 import UpstreamError, UpstreamPool, exchange
+from tunnel_client.http1 import DIRECT_BODY_MIN, UpstreamError, UpstreamPool, exchange
 
 from .helpers import Certs, stack
 
@@ -181,6 +181,83 @@ async def test_upstream_faults(answer: bytes, before: bool) -> None:
         with pytest.raises(UpstreamError) as info:
             await fetch(pool, port)
         assert info.value.before_head is before and not info.value.connect
+        assert pool.idle_count == 0
+    await pool.close()
+
+
+@pytest.mark.parametrize("split", [0, 10, DIRECT_BODY_MIN + 5])
+async def test_large_sized_body_skips_the_parser_and_the_connection_is_reused(split: int) -> None:
+    """A Content-Length body of 300 KiB written in uneven pieces, with ``split`` body bytes in
+    the head's write: taken around llhttp (tunnel_client/http1.py, DIRECT_BODY_MIN), byte-exact;
+    the same connection then carries a small and a chunked answer (a fresh parser)."""
+    body = bytes(range(256)) * 1200  # 307,200 bytes
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:split])
+        await writer.drain()
+        for start in range(split, len(body), 70_001):
+            writer.write(body[start : start + 70_001])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    pool = UpstreamPool(connect_timeout=2)
+    async with raw_upstream(script) as (port, seen):
+        assert await fetch(pool, port) == (200, body)
+        assert await fetch(pool, port) == (200, b"small")
+        assert await fetch(pool, port) == (200, b"abc")
+        assert seen == [1] and pool.idle_count == 1
+    await pool.close()
+
+
+@pytest.mark.parametrize("tail,reused", [
+    (b"", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False),  # an answer nobody asked for
+])
+async def test_large_sized_body_end_and_extra_bytes(tail: bytes, reused: bool) -> None:
+    """Bytes after a directly taken body end it there; the connection is then not reused."""
+    body = b"z" * (DIRECT_BODY_MIN * 2)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+            writer.write(body + tail)
+            await writer.drain()
+
+    pool = UpstreamPool(connect_timeout=2)
+    async with raw_upstream(script) as (port, seen):
+        assert await fetch(pool, port) == (200, body)
+        assert await fetch(pool, port) == (200, body)
+        assert len(seen) == (1 if reused else 2)
+    await pool.close()
+
+
+async def test_large_sized_body_cut_is_an_error() -> None:
+    """The upstream closes 100 KiB into a 200 KiB body taken around the parser: the body is
+    aborted (an error after the head), never presented as complete."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 204800\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(b"y" * 102400)
+        await writer.drain()
+        writer.transport.abort()
+
+    pool = UpstreamPool(connect_timeout=2)
+    async with raw_upstream(script) as (port, _):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(pool, port)
+        assert not info.value.before_head
         assert pool.idle_count == 0
     await pool.close()
 

@@ -90,7 +90,7 @@ async def test_any_split_gives_the_same_messages(side: str, step: int) -> None:
     for i in range(0, len(data), step):
         conn.data_received(data[i : i + step])
     assert got == MESSAGES and not bad
-    assert conn._fast and not conn._rbuf  # parsed here, nothing left over
+    assert conn._fast and conn._parts is None  # parsed here, nothing left over
 
 
 async def test_close_frame_hands_over_to_websockets() -> None:
