@@ -16,6 +16,7 @@ Endpoints (all on loopback):
     GET  /stats             {"in_flight": ..., "peak_in_flight": ..., "served": ...}; ?reset=1 zeroes
                             the peak and the counter
     GET  /healthz           "ok"
+    GET  /ws                WebSocket echo: every text or binary message comes back as it was
 
 Runs on uvloop when installed and raises its own RLIMIT_NOFILE (the scale benchmark parks
 10,000 connections on it).
@@ -155,6 +156,17 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
+async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(max_msg_size=4 * MIB)
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type is web.WSMsgType.TEXT:
+            await ws.send_str(msg.data)
+        elif msg.type is web.WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+    return ws
+
+
 def build_app() -> web.Application:
     app = web.Application(middlewares=[count], client_max_size=64 * MIB)
     app[STATS] = Stats()
@@ -166,6 +178,7 @@ def build_app() -> web.Application:
     app.router.add_get("/slow", slow)
     app.router.add_get("/stats", stats)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/ws", ws_echo)
     return app
 
 

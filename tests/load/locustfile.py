@@ -5,10 +5,12 @@ client, an exit server in front, then runs locust headless from the separate ``.
 Locust (gevent) is never imported into the uvloop processes under test.
 
 Mix per user (weights): 100 B GETs (10), ~100 KiB uploads (2), 1 MiB downloads (2), one SSE
-stream read for ~2 s (1). Every answer is checked (status, size, digest; SSE events must arrive
-one by one, not buffered until the end).
-
-WebSocket is not part of the mix: the tunnel does not pass WebSocket upgrades through yet.
+stream read for ~2 s (1), one WebSocket session (1): upgrade, then LOAD_WS_MESSAGES (default 10)
+binary messages of 1-16 KiB echoed back by the upstream. Every answer is checked (status, size,
+digest; SSE events must arrive one by one, not buffered until the end; each echo must equal what
+was sent). The WebSocket session is reported as "WS connect" (time to the 101) and "WS echo"
+(all round trips); it uses websocket-client (the ``load`` extra), whose sockets gevent patches
+like locust's own.
 
 Pass/fail (set in the ``quitting`` listener, so locust's exit status is the verdict):
     failures > LOAD_FAIL_RATIO (default 0.001 = 0.1%) of requests      -> exit 1
@@ -16,7 +18,7 @@ Pass/fail (set in the ``quitting`` listener, so locust's exit status is the verd
     no requests at all                                                  -> exit 1
 
 Environment: LOAD_HOST_HEADER (Host to send; Backhaul routes by it), LOAD_P95_MS,
-LOAD_FAIL_RATIO, LOAD_SSE_SECONDS (default 2).
+LOAD_FAIL_RATIO, LOAD_SSE_SECONDS (default 2), LOAD_WS_MESSAGES (default 10).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import os
 import time
 
+import websocket  # websocket-client
 from locust import HttpUser, between, events, task
 
 #: Default p95 limit over all requests (ms). A 1 MiB download or a 100 KiB upload through the
@@ -35,6 +38,7 @@ P95_LIMIT_MS = float(os.environ.get("LOAD_P95_MS", "250"))
 FAIL_RATIO_LIMIT = float(os.environ.get("LOAD_FAIL_RATIO", "0.001"))
 HOST_HEADER = os.environ.get("LOAD_HOST_HEADER", "")
 SSE_SECONDS = float(os.environ.get("LOAD_SSE_SECONDS", "2"))
+WS_MESSAGES = int(os.environ.get("LOAD_WS_MESSAGES", "10"))
 
 UPLOAD = os.urandom(100 * 1024)
 UPLOAD_SHA = hashlib.sha256(UPLOAD).hexdigest()
@@ -126,6 +130,42 @@ class BackhaulUser(HttpUser):
             self.environment.events.request.fire(
                 request_type="SSE", name="first event", response_time=first_event_ms, response_length=0,
                 exception=None, context={}, response=None)
+
+
+    @task(1)
+    def websocket_echo(self) -> None:
+        """One WebSocket session through the tunnel: the upgrade, then WS_MESSAGES binary
+        messages of 1-16 KiB, each echoed back unchanged by bench/upstream.py's /ws."""
+        url = "ws" + self.host.removeprefix("http") + "/ws"
+        host = {"host": HOST_HEADER} if HOST_HEADER else {}
+        t0 = time.perf_counter()
+        try:
+            ws = websocket.create_connection(url, timeout=30, enable_multithread=False, **host)
+        except Exception as exc:  # noqa: BLE001 (a failed upgrade is the failure being counted)
+            self._ws_report("WS connect", t0, 0, exc)
+            return
+        self._ws_report("WS connect", t0, 0, None)
+        t1 = time.perf_counter()
+        sent = 0
+        error: Exception | None = None
+        try:
+            for i in range(WS_MESSAGES):
+                message = os.urandom(1024 * (1 + (i * 7) % 16))
+                ws.send_binary(message)
+                opcode, echo = ws.recv_data()
+                if opcode != websocket.ABNF.OPCODE_BINARY or echo != message:
+                    raise ValueError(f"message {i}: echo of {len(echo)} bytes differs from the {len(message)} sent")
+                sent += len(message)
+            ws.close(timeout=5)
+        except Exception as exc:  # noqa: BLE001 (any broken session is a failure)
+            error = exc
+            ws.abort()
+        self._ws_report(f"WS echo x{WS_MESSAGES} (1-16 KiB)", t1, sent, error)
+
+    def _ws_report(self, name: str, since: float, length: int, exc: Exception | None) -> None:
+        self.environment.events.request.fire(
+            request_type="WS", name=name, response_time=(time.perf_counter() - since) * 1000,
+            response_length=length, exception=exc, context={}, response=None)
 
 
 @events.quitting.add_listener
