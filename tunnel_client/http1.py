@@ -46,7 +46,9 @@ import httptools
 
 from shared.errors import TunnelError
 
-__all__ = ["DIRECT_BODY_MIN", "HIGH_WATER", "Origin", "UpstreamConnection", "UpstreamError", "UpstreamPool", "build_head"]
+__all__ = [
+    "DIRECT_BODY_MIN", "HIGH_WATER", "Origin", "UpstreamConnection", "UpstreamError", "UpstreamPool", "build_head",
+]
 
 log = logging.getLogger(__name__)
 
