@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from shared.plainmetrics import PlainHistogram
 
 if TYPE_CHECKING:
     from .routes import Registry
@@ -69,25 +71,54 @@ class Exchange:
 
 
 class _RouteMetrics:
-    """The labelled children of one route pattern, made once (``labels()`` is slow): a
-    prometheus_client child stays valid for the life of its metric. Children appear on first
-    use, as with ``labels()`` at the call site, so /metrics shows no new zero series."""
+    """What is recorded for one route pattern (the ``host`` label), as plain numbers. A
+    series appears on first use, as with ``labels()`` at the call site, so /metrics shows no
+    new zero series."""
 
-    __slots__ = ("metrics", "host", "codes", "duration", "head", "bytes_in", "bytes_out", "totals")
+    __slots__ = ("host", "codes", "duration", "head", "bytes_in", "bytes_out", "totals")
 
-    def __init__(self, metrics: Metrics, host: str, totals: list[float]) -> None:
-        self.metrics = metrics
+    def __init__(self, host: str, totals: list[float]) -> None:
         self.host = host
-        self.codes: dict[int, Counter] = {}  # status // 100 -> requests child
-        self.duration = metrics.duration.labels(host)  # observed for every exchange
-        self.head: Histogram | None = None
-        self.bytes_in: Counter | None = None
-        self.bytes_out: Counter | None = None
+        self.codes: dict[int, int] = {}  # status // 100 -> requests
+        self.duration = PlainHistogram(_BUCKETS)  # observed for every exchange
+        self.head: PlainHistogram | None = None
+        self.bytes_in: int | None = None
+        self.bytes_out: int | None = None
         self.totals = totals  # the same list as Metrics._hosts[host]
 
-    def code(self, status_class: int) -> Counter:
-        child = self.codes[status_class] = self.metrics.requests.labels(self.host, f"{status_class}xx")
-        return child
+
+class _ExchangeCollector(Collector):
+    """The per-exchange metrics, made into metric families at scrape time from the plain
+    numbers :meth:`Metrics.finish` keeps (shared/plainmetrics.py says why)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        routes = list(self.metrics._routes.values())
+        requests = CounterMetricFamily("backhaul_http_requests", "Public requests by route and status class",
+                                       labels=["host", "code"])
+        duration = HistogramMetricFamily("backhaul_http_request_duration_seconds", "Time from request to last byte",
+                                         labels=["host"])
+        head = HistogramMetricFamily("backhaul_http_response_head_seconds", "Time from request to response head",
+                                     labels=["host"])
+        body = CounterMetricFamily("backhaul_http_bytes", "Body bytes by route and direction",
+                                   labels=["host", "direction"])
+        for route in routes:
+            for status_class, n in sorted(route.codes.items()):
+                requests.add_metric([route.host, f"{status_class}xx"], n)
+            duration.add_metric([route.host], route.duration.buckets(), route.duration.total)
+            if route.head is not None:
+                head.add_metric([route.host], route.head.buckets(), route.head.total)
+            if route.bytes_in is not None:
+                body.add_metric([route.host, "in"], route.bytes_in)
+            if route.bytes_out is not None:
+                body.add_metric([route.host, "out"], route.bytes_out)
+        rejected = CounterMetricFamily("backhaul_rejected_requests", "Requests refused by a limit or policy",
+                                       labels=["reason"])
+        for reason, n in sorted(self.metrics._rejected.items()):
+            rejected.add_metric([reason], n)
+        yield from (requests, duration, head, body, rejected)
 
 
 class _TunnelCollector(Collector):
@@ -119,16 +150,7 @@ class Metrics:
     def __init__(self, registry: Registry) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("backhaul_http_requests", "Public requests by route and status class",
-                                ["host", "code"], registry=r)
-        self.duration = Histogram("backhaul_http_request_duration_seconds", "Time from request to last byte",
-                                  ["host"], buckets=_BUCKETS, registry=r)
-        self.head = Histogram("backhaul_http_response_head_seconds", "Time from request to response head",
-                              ["host"], buckets=_BUCKETS, registry=r)
-        self.bytes = Counter("backhaul_http_bytes", "Body bytes by route and direction", ["host", "direction"],
-                             registry=r)
-        self.rejected = Counter("backhaul_rejected_requests", "Requests refused by a limit or policy",
-                                ["reason"], registry=r)
+        r.register(_ExchangeCollector(self))  # requests, durations, bytes, rejections
         self.auth_failures = Counter("backhaul_auth_failures", "Failed tunnel authentications", registry=r)
         self.registrations = Counter("backhaul_tunnel_registrations", "Tunnel sessions registered", registry=r)
         self.reconnects = Counter("backhaul_tunnel_reconnects",
@@ -140,7 +162,7 @@ class Metrics:
         # Per-route running totals for the dashboard: [requests, 5xx, seconds].
         self._hosts: dict[str, list[float]] = {}
         self._routes: dict[str, _RouteMetrics] = {}
-        self._rejected: dict[str, Counter] = {}
+        self._rejected: dict[str, int] = {}
 
     def host_stats(self) -> dict[str, dict[str, float]]:
         """Cumulative totals per route pattern (the dashboard differentiates them)."""
@@ -165,28 +187,22 @@ class Metrics:
             totals = self._hosts.get(host)
             if totals is None:
                 totals = self._hosts[host] = [0, 0, 0.0]
-            route = self._routes[host] = _RouteMetrics(self, host, totals)
+            route = self._routes[host] = _RouteMetrics(host, totals)
         status = ex.status
         status_class = status // 100
-        (route.codes.get(status_class) or route.code(status_class)).inc()
+        codes = route.codes
+        codes[status_class] = codes.get(status_class, 0) + 1
         route.duration.observe(total)
         if ex.head_seconds is not None:
             if route.head is None:
-                route.head = self.head.labels(host)
+                route.head = PlainHistogram(_BUCKETS)
             route.head.observe(ex.head_seconds)
         if ex.bytes_in:
-            if route.bytes_in is None:
-                route.bytes_in = self.bytes.labels(host, "in")
-            route.bytes_in.inc(ex.bytes_in)
+            route.bytes_in = (route.bytes_in or 0) + ex.bytes_in
         if ex.bytes_out:
-            if route.bytes_out is None:
-                route.bytes_out = self.bytes.labels(host, "out")
-            route.bytes_out.inc(ex.bytes_out)
+            route.bytes_out = (route.bytes_out or 0) + ex.bytes_out
         if ex.rejected:
-            rejected = self._rejected.get(ex.rejected)
-            if rejected is None:
-                rejected = self._rejected[ex.rejected] = self.rejected.labels(ex.rejected)
-            rejected.inc()
+            self._rejected[ex.rejected] = self._rejected.get(ex.rejected, 0) + 1
         totals = route.totals
         totals[0] += 1
         totals[1] += status >= 500

@@ -20,6 +20,7 @@ from typing import NoReturn
 from .errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
+    "KIND_NAMES",
     "Headers",
     "RequestHead",
     "ResponseHead",
@@ -53,6 +54,8 @@ class StreamKind(enum.IntEnum):
 
 
 _KINDS = {kind.value: kind for kind in StreamKind}
+#: Lower-case kind names for logs and metric labels (an enum's ``.name`` is a Python property).
+KIND_NAMES: dict[int, str] = {kind: kind.name.lower() for kind in StreamKind}
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,10 @@ __all__ = [
 #: them to the configured size (section 6).
 INITIAL_CONNECTION_WINDOW = 1 << 20
 _PING = struct.Struct(">d")
+# Plain ints for the flag tests of the receive path: ``int & IntFlag`` runs IntFlag's Python
+# ``__rand__`` and builds a new member per frame.
+_END_STREAM = int(Flags.END_STREAM)
+_ACK = int(Flags.ACK)
 
 
 class Role(enum.Enum):
@@ -97,6 +101,10 @@ class SessionState(enum.Enum):
 
 
 class StreamState(enum.Enum):
+    # Identity hashing in C (members are singletons and compare by identity): Enum's own
+    # __hash__ is a Python function, run for every transition and window check.
+    __hash__ = object.__hash__
+
     OPEN = "open"
     HALF_CLOSED_LOCAL = "half-closed-local"  # we sent END_STREAM
     HALF_CLOSED_REMOTE = "half-closed-remote"  # the peer sent END_STREAM
@@ -104,6 +112,8 @@ class StreamState(enum.Enum):
 
 
 class StreamEvent(enum.Enum):
+    __hash__ = object.__hash__  # see StreamState
+
     SEND_END = "send-end"
     RECV_END = "recv-end"
     SEND_RESET = "send-reset"
@@ -569,7 +579,7 @@ class Session:
         try:
             for ftype, flags, stream_id, payload in decode_frames(data, self.max_frame):
                 if ftype == FrameType.DATA:
-                    self._recv_data(stream_id, payload, flags & Flags.END_STREAM != 0)
+                    self._recv_data(stream_id, payload, flags & _END_STREAM != 0)
                 elif self.state is SessionState.HANDSHAKE and ftype != FrameType.CONTROL:
                     raise RemoteProtocolError(f"frame type {ftype:#x} before the handshake")
                 else:
@@ -584,9 +594,9 @@ class Session:
         if ftype == FrameType.WINDOW:
             self._recv_window(stream_id, decode_window(payload))
         elif ftype == FrameType.OPEN:
-            self._recv_open(stream_id, payload, flags & Flags.END_STREAM != 0)
+            self._recv_open(stream_id, payload, flags & _END_STREAM != 0)
         elif ftype == FrameType.REPLY:
-            self._recv_reply(stream_id, payload, flags & Flags.END_STREAM != 0)
+            self._recv_reply(stream_id, payload, flags & _END_STREAM != 0)
         elif ftype == FrameType.RESET:
             self._recv_reset(stream_id, payload)
         elif ftype == FrameType.PING:
@@ -688,7 +698,7 @@ class Session:
     def _recv_ping(self, flags: int, payload: memoryview, now: float) -> None:
         if len(payload) != 8:
             raise RemoteProtocolError("PING payload must be 8 bytes")
-        if flags & Flags.ACK:
+        if flags & _ACK:
             (sent,) = _PING.unpack_from(payload)
             if 0 <= now - sent < 3600:
                 self.rtt = now - sent

@@ -3,12 +3,14 @@ session is connected and registered) and ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from shared.plainmetrics import PlainHistogram
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -44,25 +46,39 @@ class ClientMetrics:
         r = self.registry
         self.reconnects = Counter("backhaul_client_reconnects", "Session (re)connection attempts after the first",
                                   ["server"], registry=r)
-        self.streams = Counter("backhaul_client_streams", "Streams served by kind and outcome",
-                               ["kind", "outcome"], registry=r)
-        self.duration = Histogram("backhaul_client_stream_duration_seconds", "Time to serve a stream", ["kind"],
-                                  registry=r)
         r.register(_LinkCollector(client))
-        # labelled children kept: labels() costs more than the increment (a hot-path profile)
-        self._streams: dict[tuple[str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
+        r.register(_StreamCollector(self))
+        # plain numbers on the hot path, metric families at scrape time (shared/plainmetrics.py)
+        self._streams: dict[tuple[str, str], int] = {}
+        self._durations: dict[str, PlainHistogram] = {}
 
     def stream_done(self, kind: str, outcome: str, seconds: float) -> None:
         """Count one served stream (labels are bounded: stream kinds x outcomes)."""
-        counter = self._streams.get((kind, outcome))
-        if counter is None:
-            counter = self._streams[kind, outcome] = self.streams.labels(kind, outcome)
-        counter.inc()
+        key = (kind, outcome)
+        self._streams[key] = self._streams.get(key, 0) + 1
         hist = self._durations.get(kind)
         if hist is None:
-            hist = self._durations[kind] = self.duration.labels(kind)
+            hist = self._durations[kind] = PlainHistogram()
         hist.observe(seconds)
+
+
+class _StreamCollector(Collector):
+    """``backhaul_client_streams`` and ``backhaul_client_stream_duration_seconds``."""
+
+    def __init__(self, metrics: ClientMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        streams = CounterMetricFamily("backhaul_client_streams", "Streams served by kind and outcome",
+                                      labels=["kind", "outcome"])
+        for (kind, outcome), n in sorted(self.metrics._streams.items()):
+            streams.add_metric([kind, outcome], n)
+        duration = HistogramMetricFamily("backhaul_client_stream_duration_seconds", "Time to serve a stream",
+                                         labels=["kind"])
+        for kind, hist in sorted(self.metrics._durations.items()):
+            duration.add_metric([kind], hist.buckets(), hist.total)
+        yield streams
+        yield duration
 
 
 def admin_app(client: TunnelClient) -> web.Application:

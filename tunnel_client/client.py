@@ -30,6 +30,7 @@ from shared.backoff import backoff_delays
 from shared.config import parse_addr, read_secret
 from shared.errors import ConfigError, StreamReset, TunnelError
 from shared.frames import GoAwayCode
+from shared.heads import KIND_NAMES
 from shared.messages import SUPPORTED_VERSIONS, Error, Hello, Routes, RouteSpec, TcpSpec, Welcome
 from shared.mux import Role, Session
 
@@ -329,7 +330,7 @@ class TunnelClient:
 
     async def serve_stream(self, stream: TunnelStream) -> None:
         """Serve one stream through the forwarder, counting its outcome."""
-        kind = stream.head.kind.name.lower() if stream.head is not None else "unknown"
+        kind = KIND_NAMES[stream.head.kind] if stream.head is not None else "unknown"
         started = time.perf_counter()
         try:
             await self.forwarder.handle(stream)

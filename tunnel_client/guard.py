@@ -56,6 +56,7 @@ _FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # every control but 
 _AUTHORITY_BAD = re.compile(r"[\x00-\x20\x7f/\\?#@]")
 _PORT = re.compile(r"[0-9]{1,5}")
 _HEX = frozenset(string.hexdigits)
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 #: RFC 3986 pchar minus pct-encoded, plus "/": left as they are in a path.
 _PATH_SAFE = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
@@ -199,7 +200,7 @@ def split_target(target: str) -> tuple[str, str | None]:
         raise Refused("request target too long")
     if not target.startswith("/") or target.startswith("//"):
         raise Refused("request target is not origin-form")
-    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in target):
+    if _CONTROL_OR_SPACE.search(target):
         raise Refused("control character in request target")
     if "#" in target:
         raise Refused("fragment in request target")

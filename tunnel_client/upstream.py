@@ -16,7 +16,7 @@ from shared.aio.connection import TunnelStream
 from shared.aio.pump import Endpoint, pump, stream_endpoint
 from shared.errors import TunnelError
 from shared.frames import ResetCode
-from shared.heads import RequestHead, ResponseHead, StreamKind
+from shared.heads import KIND_NAMES, RequestHead, ResponseHead, StreamKind
 from shared.httputil import strip_hop_by_hop
 from shared.proxyproto import proxy_v2_header
 from shared.routing import RouteTable, normalize_host
@@ -81,7 +81,7 @@ class Forwarder:
         """Serve one stream (runs in its own task; cancelled when the server resets it)."""
         head = stream.head
         assert head is not None
-        record = AuditRecord(time.time(), stream.session_name, stream.id, head.kind.name.lower(), head.method,
+        record = AuditRecord(time.time(), stream.session_name, stream.id, KIND_NAMES[head.kind], head.method,
                              head.authority, head.target.partition("?")[0], head.client_addr)
         stream.info["audit"] = record
         start = time.monotonic()

@@ -123,6 +123,7 @@ async def test_client_health_endpoint_and_healthcheck_command(certs: Certs) -> N
             async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
                 text = await r.text()
         assert 'backhaul_client_streams_total{kind="http",outcome="ok"} 1.0' in text
+        assert 'backhaul_client_stream_duration_seconds_count{kind="http"} 1.0' in text
         assert "backhaul_client_sessions_connected" in text
         await s.server.close()  # the exit server goes away: the client is no longer healthy
         for _ in range(50):

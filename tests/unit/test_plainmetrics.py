@@ -1,0 +1,73 @@
+"""shared/plainmetrics.py: plain-number histograms give the same exposition as
+prometheus_client's own Histogram, and the exit server's and the client's collectors expose
+the series their prometheus_client metrics used to (names, labels, values)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exit_server.observe import Exchange, Metrics
+from exit_server.routes import Registry
+from shared.plainmetrics import DEFAULT_BUCKETS, PlainHistogram
+
+BOUNDS = (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+def _exposition(registry: CollectorRegistry) -> str:
+    # prometheus_client adds *_created series of its own; they carry a timestamp, not a value
+    return "\n".join(line for line in generate_latest(registry).decode().splitlines() if "_created" not in line)
+
+
+class _One(Collector):
+    def __init__(self, hist: PlainHistogram) -> None:
+        self.hist = hist
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily("h_seconds", "doc", labels=["k"])
+        family.add_metric(["v"], self.hist.buckets(), self.hist.total)
+        yield family
+
+
+@given(st.lists(st.one_of(st.sampled_from(BOUNDS), st.floats(0, 20, allow_nan=False)), max_size=50))
+def test_same_exposition_as_prometheus_client(values: list[float]) -> None:
+    theirs = CollectorRegistry()
+    reference = Histogram("h_seconds", "doc", ["k"], buckets=BOUNDS, registry=theirs).labels("v")
+    ours = PlainHistogram(BOUNDS)
+    mine = CollectorRegistry()
+    mine.register(_One(ours))
+    for value in values:
+        reference.observe(value)
+        ours.observe(value)
+    assert _exposition(mine) == _exposition(theirs)
+    assert ours.count == len(values)
+
+
+def test_default_bounds_are_prometheus_client_defaults() -> None:
+    assert (*DEFAULT_BUCKETS, float("inf")) == Histogram.DEFAULT_BUCKETS
+
+
+def test_exit_server_series() -> None:
+    metrics = Metrics(Registry())
+    for status, head, out in ((200, 0.002, 100), (200, 0.3, 0), (503, None, 0)):
+        ex = Exchange("id", "GET", "a.example", "/", "127.0.0.1", route="a.example" if status == 200 else "unrouted")
+        ex.status, ex.head_seconds, ex.bytes_out = status, head, out
+        if status == 503:
+            ex.rejected = "no_tunnel"
+        metrics.finish(ex)
+    text = generate_latest(metrics.registry).decode()
+    assert 'backhaul_http_requests_total{code="2xx",host="a.example"} 2.0' in text
+    assert 'backhaul_http_requests_total{code="5xx",host="unrouted"} 1.0' in text
+    assert 'backhaul_http_response_head_seconds_bucket{host="a.example",le="0.0025"} 1.0' in text
+    assert 'backhaul_http_response_head_seconds_count{host="a.example"} 2.0' in text
+    assert 'backhaul_http_request_duration_seconds_count{host="unrouted"} 1.0' in text
+    assert 'backhaul_http_bytes_total{direction="out",host="a.example"} 100.0' in text
+    assert 'direction="in"' not in text  # no series before first use
+    assert 'backhaul_rejected_requests_total{reason="no_tunnel"} 1.0' in text
+    assert re.search(r'backhaul_http_request_duration_seconds_sum\{host="a.example"\} [0-9.e-]+', text)
