@@ -29,6 +29,9 @@ class ServerConfig(BaseConfig):
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
     shutdown_delay: float = Field(0.0, ge=0, description="seconds to keep serving after SIGTERM while /readyz "
                                   "reports 503, so a load balancer stops sending traffic first")
+    min_ready_tunnels: int = Field(0, ge=0, description="/readyz reports 503 while fewer tunnel sessions are "
+                                   "registered, so a restarted server joins the load balancer once its clients "
+                                   "are back")
     max_streams: int = Field(10_000, ge=1, description="concurrent streams per tunnel (503 beyond)")
     max_body: int | None = Field(None, ge=0, description="largest request body in bytes (413 beyond)")
     tokens: Path | None = Field(None, description="TOML file of per-client tokens, replaces --token-file "
@@ -41,6 +44,8 @@ class ServerConfig(BaseConfig):
     body_timeout: float = Field(15.0, gt=0, description="seconds a public request body may stay idle (408 beyond)")
     send_timeout: float = Field(30.0, gt=0, description="seconds a public caller may take nothing of a response "
                                 "before it is dropped")
+    stream_idle_timeout: float = Field(0.0, ge=0, description="seconds a WebSocket or TCP stream may pass no byte "
+                                       "either way before it is closed (0: no limit)")
     handshake_timeout: float = Field(10.0, gt=0, description="seconds for a client to say hello")
     heartbeat_interval: float = Field(4.0, gt=0, description="seconds between heartbeat pings")
     heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which a tunnel is dead")

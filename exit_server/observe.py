@@ -21,7 +21,7 @@ from shared.plainmetrics import PlainHistogram
 if TYPE_CHECKING:
     from .routes import Registry
 
-__all__ = ["Exchange", "Metrics", "request_id"]
+__all__ = ["Exchange", "LogThrottle", "Metrics", "request_id"]
 
 access_log = logging.getLogger("backhaul.access")
 
@@ -45,6 +45,31 @@ def request_id(presented: str | None) -> str:
     if presented and _REQUEST_ID.match(presented):
         return presented
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
+
+
+class LogThrottle:
+    """At most one log line per key every ``period`` seconds, for conditions that can repeat
+    thousands of times a second under overload (a tunnel's stream limit): the line that gets
+    through says how many were held back, and the metric counts every one."""
+
+    def __init__(self, period: float = 10.0, max_keys: int = 1024) -> None:
+        self.period = period
+        self.max_keys = max_keys
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str, now: float) -> int | None:
+        """None when this occurrence should not be logged; otherwise how many were held back
+        since the last line for ``key``."""
+        if now < self._next.get(key, 0.0):
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        if len(self._next) >= self.max_keys and key not in self._next:  # bounded: forget lapsed keys
+            for stale in [k for k, t in self._next.items() if t <= now]:
+                del self._next[stale]
+                self._held.pop(stale, None)
+        self._next[key] = now + self.period
+        return self._held.pop(key, 0)
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from typing import TypeVar
 from aiohttp import web
 
 from shared.aio.connection import TunnelStream
-from shared.aio.pump import Endpoint, RawFeeder, pump
+from shared.aio.pump import Endpoint, RawFeeder, pump, set_keepalive
 from shared.errors import LocalProtocolError, SessionClosed, StreamReset, TooManyStreams, TunnelError
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
@@ -25,7 +25,7 @@ from shared.routing import normalize_host
 from .access import AccessRules
 from .config import ServerConfig
 from .httpguard import generic_response, head_problem, send_and_close
-from .observe import Exchange, Metrics, request_id
+from .observe import Exchange, LogThrottle, Metrics, request_id
 from .routes import Registry, Tunnel
 
 __all__ = ["PublicHandler", "RESET_STATUS"]
@@ -83,6 +83,7 @@ class PublicHandler:
         self.draining = False
         self.in_flight = 0
         self.requests = 0
+        self._limit_log = LogThrottle()  # one stream-limit line per tunnel per 10 s
 
     _loop: asyncio.AbstractEventLoop
 
@@ -207,7 +208,10 @@ class PublicHandler:
         try:
             return tunnel.conn.open_stream(head, end_stream=not has_body)  # type: ignore[no-any-return]
         except TooManyStreams:
-            log.warning("%s: stream limit reached (503)", tunnel.id)
+            held = self._limit_log.allow(tunnel.id, self._loop.time())
+            if held is not None:
+                log.warning("%s: stream limit reached (503)%s", tunnel.id,
+                            f"; {held} more since the last such line" if held else "")
             return error_response(503, retry_after=1)
         except SessionClosed:
             return error_response(503, retry_after=1)
@@ -346,6 +350,7 @@ class PublicHandler:
         await resp.prepare(request)
         transport = request.transport
         assert transport is not None
+        set_keepalive(transport.get_extra_info("socket"))  # long-lived now: find a vanished caller in minutes
         feeder = RawFeeder(transport)
         request.protocol.set_parser(feeder)  # type: ignore[arg-type]
         writer = request.writer
@@ -356,7 +361,8 @@ class PublicHandler:
         def close_send() -> None:
             transport.close()
 
-        ex.bytes_out = await pump(stream, Endpoint(feeder.read, send, close_send, transport.abort))
+        ex.bytes_out = await pump(stream, Endpoint(feeder.read, send, close_send, transport.abort),
+                                  self.config.stream_idle_timeout)
         if not transport.is_closing():
             transport.close()
         return resp

@@ -127,8 +127,10 @@ class ExitServer:
 
     @property
     def ready(self) -> bool:
+        """Listening, not draining, and serving at least ``--min-ready-tunnels`` sessions
+        (``/readyz``): a server with no tunnel would answer 503 to everything it is sent."""
         return (self._site is not None and self._ws_server is not None and not self.public.draining
-                and not self.stopping)
+                and not self.stopping and len(self.registry.tunnels) >= self.config.min_ready_tunnels)
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Drain and stop (docs/SCALING.md, "Rolling restarts"):

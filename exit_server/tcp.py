@@ -8,13 +8,13 @@ import contextlib
 import logging
 import socket
 
-from shared.aio.pump import pump, stream_endpoint
+from shared.aio.pump import pump, set_keepalive, stream_endpoint
 from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
 
 from .config import ServerConfig
-from .observe import Metrics
+from .observe import LogThrottle, Metrics
 from .routes import Registry
 
 __all__ = ["TcpListeners"]
@@ -33,6 +33,7 @@ class TcpListeners:
         self._servers: dict[int, asyncio.Server] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections = 0
+        self._limit_log = LogThrottle()
 
     def bind(self, port: int) -> str | None:
         """Open a listener on ``port`` now (synchronously, so a busy port is refused in the
@@ -99,13 +100,17 @@ class TcpListeners:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_keepalive(sock)  # a caller that vanished is found in minutes, not hours
         head = RequestHead(
             StreamKind.TCP, "", str(port), _hostport(local[0], local[1]), "tcp", _hostport(peer[0], peer[1])
         )
         try:
             stream = tunnel.conn.open_stream(head)
         except (TooManyStreams, SessionClosed) as exc:
-            log.warning("tcp %d: %s; closing connection", port, exc)
+            held = self._limit_log.allow(f"{port}/{type(exc).__name__}", asyncio.get_running_loop().time())
+            if held is not None:
+                log.warning("tcp %d: %s; closing connection%s", port, exc,
+                            f" ({held} more since the last such line)" if held else "")
             writer.transport.abort()
             return
         self.connections += 1
@@ -113,7 +118,7 @@ class TcpListeners:
         try:
             async with asyncio.timeout(self.config.upstream_timeout):
                 await stream.response()
-            await pump(stream, stream_endpoint(reader, writer))
+            await pump(stream, stream_endpoint(reader, writer), self.config.stream_idle_timeout)
         except (TimeoutError, StreamReset, TunnelError) as exc:
             log.info("tcp %d stream %d: %s", port, stream.id, exc)
             stream.reset(ResetCode.UPSTREAM_CONNECT, "no upstream connection")

@@ -1,12 +1,18 @@
 """Byte pumps between a tunnel stream and a socket-like endpoint (TCP streams and WebSocket
 passthrough). Half-close travels both ways: EOF from the socket becomes END_STREAM, END_STREAM
-from the peer becomes a write-EOF (TCP) or a close (WebSocket)."""
+from the peer becomes a write-EOF (TCP) or a close (WebSocket).
+
+An optional idle timeout ends a pump that moved no byte in either direction for that long: the
+stream is reset (CANCEL, "idle timeout") and the endpoint aborted. The check is a timer armed
+once per timeout period, not per chunk (a chunk only stores the time).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -14,7 +20,7 @@ from ..errors import TunnelError
 from ..frames import ResetCode
 from .connection import TunnelStream
 
-__all__ = ["Endpoint", "RawFeeder", "pump", "stream_endpoint"]
+__all__ = ["Endpoint", "RawFeeder", "pump", "set_keepalive", "stream_endpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +64,36 @@ def stream_endpoint(
     return Endpoint(recv, send, close_send, abort)
 
 
-async def pump(stream: TunnelStream, endpoint: Endpoint) -> int:
+def set_keepalive(sock: socket.socket | None, idle: int = 60, interval: int = 15, count: int = 4) -> None:
+    """TCP keepalive on a long-lived relayed connection: a peer that vanished without a FIN
+    (power loss, a NAT that forgot the flow) is found after about ``idle + interval * count``
+    seconds of silence (2 minutes by default, against the kernel's 2 h 11 min), so its stream,
+    its socket and the upstream connection behind it are not held for ever."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+            option = getattr(socket, name, None)  # Linux names; other systems keep their defaults
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+async def pump(stream: TunnelStream, endpoint: Endpoint, idle_timeout: float = 0) -> int:
     """Copy bytes both ways until both directions ended. Returns bytes sent to the endpoint.
 
-    A reset stream or a broken socket aborts both directions at once.
+    A reset stream or a broken socket aborts both directions at once; so does ``idle_timeout``
+    seconds (0: no limit) without a byte in either direction.
     """
     received = 0
+    loop = asyncio.get_running_loop()
+    last = loop.time()
 
     async def outbound() -> None:  # endpoint -> tunnel
+        nonlocal last
         try:
             while data := await endpoint.recv():
+                last = loop.time()
                 await stream.write(data)
             stream.end()
         except (ConnectionError, OSError):
@@ -75,13 +101,33 @@ async def pump(stream: TunnelStream, endpoint: Endpoint) -> int:
             raise
 
     async def inbound() -> None:  # tunnel -> endpoint
-        nonlocal received
+        nonlocal received, last
         while chunk := await stream.read():
+            last = loop.time()
             received += len(chunk)
             await endpoint.send(chunk)
         endpoint.close_send()
 
     tasks = [asyncio.create_task(outbound()), asyncio.create_task(inbound())]
+    timer: asyncio.TimerHandle | None = None
+    idled = False
+
+    def check_idle() -> None:
+        nonlocal timer, idled
+        idle = loop.time() - last
+        if idle < idle_timeout:
+            timer = loop.call_at(last + idle_timeout, check_idle)
+            return
+        timer = None
+        idled = True
+        log.info("stream %d: no byte either way for %.0fs: closed (idle timeout)", stream.id, idle)
+        stream.reset(ResetCode.CANCEL, "idle timeout")
+        endpoint.abort()
+        for task in tasks:
+            task.cancel()
+
+    if idle_timeout > 0:
+        timer = loop.call_at(last + idle_timeout, check_idle)
     try:
         for finished in asyncio.as_completed(tasks):
             await finished
@@ -90,7 +136,14 @@ async def pump(stream: TunnelStream, endpoint: Endpoint) -> int:
         endpoint.abort()
         if stream.error is None:
             stream.reset(ResetCode.UPSTREAM_RESET, "connection reset")
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if not idled or (current is not None and current.cancelling()):
+            raise  # this task itself is being cancelled
+        # else: the idle check cancelled both halves: the pump is over
     finally:
+        if timer is not None:
+            timer.cancel()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

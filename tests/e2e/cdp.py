@@ -8,7 +8,9 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import urllib.request
@@ -63,10 +65,13 @@ def chromium_binary() -> str | None:
 async def browser_page(url: str) -> AsyncIterator[Page]:
     binary = chromium_binary()
     assert binary is not None, "chromium is missing: `make test` installs it (scripts/ci-deps.sh)"
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes (renderer, GPU, crash handler) may still write to the
+    # profile for a moment after the browser exits: the whole process group is stopped, and
+    # what they leave behind does not fail the test.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
                                  "--remote-debugging-address=127.0.0.1", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             async with asyncio.timeout(30):
@@ -81,11 +86,14 @@ async def browser_page(url: str) -> AsyncIterator[Page]:
                 await page.call("Page.navigate", url=url)
                 yield page
         finally:
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
 
 
 def _json(url: str) -> Any:

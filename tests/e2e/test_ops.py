@@ -38,6 +38,26 @@ def hello_app() -> web.Application:
     return app
 
 
+async def test_readyz_waits_for_min_ready_tunnels(certs: Certs) -> None:
+    """--min-ready-tunnels 1: /readyz is 503 with no session (a restarted server that would
+    answer 503 to everything), 200 once a client has registered, 503 again when it leaves."""
+    async with upstream(hello_app()) as up, stack(certs, min_ready_tunnels=1) as s:
+        admin = f"http://127.0.0.1:{s.server.admin_port}/readyz"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(admin) as r:
+                assert r.status == 503
+            running = await s.add_client([f"api.example.com={up.url}"])
+            async with http.get(admin) as r:
+                assert r.status == 200
+            await running.stop()
+            for _ in range(100):
+                async with http.get(admin) as r:
+                    if r.status == 503:
+                        break
+                await asyncio.sleep(0.05)
+            assert r.status == 503
+
+
 async def test_admin_health_metrics_api_and_delete(certs: Certs) -> None:
     async with upstream(hello_app()) as up, stack(certs, admin_token=ADMIN) as s:
         running = await s.add_client([f"api.example.com={up.url}"], label=["site=berlin"])

@@ -46,7 +46,8 @@ class ExitProcess:
     def __init__(self, certs: Certs, public: int, control: int, admin: int) -> None:
         self.args = [str(BIN / "exit-server"), "run", "--public-addr", f"127.0.0.1:{public}", "--control-addr",
                      f"127.0.0.1:{control}", "--admin-addr", f"127.0.0.1:{admin}", "--tls-cert", str(certs.cert),
-                     "--tls-key", str(certs.key), "--shutdown-delay", "1.0", "--drain-timeout", "10"]
+                     "--tls-key", str(certs.key), "--shutdown-delay", "1.0", "--drain-timeout", "10",
+                     "--min-ready-tunnels", "1"]  # back in the balancer once the client is
         self.public, self.control, self.admin = public, control, admin
         self.proc: subprocess.Popen[bytes] | None = None
 

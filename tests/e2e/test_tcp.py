@@ -189,3 +189,46 @@ async def test_redis_hundred_thousand_pipelined_commands(certs: Certs, redis_por
         tunneled = await asyncio.wait_for(run(base, "tunnel"), 120)
     assert len(tunneled) == 100_000
     assert tunneled == direct
+
+
+async def test_tcp_stream_idle_timeout(certs: Certs) -> None:
+    """--stream-idle-timeout closes a TCP stream silent both ways for that long (a busy one
+    lives on); the upstream connection behind it is closed too."""
+    upstream_closed = asyncio.Event()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            upstream_closed.set()
+            writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    base, rng = port_range()
+    try:
+        async with stack(certs, tcp_port_range=rng, stream_idle_timeout=0.6) as s:
+            await s.add_client([], tcp=[f"{base}=127.0.0.1:{port}"])
+            reader, writer = await asyncio.open_connection("127.0.0.1", base)
+            try:
+                loop = asyncio.get_running_loop()
+                for i in range(8):  # traffic every 0.15 s for 1.2 s: never idle for 0.6 s
+                    await asyncio.sleep(0.15 if i else 0)
+                    writer.write(b"ping %d" % i)
+                    assert await asyncio.wait_for(reader.read(100), 5) == b"ping %d" % i
+                last_byte = loop.time()
+                try:
+                    assert await asyncio.wait_for(reader.read(100), 10) == b""  # closed by the exit server
+                except ConnectionResetError:
+                    pass  # or reset: either way the connection is gone
+                assert 0.5 < loop.time() - last_byte < 5
+                await asyncio.wait_for(upstream_closed.wait(), 5)
+            finally:
+                writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -156,3 +156,27 @@ async def test_declined_upgrade_is_relayed(certs: Certs) -> None:
             with pytest.raises(aiohttp.WSServerHandshakeError) as info:
                 await http.ws_connect(f"http://127.0.0.1:{s.server.public_port}/plain")
             assert info.value.status == 200  # the upstream answered without upgrading
+
+
+async def test_idle_websocket_is_closed_after_the_stream_idle_timeout(certs: Certs) -> None:
+    """--stream-idle-timeout: a session that keeps talking outlives it; once both sides fall
+    silent for that long, the caller's connection is closed and the stream is gone."""
+    seen: dict[str, object] = {}
+    async with upstream(ws_app(seen)) as up, stack(certs, stream_idle_timeout=0.6) as s:
+        await s.add_client([f"default={up.url}"])
+        async with connect(ws_url(s.server.public_port), close_timeout=1, ping_interval=None) as ws:
+            loop = asyncio.get_running_loop()
+            for i in range(8):  # 1.2 s of traffic every 0.15 s: never idle for 0.6 s
+                await asyncio.sleep(0.15 if i else 0)
+                await ws.send(f"m{i}")
+                assert await ws.recv() == f"m{i}"
+            last_byte = loop.time()
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert 0.5 < loop.time() - last_byte < 5
+        tunnel = next(iter(s.server.registry.tunnels.values()))
+        for _ in range(50):
+            if tunnel.in_flight == 0 and "close_code" in seen:
+                break
+            await asyncio.sleep(0.05)
+        assert tunnel.in_flight == 0 and "close_code" in seen  # the upstream side was closed too

@@ -71,3 +71,17 @@ def test_exit_server_series() -> None:
     assert 'direction="in"' not in text  # no series before first use
     assert 'backhaul_rejected_requests_total{reason="no_tunnel"} 1.0' in text
     assert re.search(r'backhaul_http_request_duration_seconds_sum\{host="a.example"\} [0-9.e-]+', text)
+
+
+def test_log_throttle_one_line_per_key_per_period_and_counts_the_rest() -> None:
+    from exit_server.observe import LogThrottle
+
+    throttle = LogThrottle(period=10, max_keys=3)
+    assert throttle.allow("t1", 0.0) == 0
+    assert [throttle.allow("t1", t) for t in (1.0, 2.0, 9.9)] == [None, None, None]
+    assert throttle.allow("t2", 5.0) == 0  # keys are independent
+    assert throttle.allow("t1", 10.0) == 3  # the next line says how many were held back
+    assert throttle.allow("t1", 12.0) is None
+    throttle.allow("t3", 13.0)
+    throttle.allow("t4", 25.0)  # over max_keys: lapsed keys are forgotten
+    assert len(throttle._next) <= 3
