@@ -152,9 +152,10 @@ collection (fixed in `shared/aio/connection.py`, `TunnelConnection.run`).**
   aiohappyeyeballs) still make cycles, which now live about 70 times longer and keep what they
   reference. Worth keeping in mind when changing error paths; the scenarios above count it.
 
-- Each 503 for the stream limit writes a WARNING line (`exit_server/public.py`, `_open`): under
-  overload the log grows with the refused rate (1 800 lines in the overload scenario below);
-  `backhaul_rejected_requests{reason="stream_limit"}` already counts them.
+- Each 503 for the stream limit used to write a WARNING line (1 800 lines in the overload
+  scenario below). Since 2026-11-27 the line is throttled to one per tunnel per 10 s, saying how
+  many more were refused (`exit_server/observe.py`, `LogThrottle`);
+  `backhaul_rejected_requests{reason="stream_limit"}` counts every one.
 - A request sent into a link that died silently waits for the heartbeat deadline (about 12 s)
   and then gets 502 (link-loss below), as do requests in flight; `--heartbeat-timeout` bounds it.
 - Over a 2 Mbit/s link the heartbeat RTT seen by the exit server reaches about 2 s (the pings
