@@ -26,16 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import resource
 import sys
 
 from aiohttp import web
-
-SMALL = b"x" * 99 + b"\n"
-CHUNK = bytes(range(256)) * 256  # 64 KiB pattern
-MIB = 1 << 20
+from loadapp import MIB, SMALL, add_load_routes  # bench/ is this script's directory (sys.path[0])
 
 
 def raise_nofile(want: int = 65536) -> int:
@@ -75,49 +71,8 @@ async def count(request: web.Request, handler):  # type: ignore[no-untyped-def]
         stats.served += 1
 
 
-async def small(request: web.Request) -> web.Response:
-    return web.Response(body=SMALL, content_type="text/plain")
 
 
-async def upload(request: web.Request) -> web.Response:
-    digest = hashlib.sha256()
-    received = 0
-    async for chunk in request.content.iter_any():
-        digest.update(chunk)
-        received += len(chunk)
-    return web.json_response({"received": received, "sha256": digest.hexdigest()})
-
-
-async def download(request: web.Request) -> web.StreamResponse:
-    n = int(request.query.get("n", MIB))
-    if n < 0 or n > (1 << 31):
-        raise web.HTTPBadRequest(text="n out of range\n")
-    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "Content-Length": str(n)})
-    await resp.prepare(request)
-    sent = 0
-    while sent < n:
-        part = CHUNK[: min(len(CHUNK), n - sent)]
-        await resp.write(part)
-        sent += len(part)
-    await resp.write_eof()
-    return resp
-
-
-async def sse(request: web.Request) -> web.StreamResponse:
-    seconds = min(float(request.query.get("seconds", 5)), 60.0)
-    interval = max(float(request.query.get("interval_ms", 100)), 10.0) / 1000
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    n = 0
-    while loop.time() < end:
-        n += 1
-        await resp.write(f"id: {n}\nevent: tick\ndata: {{\"n\": {n}}}\n\n".encode())
-        await asyncio.sleep(interval)
-    await resp.write(b"event: done\ndata: {}\n\n")
-    await resp.write_eof()
-    return resp
 
 
 async def slow(request: web.Request) -> web.Response:
@@ -156,29 +111,14 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
-async def ws_echo(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(max_msg_size=4 * MIB)
-    await ws.prepare(request)
-    async for msg in ws:
-        if msg.type is web.WSMsgType.TEXT:
-            await ws.send_str(msg.data)
-        elif msg.type is web.WSMsgType.BINARY:
-            await ws.send_bytes(msg.data)
-    return ws
-
 
 def build_app() -> web.Application:
     app = web.Application(middlewares=[count], client_max_size=64 * MIB)
     app[STATS] = Stats()
-    app.router.add_get("/small", small)
-    app.router.add_post("/upload", upload)
-    app.router.add_put("/upload", upload)
-    app.router.add_get("/download", download)
-    app.router.add_get("/sse", sse)
+    add_load_routes(app, max_sse_seconds=60.0)  # /small /upload /download /sse /ws (bench/loadapp.py)
     app.router.add_get("/slow", slow)
     app.router.add_get("/stats", stats)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/ws", ws_echo)
     return app
 
 

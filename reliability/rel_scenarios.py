@@ -793,7 +793,8 @@ async def soak(short: bool, load: str = "auto") -> Result:
         base = await settle(srv, 2)
         base_steady = await steady.snapshot()
         res.fig("load", ("locust (.venv-load) with tests/load/locustfile.py: 100 B GET, 100 KiB upload, "
-                         "1 MiB download, 2 s SSE, every answer checked; 20 users") if use_locust else
+                         "1 MiB download, 2 s SSE, WebSocket session (10 echoed messages), every answer checked; "
+                         "20 users") if use_locust else
                 "reliability/loadgen.py in its own process (100 B GET, 100 KiB upload, 1 MiB download, 2 s SSE; "
                 "16 workers)")
         out = env.workdir / "soak.json"

@@ -3,10 +3,7 @@
     python reliability/upstream.py --port PORT        (binds 127.0.0.1 of its network namespace)
 
 Well-behaved (the same formats as tests/load/locustfile.py expects):
-    GET  /small                      100-byte body
-    POST /upload                     consumes the body, answers {"received": N, "sha256": HEX}
-    GET  /download?n=BYTES           BYTES of a fixed 64 KiB pattern, with Content-Length
-    GET  /sse?seconds=S&interval_ms=I  text/event-stream, "event: tick" every I ms, then "event: done"
+    /small, /upload, /download, /sse (at most 120 s), /ws  bench/loadapp.py, shared with bench/upstream.py
     GET  /slow?ms=MS                 answers after MS milliseconds
     POST /slowpost?ms=MS             reads the body, answers after MS milliseconds
     GET  /stream?seconds=S&interval_ms=I  chunked body, one line every I ms for S seconds, ends with "end\\n"
@@ -23,16 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import socket
 import struct
+import sys
+from pathlib import Path
 
 from aiohttp import web
 
-SMALL = b"x" * 99 + b"\n"
-CHUNK = bytes(range(256)) * 256  # 64 KiB pattern (tests/load/locustfile.py checks its digest)
-MIB = 1 << 20
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from loadapp import CHUNK, MIB, SMALL, add_load_routes  # noqa: E402
 
 
 class Stats:
@@ -56,47 +53,8 @@ async def count(request: web.Request, handler):  # type: ignore[no-untyped-def]
         STATS.served += 1
 
 
-async def small(request: web.Request) -> web.Response:
-    return web.Response(body=SMALL, content_type="text/plain")
 
 
-async def upload(request: web.Request) -> web.Response:
-    digest = hashlib.sha256()
-    received = 0
-    async for chunk in request.content.iter_any():
-        digest.update(chunk)
-        received += len(chunk)
-    return web.json_response({"received": received, "sha256": digest.hexdigest()})
-
-
-async def download(request: web.Request) -> web.StreamResponse:
-    n = min(max(int(request.query.get("n", MIB)), 0), 1 << 30)
-    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "Content-Length": str(n)})
-    await resp.prepare(request)
-    sent = 0
-    while sent < n:
-        part = CHUNK[: min(len(CHUNK), n - sent)]
-        await resp.write(part)
-        sent += len(part)
-    await resp.write_eof()
-    return resp
-
-
-async def sse(request: web.Request) -> web.StreamResponse:
-    seconds = min(float(request.query.get("seconds", 5)), 120.0)
-    interval = max(float(request.query.get("interval_ms", 100)), 10.0) / 1000
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    n = 0
-    while loop.time() < end:
-        n += 1
-        await resp.write(f"id: {n}\nevent: tick\ndata: {{\"n\": {n}}}\n\n".encode())
-        await asyncio.sleep(interval)
-    await resp.write(b"event: done\ndata: {}\n\n")
-    await resp.write_eof()
-    return resp
 
 
 async def slow(request: web.Request) -> web.Response:
@@ -168,10 +126,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 def build_app() -> web.Application:
     app = web.Application(middlewares=[count], client_max_size=64 * MIB)
-    app.router.add_get("/small", small)
-    app.router.add_post("/upload", upload)
-    app.router.add_get("/download", download)
-    app.router.add_get("/sse", sse)
+    add_load_routes(app, max_sse_seconds=120.0)  # /small /upload /download /sse /ws (bench/loadapp.py)
     app.router.add_get("/slow", slow)
     app.router.add_post("/slowpost", slowpost)
     app.router.add_get("/stream", stream)
