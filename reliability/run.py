@@ -152,6 +152,13 @@ collection (fixed in `shared/aio/connection.py`, `TunnelConnection.run`).**
   aiohappyeyeballs) still make cycles, which now live about 70 times longer and keep what they
   reference. Worth keeping in mind when changing error paths; the scenarios above count it.
 
+- The first full soak with WebSocket sessions in the locust mix (2026-11-27) failed on memory:
+  exit server RSS +18.8 %, client +14.8 %, with zero failed requests. Each WebSocket session left
+  about 80 objects in reference cycles on the exit server and 20 on the client, for the cyclic
+  GC. The pump's new idle check referred to itself, and its `except CancelledError` kept the
+  current task in a local of a frame that is in the exception's own traceback. Fixed in
+  `shared/aio/pump.py`; `test_websocket_sessions_leave_no_reference_cycles` checks that 40
+  sessions leave no frame, traceback, exception or Backhaul object for the GC.
 - Each 503 for the stream limit used to write a WARNING line (1 800 lines in the overload
   scenario below). Since 2026-11-27 the line is throttled to one per tunnel per 10 s, saying how
   many more were refused (`exit_server/observe.py`, `LogThrottle`);
