@@ -102,6 +102,7 @@ async def test_rolling_restart_behind_haproxy_has_no_errors(certs: Certs) -> Non
             try:
                 for s in servers:
                     await asyncio.to_thread(wait_port, s.public)
+                    await asyncio.to_thread(wait_port, s.admin)  # bound after the public port
                 await asyncio.to_thread(wait_port, front)
                 for s in servers:
                     async with asyncio.timeout(15):
