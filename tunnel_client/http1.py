@@ -24,12 +24,13 @@ Semantics kept from the aiohttp version (docs/PROTOCOL.md section 12):
 Back-pressure: body bytes are buffered up to ``HIGH_WATER`` then the upstream socket is paused
 until the tunnel has taken them; request bodies wait for ``resume_writing``.
 
-Large bodies framed by Content-Length skip the parser: once llhttp has parsed the head (and
-whatever body bytes came in the same read), the rest of the body, when at least
-``DIRECT_BODY_MIN`` bytes, is taken straight from ``data_received``: the received ``bytes``
-objects themselves, with no per-chunk copy into a new ``bytes`` (llhttp's ``on_body`` copies
-every byte once; at 1 MiB responses that was 9 % of the client's CPU). The parser is replaced
-for the next exchange, since it still counts the body it never saw.
+Large bodies framed by Content-Length skip the parser: once llhttp has parsed the head (fed
+alone when a read holds the head and more than ``DIRECT_BODY_MIN`` bytes), the rest of the
+body, when at least ``DIRECT_BODY_MIN`` bytes, is taken straight from ``data_received``: the
+received ``bytes`` objects themselves (a view past the head in the first read), with no
+per-chunk copy into a new ``bytes`` (llhttp's ``on_body`` copies every byte once; at 1 MiB
+responses that was 9 % of the client's CPU). The parser is replaced for the next exchange,
+since it still counts the body it never saw.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._head: asyncio.Future[None] | None = None
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | memoryview] = deque()
         self._buffered = 0
         self._body_left = -1  # Content-Length bytes still to come (-1: not framed by length)
         self._direct = 0  # body bytes still to take around the parser (see the module docstring)
@@ -195,7 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._drain_waiter = self._loop.create_future()
             await self._drain_waiter
 
-    async def read(self) -> list[bytes]:
+    async def read(self) -> list[bytes | memoryview]:
         """The body chunks buffered so far, waiting for some; [] when the body is complete.
         (A list, not a join: each chunk is copied once, into the tunnel message.)
 
@@ -264,6 +265,18 @@ class UpstreamConnection(asyncio.Protocol):
             self._take_direct(data, left)
             return
         try:
+            if not self._status and len(data) > DIRECT_BODY_MIN:
+                # The head and much of a large body in one read: llhttp parses the head alone, so
+                # that the body bytes in this read can skip it too (not only later reads).
+                cut = data.find(b"\r\n\r\n") + 4
+                if 4 <= cut < len(data):
+                    parser.feed_data(data[:cut])
+                    if self._status and self._body_left >= DIRECT_BODY_MIN and self._error is None \
+                            and not self._complete:
+                        self._direct = self._body_left
+                        self._take_direct(memoryview(data)[cut:], self._direct)
+                        return
+                    data = data[cut:]
             parser.feed_data(data)
             if self._body_left >= DIRECT_BODY_MIN and self._error is None and not self._complete:
                 self._direct = self._body_left  # the rest of the body skips llhttp
@@ -274,7 +287,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamError(f"malformed response: {exc}", before_head=self._head_pending()))
             self.abort()
 
-    def _take_direct(self, data: bytes, left: int) -> None:
+    def _take_direct(self, data: bytes | memoryview, left: int) -> None:
         n = len(data)
         if n < left:
             self._direct = left - n
@@ -362,7 +375,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._body_left -= len(body)
         self._take(body)
 
-    def _take(self, body: bytes) -> None:
+    def _take(self, body: bytes | memoryview) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:

@@ -606,6 +606,9 @@ class TunnelConnection:
         step = min(1.0, session.heartbeat_interval / 2)
         while session.state is not SessionState.CLOSED:
             await asyncio.sleep(step)
+            ws = getattr(self, "ws", None)
+            if ws is not None:
+                ws.release_idle_buffer()
             session.tick(self._loop.time())
             self._handle_events()
             if session.has_output:

@@ -2,7 +2,7 @@
 
 websockets stays the transport: it does the opening handshake (TLS, the token check before the
 upgrade, pins), parses and unmasks every incoming frame, answers pings and runs the closing
-handshake. Two things change for tunnel connections, both measured (docs/BENCHMARKS.md):
+handshake. These things change for tunnel connections, each measured (docs/BENCHMARKS.md):
 
 * **Incoming messages are delivered in the protocol callback.** The stock connection puts each
   message into a queue that a reader task awaits: one task wake-up (a loop iteration) per
@@ -10,14 +10,24 @@ handshake. Two things change for tunnel connections, both measured (docs/BENCHMA
   ``receive``) from ``data_received``; the session's own flow control (stream and connection
   windows) bounds what is buffered, so websockets' receive queue has nothing left to bound.
   Messages that arrive before the sink is attached are kept in order and replayed to it.
-* **Complete unfragmented binary frames are parsed here** (:meth:`DirectMessages.data_received`):
-  header, length and mask in a few slices of the received bytes, the payload unmasked straight
-  out of them (one copy) instead of websockets' generator-based reader (a buffer append, a slice
-  copy, an unmask copy, a Frame object per message). The first byte that is anything else
-  (a control frame such as close, a text or fragmented frame, an oversized or wrongly masked
-  frame) hands that byte and everything after it to websockets for good, which then applies
-  every rule of RFC 6455 as before; so does a connection whose websockets reader still held a
-  partial frame when the sink was attached.
+* **Complete unfragmented binary frames are parsed here**, in the buffer the transport read
+  into (:meth:`DirectMessages.buffer_updated`): header, length and mask from a few slices, the
+  payload unmasked straight out of the buffer (its one copy) instead of websockets'
+  generator-based reader (a buffer append, a slice copy, an unmask copy, a Frame object per
+  message). The first byte that is anything else (a control frame such as close, a text or
+  fragmented frame, an oversized or wrongly masked frame) hands that byte and everything after
+  it to websockets for good, which then applies every rule of RFC 6455 as before; so does a
+  connection whose websockets reader still held a partial frame when the sink was attached.
+* **Reads land in our buffer** (``asyncio.BufferedProtocol``), so TLS decrypts straight into
+  it. A read that holds whole frames only goes to one scratch buffer shared by the process; a
+  frame that spans reads moves the connection to a buffer of its own (1 MiB while frames are
+  large), where the following reads land after it and the frame is parsed in place once
+  complete. That buffer is dropped after a ticker period with nothing in it. Before this,
+  uvloop joined the TLS records of each read into one ``bytes`` and frames spanning reads were
+  joined again: 8.8 % of the exit server's CPU at 1 MiB downloads. uvloop reads into the
+  buffer only of a protocol that is not an ``asyncio.Protocol``; a websockets connection is
+  one, so at attach the transport is given a stand-in (:class:`_BufferedReader`) that passes
+  everything on.
 * **Outgoing binary messages are framed here** (:meth:`DirectMessages.send_message`):
   the header and the (masked, on the client) payload are joined once and written, instead of
   websockets' ``Frame.serialize`` (a BytesIO, a mask copy and a ``getvalue`` copy) and the
@@ -30,6 +40,7 @@ the *on_bad* callback closes with 1003.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 from collections.abc import Callable
@@ -54,6 +65,21 @@ _FIN_BINARY = 0x80 | Opcode.BINARY
 _U16 = struct.Struct("!H")
 _JOIN_BELOW = 16 * 1024  # a TLS record's largest payload
 _U64 = struct.Struct("!Q")
+_OWN_SIZE = 1024 * 1024  # a connection's own buffer: several reads and the largest frame
+_SMALL_OWN = 128 * 1024  # ... while the partial frames are small
+_MIN_READ = 64 * 1024  # room offered to a read, at least
+_SCRATCH_SIZE = 256 * 1024 + 4096  # a read that parses completely needs no buffer of its own
+_scratch_view: memoryview | None = None
+
+
+def _scratch() -> memoryview:
+    """The buffer every connection reads into while it holds no partial frame. One per process
+    is enough: a transport calls ``get_buffer``, fills it and calls ``buffer_updated`` in one go,
+    and ``buffer_updated`` leaves nothing in it."""
+    global _scratch_view
+    if _scratch_view is None:
+        _scratch_view = memoryview(bytearray(_SCRATCH_SIZE))
+    return _scratch_view
 
 
 class _MaskKeys:
@@ -77,6 +103,41 @@ class _MaskKeys:
 mask_key = _MaskKeys()
 
 
+class _BufferedReader(asyncio.BufferedProtocol):
+    """What the transport calls once a session is attached. uvloop reads into the protocol's
+    buffer only for a protocol that is not an ``asyncio.Protocol``, and a websockets connection
+    is one; this stand-in is not, and passes everything on to the connection."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: DirectMessages) -> None:
+        self._conn: Any = conn
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._conn.get_buffer(sizehint)  # type: ignore[no-any-return]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._conn.buffer_updated(nbytes)
+
+    def data_received(self, data: bytes) -> None:  # a transport that was reading before the switch
+        self._conn.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._conn.eof_received()  # type: ignore[no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn, self._conn = self._conn, None
+        # uvloop's SSL protocol keeps our bound get_buffer/buffer_updated after the end; without
+        # the connection in here, that no longer makes a cycle through it (and its buffers).
+        conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._conn.resume_writing()
+
+
 class DirectMessages:
     """Mixin for a websockets ``Connection``: see the module docstring."""
 
@@ -85,9 +146,15 @@ class DirectMessages:
     _early: list[bytes] | None = None
     _masked = False  # client-to-server frames are masked (RFC 6455 section 5.3)
     _fast = False  # parse frames here (set at attach, cleared for good on the first odd byte)
-    _parts: list[bytes | memoryview] | None = None  # a partial frame, as received
-    _have = 0  # bytes in _parts
-    _need = 0  # bytes _parts must reach before parsing is worth trying again
+    # The connection's own buffer, from the first frame that spans reads until it has been
+    # empty and unread for a ticker period (release_idle_buffer): bytes [_start:_end] are
+    # received and not parsed yet (a partial frame), reads land after _end.
+    _view: memoryview | None = None
+    _start = 0
+    _end = 0
+    _need = 0  # bytes from _start the partial frame needs in all (0: not known yet)
+    _read = False  # a read into the own buffer since the last release_idle_buffer
+    _parsing = False  # in _parse (a message that detaches leaves the hand-over to it)
 
     # attributes of the websockets Connection this is mixed into
     protocol: Any
@@ -101,86 +168,164 @@ class DirectMessages:
         self._sink, self._on_bad = sink, on_bad
         # Parse here only from a frame boundary: websockets' reader must hold nothing.
         self._fast = not self.protocol.reader.buffer and self.protocol.state is State.OPEN
+        if self._fast:
+            self.transport.set_protocol(_BufferedReader(self))
         for message in early or ():
             sink(message)
 
     def detach(self) -> None:
         """Stop delivering (the session is over); drops the callbacks and what they hold."""
         self._sink = self._on_bad = None
-        if self._fast:
+        if self._fast and not self._parsing:
             self._fall_back(b"")
 
-    def data_received(self, data: bytes) -> None:
-        if not self._fast:
-            super().data_received(data)  # type: ignore[misc]
-            return
-        parts = self._parts
-        if parts is not None:  # a partial frame: collect until it is whole, then join once
-            parts.append(data)
-            self._have += len(data)
-            if self._have < self._need:
+    def release_idle_buffer(self) -> None:
+        """Drop the own buffer if it holds nothing and nothing was read into it since the last
+        call (the session's ticker calls this about once a second): an idle tunnel keeps no
+        megabyte."""
+        if self._view is not None and self._start == self._end and not self._read:
+            self._view = None
+            self._start = self._end = self._need = 0
+        self._read = False
+
+    # ------------------------------------------------------------------ asyncio.BufferedProtocol
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self._view
+        if view is None:
+            return _scratch()
+        want = max(sizehint, _MIN_READ, self._need - (self._end - self._start))
+        if len(view) - self._end < want:
+            view = self._make_room(want)
+        return view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        view = self._view
+        if view is None:  # the read went to the shared scratch buffer: nothing may stay there
+            scratch = _scratch()
+            if not self._fast:
+                super().data_received(bytes(scratch[:nbytes]))  # type: ignore[misc]
                 return
-            self._parts = None
-            pending = b"".join(parts)
+            pos = self._parse(scratch, 0, nbytes)
+            if pos < nbytes and self._fast:  # a partial frame: from now on the own buffer
+                held = nbytes - pos
+                size = _OWN_SIZE if self._need + _MIN_READ > _SMALL_OWN else _SMALL_OWN
+                view = self._view = memoryview(bytearray(size))
+                view[:held] = scratch[pos:nbytes]
+                self._start, self._end = 0, held
+                self._read = True
+            return
+        self._read = True
+        end = self._end = self._end + nbytes
+        start = self._start
+        if end - start < self._need:  # the partial frame is still partial
+            return
+        pos = self._parse(view, start, end)
+        if self._view is None:  # handed over to websockets
+            return
+        if pos == end:
+            self._start = self._end = 0
         else:
-            pending = data
-        end = len(pending)
-        pos = 0
+            self._start = pos
+
+    def data_received(self, data: bytes) -> None:
+        """The same path for bytes handed over by a caller rather than read by a transport."""
+        with memoryview(data) as src:
+            pos, total = 0, len(data)
+            while pos < total:
+                buf = self.get_buffer(total - pos)
+                n = min(len(buf), total - pos)
+                buf[:n] = src[pos : pos + n]
+                self.buffer_updated(n)
+                pos += n
+
+    # ------------------------------------------------------------------ parsing
+
+    def _make_room(self, want: int) -> memoryview:
+        """Move the partial frame to the front of the own buffer, or into a larger one, so that
+        ``want`` bytes fit after it."""
+        view = self._view
+        assert view is not None
+        held = self._end - self._start
+        if held + want <= len(view):
+            view[:held] = view[self._start : self._end]  # memmove: the regions may overlap
+        else:
+            bigger = memoryview(bytearray(max(_OWN_SIZE, held + want)))
+            bigger[:held] = view[self._start : self._end]
+            view = self._view = bigger
+        self._start, self._end = 0, held
+        return view
+
+    def _parse(self, view: memoryview, pos: int, end: int) -> int:
+        """Deliver the complete frames in ``view[pos:end]``; returns where the first partial one
+        starts (``end`` if none, or after handing everything to websockets)."""
+        self._parsing = True
+        try:
+            return self._parse_frames(view, pos, end)
+        finally:
+            self._parsing = False
+
+    def _parse_frames(self, view: memoryview, pos: int, end: int) -> int:
         need = 0  # bytes from pos on that the frame being parsed needs (when incomplete)
         odd = False  # a byte websockets must parse from here on
         want = 0x00 if self._masked else 0x80  # the client receives unmasked frames, the server masked
         limit = self.protocol.max_message_size or (1 << 62)
-        with memoryview(pending) as view:
-            while end - pos >= 2:
-                b1 = view[pos + 1]
-                if view[pos] != _FIN_BINARY or b1 & 0x80 != want or self._sink is None:
-                    odd = True
+        while end - pos >= 2:
+            b1 = view[pos + 1]
+            sink = self._sink  # (a message may detach the session)
+            if view[pos] != _FIN_BINARY or b1 & 0x80 != want or sink is None:
+                odd = True
+                break
+            length = b1 & 0x7F
+            head = pos + 2
+            if length == 126:
+                if end - head < 2:
                     break
-                length = b1 & 0x7F
-                head = pos + 2
-                if length == 126:
-                    if end - head < 2:
-                        break
-                    length = _U16.unpack_from(view, head)[0]
-                    head += 2
-                elif length == 127:
-                    if end - head < 8:
-                        break
-                    length = _U64.unpack_from(view, head)[0]
-                    head += 8
-                if length > limit:
-                    odd = True  # websockets closes with 1009
+                length = _U16.unpack_from(view, head)[0]
+                head += 2
+            elif length == 127:
+                if end - head < 8:
                     break
-                if want:
-                    if end - head < 4 + length:
-                        need = head + 4 + length - pos
-                        break
-                    key = bytes(view[head : head + 4])
-                    head += 4
-                    payload = apply_mask(view[head : head + length], key)
-                else:
-                    if end - head < length:
-                        need = head + length - pos
-                        break
-                    payload = bytes(view[head : head + length])
-                pos = head + length
-                self._sink(payload)
-            rest = bytes(view[pos:]) if odd else None
-        if rest is not None:
-            self._fall_back(rest)
-        elif pos < end:  # a partial frame: kept (not copied) until the rest arrives
-            self._parts = [memoryview(pending)[pos:] if pos else pending]
-            self._have = end - pos
-            self._need = need or self._have + 1
+                length = _U64.unpack_from(view, head)[0]
+                head += 8
+            if length > limit:
+                odd = True  # websockets closes with 1009
+                break
+            if want:
+                if end - head < 4 + length:
+                    need = head + 4 + length - pos
+                    break
+                key = bytes(view[head : head + 4])
+                head += 4
+                payload = apply_mask(view[head : head + length], key)
+            else:
+                if end - head < length:
+                    need = head + length - pos
+                    break
+                payload = bytes(view[head : head + length])
+            pos = head + length
+            sink(payload)
+        if not odd:
+            self._need = need
+            return pos
+        # A control, text, fragmented, oversized or wrongly masked frame: websockets parses
+        # everything from its first byte on.
+        rest = bytes(view[pos:end])
+        self._view = None
+        self._start = self._end = self._need = 0
+        self._fall_back(rest)
+        return end
 
     def _fall_back(self, rest: bytes) -> None:
         """From here on websockets parses everything, starting with ``rest`` (a frame boundary)
         and what is still buffered."""
         self._fast = False
-        held, self._parts = self._parts, None
-        data = b"".join([*(held or ()), rest])
-        if data:
-            super().data_received(data)  # type: ignore[misc]
+        view, self._view = self._view, None
+        if view is not None:
+            rest = bytes(view[self._start : self._end]) + rest
+            self._start = self._end = self._need = 0
+        if rest:
+            super().data_received(rest)  # type: ignore[misc]
 
     @property
     def can_send(self) -> bool:

@@ -191,16 +191,19 @@ async def test_upstream_faults(answer: list[bytes], before: bool) -> None:
     await pool.close()
 
 
-@pytest.mark.parametrize("split", [0, 10, DIRECT_BODY_MIN + 5])
-async def test_large_sized_body_skips_the_parser_and_the_connection_is_reused(split: int) -> None:
+@pytest.mark.parametrize("informational", [False, True])
+@pytest.mark.parametrize("split", [0, 10, DIRECT_BODY_MIN + 5, 307_200])
+async def test_large_sized_body_skips_the_parser_and_the_connection_is_reused(split: int, informational: bool) -> None:
     """A Content-Length body of 300 KiB written in uneven pieces, with ``split`` body bytes in
-    the head's write: taken around llhttp (tunnel_client/http1.py, DIRECT_BODY_MIN), byte-exact;
-    the same connection then carries a small and a chunked answer (a fresh parser)."""
+    the head's write (after a 103 Early Hints head, if ``informational``): taken around llhttp
+    (tunnel_client/http1.py, DIRECT_BODY_MIN), byte-exact; the same connection then carries a
+    small and a chunked answer (a fresh parser)."""
     body = bytes(range(256)) * 1200  # 307,200 bytes
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" if informational else b""
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:split])
+        writer.write(hints + b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:split])
         await writer.drain()
         for start in range(split, len(body), 70_001):
             writer.write(body[start : start + 70_001])

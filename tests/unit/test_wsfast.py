@@ -56,6 +56,12 @@ class Transport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
+
 
 def server_side(max_size: int = 1 << 20) -> tuple[TunnelServerConnection, list[bytes], list[str]]:
     protocol = Protocol(Side.SERVER, max_size=max_size)  # open: past the opening handshake
@@ -90,7 +96,7 @@ async def test_any_split_gives_the_same_messages(side: str, step: int) -> None:
     for i in range(0, len(data), step):
         conn.data_received(data[i : i + step])
     assert got == MESSAGES and not bad
-    assert conn._fast and conn._parts is None  # parsed here, nothing left over
+    assert conn._fast and conn._start == conn._end  # parsed here, nothing left over
 
 
 async def test_close_frame_hands_over_to_websockets() -> None:
@@ -156,3 +162,75 @@ async def test_outgoing_frames_parse_back() -> None:
     server.send_message([b"head", memoryview(b"-tail")])
     client.data_received(b"".join(server.transport.written))  # type: ignore[attr-defined]
     assert client_got == [b"head-tail"]
+
+
+def feed_like_a_transport(conn: Any, data: bytes, sizes: list[int]) -> None:
+    """What a transport does with a BufferedProtocol: ask for a buffer, fill part of it, report."""
+    pos, i = 0, 0
+    while pos < len(data):
+        buf = conn.get_buffer(-1 if i % 3 == 0 else len(data) - pos + 256)
+        n = min(len(buf), sizes[i % len(sizes)], len(data) - pos)
+        assert n > 0
+        buf[:n] = data[pos : pos + n]
+        conn.buffer_updated(n)
+        pos += n
+        i += 1
+
+
+@pytest.mark.parametrize("sizes", [[1], [5, 70_000, 3], [16_384], [300_001, 17], [1 << 30]])
+@pytest.mark.parametrize("side", ["server", "client"])
+async def test_buffered_reads_of_any_size_give_the_same_messages(side: str, sizes: list[int]) -> None:
+    conn, got, bad = server_side() if side == "server" else client_side()
+    reader = conn.transport.get_protocol()  # what the transport calls from attach on
+    assert isinstance(reader, asyncio.BufferedProtocol) and not isinstance(reader, asyncio.Protocol)  # (uvloop)
+    data = frames(MESSAGES * 3, mask=side == "server")
+    feed_like_a_transport(reader, data, sizes)
+    assert got == MESSAGES * 3 and not bad
+    assert conn._fast and conn._start == conn._end
+
+
+async def test_own_buffer_is_released_only_when_empty_and_unread() -> None:
+    conn, got, _ = server_side()
+    data = frames([b"x" * 200_000, b"y"], mask=True)
+    conn.data_received(data[:1000])  # a partial frame: kept in the connection's own buffer
+    assert conn._view is not None
+    conn.release_idle_buffer()
+    assert conn._view is not None  # it holds a partial frame
+    conn.data_received(data[1000:])
+    assert got == [b"x" * 200_000, b"y"]
+    conn.release_idle_buffer()
+    assert conn._view is not None  # read into within the last period
+    conn.release_idle_buffer()
+    assert conn._view is None  # empty and unread for a whole period: given back
+    conn.data_received(frames([b"z"], mask=True))
+    assert got[-1] == b"z" and conn._view is None  # whole frames need no buffer of their own
+
+
+async def test_a_message_that_detaches_hands_the_rest_to_websockets_once() -> None:
+    conn, _, _ = server_side()
+    got: list[bytes] = []
+
+    def sink(message: bytes) -> None:
+        got.append(message)
+        if message == b"stop":
+            conn.detach()
+
+    conn.attach(sink, lambda why: None)
+    close = Frame(Opcode.CLOSE, Close(1000, "bye").serialize()).serialize(mask=True)
+    data = frames([b"x" * 100_000], mask=True) + frames([b"stop", b"after"], mask=True) + close
+    conn.data_received(data[:50_000])  # the first frame spans reads: the own buffer
+    conn.data_received(data[50_000:])
+    assert got == [b"x" * 100_000, b"stop"]
+    assert not conn._fast and conn._view is None
+    # websockets got "after" (kept for nobody: detached) and the close frame, each once
+    assert conn._early == [b"after"]
+    assert conn.protocol.close_rcvd is not None and conn.protocol.close_rcvd.code == 1000
+
+
+async def test_close_after_a_partial_frame_in_the_own_buffer() -> None:
+    conn, got, _ = server_side()
+    close = Frame(Opcode.CLOSE, Close(1001, "away").serialize()).serialize(mask=True)
+    data = frames([b"q" * 150_000], mask=True) + close
+    feed_like_a_transport(conn, data, [40_000])
+    assert got == [b"q" * 150_000] and not conn._fast and conn._view is None
+    assert conn.protocol.close_rcvd is not None and conn.protocol.close_rcvd.code == 1001
