@@ -146,14 +146,14 @@ class DirectMessages:
     _early: list[bytes] | None = None
     _masked = False  # client-to-server frames are masked (RFC 6455 section 5.3)
     _fast = False  # parse frames here (set at attach, cleared for good on the first odd byte)
-    # The connection's own buffer, from the first frame that spans reads until it has been
-    # empty and unread for a ticker period (release_idle_buffer): bytes [_start:_end] are
+    # The connection's own buffer, from the first frame that spans reads until a ticker period
+    # passes with no frame spanning reads (release_idle_buffer): bytes [_start:_end] are
     # received and not parsed yet (a partial frame), reads land after _end.
     _view: memoryview | None = None
     _start = 0
     _end = 0
     _need = 0  # bytes from _start the partial frame needs in all (0: not known yet)
-    _read = False  # a read into the own buffer since the last release_idle_buffer
+    _spanned = False  # a frame spanned reads since the last release_idle_buffer
     _parsing = False  # in _parse (a message that detaches leaves the hand-over to it)
 
     # attributes of the websockets Connection this is mixed into
@@ -180,13 +180,13 @@ class DirectMessages:
             self._fall_back(b"")
 
     def release_idle_buffer(self) -> None:
-        """Drop the own buffer if it holds nothing and nothing was read into it since the last
-        call (the session's ticker calls this about once a second): an idle tunnel keeps no
-        megabyte."""
-        if self._view is not None and self._start == self._end and not self._read:
+        """Drop the own buffer if it holds nothing and no frame spanned reads since the last
+        call (the session's ticker calls this about once a second): a tunnel that is idle, or
+        carries only small messages such as heartbeats, keeps no megabyte."""
+        if self._view is not None and self._start == self._end and not self._spanned:
             self._view = None
             self._start = self._end = self._need = 0
-        self._read = False
+        self._spanned = False
 
     # ------------------------------------------------------------------ asyncio.BufferedProtocol
 
@@ -213,9 +213,8 @@ class DirectMessages:
                 view = self._view = memoryview(bytearray(size))
                 view[:held] = scratch[pos:nbytes]
                 self._start, self._end = 0, held
-                self._read = True
+                self._spanned = True
             return
-        self._read = True
         end = self._end = self._end + nbytes
         start = self._start
         if end - start < self._need:  # the partial frame is still partial
@@ -227,6 +226,7 @@ class DirectMessages:
             self._start = self._end = 0
         else:
             self._start = pos
+            self._spanned = True
 
     def data_received(self, data: bytes) -> None:
         """The same path for bytes handed over by a caller rather than read by a transport."""

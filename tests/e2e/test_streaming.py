@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 
 import aiohttp
 import pytest
@@ -161,3 +162,45 @@ async def test_chunked_response_cut_mid_body_is_detectable(certs: Certs) -> None
             async with http.get(s.base + "/") as r:
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await r.read()
+
+
+async def test_tunnel_reads_land_in_its_own_buffer_which_an_idle_tunnel_gives_back(certs: Certs) -> None:
+    """Both ends read the tunnel through the buffered stand-in (shared/aio/wsfast.py). Frames that
+    span reads (a 3 MiB download towards the exit server, a 3 MiB upload towards the client)
+    give each end a buffer of its own, which goes once the tunnel has been idle for a ticker
+    period or two; every byte arrives."""
+    blob = bytes(range(251)) * 12_600  # 3,150,600 bytes, no period that lines up with frames
+
+    async def down(request: web.Request) -> web.Response:
+        return web.Response(body=blob)
+
+    async def up(request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await request.read())))
+
+    app = web.Application(client_max_size=8 << 20)
+    app.router.add_get("/down", down)
+    app.router.add_post("/up", up)
+    async with upstream(app) as origin, stack(certs, heartbeat_interval=1.0, heartbeat_timeout=5.0) as s:
+        running = await s.add_client([f"default={origin.url}"])
+        (tunnel,) = s.server.registry.tunnels.values()
+        server_ws = tunnel.conn.ws
+        client_conn = running.client.links[0].conn
+        assert client_conn is not None
+        client_ws = client_conn.ws
+        for ws in (server_ws, client_ws):
+            reader = ws.transport.get_protocol()
+            assert isinstance(reader, asyncio.BufferedProtocol) and not isinstance(reader, asyncio.Protocol)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(s.base + "/down") as r:
+                assert r.status == 200 and await r.read() == blob
+            assert server_ws._view is not None  # (two quiet ticks, 0.5 s apart, drop it)
+            async with http.post(s.base + "/up", data=io.BytesIO(blob)) as r:
+                assert r.status == 200 and await r.text() == str(len(blob))
+            assert client_ws._view is not None
+        for _ in range(40):
+            if server_ws._view is None and client_ws._view is None:
+                break
+            await asyncio.sleep(0.1)
+        assert server_ws._view is None and client_ws._view is None
+        async with aiohttp.ClientSession() as http, http.get(s.base + "/down") as r:
+            assert r.status == 200 and await r.read() == blob  # and a buffer again when needed

@@ -8,6 +8,8 @@ import asyncio
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.connection import Connection
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import Protocol, Side
@@ -189,21 +191,23 @@ async def test_buffered_reads_of_any_size_give_the_same_messages(side: str, size
     assert conn._fast and conn._start == conn._end
 
 
-async def test_own_buffer_is_released_only_when_empty_and_unread() -> None:
+async def test_own_buffer_is_released_after_a_period_with_no_frame_spanning_reads() -> None:
     conn, got, _ = server_side()
-    data = frames([b"x" * 200_000, b"y"], mask=True)
+    data = frames([b"x" * 200_000, b"y" * 200_000], mask=True)
     conn.data_received(data[:1000])  # a partial frame: kept in the connection's own buffer
     assert conn._view is not None
     conn.release_idle_buffer()
     assert conn._view is not None  # it holds a partial frame
-    conn.data_received(data[1000:])
-    assert got == [b"x" * 200_000, b"y"]
+    conn.data_received(data[1000:250_000])  # x complete, y partial
+    conn.data_received(data[250_000:])
+    assert got == [b"x" * 200_000, b"y" * 200_000]
     conn.release_idle_buffer()
-    assert conn._view is not None  # read into within the last period
+    assert conn._view is not None  # a frame spanned reads within the last period
+    conn.data_received(frames([b"heartbeat"], mask=True))  # whole small frames keep nothing alive
     conn.release_idle_buffer()
-    assert conn._view is None  # empty and unread for a whole period: given back
+    assert conn._view is None  # empty, and no frame spanned reads for a whole period: given back
     conn.data_received(frames([b"z"], mask=True))
-    assert got[-1] == b"z" and conn._view is None  # whole frames need no buffer of their own
+    assert got[-2:] == [b"heartbeat", b"z"] and conn._view is None  # whole frames need no buffer of their own
 
 
 async def test_a_message_that_detaches_hands_the_rest_to_websockets_once() -> None:
@@ -234,3 +238,32 @@ async def test_close_after_a_partial_frame_in_the_own_buffer() -> None:
     feed_like_a_transport(conn, data, [40_000])
     assert got == [b"q" * 150_000] and not conn._fast and conn._view is None
     assert conn.protocol.close_rcvd is not None and conn.protocol.close_rcvd.code == 1001
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sizes=st.lists(st.sampled_from([0, 1, 125, 126, 65_535, 65_536, 200_000, 262_200]), min_size=1, max_size=8),
+    reads=st.lists(st.integers(min_value=1, max_value=300_000), min_size=1, max_size=6),
+    side=st.sampled_from(["server", "client"]),
+    release=st.booleans(),
+)
+async def test_any_messages_and_reads_give_the_same_messages(sizes: list[int], reads: list[int], side: str,
+                                                             release: bool) -> None:
+    """Messages of the sizes around each header form and the largest frame, read in any sizes
+    (the transport's path), with the idle-buffer release called between reads or not."""
+    messages = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    conn, got, bad = server_side() if side == "server" else client_side()
+    reader = conn.transport.get_protocol()
+    data = frames(messages, mask=side == "server")
+    pos, i = 0, 0
+    while pos < len(data):
+        buf = reader.get_buffer(len(data) - pos + 256)
+        n = min(len(buf), reads[i % len(reads)], len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        reader.buffer_updated(n)
+        if release:
+            conn.release_idle_buffer()
+        pos += n
+        i += 1
+    assert got == messages and not bad
+    assert conn._fast and conn._start == conn._end
