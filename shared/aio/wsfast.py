@@ -22,12 +22,12 @@ handshake. These things change for tunnel connections, each measured (docs/BENCH
   it. A read that holds whole frames only goes to one scratch buffer shared by the process; a
   frame that spans reads moves the connection to a buffer of its own (1 MiB while frames are
   large), where the following reads land after it and the frame is parsed in place once
-  complete. That buffer is dropped after a ticker period with nothing in it. Before this,
-  uvloop joined the TLS records of each read into one ``bytes`` and frames spanning reads were
-  joined again: 8.8 % of the exit server's CPU at 1 MiB downloads. uvloop reads into the
-  buffer only of a protocol that is not an ``asyncio.Protocol``; a websockets connection is
-  one, so at attach the transport is given a stand-in (:class:`_BufferedReader`) that passes
-  everything on.
+  complete. That buffer is dropped, once empty, after a ticker period in which no frame
+  spanned reads (heartbeats and small messages do not keep it). Before this, uvloop joined the
+  TLS records of each read into one ``bytes`` and frames spanning reads were joined again:
+  8.8 % of the exit server's CPU at 1 MiB downloads. uvloop reads into the buffer only of a
+  protocol that is not an ``asyncio.Protocol``; a websockets connection is one, so at attach
+  the transport is given a stand-in (:class:`_BufferedReader`) that passes everything on.
 * **Outgoing binary messages are framed here** (:meth:`DirectMessages.send_message`):
   the header and the (masked, on the client) payload are joined once and written, instead of
   websockets' ``Frame.serialize`` (a BytesIO, a mask copy and a ``getvalue`` copy) and the
