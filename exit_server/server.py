@@ -140,7 +140,9 @@ class ExitServer:
         2. stop accepting connections; requests on open connections are still served, with
            ``Connection: close``;
         3. wait for in-flight requests (``drain_timeout``);
-        4. send go-away to every tunnel client and close.
+        4. close the public connections (idle keep-alive ones at once, others after the request
+           that arrived meanwhile), while the tunnels are still up;
+        5. send go-away to every tunnel client and close.
 
         Args:
             drain_timeout: seconds to wait for in-flight requests (default from config).
@@ -162,6 +164,13 @@ class ExitServer:
                     await asyncio.sleep(0.05)
         except TimeoutError:
             log.warning("exit server: drain timeout with %d requests in flight", self.public.in_flight)
+        # The public side before the tunnels: idle keep-alive connections close now, and a request
+        # that came on one in the meantime is answered while the tunnels are still up. (Closing
+        # the tunnels first answered such a request 503 "no tunnel": behind HAProxy in TCP mode,
+        # a caller's keep-alive connection stays with this server; the rolling-restart test saw it.)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
         for conn in list(self.control.connections):
             conn.goaway(GoAwayCode.SHUTDOWN, "exit server shutting down")
         await self.close()

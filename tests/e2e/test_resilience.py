@@ -156,3 +156,38 @@ async def test_exit_server_shutdown_drains(certs: Certs, caplog: pytest.LogCaptu
         finally:
             await client.shutdown(1)
             await task
+
+
+async def test_exit_server_closes_idle_keep_alive_connections_before_its_tunnels(certs: Certs) -> None:
+    """A caller's idle keep-alive connection is closed while the tunnels are still up, so a
+    request it sends meanwhile is answered, never 503 "no tunnel" (behind a TCP balancer the
+    connection stays with this server). At the moment the tunnel client is told to go away, the
+    public side is already closed."""
+    async with upstream(slow_app(0.0)) as up:
+        server = ExitServer(server_config(certs), auth=_token_auth())
+        await server.start()
+        client = TunnelClient(client_config(certs, server, [f"default={up.url}"]), token=TOKEN)
+        task = asyncio.create_task(client.run())
+        try:
+            await client.wait_connected(10)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.public_port)
+            writer.write(b"GET /?d=0 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200") and b"close" not in head.lower()  # kept alive
+            assert await reader.readexactly(4) == b"done"
+            (tunnel,) = server.registry.tunnels.values()
+            public_open_at_goaway: list[bool] = []
+            goaway = tunnel.conn.goaway
+
+            def recording_goaway(code: int, reason: str) -> None:
+                public_open_at_goaway.append(server._runner is not None)
+                goaway(code, reason)
+
+            tunnel.conn.goaway = recording_goaway
+            await server.shutdown(drain_timeout=5)
+            assert public_open_at_goaway == [False]
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no stray answer
+            writer.close()
+        finally:
+            await client.shutdown(1)
+            await task
