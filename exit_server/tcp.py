@@ -8,7 +8,7 @@ import contextlib
 import logging
 import socket
 
-from shared.aio.pump import pump, set_keepalive, stream_endpoint
+from shared.aio.pump import ChunkStream, pump, set_keepalive
 from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
@@ -58,7 +58,15 @@ class TcpListeners:
         return None
 
     async def _serve(self, port: int, sock: socket.socket) -> None:
-        server = await asyncio.start_server(lambda r, w: self._accept(port, r, w), sock=sock)
+        loop = asyncio.get_running_loop()
+
+        def accepted(conn: ChunkStream) -> None:
+            task = loop.create_task(self._accept(port, conn))
+            self._tasks.add(task)  # owned here, so close() can cancel it
+            task.add_done_callback(self._tasks.discard)
+
+        # each connection its own protocol, not asyncio streams: no copies (shared/aio/pump.py)
+        server = await loop.create_server(lambda: ChunkStream(accepted), sock=sock)
         self._servers[port] = server
         log.info("tcp: listening on %s:%d", self.host, port)
 
@@ -85,18 +93,17 @@ class TcpListeners:
                 await asyncio.wait_for(server.wait_closed(), 1)
         self._servers.clear()
 
-    async def _accept(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        current = asyncio.current_task()
-        if current is not None:  # owned here, so close() can cancel it
-            self._tasks.add(current)
-        peer = writer.get_extra_info("peername") or ("", 0)
-        local = writer.get_extra_info("sockname") or ("", port)
+    async def _accept(self, port: int, conn: ChunkStream) -> None:
+        transport = conn.transport
+        assert transport is not None
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", port)
         tunnel = self.registry.pick_tcp(port)
         if tunnel is None:
             log.info("tcp %d: no session serves this port; closing connection from %s", port, peer[0])
-            writer.transport.abort()
+            conn.abort()
             return
-        sock = writer.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -111,28 +118,26 @@ class TcpListeners:
             if held is not None:
                 log.warning("tcp %d: %s; closing connection%s", port, exc,
                             f" ({held} more since the last such line)" if held else "")
-            writer.transport.abort()
+            conn.abort()
             return
         self.connections += 1
         self.metrics.tcp_connections.labels(str(port)).inc()
         try:
             async with asyncio.timeout(self.config.upstream_timeout):
                 await stream.response()
-            await pump(stream, stream_endpoint(reader, writer), self.config.stream_idle_timeout)
+            await pump(stream, conn.endpoint(), self.config.stream_idle_timeout)
         except (TimeoutError, StreamReset, TunnelError) as exc:
             log.info("tcp %d stream %d: %s", port, stream.id, exc)
             stream.reset(ResetCode.UPSTREAM_CONNECT, "no upstream connection")
-            writer.transport.abort()
+            conn.abort()
         except asyncio.CancelledError:
             stream.reset(ResetCode.CANCEL, "server closing")
-            writer.transport.abort()
+            conn.abort()
             raise
         finally:
             tunnel.conn.release(stream)
             self.connections -= 1
-            self._tasks.discard(current)
-            if not writer.is_closing():
-                writer.close()
+            conn.close()
 
 
 def _hostport(host: str, port: int) -> str:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from shared.aio.connection import TunnelStream
-from shared.aio.pump import Endpoint, pump, stream_endpoint
+from shared.aio.pump import ChunkStream, Endpoint, pump, stream_endpoint
 from shared.errors import TunnelError
 from shared.frames import ResetCode
 from shared.heads import KIND_NAMES, RequestHead, ResponseHead, StreamKind
@@ -28,6 +29,8 @@ from .http1 import UpstreamConnection, UpstreamError, UpstreamPool, exchange
 from .killswitch import KillSwitch
 
 __all__ = ["Forwarder"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +134,12 @@ class Forwarder:
             await self._proxy(stream, upstream, target + ("" if query is None else "?" + query))
 
     async def _connect(
-        self, stream: TunnelStream, host: str, port: int, tls: bool
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        self, stream: TunnelStream, host: str, port: int, opener: Callable[[], Awaitable[_T]]
+    ) -> _T | None:
+        """``opener()`` within the connect timeout; None (the stream reset) when it fails."""
         try:
             async with asyncio.timeout(self.connect_timeout):
-                return await asyncio.open_connection(host, port, ssl=tls or None, limit=1 << 20)
+                return await opener()
         except (OSError, TimeoutError) as exc:
             log.warning("stream %d: upstream %s:%d unreachable: %s", stream.id, host, port, exc)
             _reset(stream, ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
@@ -155,20 +159,23 @@ class Forwarder:
             return
         stream.info["audit"].upstream = f"tcp:{target.public_port}"
         self.requests += 1
-        conn = await self._connect(stream, target.host, target.port, False)
-        if conn is None:
+        loop = asyncio.get_running_loop()
+        opened = await self._connect(stream, target.host, target.port,
+                                     lambda: loop.create_connection(ChunkStream, target.host, target.port))
+        if opened is None:
             return
-        reader, writer = conn
+        conn = opened[1]  # its own protocol, not asyncio streams: no copies (shared/aio/pump.py)
         try:
             if self.proxy_protocol:
                 try:
-                    writer.write(proxy_v2_header(head.client_addr, head.authority))
+                    assert conn.transport is not None
+                    conn.transport.write(proxy_v2_header(head.client_addr, head.authority))
                 except ValueError:
                     log.warning("stream %d: no PROXY header: unusable addresses", stream.id)
             _reply(stream, ResponseHead(200))
-            await pump(stream, _counted(stream, stream_endpoint(reader, writer)))
+            await pump(stream, _counted(stream, conn.endpoint()))
         finally:
-            writer.transport.abort() if stream.error else writer.close()
+            conn.abort() if stream.error else conn.close()
 
     async def _websocket(self, stream: TunnelStream, upstream: Upstream, target: str) -> None:
         """Relay a WebSocket upgrade byte for byte: the upstream's own handshake and frames
@@ -176,7 +183,9 @@ class Forwarder:
         head = stream.head
         assert head is not None
         scheme, host, port = upstream.address
-        conn = await self._connect(stream, host, port, scheme == "https")
+        conn = await self._connect(stream, host, port,
+                                   lambda: asyncio.open_connection(host, port, ssl=scheme == "https" or None,
+                                                                   limit=1 << 20))
         if conn is None:
             return
         reader, writer = conn
