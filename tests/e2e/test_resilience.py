@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -132,30 +134,37 @@ async def test_client_shutdown_drains_in_flight_and_refuses_new(certs: Certs) ->
             await asyncio.wait_for(running.task, 5)
 
 
-async def test_exit_server_shutdown_drains(certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO)
-    async with upstream(slow_app(1.0)) as up:
+@contextlib.asynccontextmanager
+async def server_to_shut_down(certs: Certs, delay: float) -> AsyncIterator[ExitServer]:
+    """An exit server (the test shuts it down) with one connected client of a ``slow_app``."""
+    async with upstream(slow_app(delay)) as up:
         server = ExitServer(server_config(certs), auth=_token_auth())
         await server.start()
         client = TunnelClient(client_config(certs, server, [f"default={up.url}"]), token=TOKEN)
         task = asyncio.create_task(client.run())
         try:
             await client.wait_connected(10)
-            async with aiohttp.ClientSession() as http:
-                async def call() -> tuple[int, str]:
-                    async with http.get(f"http://127.0.0.1:{server.public_port}/?d=1") as r:
-                        return r.status, await r.text()
-
-                in_flight = asyncio.create_task(call())
-                await asyncio.sleep(0.3)
-                await server.shutdown(drain_timeout=5)
-                assert await in_flight == (200, "done")
-                with pytest.raises(aiohttp.ClientConnectionError):
-                    await call()
-            assert any("peer going away" in r.getMessage() for r in caplog.records)
+            yield server
         finally:
             await client.shutdown(1)
             await task
+
+
+async def test_exit_server_shutdown_drains(certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with server_to_shut_down(certs, 1.0) as server:
+        async with aiohttp.ClientSession() as http:
+            async def call() -> tuple[int, str]:
+                async with http.get(f"http://127.0.0.1:{server.public_port}/?d=1") as r:
+                    return r.status, await r.text()
+
+            in_flight = asyncio.create_task(call())
+            await asyncio.sleep(0.3)
+            await server.shutdown(drain_timeout=5)
+            assert await in_flight == (200, "done")
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await call()
+        assert any("peer going away" in r.getMessage() for r in caplog.records)
 
 
 async def test_exit_server_closes_idle_keep_alive_connections_before_its_tunnels(certs: Certs) -> None:
@@ -163,31 +172,22 @@ async def test_exit_server_closes_idle_keep_alive_connections_before_its_tunnels
     request it sends meanwhile is answered, never 503 "no tunnel" (behind a TCP balancer the
     connection stays with this server). At the moment the tunnel client is told to go away, the
     public side is already closed."""
-    async with upstream(slow_app(0.0)) as up:
-        server = ExitServer(server_config(certs), auth=_token_auth())
-        await server.start()
-        client = TunnelClient(client_config(certs, server, [f"default={up.url}"]), token=TOKEN)
-        task = asyncio.create_task(client.run())
-        try:
-            await client.wait_connected(10)
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.public_port)
-            writer.write(b"GET /?d=0 HTTP/1.1\r\nHost: app.test\r\n\r\n")
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            assert head.startswith(b"HTTP/1.1 200") and b"close" not in head.lower()  # kept alive
-            assert await reader.readexactly(4) == b"done"
-            (tunnel,) = server.registry.tunnels.values()
-            public_open_at_goaway: list[bool] = []
-            goaway = tunnel.conn.goaway
+    async with server_to_shut_down(certs, 0.0) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.public_port)
+        writer.write(b"GET /?d=0 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and b"close" not in head.lower()  # kept alive
+        assert await reader.readexactly(4) == b"done"
+        (tunnel,) = server.registry.tunnels.values()
+        public_open_at_goaway: list[bool] = []
+        goaway = tunnel.conn.goaway
 
-            def recording_goaway(code: int, reason: str) -> None:
-                public_open_at_goaway.append(server._runner is not None)
-                goaway(code, reason)
+        def recording_goaway(code: int, reason: str) -> None:
+            public_open_at_goaway.append(server._runner is not None)
+            goaway(code, reason)
 
-            tunnel.conn.goaway = recording_goaway
-            await server.shutdown(drain_timeout=5)
-            assert public_open_at_goaway == [False]
-            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no stray answer
-            writer.close()
-        finally:
-            await client.shutdown(1)
-            await task
+        tunnel.conn.goaway = recording_goaway
+        await server.shutdown(drain_timeout=5)
+        assert public_open_at_goaway == [False]
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no stray answer
+        writer.close()
