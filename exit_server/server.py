@@ -141,7 +141,7 @@ class ExitServer:
            ``Connection: close``;
         3. wait for in-flight requests (``drain_timeout``);
         4. close the public connections (idle keep-alive ones at once, others after the request
-           that arrived meanwhile), while the tunnels are still up;
+           that arrived meanwhile) while the tunnels are still up, all within ``drain_timeout``;
         5. send go-away to every tunnel client and close.
 
         Args:
@@ -158,22 +158,36 @@ class ExitServer:
         if self._site is not None and self._site._server is not None:
             self._site._server.close()  # stop accepting public connections
         self.tcp.stop_accepting()
-        try:
-            async with asyncio.timeout(timeout):
-                while self.public.in_flight or self.tcp.connections:
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            log.warning("exit server: drain timeout with %d requests in flight", self.public.in_flight)
-        # The public side before the tunnels: idle keep-alive connections close now, and a request
-        # that came on one in the meantime is answered while the tunnels are still up. (Closing
-        # the tunnels first answered such a request 503 "no tunnel": behind HAProxy in TCP mode,
-        # a caller's keep-alive connection stays with this server; the rolling-restart test saw it.)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        deadline = asyncio.get_running_loop().time() + timeout
+        drained = await self._wait_drained(deadline)
+        if drained and self._runner is not None:
+            # The public side before the tunnels: idle keep-alive connections close now, and a
+            # request that came on one meanwhile is answered while the tunnels are still up.
+            # (Closing the tunnels first answered such a request 503 "no tunnel": behind HAProxy
+            # in TCP mode a caller's keep-alive connection stays with this server; the
+            # rolling-restart test saw it.) Still within ``timeout``; what is left then is cut
+            # by close(), as when the drain itself timed out.
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._runner.cleanup()
+                self._runner = None
+            except TimeoutError:
+                log.warning("exit server: drain timeout while closing public connections")
         for conn in list(self.control.connections):
             conn.goaway(GoAwayCode.SHUTDOWN, "exit server shutting down")
         await self.close()
+
+    async def _wait_drained(self, deadline: float) -> bool:
+        """Wait until no request or TCP connection is in flight, or until ``deadline`` (loop
+        time). Returns whether it drained."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                while self.public.in_flight or self.tcp.connections:
+                    await asyncio.sleep(0.05)
+            return True
+        except TimeoutError:
+            log.warning("exit server: drain timeout with %d requests in flight", self.public.in_flight)
+            return False
 
     async def close(self) -> None:
         """Close everything now (in-flight requests are cut)."""

@@ -191,3 +191,25 @@ async def test_exit_server_closes_idle_keep_alive_connections_before_its_tunnels
         assert public_open_at_goaway == [False]
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no stray answer
         writer.close()
+
+
+async def test_exit_server_shutdown_stays_within_the_drain_timeout(certs: Certs) -> None:
+    """A request longer than the drain timeout is cut at the timeout (502 or a broken
+    response), and shutting down takes the drain timeout, not twice it."""
+    async with server_to_shut_down(certs, 10.0) as server, aiohttp.ClientSession() as http:
+        async def call() -> int:
+            async with http.get(f"http://127.0.0.1:{server.public_port}/?d=10") as r:
+                await r.read()
+                return r.status
+
+        slow = asyncio.create_task(call())
+        await asyncio.sleep(0.3)
+        started = asyncio.get_running_loop().time()
+        await server.shutdown(drain_timeout=1)
+        took = asyncio.get_running_loop().time() - started
+        assert 0.9 < took < 3.0
+        try:
+            status = await asyncio.wait_for(slow, 5)
+        except aiohttp.ClientError:
+            status = 0  # cut mid-exchange
+        assert status in (0, 502)
