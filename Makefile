@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 ## test: install test dependencies and system services, then run every test
-test: $(STAMP)
+test: $(STAMP) lint
 	bash scripts/ci-deps.sh
 	$(BIN)/python -m pytest
 
@@ -26,8 +26,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+## lint: ruff check, ruff format --check and mypy --strict (part of make test)
 lint: $(STAMP)
-	$(BIN)/ruff check shared exit_server tunnel_client tests scripts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 # bench and load use the existing .venv as it is (they never reinstall it); on a fresh machine

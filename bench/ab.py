@@ -37,9 +37,26 @@ ROOT = Path(__file__).resolve().parent.parent
 def wrk(port: int, path: str, connections: int, duration: float) -> tuple[int, float, float, int]:
     """(requests, req/s, p50 in us, non-2xx count) of one wrk run on CPU 0."""
     out = subprocess.run(
-        ["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "--timeout", "10s",
-         "-H", "Host: bench.localhost", f"http://127.0.0.1:{port}{path}"],
-        capture_output=True, text=True, timeout=duration + 60, check=True).stdout
+        [
+            "taskset",
+            "-c",
+            "0",
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration:g}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-H",
+            "Host: bench.localhost",
+            f"http://127.0.0.1:{port}{path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
+    ).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     value, unit = re.search(r"50%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
@@ -51,8 +68,9 @@ def wrk(port: int, path: str, connections: int, duration: float) -> tuple[int, f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rev", help="the A side: a git revision (B is the working tree)")
-    parser.add_argument("--workload", default="small50,big50,small1",
-                        help="comma list of " + ", ".join(w.key for w in WORKLOADS))
+    parser.add_argument(
+        "--workload", default="small50,big50,small1", help="comma list of " + ", ".join(w.key for w in WORKLOADS)
+    )
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run (default 4)")
     parser.add_argument("--rounds", type=int, default=6, help="runs per side and workload (default 6)")
     args = parser.parse_args(argv)
@@ -62,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     bl.ensure_tools()
     workdir = Path(tempfile.mkdtemp(prefix="backhaul-ab-"))
     tree = workdir / "a"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.rev], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.rev], check=True, capture_output=True
+    )
     stack = bl.Stack(workdir)
     try:
         certs = bl.make_certs(workdir)
@@ -73,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         del os.environ["PYTHONPATH"]
         server_b, client_b, port_b = start_http_mode(stack, certs, nginx, 1)
         sides = {"A": (port_a, [server_a.pid, client_a.pid]), "B": (port_b, [server_b.pid, client_b.pid])}
-        label = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.rev], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        print(f"A = {args.rev} ({label}), B = working tree; {args.rounds} x {args.duration:g} s per side and "
-              "workload, interleaved, pinned (wrk CPU 0, the rest CPU 1)", flush=True)
+        label = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", args.rev], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        print(
+            f"A = {args.rev} ({label}), B = working tree; {args.rounds} x {args.duration:g} s per side and "
+            "workload, interleaved, pinned (wrk CPU 0, the rest CPU 1)",
+            flush=True,
+        )
         for wl in workloads:
             for port, _ in sides.values():
                 wrk(port, wl.path, wl.connections, 1)  # warm-up, not counted
@@ -93,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             med = {side: [statistics.median(r[k] for r in rows[side]) for k in range(4)] for side in rows}
             for side in ("A", "B"):
                 rps, p50, cs, cc = med[side]
-                print(f"{wl.label:22s} {side}: {rps:9,.0f} req/s  p50 {p50 / 1000:7.3f} ms  "
-                      f"CPU/req {cs + cc:7.0f} us (server {cs:.0f} + client {cc:.0f})", flush=True)
+                print(
+                    f"{wl.label:22s} {side}: {rps:9,.0f} req/s  p50 {p50 / 1000:7.3f} ms  "
+                    f"CPU/req {cs + cc:7.0f} us (server {cs:.0f} + client {cc:.0f})",
+                    flush=True,
+                )
             ratio = (med["B"][2] + med["B"][3]) / (med["A"][2] + med["A"][3])
             print(f"{wl.label:22s} B/A: req/s {med['B'][0] / med['A'][0]:.3f}, CPU/req {ratio:.3f}", flush=True)
     finally:

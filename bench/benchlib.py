@@ -109,8 +109,13 @@ def http_get(url: str, host: str | None = None, timeout: float = 5) -> tuple[int
         return 0, b""
 
 
-def wait_http(url: str, host: str | None = None, status: int = 200, timeout: float = 20,
-              procs: Sequence[subprocess.Popen[bytes]] = ()) -> None:
+def wait_http(
+    url: str,
+    host: str | None = None,
+    status: int = 200,
+    timeout: float = 20,
+    procs: Sequence[subprocess.Popen[bytes]] = (),
+) -> None:
     deadline = time.monotonic() + timeout
     last = 0
     while time.monotonic() < deadline:
@@ -119,18 +124,21 @@ def wait_http(url: str, host: str | None = None, status: int = 200, timeout: flo
             return
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"{Path(str(proc.args[0] if isinstance(proc.args, list) else proc.args)).name} "
-                                   f"exited with {proc.returncode}")
+                raise RuntimeError(
+                    f"{Path(str(proc.args[0] if isinstance(proc.args, list) else proc.args)).name} "
+                    f"exited with {proc.returncode}"
+                )
         time.sleep(0.1)
     raise RuntimeError(f"GET {url} (Host {host}) never answered {status} (last {last})")
 
 
 # ---------------------------------------------------------------- /proc readings
 
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the whole process (all threads), seconds."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
@@ -177,6 +185,7 @@ def children(pid: int) -> list[int]:
 
 # ---------------------------------------------------------------- machine
 
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -206,6 +215,7 @@ def nginx_path() -> str:
 
 
 # ---------------------------------------------------------------- processes
+
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
@@ -250,13 +260,15 @@ class Proc:
                 self.popen.wait(5)
 
 
-def spawn(name: str, cmd: Sequence[str], logdir: Path, env: dict[str, str] | None = None,
-          cpu: int | None = None, **kw: object) -> Proc:
+def spawn(
+    name: str, cmd: Sequence[str], logdir: Path, env: dict[str, str] | None = None, cpu: int | None = None, **kw: object
+) -> Proc:
     logdir.mkdir(parents=True, exist_ok=True)
     log = logdir / f"{name}.log"
     fh = open(log, "ab")  # noqa: SIM115 (the child owns it)
-    popen = subprocess.Popen(pinned(cmd, cpu), stdout=fh, stderr=subprocess.STDOUT, env=env or clean_env(),
-                             start_new_session=True, **kw)  # type: ignore[call-overload]
+    popen = subprocess.Popen(
+        pinned(cmd, cpu), stdout=fh, stderr=subprocess.STDOUT, env=env or clean_env(), start_new_session=True, **kw
+    )  # type: ignore[call-overload]
     fh.close()
     return popen_proc(name, popen, log)
 
@@ -299,8 +311,13 @@ class Certs:
 def make_certs(workdir: Path) -> Certs:
     certs = workdir / "certs"
     if not (certs / "server.pem").exists():
-        subprocess.run([venv_bin("exit-server"), "gen-certs", "--out", str(certs), "--hostname", "localhost",
-                        "--ip", "127.0.0.1"], check=True, capture_output=True, env=clean_env(), timeout=60)
+        subprocess.run(
+            [venv_bin("exit-server"), "gen-certs", "--out", str(certs), "--hostname", "localhost", "--ip", "127.0.0.1"],
+            check=True,
+            capture_output=True,
+            env=clean_env(),
+            timeout=60,
+        )
     token = workdir / "token"
     token.write_text(secrets.token_urlsafe(32) + "\n")
     token.chmod(0o600)
@@ -314,8 +331,9 @@ def help_text(script: str) -> str:
     if script in _HELP:
         return _HELP[script]
     try:
-        out = subprocess.run([venv_bin(script), "run", "--help"], capture_output=True, text=True, timeout=30,
-                             env=clean_env())
+        out = subprocess.run(
+            [venv_bin(script), "run", "--help"], capture_output=True, text=True, timeout=30, env=clean_env()
+        )
         _HELP[script] = out.stdout + out.stderr
         return _HELP[script]
     except (OSError, subprocess.TimeoutExpired):
@@ -328,8 +346,11 @@ def tcp_mode_available() -> tuple[bool, str]:
     server = "--tcp-port-range" in help_text("exit-server")
     if client and server:
         return True, ""
-    missing = [name for name, ok in (("tunnel-client run --tcp", client), ("exit-server run --tcp-port-range", server))
-               if not ok]
+    missing = [
+        name
+        for name, ok in (("tunnel-client run --tcp", client), ("exit-server run --tcp-port-range", server))
+        if not ok
+    ]
     return False, "not available (" + ", ".join(missing) + " missing)"
 
 
@@ -339,12 +360,35 @@ def quiet_flags(script: str) -> list[str]:
     return ["--admin-addr", ""] if "--admin-addr" in help_text(script) else []
 
 
-def start_exit_server(stack: Stack, certs: Certs, public: int, control: int, cpu: int | None = None,
-                      extra: Sequence[str] = (), name: str = "exit-server") -> Proc:
-    cmd = [venv_bin("exit-server"), "run", "--public-addr", f"127.0.0.1:{public}",
-           "--control-addr", f"127.0.0.1:{control}", "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
-           "--token-file", str(certs.token_file), "--drain-timeout", "2", "--log-level", "warning",
-           *quiet_flags("exit-server"), *extra]
+def start_exit_server(
+    stack: Stack,
+    certs: Certs,
+    public: int,
+    control: int,
+    cpu: int | None = None,
+    extra: Sequence[str] = (),
+    name: str = "exit-server",
+) -> Proc:
+    cmd = [
+        venv_bin("exit-server"),
+        "run",
+        "--public-addr",
+        f"127.0.0.1:{public}",
+        "--control-addr",
+        f"127.0.0.1:{control}",
+        "--tls-cert",
+        str(certs.cert),
+        "--tls-key",
+        str(certs.key),
+        "--token-file",
+        str(certs.token_file),
+        "--drain-timeout",
+        "2",
+        "--log-level",
+        "warning",
+        *quiet_flags("exit-server"),
+        *extra,
+    ]
     proc = stack.add(spawn(name, cmd, stack.workdir / "logs", cpu=cpu))
     try:
         wait_port(public, proc=proc.popen)
@@ -354,11 +398,30 @@ def start_exit_server(stack: Stack, certs: Certs, public: int, control: int, cpu
     return proc
 
 
-def start_tunnel_client(stack: Stack, certs: Certs, control: int, upstreams: Sequence[str] = (),
-                        cpu: int | None = None, extra: Sequence[str] = (), name: str = "tunnel-client") -> Proc:
-    cmd = [venv_bin("tunnel-client"), "run", "--server", f"wss://localhost:{control}", "--ca-file", str(certs.ca),
-           "--token-file", str(certs.token_file), "--drain-timeout", "2", "--log-level", "warning",
-           *quiet_flags("tunnel-client")]
+def start_tunnel_client(
+    stack: Stack,
+    certs: Certs,
+    control: int,
+    upstreams: Sequence[str] = (),
+    cpu: int | None = None,
+    extra: Sequence[str] = (),
+    name: str = "tunnel-client",
+) -> Proc:
+    cmd = [
+        venv_bin("tunnel-client"),
+        "run",
+        "--server",
+        f"wss://localhost:{control}",
+        "--ca-file",
+        str(certs.ca),
+        "--token-file",
+        str(certs.token_file),
+        "--drain-timeout",
+        "2",
+        "--log-level",
+        "warning",
+        *quiet_flags("tunnel-client"),
+    ]
     for spec in upstreams:
         cmd += ["--upstream", spec]
     cmd += list(extra)
@@ -366,8 +429,14 @@ def start_tunnel_client(stack: Stack, certs: Certs, control: int, upstreams: Seq
 
 
 def start_upstream(stack: Stack, port: int, cpu: int | None = None) -> Proc:
-    proc = stack.add(spawn("upstream", [venv_python(), str(BENCH / "upstream.py"), "--port", str(port)],
-                           stack.workdir / "logs", cpu=cpu))
+    proc = stack.add(
+        spawn(
+            "upstream",
+            [venv_python(), str(BENCH / "upstream.py"), "--port", str(port)],
+            stack.workdir / "logs",
+            cpu=cpu,
+        )
+    )
     wait_port(port, proc=proc.popen)
     return proc
 
@@ -445,7 +514,7 @@ class Nginx:
 
 
 SMALL_FILE = "small.bin"  # 100 bytes
-BIG_FILE = "big.bin"      # 1 MiB
+BIG_FILE = "big.bin"  # 1 MiB
 
 
 def start_nginx(stack: Stack, cpu: int | None = None) -> Nginx:

@@ -35,8 +35,13 @@ async def run(args: argparse.Namespace) -> int:
     # Newer clients open an admin listener on a fixed port by default: one per process at most.
     extra = {"admin_addr": ""} if "admin_addr" in ClientConfig.model_fields else {}
     for i in range(args.start, args.start + args.count):
-        config = ClientConfig(server=[args.server], ca_file=args.ca_file,
-                              upstream=[f"h{i}.example.com=http://127.0.0.1:9"], instance_id=f"idle-{i}", **extra)
+        config = ClientConfig(
+            server=[args.server],
+            ca_file=args.ca_file,
+            upstream=[f"h{i}.example.com=http://127.0.0.1:9"],
+            instance_id=f"idle-{i}",
+            **extra,
+        )
         client = TunnelClient(config, token=token)
         clients.append(client)
         tasks.append(asyncio.create_task(client.run()))

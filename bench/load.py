@@ -77,16 +77,35 @@ def main() -> int:
         server = bl.start_exit_server(stack, certs, public, control)
         client = bl.start_tunnel_client(stack, certs, control, [f"{host}=http://127.0.0.1:{up_port}"])
         bl.wait_http(f"http://127.0.0.1:{public}/small", host, procs=[server.popen, client.popen])
-        bl.log(f"stack up: public http://127.0.0.1:{public} (Host: {host}); locust {args.users} users, "
-               f"spawn rate {args.spawn_rate:g}/s, {args.time}")
+        bl.log(
+            f"stack up: public http://127.0.0.1:{public} (Host: {host}); locust {args.users} users, "
+            f"spawn rate {args.spawn_rate:g}/s, {args.time}"
+        )
         cpu0 = {"server": bl.cpu_seconds(server.pid), "client": bl.cpu_seconds(client.pid)}
         env = bl.clean_env({"LOAD_HOST_HEADER": host})
         if args.p95_ms:
             env["LOAD_P95_MS"] = args.p95_ms
-        cmd = [args.locust, "-f", str(ROOT / "tests" / "load" / "locustfile.py"), "--headless",
-               "--users", str(args.users), "--spawn-rate", f"{args.spawn_rate:g}", "--run-time", args.time,
-               "--host", f"http://127.0.0.1:{public}", "--stop-timeout", "30",
-               "--csv", str(args.out / "locust"), "--html", str(args.out / "report.html"), "--only-summary"]
+        cmd = [
+            args.locust,
+            "-f",
+            str(ROOT / "tests" / "load" / "locustfile.py"),
+            "--headless",
+            "--users",
+            str(args.users),
+            "--spawn-rate",
+            f"{args.spawn_rate:g}",
+            "--run-time",
+            args.time,
+            "--host",
+            f"http://127.0.0.1:{public}",
+            "--stop-timeout",
+            "30",
+            "--csv",
+            str(args.out / "locust"),
+            "--html",
+            str(args.out / "report.html"),
+            "--only-summary",
+        ]
         t0 = time.monotonic()
         try:
             rc = subprocess.run(cmd, env=env, cwd=str(ROOT), timeout=run_s + 180).returncode
@@ -94,14 +113,18 @@ def main() -> int:
             bl.log("locust did not finish in time")
             rc = 124
         elapsed = time.monotonic() - t0
-        cpu = {"server": bl.cpu_seconds(server.pid) - cpu0["server"],
-               "client": bl.cpu_seconds(client.pid) - cpu0["client"]}
+        cpu = {
+            "server": bl.cpu_seconds(server.pid) - cpu0["server"],
+            "client": bl.cpu_seconds(client.pid) - cpu0["client"],
+        }
         rss = {"server": bl.rss_kib(server.pid), "client": bl.rss_kib(client.pid)}
         alive = server.alive() and client.alive()
-        summary = (f"locust exit status {rc} after {elapsed:.0f} s; exit server CPU {cpu['server']:.1f} s, client "
-                   f"{cpu['client']:.1f} s; RSS exit server {rss['server'] / 1024:.1f} MiB, client "
-                   f"{rss['client'] / 1024:.1f} MiB; processes {'alive' if alive else 'DIED'}\n"
-                   f"reports: {args.out.relative_to(ROOT)}/locust_stats.csv, report.html")
+        summary = (
+            f"locust exit status {rc} after {elapsed:.0f} s; exit server CPU {cpu['server']:.1f} s, client "
+            f"{cpu['client']:.1f} s; RSS exit server {rss['server'] / 1024:.1f} MiB, client "
+            f"{rss['client'] / 1024:.1f} MiB; processes {'alive' if alive else 'DIED'}\n"
+            f"reports: {args.out.relative_to(ROOT)}/locust_stats.csv, report.html"
+        )
         (args.out / "summary.txt").write_text(" ".join(cmd) + "\n" + summary + "\n")
         bl.log(summary)
         if not alive:

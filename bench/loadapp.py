@@ -65,7 +65,7 @@ def sse_handler(max_seconds: float):  # type: ignore[no-untyped-def]
         n = 0
         while loop.time() < end:
             n += 1
-            await resp.write(f"id: {n}\nevent: tick\ndata: {{\"n\": {n}}}\n\n".encode())
+            await resp.write(f'id: {n}\nevent: tick\ndata: {{"n": {n}}}\n\n'.encode())
             await asyncio.sleep(interval)
         await resp.write(b"event: done\ndata: {}\n\n")
         await resp.write_eof()

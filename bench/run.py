@@ -89,7 +89,7 @@ T_HTTP_BIG_MIBS = 400.0
 T_LAT_EXTRA_MS = 0.3
 T_TCP_CPU_US = 100.0
 
-QUIET_CPU = 0.15         # CPU-seconds per second (all CPUs) that still counts as an idle machine
+QUIET_CPU = 0.15  # CPU-seconds per second (all CPUs) that still counts as an idle machine
 FOREIGN_NOTE_PCT = 10.0  # note a run when other processes used more than this share of one CPU
 
 PEERS = """\
@@ -119,7 +119,7 @@ class Result:
     mibps: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     cpu_us_per_req: float | None = None
-    cpu_detail: dict[str, float] = field(default_factory=dict)   # name -> us/request
+    cpu_detail: dict[str, float] = field(default_factory=dict)  # name -> us/request
     rss_kib: dict[str, int] = field(default_factory=dict)
     wrk_cmd: str = ""
     foreign_cpu_pct: float = 0.0
@@ -132,6 +132,7 @@ class Result:
 
 
 # ---------------------------------------------------------------- wrk
+
 
 class Runner:
     def __init__(self, args: argparse.Namespace, outdir: Path) -> None:
@@ -159,8 +160,24 @@ class Runner:
     def wrk(self, url: str, connections: int, duration: float, tag: str | None = None) -> tuple[dict[str, Any], str]:
         threads = max(1, min(self.threads, connections))
         duration = max(1, int(round(duration)))  # wrk takes whole seconds
-        cmd = bl.pinned(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s",
-                         "--timeout", "10s", "--latency", "-s", str(LUA), url], self.wrk_cpu)
+        cmd = bl.pinned(
+            [
+                "wrk",
+                "-t",
+                str(threads),
+                "-c",
+                str(connections),
+                "-d",
+                f"{duration:g}s",
+                "--timeout",
+                "10s",
+                "--latency",
+                "-s",
+                str(LUA),
+                url,
+            ],
+            self.wrk_cpu,
+        )
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
         if tag:
             (self.outdir / "wrk").mkdir(parents=True, exist_ok=True)
@@ -170,8 +187,9 @@ class Runner:
             raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()[-300:] or out.stdout[-300:]}")
         return json.loads(match.group(1)), shlex.join(cmd)
 
-    def measure(self, target: str, wl: Workload, url: str, cpu_pids: dict[str, int],
-                rss_pids: dict[str, int]) -> Result:
+    def measure(
+        self, target: str, wl: Workload, url: str, cpu_pids: dict[str, int], rss_pids: dict[str, int]
+    ) -> Result:
         """One measurement; repeated (--retries) when other load on the machine skewed it, keeping
         the attempt with the least other load."""
         best: Result | None = None
@@ -187,8 +205,9 @@ class Runner:
         best.attempts = res.attempts
         return best
 
-    def _measure_once(self, target: str, wl: Workload, url: str, cpu_pids: dict[str, int],
-                      rss_pids: dict[str, int]) -> Result:
+    def _measure_once(
+        self, target: str, wl: Workload, url: str, cpu_pids: dict[str, int], rss_pids: dict[str, int]
+    ) -> Result:
         res = Result(target, wl.key)
         ours = dict(cpu_pids)
         if self.nginx_worker and self.nginx_worker not in ours.values():
@@ -227,14 +246,18 @@ class Runner:
             with contextlib.suppress(OSError, RuntimeError):
                 res.rss_kib[name] = bl.rss_kib(pid)
         if res.error_count:
-            res.note = ("; ".join(filter(None, [res.note, "errors: " + ", ".join(f"{k} {v}" for k, v in
-                                                                          res.errors.items())])))
-        bl.log(f"{target:6} {wl.key:8} {res.rps:10.0f} req/s  p50 {res.p50_us:7.0f} us  p99 {res.p99_us:7.0f} us  "
-               f"{res.mibps:8.1f} MiB/s  cpu/req {fmt_us(res.cpu_us_per_req)}  {res.note}")
+            res.note = "; ".join(
+                filter(None, [res.note, "errors: " + ", ".join(f"{k} {v}" for k, v in res.errors.items())])
+            )
+        bl.log(
+            f"{target:6} {wl.key:8} {res.rps:10.0f} req/s  p50 {res.p50_us:7.0f} us  p99 {res.p99_us:7.0f} us  "
+            f"{res.mibps:8.1f} MiB/s  cpu/req {fmt_us(res.cpu_us_per_req)}  {res.note}"
+        )
         return res
 
 
 # ---------------------------------------------------------------- targets
+
 
 def run_nginx_targets(runner: Runner, nginx: bl.Nginx, targets: list[str]) -> list[Result]:
     out = []
@@ -243,8 +266,9 @@ def run_nginx_targets(runner: Runner, nginx: bl.Nginx, targets: list[str]) -> li
         if target not in targets:
             continue
         for wl in WORKLOADS:
-            out.append(runner.measure(target, wl, f"http://127.0.0.1:{port}{wl.path}", {"nginx": worker},
-                                      {"nginx": worker}))
+            out.append(
+                runner.measure(target, wl, f"http://127.0.0.1:{port}{wl.path}", {"nginx": worker}, {"nginx": worker})
+            )
     return out
 
 
@@ -257,8 +281,9 @@ def start_http_mode(stack: bl.Stack, certs: bl.Certs, nginx: bl.Nginx, cpu: int 
     server = bl.start_exit_server(stack, certs, public, control, cpu=cpu)
     client = bl.start_tunnel_client(stack, certs, control, [f"default=http://127.0.0.1:{nginx.direct}"], cpu=cpu)
     try:
-        bl.wait_http(f"http://127.0.0.1:{public}/{bl.SMALL_FILE}", "bench.localhost",
-                     procs=[server.popen, client.popen])
+        bl.wait_http(
+            f"http://127.0.0.1:{public}/{bl.SMALL_FILE}", "bench.localhost", procs=[server.popen, client.popen]
+        )
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}\nexit-server: {server.tail()}\ntunnel-client: {client.tail()}") from None
     return server, client, public
@@ -267,16 +292,30 @@ def start_http_mode(stack: bl.Stack, certs: bl.Certs, nginx: bl.Nginx, cpu: int 
 def start_tcp_mode(stack: bl.Stack, certs: bl.Certs, nginx: bl.Nginx, cpu: int | None) -> tuple[bl.Proc, bl.Proc, int]:
     public, control = bl.free_port(), bl.free_port()
     tcp_port = bl.free_port_block(1)
-    server = bl.start_exit_server(stack, certs, public, control, cpu=cpu, name="exit-server-tcp",
-                                  extra=["--tcp-port-range", f"{tcp_port}-{tcp_port}"])
+    server = bl.start_exit_server(
+        stack,
+        certs,
+        public,
+        control,
+        cpu=cpu,
+        name="exit-server-tcp",
+        extra=["--tcp-port-range", f"{tcp_port}-{tcp_port}"],
+    )
     tcp_spec = ["--tcp", f"{tcp_port}=127.0.0.1:{nginx.direct}"]
     client = bl.start_tunnel_client(stack, certs, control, [], cpu=cpu, extra=tcp_spec, name="tunnel-client-tcp")
     time.sleep(1.0)
     if client.popen.poll() is not None:
         # This client version may still insist on an --upstream next to --tcp: give it a harmless one.
         stack.stop(client)
-        client = bl.start_tunnel_client(stack, certs, control, [f"default=http://127.0.0.1:{nginx.direct}"],
-                                        cpu=cpu, extra=tcp_spec, name="tunnel-client-tcp")
+        client = bl.start_tunnel_client(
+            stack,
+            certs,
+            control,
+            [f"default=http://127.0.0.1:{nginx.direct}"],
+            cpu=cpu,
+            extra=tcp_spec,
+            name="tunnel-client-tcp",
+        )
     try:
         bl.wait_port(tcp_port, timeout=20, proc=client.popen)
         bl.wait_http(f"http://127.0.0.1:{tcp_port}/{bl.SMALL_FILE}", procs=[server.popen, client.popen])
@@ -291,8 +330,9 @@ def uses_uvloop(pid: int) -> bool:
     return False
 
 
-def run_backhaul_target(runner: Runner, stack: bl.Stack, certs: bl.Certs, nginx: bl.Nginx, target: str,
-                        info: dict[str, Any], profile: bool) -> list[Result]:
+def run_backhaul_target(
+    runner: Runner, stack: bl.Stack, certs: bl.Certs, nginx: bl.Nginx, target: str, info: dict[str, Any], profile: bool
+) -> list[Result]:
     starter = start_http_mode if target == "http" else start_tcp_mode
     try:
         server, client, port = starter(stack, certs, nginx, runner.sut_cpu)
@@ -300,10 +340,14 @@ def run_backhaul_target(runner: Runner, stack: bl.Stack, certs: bl.Certs, nginx:
         note = f"failed to start: {str(exc).splitlines()[0]}"
         bl.log(f"{target}: {exc}")
         return [Result(target, wl.key, ok=False, note=note) for wl in WORKLOADS]
-    info.setdefault("uvloop_loaded", {})[target] = {"server": uses_uvloop(server.pid),
-                                                    "client": uses_uvloop(client.pid)}
-    info.setdefault("commands", {})[target] = {"exit-server": shlex.join(map(str, server.popen.args)),
-                                               "tunnel-client": shlex.join(map(str, client.popen.args))}
+    info.setdefault("uvloop_loaded", {})[target] = {
+        "server": uses_uvloop(server.pid),
+        "client": uses_uvloop(client.pid),
+    }
+    info.setdefault("commands", {})[target] = {
+        "exit-server": shlex.join(map(str, server.popen.args)),
+        "tunnel-client": shlex.join(map(str, client.popen.args)),
+    }
     pids = backhaul_pids(server, client)
     results = []
     try:
@@ -319,12 +363,14 @@ def run_backhaul_target(runner: Runner, stack: bl.Stack, certs: bl.Certs, nginx:
         stack.stop(client)
         stack.stop(server)
     done = {r.workload for r in results}
-    results += [Result(target, wl.key, ok=False, note="not run (process died)") for wl in WORKLOADS
-                if wl.key not in done]
+    results += [
+        Result(target, wl.key, ok=False, note="not run (process died)") for wl in WORKLOADS if wl.key not in done
+    ]
     return results
 
 
 # ---------------------------------------------------------------- profile
+
 
 def ensure_py_spy() -> str:
     path = bl.VENV_BIN / "py-spy"
@@ -365,12 +411,30 @@ def run_profile(runner: Runner, url: str, wl: Workload, pids: dict[str, int]) ->
         procs = {}
         for name, pid in pids.items():
             out = profdir / f"profile-{name}-{wl.key}.{suffix}"
-            cmd = [pyspy, "record", "--pid", str(pid), "--duration", str(dur), "--rate", str(runner.args.profile_rate),
-                   "--format", fmt, "--output", str(out), "--function", "--full-filenames"]
+            cmd = [
+                pyspy,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(dur),
+                "--rate",
+                str(runner.args.profile_rate),
+                "--format",
+                fmt,
+                "--output",
+                str(out),
+                "--function",
+                "--full-filenames",
+            ]
             if native:
                 cmd.append("--native")
-            procs[name] = (subprocess.Popen(bl.pinned(cmd, runner.wrk_cpu), stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, text=True), out)
+            procs[name] = (
+                subprocess.Popen(
+                    bl.pinned(cmd, runner.wrk_cpu), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                ),
+                out,
+            )
         time.sleep(0.5)
         try:
             runner.wrk(url, wl.connections, dur + 2, tag=f"profile-{label}")
@@ -393,9 +457,15 @@ def run_profile(runner: Runner, url: str, wl: Workload, pids: dict[str, int]) ->
             if raw:
                 view = "python" if label == "raw-python" or not native_ok else "native"
                 summary.setdefault(name, {})[view] = summarise_raw(bl.ROOT / raw)
-    return {"duration_s": dur, "rate": runner.args.profile_rate, "native": native_ok,
-            "workload": wl.label,
-            "files": outputs, "summary": summary, "errors": errors}
+    return {
+        "duration_s": dur,
+        "rate": runner.args.profile_rate,
+        "native": native_ok,
+        "workload": wl.label,
+        "files": outputs,
+        "summary": summary,
+        "errors": errors,
+    }
 
 
 _IDLE_LEAF = re.compile(r"^(epoll_wait|epoll_pwait2?|__GI_epoll_wait|__GI_epoll_pwait2?) ")
@@ -482,23 +552,28 @@ def profile_text(profile: dict[str, Any]) -> str:
     lines = []
     if "error" in profile:
         return f"Profile not taken: {profile['error']}\n"
-    lines.append(f"py-spy {'' if not profile['native'] else '(native frames: `--native`) '}record at "
-                 f"{profile['rate']} Hz for {profile['duration_s']} s per pass, `--function`, during extra (c) "
-                 f"{profile.get('workload', '100 B GET, 50 conns')} runs (their figures are not in the table). "
-                 "Self time = samples whose innermost frame "
-                 "it is. The native view shows where the CPU really is (syscalls, OpenSSL, the uvloop/libuv "
-                 "loop, CPython); the Python-only view charges C work to the Python function that called it "
-                 "(`Runner.run` there = time inside uvloop's C loop: libuv, socket I/O, callbacks' C parts). "
-                 "Samples blocked in `epoll_pwait` (the loop waiting, not CPU) are left out of the native view "
-                 "and counted separately. Files: " +
-                 ", ".join(f"`{p}`" for files in profile["files"].values() for p in files.values()) + ".")
+    lines.append(
+        f"py-spy {'' if not profile['native'] else '(native frames: `--native`) '}record at "
+        f"{profile['rate']} Hz for {profile['duration_s']} s per pass, `--function`, during extra (c) "
+        f"{profile.get('workload', '100 B GET, 50 conns')} runs (their figures are not in the table). "
+        "Self time = samples whose innermost frame "
+        "it is. The native view shows where the CPU really is (syscalls, OpenSSL, the uvloop/libuv "
+        "loop, CPython); the Python-only view charges C work to the Python function that called it "
+        "(`Runner.run` there = time inside uvloop's C loop: libuv, socket I/O, callbacks' C parts). "
+        "Samples blocked in `epoll_pwait` (the loop waiting, not CPU) are left out of the native view "
+        "and counted separately. Files: "
+        + ", ".join(f"`{p}`" for files in profile["files"].values() for p in files.values())
+        + "."
+    )
     for name, views in profile["summary"].items():
         who = "exit server" if name == "server" else "tunnel client"
         for view, summ in views.items():
             lines.append("")
             idle = f" (+{summ['idle_samples']} idle in epoll, excluded)" if summ.get("idle_samples") else ""
-            lines.append(f"**{who}, {'native' if view == 'native' else 'Python-only'} view** — {summ['samples']} "
-                         f"samples{idle}; self time by area: " + ", ".join(f"{g} {p}%" for g, _, p in summ["groups"]))
+            lines.append(
+                f"**{who}, {'native' if view == 'native' else 'Python-only'} view** — {summ['samples']} "
+                f"samples{idle}; self time by area: " + ", ".join(f"{g} {p}%" for g, _, p in summ["groups"])
+            )
             lines.append("")
             lines.append("| # | frame (self time) | samples | % |")
             lines.append("|---|---|---:|---:|")
@@ -510,6 +585,7 @@ def profile_text(profile: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- report
+
 
 def fmt_us(us: float | None) -> str:
     if us is None:
@@ -530,6 +606,7 @@ def fmt_rss(kib: dict[str, int]) -> str:
 def machine_info() -> dict[str, str]:
     try:
         import uvloop
+
         uv = uvloop.__version__
     except ImportError:
         uv = "not installed"
@@ -540,8 +617,11 @@ def machine_info() -> dict[str, str]:
         except Exception:  # noqa: BLE001
             versions[mod] = "?"
     git = subprocess.run(["git", "-C", str(bl.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(bl.ROOT), "status", "--porcelain", "--", "shared", "exit_server",
-                            "tunnel_client"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(bl.ROOT), "status", "--porcelain", "--", "shared", "exit_server", "tunnel_client"],
+        capture_output=True,
+        text=True,
+    )
     return {
         "cpu": bl.cpu_model(),
         "cores": str(os.cpu_count()),
@@ -553,8 +633,8 @@ def machine_info() -> dict[str, str]:
         "websockets": versions["websockets"],
         "nginx": bl.tool_version([bl.nginx_path(), "-v"]).replace("nginx version: ", ""),
         "wrk": bl.tool_version(["wrk", "--version"]).split(" Copyright")[0],
-        "commit": (git.stdout.strip() or "?") + (" + uncommitted changes in the packages" if dirty.stdout.strip()
-                                                 else ""),
+        "commit": (git.stdout.strip() or "?")
+        + (" + uncommitted changes in the packages" if dirty.stdout.strip() else ""),
     }
 
 
@@ -580,34 +660,61 @@ def evaluate(results: list[Result]) -> list[tuple[str, str, str]]:
     rows = []
     h, p, d = get.get(("http", "small50")), get.get(("proxy", "small50")), get.get(("direct", "small1"))
     if valid(h) and h.cpu_us_per_req is not None:
-        rows.append(("HTTP mode, 100 B x50: CPU per request (server + client) ≤ 150 us",
-                     fmt_us(h.cpu_us_per_req), mark(h.cpu_us_per_req <= T_HTTP_CPU_US)))
+        rows.append(
+            (
+                "HTTP mode, 100 B x50: CPU per request (server + client) ≤ 150 us",
+                fmt_us(h.cpu_us_per_req),
+                mark(h.cpu_us_per_req <= T_HTTP_CPU_US),
+            )
+        )
     else:
         rows.append(("HTTP mode, 100 B x50: CPU per request (server + client) ≤ 150 us", note_of(h), mark(False)))
     if valid(h) and valid(p):
         ratio = h.rps / p.rps
-        rows.append(("HTTP mode, 100 B x50: req/s ≥ 0.35x nginx one-hop proxy",
-                     f"{h.rps:,.0f} / {p.rps:,.0f} = {ratio:.2f}x", mark(ratio >= T_HTTP_RATIO)))
+        rows.append(
+            (
+                "HTTP mode, 100 B x50: req/s ≥ 0.35x nginx one-hop proxy",
+                f"{h.rps:,.0f} / {p.rps:,.0f} = {ratio:.2f}x",
+                mark(ratio >= T_HTTP_RATIO),
+            )
+        )
     else:
-        rows.append(("HTTP mode, 100 B x50: req/s ≥ 0.35x nginx one-hop proxy", note_of(h if not valid(h) else p),
-                     mark(False)))
+        rows.append(
+            ("HTTP mode, 100 B x50: req/s ≥ 0.35x nginx one-hop proxy", note_of(h if not valid(h) else p), mark(False))
+        )
     hb = get.get(("http", "big50"))
-    rows.append(("HTTP mode, 1 MiB x50: ≥ 400 MiB/s", f"{hb.mibps:,.0f} MiB/s" if valid(hb) else note_of(hb),
-                 mark(valid(hb) and hb.mibps >= T_HTTP_BIG_MIBS)))
+    rows.append(
+        (
+            "HTTP mode, 1 MiB x50: ≥ 400 MiB/s",
+            f"{hb.mibps:,.0f} MiB/s" if valid(hb) else note_of(hb),
+            mark(valid(hb) and hb.mibps >= T_HTTP_BIG_MIBS),
+        )
+    )
     h1 = get.get(("http", "small1"))
     if valid(h1) and valid(d):
         extra = (h1.p50_us - d.p50_us) / 1000
-        rows.append(("HTTP mode, 1 connection: p50 ≤ direct p50 + 0.3 ms",
-                     f"{fmt_lat(h1.p50_us)} - {fmt_lat(d.p50_us)} = +{extra:.3f} ms", mark(extra <= T_LAT_EXTRA_MS)))
+        rows.append(
+            (
+                "HTTP mode, 1 connection: p50 ≤ direct p50 + 0.3 ms",
+                f"{fmt_lat(h1.p50_us)} - {fmt_lat(d.p50_us)} = +{extra:.3f} ms",
+                mark(extra <= T_LAT_EXTRA_MS),
+            )
+        )
     else:
-        rows.append(("HTTP mode, 1 connection: p50 ≤ direct p50 + 0.3 ms", note_of(h1 if not valid(h1) else d),
-                     mark(False)))
+        rows.append(
+            ("HTTP mode, 1 connection: p50 ≤ direct p50 + 0.3 ms", note_of(h1 if not valid(h1) else d), mark(False))
+        )
     t = get.get(("tcp", "small50"))
     if t is not None and not t.ok and t.note.startswith("not available"):
         rows.append(("TCP mode, 100 B x50: CPU per request (server + client) ≤ 100 us", t.note, mark(None)))
     elif valid(t) and t.cpu_us_per_req is not None:
-        rows.append(("TCP mode, 100 B x50: CPU per request (server + client) ≤ 100 us", fmt_us(t.cpu_us_per_req),
-                     mark(t.cpu_us_per_req <= T_TCP_CPU_US)))
+        rows.append(
+            (
+                "TCP mode, 100 B x50: CPU per request (server + client) ≤ 100 us",
+                fmt_us(t.cpu_us_per_req),
+                mark(t.cpu_us_per_req <= T_TCP_CPU_US),
+            )
+        )
     else:
         rows.append(("TCP mode, 100 B x50: CPU per request (server + client) ≤ 100 us", note_of(t), mark(False)))
     return rows
@@ -623,55 +730,93 @@ def note_of(r: Result | None) -> str:
     return "no data"
 
 
-def write_doc(args: argparse.Namespace, command: str, info: dict[str, str], results: list[Result],
-              extra: dict[str, Any], started: str) -> str:
+def write_doc(
+    args: argparse.Namespace,
+    command: str,
+    info: dict[str, str],
+    results: list[Result],
+    extra: dict[str, Any],
+    started: str,
+) -> str:
     get = {(r.target, r.workload): r for r in results}
     out: list[str] = []
     out.append("# Backhaul benchmarks\n")
     via = os.environ.get("BENCH_VIA", "")
-    out.append(f"Command: `{command}`{f' (run by `{via}`)' if via else ''}. Run started {started}, "
-               f"{args.duration:g} s per measurement after a {args.warmup:g} s warm-up"
-               f"{' (--quick)' if args.quick else ''}"
-               f"{'; wrk on CPU 0, everything under test on CPU 1 (--pin)' if args.pin else '; not pinned'}.\n")
-    out.append("Generated by `bench/run.py` (and `bench/scale.py` for the scale section); do not edit by hand. "
-               "Raw wrk output and JSON results are in `bench/results/` (gitignored).\n")
+    out.append(
+        f"Command: `{command}`{f' (run by `{via}`)' if via else ''}. Run started {started}, "
+        f"{args.duration:g} s per measurement after a {args.warmup:g} s warm-up"
+        f"{' (--quick)' if args.quick else ''}"
+        f"{'; wrk on CPU 0, everything under test on CPU 1 (--pin)' if args.pin else '; not pinned'}.\n"
+    )
+    out.append(
+        "Generated by `bench/run.py` (and `bench/scale.py` for the scale section); do not edit by hand. "
+        "Raw wrk output and JSON results are in `bench/results/` (gitignored).\n"
+    )
     out.append("## Machine\n")
     out.append("| | |\n|---|---|")
-    for key, label in (("cpu", "CPU"), ("cores", "cores (os.cpu_count)"), ("kernel", "kernel"), ("os", "OS"),
-                       ("python", "Python"), ("uvloop", "uvloop"), ("aiohttp", "aiohttp"),
-                       ("websockets", "websockets"), ("nginx", "nginx"), ("wrk", "wrk"),
-                       ("commit", "Backhaul commit")):
+    for key, label in (
+        ("cpu", "CPU"),
+        ("cores", "cores (os.cpu_count)"),
+        ("kernel", "kernel"),
+        ("os", "OS"),
+        ("python", "Python"),
+        ("uvloop", "uvloop"),
+        ("aiohttp", "aiohttp"),
+        ("websockets", "websockets"),
+        ("nginx", "nginx"),
+        ("wrk", "wrk"),
+        ("commit", "Backhaul commit"),
+    ):
         out.append(f"| {label} | {info[key]} |")
     uv = extra.get("uvloop_loaded", {})
     if uv:
-        out.append("| uvloop loaded in the processes | " + ", ".join(
-            f"{t}: server {'yes' if v['server'] else 'no'}, client {'yes' if v['client'] else 'no'}"
-            for t, v in uv.items()) + " |")
+        out.append(
+            "| uvloop loaded in the processes | "
+            + ", ".join(
+                f"{t}: server {'yes' if v['server'] else 'no'}, client {'yes' if v['client'] else 'no'}"
+                for t, v in uv.items()
+            )
+            + " |"
+        )
     out.append("")
     out.append("## What is measured\n")
-    out.append("- **(a) nginx direct**: nginx 1 worker, `access_log off`, `sendfile on`, serving `small.bin` "
-               "(100 B) and `big.bin` (1 MiB) from a temp dir on 127.0.0.1.")
-    out.append("- **(b) nginx one-hop proxy**: a second server block of the same nginx worker, `proxy_pass` to (a) "
-               "over a keep-alive upstream pool (`keepalive 128`, HTTP/1.1).")
-    out.append("- **(c) Backhaul HTTP mode**: `.venv/bin/exit-server run` + `.venv/bin/tunnel-client run "
-               "--upstream default=http://127.0.0.1:<(a)>`, TLS on the tunnel (certs from `exit-server gen-certs`), "
-               "both on uvloop, `--log-level warning`; wrk talks to the exit server's public port.")
-    out.append("- **(d) Backhaul TCP mode**: `exit-server run --tcp-port-range P-P` + `tunnel-client run --tcp "
-               "P=127.0.0.1:<(a)>`; wrk talks to port P. Marked *not available* when `tunnel-client run --help` "
-               "does not list `--tcp`.")
+    out.append(
+        "- **(a) nginx direct**: nginx 1 worker, `access_log off`, `sendfile on`, serving `small.bin` "
+        "(100 B) and `big.bin` (1 MiB) from a temp dir on 127.0.0.1."
+    )
+    out.append(
+        "- **(b) nginx one-hop proxy**: a second server block of the same nginx worker, `proxy_pass` to (a) "
+        "over a keep-alive upstream pool (`keepalive 128`, HTTP/1.1)."
+    )
+    out.append(
+        "- **(c) Backhaul HTTP mode**: `.venv/bin/exit-server run` + `.venv/bin/tunnel-client run "
+        "--upstream default=http://127.0.0.1:<(a)>`, TLS on the tunnel (certs from `exit-server gen-certs`), "
+        "both on uvloop, `--log-level warning`; wrk talks to the exit server's public port."
+    )
+    out.append(
+        "- **(d) Backhaul TCP mode**: `exit-server run --tcp-port-range P-P` + `tunnel-client run --tcp "
+        "P=127.0.0.1:<(a)>`; wrk talks to port P. Marked *not available* when `tunnel-client run --help` "
+        "does not list `--tcp`."
+    )
     threads = args.threads or (1 if args.pin else 2)
-    out.append(f"- wrk 4.1 with `--latency`, {threads} thread{'s' if threads > 1 else ''}"
-               ", `--timeout 10s`, HTTP/1.1 keep-alive. Workloads: 100 B GETs on 50 connections, 1 MiB GETs on 50 "
-               "connections, 100 B GETs on 1 connection (latency).")
-    out.append("- **CPU/req**: utime+stime deltas from `/proc/PID/stat` over the measured wrk run divided by the "
-               "requests: exit server + tunnel client for (c)/(d) (the upstream nginx is not included), the nginx "
-               "worker (which serves both (a) and (b)) for (a)/(b). **MiB/s** counts response bytes "
-               "(headers included) over the run. **RSS** is VmRSS after the run (server / client, or the nginx "
-               "worker).")
-    out.append(f"- **Other load**: this machine is shared. Before each run the harness waits up to "
-               f"{args.quiet_wait:g} s for it to be idle; *notes* flags a run during which processes other than "
-               f"wrk, nginx and Backhaul used more than {FOREIGN_NOTE_PCT:.0f}% of a CPU (user+system time from "
-               f"/proc/stat) even after {args.retries} repeat(s), since that skews its figures.\n")
+    out.append(
+        f"- wrk 4.1 with `--latency`, {threads} thread{'s' if threads > 1 else ''}"
+        ", `--timeout 10s`, HTTP/1.1 keep-alive. Workloads: 100 B GETs on 50 connections, 1 MiB GETs on 50 "
+        "connections, 100 B GETs on 1 connection (latency)."
+    )
+    out.append(
+        "- **CPU/req**: utime+stime deltas from `/proc/PID/stat` over the measured wrk run divided by the "
+        "requests: exit server + tunnel client for (c)/(d) (the upstream nginx is not included), the nginx "
+        "worker (which serves both (a) and (b)) for (a)/(b). **MiB/s** counts response bytes "
+        "(headers included) over the run. **RSS** is VmRSS after the run (server / client, or the nginx "
+        "worker)."
+    )
+    out.append(
+        f"- **Other load**: this machine is shared. Before each run the harness waits up to "
+        f"{args.quiet_wait:g} s for it to be idle; *notes* flags a run during which processes other than "
+        f"wrk, nginx and Backhaul used more than {FOREIGN_NOTE_PCT:.0f}% of a CPU (user+system time from "
+        f"/proc/stat) even after {args.retries} repeat(s), since that skews its figures.\n"
+    )
     out.append("## Results\n")
     out.append("| target | workload | req/s | p50 | p99 | MiB/s | CPU/req | CPU/req split | RSS | notes |")
     out.append("|---|---|---:|---:|---:|---:|---:|---|---|---|")
@@ -684,12 +829,16 @@ def write_doc(args: argparse.Namespace, command: str, info: dict[str, str], resu
                 out.append(f"| {tlabel} | {wl.label} | - | - | - | - | - | - | - | {r.note} |")
                 continue
             split = ", ".join(f"{k} {v:.0f} us" for k, v in r.cpu_detail.items()) if len(r.cpu_detail) > 1 else ""
-            out.append(f"| {tlabel} | {wl.label} | {r.rps:,.0f} | {fmt_lat(r.p50_us)} | {fmt_lat(r.p99_us)} | "
-                       f"{r.mibps:,.1f} | {fmt_us(r.cpu_us_per_req)} | {split} | {fmt_rss(r.rss_kib)} | {r.note} |")
+            out.append(
+                f"| {tlabel} | {wl.label} | {r.rps:,.0f} | {fmt_lat(r.p50_us)} | {fmt_lat(r.p99_us)} | "
+                f"{r.mibps:,.1f} | {fmt_us(r.cpu_us_per_req)} | {split} | {fmt_rss(r.rss_kib)} | {r.note} |"
+            )
     out.append("")
     out.append("## Ratios against the baselines of this run\n")
-    out.append("| workload | HTTP req/s ÷ nginx proxy | HTTP p50 − direct p50 | TCP req/s ÷ nginx proxy | "
-               "TCP p50 − direct p50 |")
+    out.append(
+        "| workload | HTTP req/s ÷ nginx proxy | HTTP p50 − direct p50 | TCP req/s ÷ nginx proxy | "
+        "TCP p50 − direct p50 |"
+    )
     out.append("|---|---:|---:|---:|---:|")
     for wl in WORKLOADS:
         cells = []
@@ -719,21 +868,29 @@ def write_doc(args: argparse.Namespace, command: str, info: dict[str, str], resu
         out.append(profile_text(extra["profile"]))
         out.append(PROFILE_END + "\n")
     out.append("## Reference: peer figures measured elsewhere (not in this run)\n")
-    out.append("From `LESSONS.md`, \"Speed, measured on this kind of machine\" (2 vCPU, everything on loopback, "
-               "pinned to one core). Different hardware and day: compare ratios, not absolute numbers. frp's "
-               "HTTP mode is the like-for-like peer of Backhaul's HTTP mode; its TCP mode, of ours.\n")
+    out.append(
+        'From `LESSONS.md`, "Speed, measured on this kind of machine" (2 vCPU, everything on loopback, '
+        "pinned to one core). Different hardware and day: compare ratios, not absolute numbers. frp's "
+        "HTTP mode is the like-for-like peer of Backhaul's HTTP mode; its TCP mode, of ours.\n"
+    )
     out.append(PEERS)
     out.append("## How to run\n")
-    out.append("- `make bench` = `bench/setup.sh` (nginx + wrk from Debian when missing, as root) then "
-               "`.venv/bin/python bench/run.py --pin`, which runs `bench/scale.py` at the end. "
-               "`make bench BENCH_ARGS='--pin --quick --profile'` passes other flags; `--skip-scale` leaves the "
-               "scale test out; `--only http,tcp` measures a subset (the report then lacks the baselines).")
-    out.append("- `--profile`: py-spy (installed into .venv when missing) on the exit server and the client during "
-               "extra HTTP-mode 100 B x50 runs; outputs in `bench/results/profile-*` (`.svg` flame graphs, "
-               "`.speedscope.json` for https://www.speedscope.app, raw collapsed stacks `.native.txt`/`.python.txt`).")
-    out.append("- `make load` (`LOAD_TIME=20s`, `LOAD_USERS`, `LOAD_SPAWN_RATE`): locust from `.venv-load` with "
-               "`tests/load/locustfile.py` against a local stack (`bench/load.py`, upstream `bench/upstream.py`); "
-               "reports in `bench/results/load/`.\n")
+    out.append(
+        "- `make bench` = `bench/setup.sh` (nginx + wrk from Debian when missing, as root) then "
+        "`.venv/bin/python bench/run.py --pin`, which runs `bench/scale.py` at the end. "
+        "`make bench BENCH_ARGS='--pin --quick --profile'` passes other flags; `--skip-scale` leaves the "
+        "scale test out; `--only http,tcp` measures a subset (the report then lacks the baselines)."
+    )
+    out.append(
+        "- `--profile`: py-spy (installed into .venv when missing) on the exit server and the client during "
+        "extra HTTP-mode 100 B x50 runs; outputs in `bench/results/profile-*` (`.svg` flame graphs, "
+        "`.speedscope.json` for https://www.speedscope.app, raw collapsed stacks `.native.txt`/`.python.txt`)."
+    )
+    out.append(
+        "- `make load` (`LOAD_TIME=20s`, `LOAD_USERS`, `LOAD_SPAWN_RATE`): locust from `.venv-load` with "
+        "`tests/load/locustfile.py` against a local stack (`bench/load.py`, upstream `bench/upstream.py`); "
+        "reports in `bench/results/load/`.\n"
+    )
     if "commands" in extra:
         out.append("## Processes under test\n")
         for t, cmds in extra["commands"].items():
@@ -753,6 +910,7 @@ def write_doc(args: argparse.Namespace, command: str, info: dict[str, str], resu
 
 # ---------------------------------------------------------------- main
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (default 10)")
@@ -762,17 +920,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pin", action="store_true", help="wrk on CPU 0, everything under test on CPU 1")
     parser.add_argument("--only", default="direct,proxy,http,tcp", help="comma list of targets (default all)")
     parser.add_argument("--profile", action="store_true", help="py-spy the exit server and client (HTTP 100 B x50)")
-    parser.add_argument("--profile-duration", type=float, default=0, help="seconds per py-spy pass (default "
-                        "min(duration, 10))")
-    parser.add_argument("--profile-workload", choices=[w.key for w in WORKLOADS], default="small50",
-                        help="the workload the profile runs (default small50; small1 = the latency path)")
+    parser.add_argument(
+        "--profile-duration", type=float, default=0, help="seconds per py-spy pass (default min(duration, 10))"
+    )
+    parser.add_argument(
+        "--profile-workload",
+        choices=[w.key for w in WORKLOADS],
+        default="small50",
+        help="the workload the profile runs (default small50; small1 = the latency path)",
+    )
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second (default 250)")
     parser.add_argument("--profile-no-native", action="store_true", help="py-spy without --native (no C frames)")
     parser.add_argument("--skip-scale", action="store_true", help="do not run bench/scale.py")
-    parser.add_argument("--retries", type=int, default=2, help="repeat a run up to N times when other load "
-                        "skewed it (default 2)")
-    parser.add_argument("--quiet-wait", type=float, default=60.0, help="before each run, wait up to this many "
-                        "seconds for other load on the machine to stop (default 60; 0 = never wait)")
+    parser.add_argument(
+        "--retries", type=int, default=2, help="repeat a run up to N times when other load skewed it (default 2)"
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="before each run, wait up to this many "
+        "seconds for other load on the machine to stop (default 60; 0 = never wait)",
+    )
     parser.add_argument("--doc", type=Path, default=DOC, help="report to write (default docs/BENCHMARKS.md)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -795,8 +964,10 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {0})  # keep this orchestrator off the CPU under test
     bl.RESULTS.mkdir(parents=True, exist_ok=True)
     info = machine_info()
-    bl.log(f"machine: {info['cpu']}, {info['cores']} cores, kernel {info['kernel']}, Python {info['python']}, "
-           f"uvloop {info['uvloop']}")
+    bl.log(
+        f"machine: {info['cpu']}, {info['cores']} cores, kernel {info['kernel']}, Python {info['python']}, "
+        f"uvloop {info['uvloop']}"
+    )
     runner = Runner(args, bl.RESULTS)
     results: list[Result] = []
     extra: dict[str, Any] = {}
@@ -826,9 +997,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    payload = {"command": command, "started": started, "machine": info, "args": vars(args) | {"doc": str(args.doc)},
-               "results": [asdict(r) for r in results], "extra": extra,
-               "targets": evaluate(results)}
+    payload = {
+        "command": command,
+        "started": started,
+        "machine": info,
+        "args": vars(args) | {"doc": str(args.doc)},
+        "results": [asdict(r) for r in results],
+        "extra": extra,
+        "targets": evaluate(results),
+    }
     for name in (f"bench-{stamp}.json", "bench-latest.json"):
         (bl.RESULTS / name).write_text(json.dumps(payload, indent=2, default=str))
     args.doc.parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,7 @@ T_TUNNEL_KIB = 100.0
 
 # ---------------------------------------------------------------- (i) 10k slow requests
 
+
 async def fire(public: int, n: int, hold_ms: int, batch: int, pause: float, timeout: float) -> dict[str, Any]:
     import aiohttp
 
@@ -57,6 +58,7 @@ async def fire(public: int, n: int, hold_ms: int, batch: int, pause: float, time
     url = f"http://127.0.0.1:{public}/slow?ms={hold_ms}&gate={n}&gate_timeout=60"
 
     async with aiohttp.ClientSession(connector=connector, timeout=tmo) as http:
+
         async def one() -> None:
             t0 = time.monotonic()
             try:
@@ -77,9 +79,13 @@ async def fire(public: int, n: int, hold_ms: int, batch: int, pause: float, time
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - t0
     latencies.sort()
-    return {"statuses": dict(statuses), "elapsed_s": round(elapsed, 2), "launch_s": round(launched, 2),
-            "latency_p50_s": round(latencies[len(latencies) // 2], 3) if latencies else None,
-            "latency_max_s": round(latencies[-1], 3) if latencies else None}
+    return {
+        "statuses": dict(statuses),
+        "elapsed_s": round(elapsed, 2),
+        "launch_s": round(launched, 2),
+        "latency_p50_s": round(latencies[len(latencies) // 2], 3) if latencies else None,
+        "latency_max_s": round(latencies[-1], 3) if latencies else None,
+    }
 
 
 def slow_requests(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -88,10 +94,16 @@ def slow_requests(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         up_port, public, control = bl.free_port(), bl.free_port(), bl.free_port()
         bl.start_upstream(stack, up_port)
-        server = bl.start_exit_server(stack, certs, public, control,
-                                      extra=["--max-streams", str(2 * args.requests), "--upstream-timeout", "120"])
-        client = bl.start_tunnel_client(stack, certs, control, [f"default=http://127.0.0.1:{up_port}"],
-                                        extra=["--max-streams", str(2 * args.requests)])
+        server = bl.start_exit_server(
+            stack, certs, public, control, extra=["--max-streams", str(2 * args.requests), "--upstream-timeout", "120"]
+        )
+        client = bl.start_tunnel_client(
+            stack,
+            certs,
+            control,
+            [f"default=http://127.0.0.1:{up_port}"],
+            extra=["--max-streams", str(2 * args.requests)],
+        )
         bl.wait_http(f"http://127.0.0.1:{public}/slow?ms=0", "slow.localhost", procs=[server.popen, client.popen])
         bl.http_get(f"http://127.0.0.1:{up_port}/stats?reset=1")
         time.sleep(1)
@@ -111,8 +123,11 @@ def slow_requests(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             th = threading.Thread(target=fd_loop, daemon=True)
             th.start()
             try:
-                outcome = run_async(fire(public, args.requests, args.hold_ms, args.batch, args.batch_pause,
-                                         timeout=args.request_timeout))
+                outcome = run_async(
+                    fire(
+                        public, args.requests, args.hold_ms, args.batch, args.batch_pause, timeout=args.request_timeout
+                    )
+                )
             finally:
                 stop.set()
                 th.join()
@@ -124,14 +139,23 @@ def slow_requests(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         alive = {"server": server.alive(), "client": client.alive()}
         ok200 = outcome["statuses"].get("200", 0)
         res = {
-            "requests": args.requests, "hold_ms": args.hold_ms, **outcome, "answered_200": ok200,
+            "requests": args.requests,
+            "hold_ms": args.hold_ms,
+            **outcome,
+            "answered_200": ok200,
             "upstream_peak_in_flight": stats.get("peak_in_flight"),
-            "rss_before_kib": before, "rss_peak_kib": dict(peaks), "rss_after_kib": after, "vmhwm_kib": hwm,
-            "server_peak_fds": fds["server"], "alive_after": alive,
+            "rss_before_kib": before,
+            "rss_peak_kib": dict(peaks),
+            "rss_after_kib": after,
+            "vmhwm_kib": hwm,
+            "server_peak_fds": fds["server"],
+            "alive_after": alive,
         }
-        bl.log(f"scale (i): {ok200}/{args.requests} answered 200 in {outcome['elapsed_s']} s, upstream peak "
-               f"{stats.get('peak_in_flight')}, exit server RSS peak {peaks['server'] / 1024:.1f} MiB, client "
-               f"{peaks['client'] / 1024:.1f} MiB, statuses {outcome['statuses']}")
+        bl.log(
+            f"scale (i): {ok200}/{args.requests} answered 200 in {outcome['elapsed_s']} s, upstream peak "
+            f"{stats.get('peak_in_flight')}, exit server RSS peak {peaks['server'] / 1024:.1f} MiB, client "
+            f"{peaks['client'] / 1024:.1f} MiB, statuses {outcome['statuses']}"
+        )
         return res
     except Exception as exc:  # noqa: BLE001
         bl.log(f"scale (i) failed: {exc}")
@@ -151,6 +175,7 @@ def run_async(coro: Any) -> Any:
 
 # ---------------------------------------------------------------- (ii) idle tunnels
 
+
 def idle_tunnels(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     stack = bl.Stack(workdir / "idle")
     certs = bl.make_certs(workdir)
@@ -161,19 +186,41 @@ def idle_tunnels(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         time.sleep(args.settle)
         rss0 = bl.rss_kib(server.pid)
         per_proc = max(1, args.tunnels // args.procs)
-        bl.log(f"scale (ii): {args.tunnels} idle tunnels ({args.procs} processes x {per_proc}); exit server RSS "
-               f"with 0 tunnels {rss0 / 1024:.1f} MiB")
+        bl.log(
+            f"scale (ii): {args.tunnels} idle tunnels ({args.procs} processes x {per_proc}); exit server RSS "
+            f"with 0 tunnels {rss0 / 1024:.1f} MiB"
+        )
         t0 = time.monotonic()
         logdir = stack.workdir / "logs"
         logdir.mkdir(parents=True, exist_ok=True)
         for k in range(args.procs):
             count = per_proc if k < args.procs - 1 else args.tunnels - per_proc * (args.procs - 1)
-            cmd = [bl.venv_python(), str(bl.BENCH / "idle_tunnels.py"), "--server", f"wss://localhost:{control}",
-                   "--ca-file", str(certs.ca), "--token-file", str(certs.token_file), "--start", str(k * per_proc),
-                   "--count", str(count)]
+            cmd = [
+                bl.venv_python(),
+                str(bl.BENCH / "idle_tunnels.py"),
+                "--server",
+                f"wss://localhost:{control}",
+                "--ca-file",
+                str(certs.ca),
+                "--token-file",
+                str(certs.token_file),
+                "--start",
+                str(k * per_proc),
+                "--count",
+                str(count),
+            ]
             err = open(logdir / f"idle-{k}.log", "w")  # noqa: SIM115
-            helpers.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                            text=True, env=bl.clean_env(), start_new_session=True))
+            helpers.append(
+                subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                    env=bl.clean_env(),
+                    start_new_session=True,
+                )
+            )
             err.close()
         connected, helper_rss, problems = 0, [], []
         deadline = time.monotonic() + args.connect_timeout
@@ -203,14 +250,25 @@ def idle_tunnels(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         unknown = bl.http_get(f"http://127.0.0.1:{public}/", "nobody.example.com", timeout=10)[0]
         per_tunnel = (rss1 - rss0) / args.tunnels
         res = {
-            "tunnels": args.tunnels, "processes": args.procs, "connected": connected, "connect_s": round(connect_s, 1),
-            "rss0_kib": rss0, "rss1_kib": rss1, "rss1_samples_kib": samples,
-            "per_tunnel_kib": round(per_tunnel, 1), "vmhwm_kib": bl.status_kib(server.pid, "VmHWM"),
-            "server_fds": bl.fd_count(server.pid), "probe_statuses": {str(k): v for k, v in probes.items()},
-            "unknown_host_status": unknown, "helper_rss_kib": helper_rss, "problems": problems,
+            "tunnels": args.tunnels,
+            "processes": args.procs,
+            "connected": connected,
+            "connect_s": round(connect_s, 1),
+            "rss0_kib": rss0,
+            "rss1_kib": rss1,
+            "rss1_samples_kib": samples,
+            "per_tunnel_kib": round(per_tunnel, 1),
+            "vmhwm_kib": bl.status_kib(server.pid, "VmHWM"),
+            "server_fds": bl.fd_count(server.pid),
+            "probe_statuses": {str(k): v for k, v in probes.items()},
+            "unknown_host_status": unknown,
+            "helper_rss_kib": helper_rss,
+            "problems": problems,
         }
-        bl.log(f"scale (ii): {connected} connected in {connect_s:.1f} s; RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} "
-               f"MiB = {per_tunnel:.1f} KiB per tunnel; probes {dict(probes)}; {problems or ''}")
+        bl.log(
+            f"scale (ii): {connected} connected in {connect_s:.1f} s; RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} "
+            f"MiB = {per_tunnel:.1f} KiB per tunnel; probes {dict(probes)}; {problems or ''}"
+        )
         return res
     except Exception as exc:  # noqa: BLE001
         bl.log(f"scale (ii) failed: {exc}")
@@ -245,6 +303,7 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
 
 # ---------------------------------------------------------------- report
 
+
 def mark(ok: bool) -> str:
     return "**PASS**" if ok else "**MISS**"
 
@@ -252,10 +311,12 @@ def mark(ok: bool) -> str:
 def section(args: argparse.Namespace, slow: dict[str, Any], idle: dict[str, Any], started: str, nofile: int) -> str:
     out = ["## Scale\n"]
     via = os.environ.get("BENCH_VIA", "")
-    out.append(f"`{' '.join(['.venv/bin/python', 'bench/scale.py', *sys.argv[1:]])}`"
-               f"{f' (run by `{via}` after bench/run.py)' if via else ''}, run {started}, not pinned "
-               f"(both CPUs shared by everything). RLIMIT_NOFILE {nofile} for every process (the launcher raises its "
-               "soft limit as far as the hard limit allows; the children inherit it).\n")
+    out.append(
+        f"`{' '.join(['.venv/bin/python', 'bench/scale.py', *sys.argv[1:]])}`"
+        f"{f' (run by `{via}` after bench/run.py)' if via else ''}, run {started}, not pinned "
+        f"(both CPUs shared by everything). RLIMIT_NOFILE {nofile} for every process (the launcher raises its "
+        "soft limit as far as the hard limit allows; the children inherit it).\n"
+    )
     out.append("| test | figure | target | |")
     out.append("|---|---|---|---|")
     if "error" in slow:
@@ -263,36 +324,52 @@ def section(args: argparse.Namespace, slow: dict[str, Any], idle: dict[str, Any]
     else:
         all_ok = slow["answered_200"] == slow["requests"]
         peak = slow["rss_peak_kib"]["server"] / 1024
-        out.append(f"| {slow['requests']:,} concurrent long polls ({slow['hold_ms']} ms after all are parked), "
-                   f"one tunnel: answered 200 | {slow['answered_200']:,} of {slow['requests']:,} "
-                   f"({', '.join(f'{k}: {v}' for k, v in slow['statuses'].items())}) | all | {mark(all_ok)} |")
-        out.append(f"| same: exit server RSS peak | {peak:.1f} MiB (idle before: "
-                   f"{slow['rss_before_kib']['server'] / 1024:.1f} MiB, after: "
-                   f"{slow['rss_after_kib']['server'] / 1024:.1f} MiB) | < {T_SLOW_RSS_MIB:.0f} MiB | "
-                   f"{mark(peak < T_SLOW_RSS_MIB and all_ok)} |")
-        out.append(f"| same: tunnel client RSS peak | {slow['rss_peak_kib']['client'] / 1024:.1f} MiB (before: "
-                   f"{slow['rss_before_kib']['client'] / 1024:.1f} MiB) | - | |")
-        out.append(f"| same: concurrency reached at the upstream | {slow['upstream_peak_in_flight']} | "
-                   f"{slow['requests']:,} | |")
-        out.append(f"| same: wall time (launch in {slow['launch_s']} s, paced batches of {args.batch}) | "
-                   f"{slow['elapsed_s']} s; per-request latency p50 {slow['latency_p50_s']} s, max "
-                   f"{slow['latency_max_s']} s; exit server peak fds {slow['server_peak_fds']} | - | |")
+        out.append(
+            f"| {slow['requests']:,} concurrent long polls ({slow['hold_ms']} ms after all are parked), "
+            f"one tunnel: answered 200 | {slow['answered_200']:,} of {slow['requests']:,} "
+            f"({', '.join(f'{k}: {v}' for k, v in slow['statuses'].items())}) | all | {mark(all_ok)} |"
+        )
+        out.append(
+            f"| same: exit server RSS peak | {peak:.1f} MiB (idle before: "
+            f"{slow['rss_before_kib']['server'] / 1024:.1f} MiB, after: "
+            f"{slow['rss_after_kib']['server'] / 1024:.1f} MiB) | < {T_SLOW_RSS_MIB:.0f} MiB | "
+            f"{mark(peak < T_SLOW_RSS_MIB and all_ok)} |"
+        )
+        out.append(
+            f"| same: tunnel client RSS peak | {slow['rss_peak_kib']['client'] / 1024:.1f} MiB (before: "
+            f"{slow['rss_before_kib']['client'] / 1024:.1f} MiB) | - | |"
+        )
+        out.append(
+            f"| same: concurrency reached at the upstream | {slow['upstream_peak_in_flight']} | "
+            f"{slow['requests']:,} | |"
+        )
+        out.append(
+            f"| same: wall time (launch in {slow['launch_s']} s, paced batches of {args.batch}) | "
+            f"{slow['elapsed_s']} s; per-request latency p50 {slow['latency_p50_s']} s, max "
+            f"{slow['latency_max_s']} s; exit server peak fds {slow['server_peak_fds']} | - | |"
+        )
     if "error" in idle:
         out.append(f"| {args.tunnels:,} idle tunnels | failed: {idle['error']} | | **MISS** |")
     else:
         ok = idle["connected"] == idle["tunnels"] and not idle["problems"]
-        out.append(f"| {idle['tunnels']:,} idle tunnels ({idle['processes']} helper processes): registered | "
-                   f"{idle['connected']:,} in {idle['connect_s']} s; probes of registered hosts: "
-                   f"{', '.join(f'{k} x{v}' for k, v in idle['probe_statuses'].items())} (502 = routed to the "
-                   f"tunnel, upstream refused); unknown host: {idle['unknown_host_status']} | all | {mark(ok)} |")
-        out.append(f"| same: exit server RSS per tunnel | ({idle['rss1_kib'] / 1024:.1f} - "
-                   f"{idle['rss0_kib'] / 1024:.1f} MiB) / {idle['tunnels']:,} = {idle['per_tunnel_kib']:.1f} KiB | "
-                   f"< {T_TUNNEL_KIB:.0f} KiB | {mark(ok and idle['per_tunnel_kib'] < T_TUNNEL_KIB)} |")
+        out.append(
+            f"| {idle['tunnels']:,} idle tunnels ({idle['processes']} helper processes): registered | "
+            f"{idle['connected']:,} in {idle['connect_s']} s; probes of registered hosts: "
+            f"{', '.join(f'{k} x{v}' for k, v in idle['probe_statuses'].items())} (502 = routed to the "
+            f"tunnel, upstream refused); unknown host: {idle['unknown_host_status']} | all | {mark(ok)} |"
+        )
+        out.append(
+            f"| same: exit server RSS per tunnel | ({idle['rss1_kib'] / 1024:.1f} - "
+            f"{idle['rss0_kib'] / 1024:.1f} MiB) / {idle['tunnels']:,} = {idle['per_tunnel_kib']:.1f} KiB | "
+            f"< {T_TUNNEL_KIB:.0f} KiB | {mark(ok and idle['per_tunnel_kib'] < T_TUNNEL_KIB)} |"
+        )
         if idle["helper_rss_kib"]:
             per_client = sum(idle["helper_rss_kib"]) / max(1, idle["connected"])
             per_proc = idle["tunnels"] // idle["processes"]
-            out.append(f"| same: client side, helper RSS per client (library, {per_proc} per process, incl. "
-                       f"interpreter) | {per_client:.0f} KiB | - | |")
+            out.append(
+                f"| same: client side, helper RSS per client (library, {per_proc} per process, incl. "
+                f"interpreter) | {per_client:.0f} KiB | - | |"
+            )
         if idle["problems"]:
             out.append(f"\nProblems: {'; '.join(idle['problems'])}")
     out.append("")

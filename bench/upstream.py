@@ -71,10 +71,6 @@ async def count(request: web.Request, handler):  # type: ignore[no-untyped-def]
         stats.served += 1
 
 
-
-
-
-
 async def slow(request: web.Request) -> web.Response:
     """Long poll. With ``gate=N`` the request first waits (at most ``gate_timeout`` s, default 30)
     until N slow requests are parked at once, so a burst really is N-way concurrent; then ``ms``."""
@@ -111,7 +107,6 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
-
 def build_app() -> web.Application:
     app = web.Application(middlewares=[count], client_max_size=64 * MIB)
     app[STATS] = Stats()
@@ -139,8 +134,16 @@ def main() -> int:
         loop_factory = None
     loop = loop_factory() if loop_factory else asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    web.run_app(build_app(), host=args.host, port=args.port, backlog=args.backlog, print=None,
-                access_log=None, loop=loop, shutdown_timeout=1)
+    web.run_app(
+        build_app(),
+        host=args.host,
+        port=args.port,
+        backlog=args.backlog,
+        print=None,
+        access_log=None,
+        loop=loop,
+        shutdown_timeout=1,
+    )
     return 0
 
 

@@ -21,20 +21,30 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="exit-server", description="Backhaul exit server: public HTTP ingress "
-                                     "routed by Host through authenticated tunnels.")
+    parser = argparse.ArgumentParser(
+        prog="exit-server",
+        description="Backhaul exit server: public HTTP ingress routed by Host through authenticated tunnels.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="serve public traffic and tunnels",
-                         description="Serve public HTTP and accept tunnel clients. Every flag also reads "
-                         "BACKHAUL_<FLAG> and the --config TOML file (flags > env > file). The token comes "
-                         "from --token-file or BACKHAUL_TOKEN (per-client tokens: --tokens FILE), never from argv. "
-                         "SIGHUP re-reads --tokens and --access.")
+    run = sub.add_parser(
+        "run",
+        help="serve public traffic and tunnels",
+        description="Serve public HTTP and accept tunnel clients. Every flag also reads "
+        "BACKHAUL_<FLAG> and the --config TOML file (flags > env > file). The token comes "
+        "from --token-file or BACKHAUL_TOKEN (per-client tokens: --tokens FILE), never from argv. "
+        "SIGHUP re-reads --tokens and --access.",
+    )
     add_model_flags(run, ServerConfig)
     status = sub.add_parser("status", help="print the connected tunnels (from the admin API)")
-    status.add_argument("--admin-addr", default=None, metavar="HOST:PORT",
-                        help="admin listener (default: BACKHAUL_ADMIN_ADDR or 127.0.0.1:9090)")
-    status.add_argument("--admin-token-file", type=Path, default=None,
-                        help="file with the admin token (default: BACKHAUL_ADMIN_TOKEN)")
+    status.add_argument(
+        "--admin-addr",
+        default=None,
+        metavar="HOST:PORT",
+        help="admin listener (default: BACKHAUL_ADMIN_ADDR or 127.0.0.1:9090)",
+    )
+    status.add_argument(
+        "--admin-token-file", type=Path, default=None, help="file with the admin token (default: BACKHAUL_ADMIN_TOKEN)"
+    )
     status.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     certs = sub.add_parser("gen-certs", help="write a development CA and server certificate")
     certs.add_argument("--out", type=Path, required=True, help="directory for ca.pem, server.pem, server-key.pem")

@@ -86,7 +86,7 @@ class Site:
 
 def _named_hashes(site_no: int, key: str, raw: Any) -> dict[str, str]:
     if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
-        raise ValueError(f"site {site_no}: {key} must be a list of \"NAME:HASH\" strings")
+        raise ValueError(f'site {site_no}: {key} must be a list of "NAME:HASH" strings')
     out: dict[str, str] = {}
     for item in raw:
         name, sep, digest = item.partition(":")
@@ -95,8 +95,9 @@ def _named_hashes(site_no: int, key: str, raw: Any) -> dict[str, str]:
         try:
             parse_hash(digest)
         except HashFormatError:
-            raise ValueError(f"site {site_no}: {key} entry {name!r} is not a hash from "
-                             "`exit-server hash-password`") from None
+            raise ValueError(
+                f"site {site_no}: {key} entry {name!r} is not a hash from `exit-server hash-password`"
+            ) from None
         out[name] = digest
     return out
 
@@ -122,9 +123,14 @@ def _site(site_no: int, raw: Any) -> Site:
         raise ValueError(f"site {site_no}: realm must be printable text without quotes")
     patterns = [validate_pattern(h) for h in hosts]
     if "default" in patterns:
-        raise ValueError(f"site {site_no}: use \"*\" rather than \"default\" for every host")
-    site = Site(patterns, allow, realm, _named_hashes(site_no, "basic", raw.get("basic", [])),
-                _named_hashes(site_no, "bearer", raw.get("bearer", [])))
+        raise ValueError(f'site {site_no}: use "*" rather than "default" for every host')
+    site = Site(
+        patterns,
+        allow,
+        realm,
+        _named_hashes(site_no, "basic", raw.get("basic", [])),
+        _named_hashes(site_no, "bearer", raw.get("bearer", [])),
+    )
     if not site.allow_ips and not site.needs_credentials:
         raise ValueError(f"site {site_no}: set allow_ips, basic or bearer (a site without rules is open)")
     return site
@@ -259,8 +265,12 @@ class AccessRules:
             return None
         self.denied += 1
         self.limiter.failure(remote)
-        log.info("access: %s refused for %s (%s)", host, remote or "-",
-                 "no credentials" if not presented else "invalid credentials")
+        log.info(
+            "access: %s refused for %s (%s)",
+            host,
+            remote or "-",
+            "no credentials" if not presented else "invalid credentials",
+        )
         return _deny(401, {"WWW-Authenticate": site.challenge()})
 
     async def _verify(self, site: Site, presented: str) -> bool:

@@ -66,8 +66,9 @@ class AdminApp:
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), self._token):
             log.warning("admin: unauthorized API call from %s", request.remote)
-            return web.json_response({"error": "unauthorized"}, status=401,
-                                     headers={"WWW-Authenticate": 'Bearer realm="backhaul-admin"'})
+            return web.json_response(
+                {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": 'Bearer realm="backhaul-admin"'}
+            )
         return None
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -94,8 +95,9 @@ class AdminApp:
         tunnel = self.server.registry.tunnels.get(request.match_info["id"])
         if tunnel is None:
             return web.json_response({"error": "no such tunnel"}, status=404)
-        log.info("admin: disconnecting tunnel %s (client %s) on request from %s", tunnel.id, tunnel.client_id,
-                 request.remote)
+        log.info(
+            "admin: disconnecting tunnel %s (client %s) on request from %s", tunnel.id, tunnel.client_id, request.remote
+        )
         self.server.registry.remove(tunnel)
         self.server.tcp.sync()
         tunnel.conn.goaway(GoAwayCode.NO_ERROR, "disconnected by the operator")
@@ -105,13 +107,23 @@ class AdminApp:
     async def stats(self, request: web.Request) -> web.Response:
         if (denied := self._authorized(request)) is not None:
             return denied
-        return web.json_response({"time": time.time(), "hosts": self.server.metrics.host_stats(),
-                                  "tunnels": [tunnel_view(t) for t in self.server.registry.tunnels.values()],
-                                  "in_flight": self.server.public.in_flight})
+        return web.json_response(
+            {
+                "time": time.time(),
+                "hosts": self.server.metrics.host_stats(),
+                "tunnels": [tunnel_view(t) for t in self.server.registry.tunnels.values()],
+                "in_flight": self.server.public.in_flight,
+            }
+        )
 
     async def dashboard(self, request: web.Request) -> web.Response:
         page = importlib.resources.files("exit_server").joinpath("static/dashboard.html").read_text()
-        return web.Response(text=page, content_type="text/html",
-                            headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                                     "style-src 'unsafe-inline'; connect-src 'self'",
-                                     "Cache-Control": "no-store"})
+        return web.Response(
+            text=page,
+            content_type="text/html",
+            headers={
+                "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; connect-src 'self'",
+                "Cache-Control": "no-store",
+            },
+        )

@@ -27,33 +27,49 @@ class ServerConfig(BaseConfig):
     )
     upstream_timeout: float = Field(60.0, gt=0, description="seconds to wait for a response head (504)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
-    shutdown_delay: float = Field(0.0, ge=0, description="seconds to keep serving after SIGTERM while /readyz "
-                                  "reports 503, so a load balancer stops sending traffic first")
-    min_ready_tunnels: int = Field(0, ge=0, description="/readyz reports 503 while fewer tunnel sessions are "
-                                   "registered, so a restarted server joins the load balancer once its clients "
-                                   "are back")
+    shutdown_delay: float = Field(
+        0.0,
+        ge=0,
+        description="seconds to keep serving after SIGTERM while /readyz "
+        "reports 503, so a load balancer stops sending traffic first",
+    )
+    min_ready_tunnels: int = Field(
+        0,
+        ge=0,
+        description="/readyz reports 503 while fewer tunnel sessions are "
+        "registered, so a restarted server joins the load balancer once its clients "
+        "are back",
+    )
     max_streams: int = Field(10_000, ge=1, description="concurrent streams per tunnel (503 beyond)")
     max_body: int | None = Field(None, ge=0, description="largest request body in bytes (413 beyond)")
-    tokens: Path | None = Field(None, description="TOML file of per-client tokens, replaces --token-file "
-                                "(see `exit-server token`)")
-    access: Path | None = Field(None, description="TOML file of access rules for public hostnames "
-                                "(IP allow-lists, basic/bearer auth)")
-    client_ca: Path | None = Field(None, description="require tunnel client certificates signed by this CA "
-                                   "(mutual TLS)")
+    tokens: Path | None = Field(
+        None, description="TOML file of per-client tokens, replaces --token-file (see `exit-server token`)"
+    )
+    access: Path | None = Field(
+        None, description="TOML file of access rules for public hostnames (IP allow-lists, basic/bearer auth)"
+    )
+    client_ca: Path | None = Field(
+        None, description="require tunnel client certificates signed by this CA (mutual TLS)"
+    )
     header_timeout: float = Field(10.0, gt=0, description="seconds for a public request head to arrive (408 beyond)")
     body_timeout: float = Field(15.0, gt=0, description="seconds a public request body may stay idle (408 beyond)")
-    send_timeout: float = Field(30.0, gt=0, description="seconds a public caller may take nothing of a response "
-                                "before it is dropped")
-    stream_idle_timeout: float = Field(0.0, ge=0, description="seconds a WebSocket or TCP stream may pass no byte "
-                                       "either way before it is closed (0: no limit)")
+    send_timeout: float = Field(
+        30.0, gt=0, description="seconds a public caller may take nothing of a response before it is dropped"
+    )
+    stream_idle_timeout: float = Field(
+        0.0,
+        ge=0,
+        description="seconds a WebSocket or TCP stream may pass no byte either way before it is closed (0: no limit)",
+    )
     handshake_timeout: float = Field(10.0, gt=0, description="seconds for a client to say hello")
     heartbeat_interval: float = Field(4.0, gt=0, description="seconds between heartbeat pings")
     heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which a tunnel is dead")
     stream_window: int = Field(256 * 1024, ge=16 * 1024, description="per-stream flow-control window")
     connection_window: int = Field(16 << 20, ge=1 << 20, description="per-tunnel flow-control window")
     tcp_port_range: str | None = Field(None, description="public TCP ports clients may ask for, LO-HI (none: TCP off)")
-    admin_addr: str | None = Field("127.0.0.1:9090", description="admin listener HOST:PORT (health, metrics, API); "
-                                   "empty to disable")
+    admin_addr: str | None = Field(
+        "127.0.0.1:9090", description="admin listener HOST:PORT (health, metrics, API); empty to disable"
+    )
     admin_token_file: Path | None = Field(None, description="file holding the admin API token")
     admin_token: SecretStr | None = Field(None, description="the admin API token (environment/TOML only)")
     log_format: Literal["text", "json"] = Field("text", description="log line format")

@@ -94,8 +94,9 @@ class ControlEndpoint:
             self.limiter.failure(remote)
             self.auth_failures += 1
             self.metrics.auth_failures.inc()
-            log.warning("control: authentication failed from %s (%s)", remote,
-                        "no token" if not token else "invalid token")
+            log.warning(
+                "control: authentication failed from %s (%s)", remote, "no token" if not token else "invalid token"
+            )
             return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
         connection.backhaul_client_id = client_id  # type: ignore[attr-defined]
         connection.backhaul_principal = principal  # type: ignore[attr-defined]
@@ -148,8 +149,13 @@ class ControlEndpoint:
             if tunnel is not None:
                 self.registry.remove(tunnel)
                 self.tcp.sync()
-                log.info("session %s: closed (client %s, instance %s): %s", session_id, client_id,
-                         tunnel.instance_id, conn.close_reason or "normal")
+                log.info(
+                    "session %s: closed (client %s, instance %s): %s",
+                    session_id,
+                    client_id,
+                    tunnel.instance_id,
+                    conn.close_reason or "normal",
+                )
 
     def _handshake_expired(self, conn: TunnelConnection) -> None:
         if conn.session.state is SessionState.HANDSHAKE:
@@ -164,8 +170,9 @@ class ControlEndpoint:
         None for them): GOAWAY AUTH_REVOKED, then close. Returns how many were closed."""
         stale = [(conn, p) for conn, p in self.principals.items() if current(p) is None]
         for conn, principal in stale:
-            log.warning("session %s: credentials of client %s revoked or changed: closing", conn.name,
-                        principal.client_id)
+            log.warning(
+                "session %s: credentials of client %s revoked or changed: closing", conn.name, principal.client_id
+            )
             del self.principals[conn]
             conn.close_reason = "credentials revoked"
             conn.goaway(GoAwayCode.AUTH_REVOKED, "credentials revoked")
@@ -203,8 +210,14 @@ class ControlEndpoint:
             )
         )
         conn.flush()
-        log.info("session %s: registered client %s instance %s from %s, routes %s", session_id, client_id,
-                 hello.instance_id, remote, _route_names(tunnel))
+        log.info(
+            "session %s: registered client %s instance %s from %s, routes %s",
+            session_id,
+            client_id,
+            hello.instance_id,
+            remote,
+            _route_names(tunnel),
+        )
         return tunnel
 
 

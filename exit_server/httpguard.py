@@ -63,8 +63,10 @@ _TEXT = {
     504: "gateway timeout",
 }
 
-_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                b"Content-Length: 16\r\nConnection: close\r\n\r\nrequest timeout\n")
+_TIMEOUT_408 = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 16\r\nConnection: close\r\n\r\nrequest timeout\n"
+)
 
 
 def generic_response(status: int) -> web.Response:
@@ -133,8 +135,15 @@ class GuardedRequestHandler(RequestHandler):
             self._cancel_head_timer()
         elif self._head_timer is not None:
             self._head_started = self._head_started or bool(data)
-        elif (data and self._head_timer is None and not self._request_in_progress and not self._messages
-              and self._payload_parser is None and not self._upgraded and not self._force_close):
+        elif (
+            data
+            and self._head_timer is None
+            and not self._request_in_progress
+            and not self._messages
+            and self._payload_parser is None
+            and not self._upgraded
+            and not self._force_close
+        ):
             self._arm_head_timer(started=True)  # the first bytes of a new request head
 
     def _arm_head_timer(self, started: bool) -> None:
@@ -151,23 +160,27 @@ class GuardedRequestHandler(RequestHandler):
         if self._request_in_progress or self._messages or self.transport is None:
             return
         peer = self.transport.get_extra_info("peername")
-        log.debug("public: request head not complete within %.0fs from %s: closed", self._header_timeout,
-                  peer[0] if peer else "-")
+        log.debug(
+            "public: request head not complete within %.0fs from %s: closed",
+            self._header_timeout,
+            peer[0] if peer else "-",
+        )
         if self._head_started:
             self.transport.write(_TIMEOUT_408)
         self.force_close()
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
         """Generic body, 414/431 for the parser's size limits, and a log line without the
         caller's bytes (aiohttp's own logs the exception text, which quotes them)."""
         if status == 400:
             status = parse_error_status(exc)
-            log.debug("public: %d for a malformed request from %s (%s)", status, request.remote or "-",
-                      type(exc).__name__)
+            log.debug(
+                "public: %d for a malformed request from %s (%s)", status, request.remote or "-", type(exc).__name__
+            )
         elif status == 500:
-            log.error("public: internal error while handling a request from %s", request.remote or "-",
-                      exc_info=exc)
+            log.error("public: internal error while handling a request from %s", request.remote or "-", exc_info=exc)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
         return generic_response(status)

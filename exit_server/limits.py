@@ -41,8 +41,9 @@ class FailureLimiter:
         clock: monotonic clock (tests pass a fake one).
     """
 
-    def __init__(self, burst: int = 10, rate: float = 1.0, max_sources: int = 65536,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, burst: int = 10, rate: float = 1.0, max_sources: int = 65536, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.burst = float(burst)
         self.rate = rate
         self.max_sources = max_sources

@@ -121,14 +121,18 @@ class _ExchangeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         routes = list(self.metrics._routes.values())
-        requests = CounterMetricFamily("backhaul_http_requests", "Public requests by route and status class",
-                                       labels=["host", "code"])
-        duration = HistogramMetricFamily("backhaul_http_request_duration_seconds", "Time from request to last byte",
-                                         labels=["host"])
-        head = HistogramMetricFamily("backhaul_http_response_head_seconds", "Time from request to response head",
-                                     labels=["host"])
-        body = CounterMetricFamily("backhaul_http_bytes", "Body bytes by route and direction",
-                                   labels=["host", "direction"])
+        requests = CounterMetricFamily(
+            "backhaul_http_requests", "Public requests by route and status class", labels=["host", "code"]
+        )
+        duration = HistogramMetricFamily(
+            "backhaul_http_request_duration_seconds", "Time from request to last byte", labels=["host"]
+        )
+        head = HistogramMetricFamily(
+            "backhaul_http_response_head_seconds", "Time from request to response head", labels=["host"]
+        )
+        body = CounterMetricFamily(
+            "backhaul_http_bytes", "Body bytes by route and direction", labels=["host", "direction"]
+        )
         for route in routes:
             for status_class, n in sorted(route.codes.items()):
                 requests.add_metric([route.host, f"{status_class}xx"], n)
@@ -139,8 +143,9 @@ class _ExchangeCollector(Collector):
                 body.add_metric([route.host, "in"], route.bytes_in)
             if route.bytes_out is not None:
                 body.add_metric([route.host, "out"], route.bytes_out)
-        rejected = CounterMetricFamily("backhaul_rejected_requests", "Requests refused by a limit or policy",
-                                       labels=["reason"])
+        rejected = CounterMetricFamily(
+            "backhaul_rejected_requests", "Requests refused by a limit or policy", labels=["reason"]
+        )
         for reason, n in sorted(self.metrics._rejected.items()):
             rejected.add_metric([reason], n)
         yield from (requests, duration, head, body, rejected)
@@ -154,8 +159,11 @@ class _TunnelCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         tunnels = list(self.registry.tunnels.values())
-        connected = GaugeMetricFamily("backhaul_tunnels_connected", "Tunnel sessions connected",
-                                      labels=["client_id", "ecs_cluster", "ecs_service"])
+        connected = GaugeMetricFamily(
+            "backhaul_tunnels_connected",
+            "Tunnel sessions connected",
+            labels=["client_id", "ecs_cluster", "ecs_service"],
+        )
         counts: dict[tuple[str, str, str], int] = {}
         for t in tunnels:
             key = (t.client_id, t.labels.get("ecs.cluster", ""), t.labels.get("ecs.service", ""))
@@ -178,10 +186,12 @@ class Metrics:
         r.register(_ExchangeCollector(self))  # requests, durations, bytes, rejections
         self.auth_failures = Counter("backhaul_auth_failures", "Failed tunnel authentications", registry=r)
         self.registrations = Counter("backhaul_tunnel_registrations", "Tunnel sessions registered", registry=r)
-        self.reconnects = Counter("backhaul_tunnel_reconnects",
-                                  "Registrations by a client instance that had a session before", registry=r)
-        self.tcp_connections = Counter("backhaul_tcp_connections", "Public TCP connections accepted", ["port"],
-                                       registry=r)
+        self.reconnects = Counter(
+            "backhaul_tunnel_reconnects", "Registrations by a client instance that had a session before", registry=r
+        )
+        self.tcp_connections = Counter(
+            "backhaul_tcp_connections", "Public TCP connections accepted", ["port"], registry=r
+        )
         r.register(_TunnelCollector(registry))
         self._seen_instances: dict[str, None] = {}
         # Per-route running totals for the dashboard: [requests, 5xx, seconds].
@@ -235,9 +245,26 @@ class Metrics:
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 '%s %s "%s %s" %d in=%d out=%d %.1fms tunnel=%s id=%s',
-                ex.caller, ex.host, ex.method, ex.path, ex.status, ex.bytes_in, ex.bytes_out, total * 1000,
-                ex.tunnel_id, ex.request_id,
-                extra={"request_id": ex.request_id, "host": ex.host, "method": ex.method, "path": ex.path,
-                       "status": ex.status, "bytes_in": ex.bytes_in, "bytes_out": ex.bytes_out,
-                       "duration_ms": round(total * 1000, 3), "tunnel_id": ex.tunnel_id, "caller": ex.caller},
+                ex.caller,
+                ex.host,
+                ex.method,
+                ex.path,
+                ex.status,
+                ex.bytes_in,
+                ex.bytes_out,
+                total * 1000,
+                ex.tunnel_id,
+                ex.request_id,
+                extra={
+                    "request_id": ex.request_id,
+                    "host": ex.host,
+                    "method": ex.method,
+                    "path": ex.path,
+                    "status": ex.status,
+                    "bytes_in": ex.bytes_in,
+                    "bytes_out": ex.bytes_out,
+                    "duration_ms": round(total * 1000, 3),
+                    "tunnel_id": ex.tunnel_id,
+                    "caller": ex.caller,
+                },
             )

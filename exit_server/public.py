@@ -92,8 +92,13 @@ class PublicHandler:
             self._loop = asyncio.get_running_loop()  # kept: each call is a getpid() on 3.11
         self.in_flight += 1
         self.requests += 1
-        ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, request.host,
-                      request.path, request.remote or "")
+        ex = Exchange(
+            request_id(request.headers.get("X-Request-Id")),
+            request.method,
+            request.host,
+            request.path,
+            request.remote or "",
+        )
         try:
             resp = await self._handle(request, ex)
             ex.status = resp.status
@@ -137,25 +142,42 @@ class PublicHandler:
             result = await self._exchange(request, ex, tunnel, head, host, has_body, websocket, final=attempt == 2)
             if not isinstance(result, Tunnel):
                 return result
-            log.info("%s %s %s: retrying on session %s (%s)", ex.request_id, request.method, host, result.id,
-                     "tunnel lost before the response head")
+            log.info(
+                "%s %s %s: retrying on session %s (%s)",
+                ex.request_id,
+                request.method,
+                host,
+                result.id,
+                "tunnel lost before the response head",
+            )
             tunnel = result
         raise AssertionError("unreachable")
 
-    def _retry_target(self, request: web.BaseRequest, ex: Exchange, tunnel: Tunnel, host: str,
-                      error: TunnelError) -> Tunnel | None:
+    def _retry_target(
+        self, request: web.BaseRequest, ex: Exchange, tunnel: Tunnel, host: str, error: TunnelError
+    ) -> Tunnel | None:
         """Another session for a request that failed before its response head, when repeating
         it is safe (section 12.1): the client refused it unprocessed, or it is a safe method
         whose body (if any) was not yet sent."""
         refused = isinstance(error, StreamReset) and error.code == ResetCode.REFUSED
         lost = isinstance(error, SessionClosed) or (
-            isinstance(error, StreamReset) and error.code == ResetCode.INTERNAL_ERROR)
+            isinstance(error, StreamReset) and error.code == ResetCode.INTERNAL_ERROR
+        )
         if ex.bytes_in or not (refused or (lost and request.method in SAFE_METHODS)):
             return None
         return self.registry.pick(host, request.path, exclude=tunnel)
 
-    async def _exchange(self, request: web.BaseRequest, ex: Exchange, tunnel: Tunnel, head: RequestHead, host: str,
-                        has_body: bool, websocket: bool, final: bool) -> web.StreamResponse | Tunnel:
+    async def _exchange(
+        self,
+        request: web.BaseRequest,
+        ex: Exchange,
+        tunnel: Tunnel,
+        head: RequestHead,
+        host: str,
+        has_body: bool,
+        websocket: bool,
+        final: bool,
+    ) -> web.StreamResponse | Tunnel:
         """One attempt over one session; returns the response, or the session to retry on."""
         stream = self._open(tunnel, head, has_body or websocket)
         if isinstance(stream, web.Response):
@@ -173,8 +195,13 @@ class PublicHandler:
                 ex.mark_head()
             except TimeoutError:
                 stream.reset(ResetCode.UPSTREAM_TIMEOUT, "no response head in time")
-                log.warning("%s %s %s: no response head within %.0fs (504)", tunnel.id, host, request.method,
-                            self.config.upstream_timeout)
+                log.warning(
+                    "%s %s %s: no response head within %.0fs (504)",
+                    tunnel.id,
+                    host,
+                    request.method,
+                    self.config.upstream_timeout,
+                )
                 return error_response(504)
             except (StreamReset, SessionClosed) as exc:
                 if pump is not None:
@@ -186,8 +213,15 @@ class PublicHandler:
                     log.warning("%s stream %d %s: tunnel lost before reply (502)", tunnel.id, stream.id, host)
                     return error_response(502)
                 status = stream.info.get("status") or RESET_STATUS.get(exc.code, 502)
-                log.info("%s stream %d %s: reset before reply (code %d, %s) -> %d", tunnel.id, stream.id, host,
-                         exc.code, exc.reason, status)
+                log.info(
+                    "%s stream %d %s: reset before reply (code %d, %s) -> %d",
+                    tunnel.id,
+                    stream.id,
+                    host,
+                    exc.code,
+                    exc.reason,
+                    status,
+                )
                 if status == 408:  # the caller's body went idle: answer and close (httpguard.py)
                     return await send_and_close(request, error_response(408))
                 return error_response(status, retry_after=1 if status == 503 else None)
@@ -210,8 +244,11 @@ class PublicHandler:
         except TooManyStreams:
             held = self._limit_log.allow(tunnel.id, self._loop.time())
             if held is not None:
-                log.warning("%s: stream limit reached (503)%s", tunnel.id,
-                            f"; {held} more since the last such line" if held else "")
+                log.warning(
+                    "%s: stream limit reached (503)%s",
+                    tunnel.id,
+                    f"; {held} more since the last such line" if held else "",
+                )
             return error_response(503, retry_after=1)
         except SessionClosed:
             return error_response(503, retry_after=1)
@@ -221,8 +258,7 @@ class PublicHandler:
 
     def _head(self, request: web.BaseRequest, host: str, rid: str, websocket: bool = False) -> RequestHead:
         peer = request.remote or ""
-        headers = _upstream_headers(request.raw_headers, rid, peer, self.config.public_scheme, request.host,
-                                    websocket)
+        headers = _upstream_headers(request.raw_headers, rid, peer, self.config.public_scheme, request.host, websocket)
         return RequestHead(
             StreamKind.WEBSOCKET if websocket else StreamKind.HTTP,
             request.method,
@@ -267,7 +303,11 @@ class PublicHandler:
             stream.reset(ResetCode.CANCEL, "request body aborted")
 
     async def _relay_response(
-        self, request: web.BaseRequest, stream: TunnelStream, status: int, headers: tuple[tuple[str, str], ...],
+        self,
+        request: web.BaseRequest,
+        stream: TunnelStream,
+        status: int,
+        headers: tuple[tuple[str, str], ...],
         ex: Exchange,
     ) -> web.StreamResponse:
         kept, unsized = _reply_headers(headers)
@@ -309,7 +349,6 @@ class PublicHandler:
             return resp
         return resp
 
-
     async def _write_within(self, resp: web.StreamResponse, chunk: bytes | memoryview) -> None:
         """``resp.write(chunk)``, or TimeoutError after --send-timeout without the caller taking it."""
         await self._within(resp.write(chunk), self.config.send_timeout)
@@ -339,7 +378,11 @@ class PublicHandler:
             handle.cancel()
 
     async def _relay_websocket(
-        self, request: web.BaseRequest, stream: TunnelStream, status: int, headers: tuple[tuple[str, str], ...],
+        self,
+        request: web.BaseRequest,
+        stream: TunnelStream,
+        status: int,
+        headers: tuple[tuple[str, str], ...],
         ex: Exchange,
     ) -> web.StreamResponse:
         """After the upstream's 101, hand the raw connection to a byte pump (section 4.2)."""
@@ -361,8 +404,9 @@ class PublicHandler:
         def close_send() -> None:
             transport.close()
 
-        ex.bytes_out = await pump(stream, Endpoint(feeder.read, send, close_send, transport.abort),
-                                  self.config.stream_idle_timeout)
+        ex.bytes_out = await pump(
+            stream, Endpoint(feeder.read, send, close_send, transport.abort), self.config.stream_idle_timeout
+        )
         if not transport.is_closing():
             transport.close()
         return resp
@@ -372,14 +416,16 @@ class PublicHandler:
 # hop, Expect, the caller's X-Request-Id), or the X-Forwarded-* it extends or respects.
 _DROP, _CONNECTION, _XFF, _XF_PROTO, _XF_HOST = range(5)
 _REQUEST_NAMES: dict[str, int | None] = {name: _DROP for name in HOP_BY_HOP | {"expect", "x-request-id"}}
-_REQUEST_NAMES.update({"connection": _CONNECTION, "x-forwarded-for": _XFF, "x-forwarded-proto": _XF_PROTO,
-                       "x-forwarded-host": _XF_HOST})
+_REQUEST_NAMES.update(
+    {"connection": _CONNECTION, "x-forwarded-for": _XFF, "x-forwarded-proto": _XF_PROTO, "x-forwarded-host": _XF_HOST}
+)
 _WEBSOCKET_NAMES = dict(_REQUEST_NAMES, upgrade=None)  # Connection and Upgrade pass for a WebSocket
 _UPGRADE_NAMES = frozenset({"connection", "upgrade"})
 
 
-def _upstream_headers(raw: RawHeaders, rid: str, peer: str, proto: str, host: str,
-                      websocket: bool) -> tuple[tuple[str, str], ...]:
+def _upstream_headers(
+    raw: RawHeaders, rid: str, peer: str, proto: str, host: str, websocket: bool
+) -> tuple[tuple[str, str], ...]:
     """The request headers as the upstream gets them, in one pass over the raw ones: hop-by-hop
     headers, Expect and the caller's X-Request-Id dropped, then ours and X-Forwarded-* added.
     Same result as :func:`_upstream_headers_slow`, which a Connection header naming further
@@ -429,16 +475,16 @@ def _connection_names(values: list[str], names: dict[str, int | None]) -> bool:
     return False
 
 
-def _upstream_headers_slow(raw: RawHeaders, rid: str, peer: str, proto: str, host: str,
-                           websocket: bool) -> tuple[tuple[str, str], ...]:
+def _upstream_headers_slow(
+    raw: RawHeaders, rid: str, peer: str, proto: str, host: str, websocket: bool
+) -> tuple[tuple[str, str], ...]:
     headers = strip_hop_by_hop([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw], keep_upgrade=websocket)
     headers = [(k, v) for k, v in headers if k.lower() not in ("expect", "x-request-id")]
     headers.append(("X-Request-Id", rid))
     return tuple(forwarded_headers(headers, peer, proto, host))
 
 
-def _reply_headers(
-        headers: tuple[tuple[str, str], ...]) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
+def _reply_headers(headers: tuple[tuple[str, str], ...]) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
     """The reply headers for the caller (hop-by-hop ones dropped), and the same without
     Content-Length when there was one (None otherwise)."""
     kept: list[tuple[str, str]] = []

@@ -86,8 +86,9 @@ class Registry:
             self.table.add(route.host, route.path_prefix, tunnel)
         return granted, granted_ports, refused, replaced
 
-    def _port_refusal(self, client_id: str, port: int, bind: Callable[[int], str | None],
-                      policy: Any = None) -> str | None:
+    def _port_refusal(
+        self, client_id: str, port: int, bind: Callable[[int], str | None], policy: Any = None
+    ) -> str | None:
         if policy is not None and (reason := policy.port_refusal(port)):
             return str(reason)
         if port not in self.tcp_allowed:
@@ -111,8 +112,11 @@ class Registry:
             if policy is not None and (reason := policy.route_refusal(route.host)):
                 refused.append(RouteRefusal(route=f"{route.host}{route.path_prefix}", reason=str(reason)))
             elif any(h.client_id != client_id for h in holders):
-                refused.append(RouteRefusal(route=f"{route.host}{route.path_prefix}",
-                                            reason="hostname is served by another client"))
+                refused.append(
+                    RouteRefusal(
+                        route=f"{route.host}{route.path_prefix}", reason="hostname is served by another client"
+                    )
+                )
             elif route not in granted:
                 granted.append(route)
         return granted, refused

@@ -1,9 +1,9 @@
 """The exit server as a library object: start, serve, drain, stop.
 
-    server = ExitServer(config, auth=SharedTokenAuth(token))
-    await server.start()
-    ...   # server.public_port, server.control_port
-    await server.shutdown()          # go-away, drain in-flight, close
+server = ExitServer(config, auth=SharedTokenAuth(token))
+await server.start()
+...   # server.public_port, server.control_port
+await server.shutdown()          # go-away, drain in-flight, close
 """
 
 from __future__ import annotations
@@ -79,8 +79,7 @@ class ExitServer:
     async def start(self) -> None:
         """Bind both listeners (port 0 picks free ports, see ``public_port``/``control_port``)."""
         cfg = self.config
-        ssl_ctx = (None if cfg.insecure_plaintext
-                   else server_context(cfg.tls_cert, cfg.tls_key, cfg.client_ca))  # type: ignore[arg-type]
+        ssl_ctx = None if cfg.insecure_plaintext else server_context(cfg.tls_cert, cfg.tls_key, cfg.client_ca)  # type: ignore[arg-type]
         host, port = parse_addr(cfg.control_addr)
         self._ws_server = await serve(
             self.control.handle,
@@ -93,8 +92,9 @@ class ExitServer:
             **ws_limits(256 * 1024),
         )
         self.control_port = _bound_port(self._ws_server.sockets)
-        server = GuardedServer(self.public, handler_cancellation=True, access_log=None,
-                               header_timeout=cfg.header_timeout)  # 414/431/408, generic error bodies
+        server = GuardedServer(
+            self.public, handler_cancellation=True, access_log=None, header_timeout=cfg.header_timeout
+        )  # 414/431/408, generic error bodies
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.drain_timeout)
         await self._runner.setup()
         phost, pport = parse_addr(cfg.public_addr)
@@ -111,9 +111,15 @@ class ExitServer:
             admin_site = web.TCPSite(self._admin_runner, ahost, aport, reuse_address=True)
             await admin_site.start()
             self.admin_port = _bound_port(admin_site._server.sockets)  # type: ignore[union-attr]
-        log.info("exit server: public http://%s:%d, control %s://%s:%d, admin %s", phost, self.public_port,
-                 "ws" if ssl_ctx is None else "wss", host, self.control_port,
-                 f"http://{cfg.admin_addr.rpartition(':')[0]}:{self.admin_port}" if cfg.admin_addr else "off")
+        log.info(
+            "exit server: public http://%s:%d, control %s://%s:%d, admin %s",
+            phost,
+            self.public_port,
+            "ws" if ssl_ctx is None else "wss",
+            host,
+            self.control_port,
+            f"http://{cfg.admin_addr.rpartition(':')[0]}:{self.admin_port}" if cfg.admin_addr else "off",
+        )
 
     def reload(self, why: str = "SIGHUP") -> bool:
         """Re-read ``--tokens`` and ``--access`` now; sessions whose credentials were revoked or
@@ -129,8 +135,13 @@ class ExitServer:
     def ready(self) -> bool:
         """Listening, not draining, and serving at least ``--min-ready-tunnels`` sessions
         (``/readyz``): a server with no tunnel would answer 503 to everything it is sent."""
-        return (self._site is not None and self._ws_server is not None and not self.public.draining
-                and not self.stopping and len(self.registry.tunnels) >= self.config.min_ready_tunnels)
+        return (
+            self._site is not None
+            and self._ws_server is not None
+            and not self.public.draining
+            and not self.stopping
+            and len(self.registry.tunnels) >= self.config.min_ready_tunnels
+        )
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Drain and stop (docs/SCALING.md, "Rolling restarts"):

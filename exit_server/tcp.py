@@ -116,8 +116,12 @@ class TcpListeners:
         except (TooManyStreams, SessionClosed) as exc:
             held = self._limit_log.allow(f"{port}/{type(exc).__name__}", asyncio.get_running_loop().time())
             if held is not None:
-                log.warning("tcp %d: %s; closing connection%s", port, exc,
-                            f" ({held} more since the last such line)" if held else "")
+                log.warning(
+                    "tcp %d: %s; closing connection%s",
+                    port,
+                    exc,
+                    f" ({held} more since the last such line)" if held else "",
+                )
             conn.abort()
             return
         self.connections += 1

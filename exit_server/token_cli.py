@@ -22,26 +22,45 @@ __all__ = ["add_commands", "run_command"]
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``token`` and ``hash-password`` sub-commands."""
-    token = sub.add_parser("token", help="manage per-client tokens (--tokens FILE)",
-                           description="Manage the per-client credentials file read by `run --tokens`. "
-                           "The file holds salted scrypt hashes only; add and rotate print the new token once.")
+    token = sub.add_parser(
+        "token",
+        help="manage per-client tokens (--tokens FILE)",
+        description="Manage the per-client credentials file read by `run --tokens`. "
+        "The file holds salted scrypt hashes only; add and rotate print the new token once.",
+    )
     actions = token.add_subparsers(dest="token_action", required=True)
-    for name, text in (("add", "add a client and print its token"),
-                       ("rotate", "give a client a new token (the old one stops working; live sessions close)"),
-                       ("revoke", "revoke a client (its live sessions close within a second)"),
-                       ("list", "list clients (never tokens or hashes)")):
+    for name, text in (
+        ("add", "add a client and print its token"),
+        ("rotate", "give a client a new token (the old one stops working; live sessions close)"),
+        ("revoke", "revoke a client (its live sessions close within a second)"),
+        ("list", "list clients (never tokens or hashes)"),
+    ):
         p = actions.add_parser(name, help=text, description=text)
         p.add_argument("--tokens", type=Path, required=True, metavar="FILE", help="the tokens file")
         if name != "list":
             p.add_argument("--client", required=True, help="client id (letters, digits, . _ -)")
         if name == "add":
-            p.add_argument("--host", action="append", default=[], metavar="PATTERN",
-                           help="hostname the client may register: exact, *.suffix, default or * (repeatable)")
-            p.add_argument("--tcp-port", action="append", default=[], type=int, metavar="PORT",
-                           help="public TCP port the client may ask for (repeatable)")
-    pw = sub.add_parser("hash-password", help="hash a password or bearer token for --access (reads stdin)",
-                        description="Print the scrypt hash of a password (basic auth) or bearer token for the "
-                        "--access file. The secret is read from stdin, or prompted for on a terminal.")
+            p.add_argument(
+                "--host",
+                action="append",
+                default=[],
+                metavar="PATTERN",
+                help="hostname the client may register: exact, *.suffix, default or * (repeatable)",
+            )
+            p.add_argument(
+                "--tcp-port",
+                action="append",
+                default=[],
+                type=int,
+                metavar="PORT",
+                help="public TCP port the client may ask for (repeatable)",
+            )
+    pw = sub.add_parser(
+        "hash-password",
+        help="hash a password or bearer token for --access (reads stdin)",
+        description="Print the scrypt hash of a password (basic auth) or bearer token for the "
+        "--access file. The secret is read from stdin, or prompted for on a terminal.",
+    )
     pw.add_argument("--user", help="print USER:HASH instead of the hash alone")
 
 
@@ -61,8 +80,10 @@ def run_command(args: argparse.Namespace) -> int:
             state = "revoked" if e.revoked else "active"
             host_list = ",".join(e.hosts) or "-"
             port_list = ",".join(map(str, e.tcp_ports)) or "-"
-            print(f"{e.client_id}\t{state}\ttoken_id={e.token_id}\thosts={host_list}\ttcp_ports={port_list}\t"
-                  f"created={e.created or '-'}")
+            print(
+                f"{e.client_id}\t{state}\ttoken_id={e.token_id}\thosts={host_list}\ttcp_ports={port_list}\t"
+                f"created={e.created or '-'}"
+            )
         return 0
     client = args.client
     if not CLIENT_ID.match(client):
@@ -87,14 +108,18 @@ def run_command(args: argparse.Namespace) -> int:
             old.revoked = True
             entries[client] = old
             save_entries(path, entries)
-            print(f"revoked client {client}; a running exit server closes its sessions within a second",
-                  file=sys.stderr)
+            print(
+                f"revoked client {client}; a running exit server closes its sessions within a second", file=sys.stderr
+            )
             return 0
         entry, token = new_entry(client, old.hosts, old.tcp_ports)
     entries[client] = entry
     save_entries(path, entries)
-    print(f"{'added' if action == 'add' else 'rotated'} client {client} (token_id {entry.token_id}); "
-          "the token is printed once below, store it now", file=sys.stderr)
+    print(
+        f"{'added' if action == 'add' else 'rotated'} client {client} (token_id {entry.token_id}); "
+        "the token is printed once below, store it now",
+        file=sys.stderr,
+    )
     print(token, flush=True)
     return 0
 

@@ -121,8 +121,9 @@ class TokenEntry:
     revoked: bool = False
 
     def principal(self) -> Principal:
-        digest = hashlib.sha256(repr((self.token_id, self.hash, sorted(self.hosts), sorted(self.tcp_ports),
-                                      self.revoked)).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(
+            repr((self.token_id, self.hash, sorted(self.hosts), sorted(self.tcp_ports), self.revoked)).encode()
+        ).hexdigest()[:16]
         return Principal(self.client_id, tuple(self.hosts), frozenset(self.tcp_ports), digest)
 
 
@@ -169,8 +170,15 @@ def _entry(client_id: str, raw: Any) -> TokenEntry:
     revoked = raw.get("revoked", False)
     if not isinstance(revoked, bool):
         raise ValueError(f"client {client_id}: revoked must be true or false")
-    return TokenEntry(client_id, token_id, str(digest), [validate_pattern(h) for h in hosts], list(ports),
-                      str(raw.get("created", "")), revoked)
+    return TokenEntry(
+        client_id,
+        token_id,
+        str(digest),
+        [validate_pattern(h) for h in hosts],
+        list(ports),
+        str(raw.get("created", "")),
+        revoked,
+    )
 
 
 def load_entries(path: Path) -> dict[str, TokenEntry]:
@@ -255,8 +263,9 @@ def new_entry(client_id: str, hosts: list[str], ports: list[int]) -> tuple[Token
     """A new entry and its token (to be shown once)."""
     token_id, secret = new_secret()
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    entry = TokenEntry(client_id, token_id, hash_secret(secret), [validate_pattern(h) for h in hosts],
-                       sorted(set(ports)), created)
+    entry = TokenEntry(
+        client_id, token_id, hash_secret(secret), [validate_pattern(h) for h in hosts], sorted(set(ports)), created
+    )
     return entry, format_token(token_id, secret)
 
 
@@ -302,16 +311,22 @@ class TokenRegistry:
         if strict:
             mode = self.path.stat().st_mode & 0o077
             if mode:
-                log.warning("tokens: %s is readable by group/others (mode %o); chmod 600 it", self.path,
-                            self.path.stat().st_mode & 0o777)
-        changed = {k: v.principal() for k, v in entries.items()} != {
-            k: v.principal() for k, v in self._entries.items()}
+                log.warning(
+                    "tokens: %s is readable by group/others (mode %o); chmod 600 it",
+                    self.path,
+                    self.path.stat().st_mode & 0o777,
+                )
+        changed = {k: v.principal() for k, v in entries.items()} != {k: v.principal() for k, v in self._entries.items()}
         self._entries = entries
         self._by_token_id = {e.token_id: e for e in entries.values()}
         self._cache.clear()
         if changed and not strict:
-            log.info("tokens: reloaded %s (%d clients, %d revoked)", self.path, len(entries),
-                     sum(e.revoked for e in entries.values()))
+            log.info(
+                "tokens: reloaded %s (%d clients, %d revoked)",
+                self.path,
+                len(entries),
+                sum(e.revoked for e in entries.values()),
+            )
         return changed
 
     def current(self, principal: Principal) -> Principal | None:

@@ -108,12 +108,20 @@ def _frame(ftype: int, flags: int, stream_id: int, payload: bytes) -> bytes:
 
 
 def _client(handshake: bool) -> Session:
-    session = Session(Role.CLIENT, max_frame=MAX_FRAME, initial_window=4096, connection_window=1 << 20,
-                      max_streams=8, buffer_budget=64 * 1024, heartbeat_timeout=30.0)
+    session = Session(
+        Role.CLIENT,
+        max_frame=MAX_FRAME,
+        initial_window=4096,
+        connection_window=1 << 20,
+        max_streams=8,
+        buffer_budget=64 * 1024,
+        heartbeat_timeout=30.0,
+    )
     session.send_hello(Hello(versions=[1], instance_id="fuzz", max_frame=MAX_FRAME, initial_window=4096))
     if handshake:
-        welcome = Welcome(version=1, session_id="s", client_id="c", max_frame=MAX_FRAME, initial_window=4096,
-                          max_streams=8)
+        welcome = Welcome(
+            version=1, session_id="s", client_id="c", max_frame=MAX_FRAME, initial_window=4096, max_streams=8
+        )
         session.receive(_frame(FrameType.CONTROL, 0, 0, encode_control(welcome)), 0.0)
     session.events()
     session.data_to_send()
@@ -121,8 +129,15 @@ def _client(handshake: bool) -> Session:
 
 
 def _server(handshake: bool) -> Session:
-    session = Session(Role.SERVER, max_frame=MAX_FRAME, initial_window=4096, connection_window=1 << 20,
-                      max_streams=8, buffer_budget=64 * 1024, heartbeat_timeout=30.0)
+    session = Session(
+        Role.SERVER,
+        max_frame=MAX_FRAME,
+        initial_window=4096,
+        connection_window=1 << 20,
+        max_streams=8,
+        buffer_budget=64 * 1024,
+        heartbeat_timeout=30.0,
+    )
     if handshake:
         hello = Hello(versions=[1], instance_id="fuzz", max_frame=MAX_FRAME, initial_window=4096, max_streams=8)
         session.receive(_frame(FrameType.CONTROL, 0, 0, encode_control(hello)), 0.0)
@@ -164,10 +179,26 @@ def _payload(r: Reader, ftype: int) -> bytes:
 
 #: What each role may legitimately receive, weighted; other types come from the 1-in-16 "any".
 _TYPES = {
-    Role.CLIENT: [FrameType.DATA, FrameType.DATA, FrameType.OPEN, FrameType.OPEN, FrameType.RESET, FrameType.WINDOW,
-                  FrameType.PING, FrameType.GOAWAY],
-    Role.SERVER: [FrameType.DATA, FrameType.DATA, FrameType.REPLY, FrameType.REPLY, FrameType.RESET,
-                  FrameType.WINDOW, FrameType.PING, FrameType.GOAWAY],
+    Role.CLIENT: [
+        FrameType.DATA,
+        FrameType.DATA,
+        FrameType.OPEN,
+        FrameType.OPEN,
+        FrameType.RESET,
+        FrameType.WINDOW,
+        FrameType.PING,
+        FrameType.GOAWAY,
+    ],
+    Role.SERVER: [
+        FrameType.DATA,
+        FrameType.DATA,
+        FrameType.REPLY,
+        FrameType.REPLY,
+        FrameType.RESET,
+        FrameType.WINDOW,
+        FrameType.PING,
+        FrameType.GOAWAY,
+    ],
 }
 _FLAGGED = {FrameType.DATA, FrameType.OPEN, FrameType.REPLY, FrameType.PING}
 _ON_CONNECTION = {FrameType.PING, FrameType.GOAWAY, FrameType.CONTROL, FrameType.WINDOW}

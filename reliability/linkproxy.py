@@ -96,8 +96,10 @@ class Pair:
             self.down_w.transport.abort()
             return
         loop = asyncio.get_running_loop()
-        self.tasks = [loop.create_task(self._direction(self.down_r, self.up_w)),
-                      loop.create_task(self._direction(up_r, self.down_w))]
+        self.tasks = [
+            loop.create_task(self._direction(self.down_r, self.up_w)),
+            loop.create_task(self._direction(up_r, self.down_w)),
+        ]
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def _direction(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -222,8 +224,10 @@ def load_control(path: Path | None, relay: Relay) -> None:
             pair.stale = True
     elif was_blackhole:
         relay.heal()
-    print(f"linkproxy: delay {P.delay_ms:g}+-{P.jitter_ms:g} ms, rate {P.rate_kbit:g} kbit/s, "
-          f"blackhole {P.blackhole}", flush=True)
+    print(
+        f"linkproxy: delay {P.delay_ms:g}+-{P.jitter_ms:g} ms, rate {P.rate_kbit:g} kbit/s, blackhole {P.blackhole}",
+        flush=True,
+    )
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -239,8 +243,7 @@ async def main_async(args: argparse.Namespace) -> None:
     bound = sock.getsockname()[1]
     if args.port_file:
         Path(args.port_file).write_text(str(bound))
-    print(f"linkproxy: {host}:{bound}{' in netns ' + args.netns if args.netns else ''} -> {args.target}",
-          flush=True)
+    print(f"linkproxy: {host}:{bound}{' in netns ' + args.netns if args.netns else ''} -> {args.target}", flush=True)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, load_control, control, relay)
     stop = asyncio.Event()

@@ -87,8 +87,10 @@ async def run(args: argparse.Namespace) -> dict:
     counts = {"started": 0, "ok": 0, "failed": 0}
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers={"Host": args.host},
-                                     auto_decompress=False) as http:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers={"Host": args.host}, auto_decompress=False
+    ) as http:
+
         async def worker() -> None:
             while not stop.is_set() and loop.time() < deadline and counts["started"] < args.max_requests:
                 kind = random.choice(kinds)
@@ -100,8 +102,14 @@ async def run(args: argparse.Namespace) -> dict:
                     lat[kind].append(loop.time() - t0)
                 except (Failed, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                     counts["failed"] += 1
-                    errors.append({"time": time.time(), "kind": kind, "after_s": round(loop.time() - t0, 3),
-                                   "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    errors.append(
+                        {
+                            "time": time.time(),
+                            "kind": kind,
+                            "after_s": round(loop.time() - t0, 3),
+                            "error": f"{type(exc).__name__}: {exc}"[:300],
+                        }
+                    )
                 try:
                     async with asyncio.timeout(random.uniform(args.think_min, args.think_max)):
                         await stop.wait()
@@ -112,11 +120,22 @@ async def run(args: argparse.Namespace) -> dict:
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         ended = time.time()
     return {
-        "started": started, "ended": ended, "requests": counts["ok"] + counts["failed"], "ok": counts["ok"],
-        "failed": counts["failed"], "errors": errors[:500],
-        "by_kind": {k: {"ok": len(v), "p50_ms": _ms(percentile(v, 0.5)), "p95_ms": _ms(percentile(v, 0.95)),
-                        "p99_ms": _ms(percentile(v, 0.99)), "max_ms": _ms(max(v) if v else None)}
-                    for k, v in lat.items()},
+        "started": started,
+        "ended": ended,
+        "requests": counts["ok"] + counts["failed"],
+        "ok": counts["ok"],
+        "failed": counts["failed"],
+        "errors": errors[:500],
+        "by_kind": {
+            k: {
+                "ok": len(v),
+                "p50_ms": _ms(percentile(v, 0.5)),
+                "p95_ms": _ms(percentile(v, 0.95)),
+                "p99_ms": _ms(percentile(v, 0.99)),
+                "max_ms": _ms(max(v) if v else None),
+            }
+            for k, v in lat.items()
+        },
     }
 
 

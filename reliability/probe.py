@@ -32,9 +32,15 @@ def snapshot() -> dict[str, Any]:
         for line in fh:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1])
-    return {"pid": os.getpid(), "tasks": len(tasks) - 1,  # minus this probe request's own handler task
-            "task_names": dict(names.most_common(20)), "fds": len(os.listdir("/proc/self/fd")),
-            "rss_kib": rss, "threads": threading.active_count(), "gc_objects": len(gc.get_objects())}
+    return {
+        "pid": os.getpid(),
+        "tasks": len(tasks) - 1,  # minus this probe request's own handler task
+        "task_names": dict(names.most_common(20)),
+        "fds": len(os.listdir("/proc/self/fd")),
+        "rss_kib": rss,
+        "threads": threading.active_count(),
+        "gc_objects": len(gc.get_objects()),
+    }
 
 
 async def start_probe(path: str) -> web.AppRunner:

@@ -76,12 +76,14 @@ def log_time(line: str, arrival: float) -> float:
 
 # ---------------------------------------------------------------- processes
 
+
 class Proc:
     """A child process; its output goes to a log file, and is scanned line by line (with the
     time of each line) by a thread, so a scenario can wait for and time log events."""
 
-    def __init__(self, name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None,
-                 netns: str | None = None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None, netns: str | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.netns = netns
@@ -91,8 +93,15 @@ class Proc:
         cmd = (["ip", "netns", "exec", netns] if netns else []) + argv  # `ip netns exec` execs: same pid
         self.log_path = logdir / f"{name}.log"
         self._log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 (closed by the reader thread)
-        self.popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-                                      start_new_session=True, text=True, errors="replace")
+        self.popen = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+            text=True,
+            errors="replace",
+        )
         self.lines: list[tuple[float, str]] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._read, name=f"log-{name}", daemon=True)
@@ -176,6 +185,7 @@ def _short(arg: str) -> str:
 
 # ---------------------------------------------------------------- /proc, metrics, probe
 
+
 def proc_stats(pid: int) -> dict[str, int]:
     out = {"fds": -1, "rss_kib": -1, "threads": -1}
     with contextlib.suppress(OSError):
@@ -229,8 +239,9 @@ async def scrape(admin_port: int) -> dict[str, float]:
 
 
 async def probe(path: Path, query: str = "") -> dict[str, Any]:
-    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)),
-                                     timeout=aiohttp.ClientTimeout(total=5)) as http:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.UnixConnector(path=str(path)), timeout=aiohttp.ClientTimeout(total=5)
+    ) as http:
         async with http.get("http://probe/probe" + query) as r:
             data: dict[str, Any] = await r.json()
             return data
@@ -238,8 +249,10 @@ async def probe(path: Path, query: str = "") -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the stack
 
-SESSION_TYPES = ("TunnelConnection,ServerConnection,ClientConnection,TunnelServerConnection,TunnelClientConnection,"
-                 "PinnedClientConnection,SSLObject")
+SESSION_TYPES = (
+    "TunnelConnection,ServerConnection,ClientConnection,TunnelServerConnection,TunnelClientConnection,"
+    "PinnedClientConnection,SSLObject"
+)
 
 
 async def live_sessions(path: Path) -> dict[str, int]:
@@ -316,15 +329,35 @@ class Env:
     def create(cls, tag: str) -> Env:
         workdir = Path(tempfile.mkdtemp(prefix=f"backhaul-rel-{tag}-"))
         certs = workdir / "certs"
-        out = subprocess.run([str(BIN / "exit-server"), "gen-certs", "--out", str(certs), "--hostname", "localhost",
-                              "--ip", "127.0.0.1", "--ip", NetnsLink.GW_ADDR], capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run(
+            [
+                str(BIN / "exit-server"),
+                "gen-certs",
+                "--out",
+                str(certs),
+                "--hostname",
+                "localhost",
+                "--ip",
+                "127.0.0.1",
+                "--ip",
+                NetnsLink.GW_ADDR,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"gen-certs failed: {out.stderr}")
         return cls(workdir, certs)
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None, netns: str | None = None,
-              record: bool = True) -> Proc:
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        netns: str | None = None,
+        record: bool = True,
+    ) -> Proc:
         proc = Proc(name, argv, self.workdir, env, netns)
         self.procs.append(proc)
         if record and proc.command() not in self.commands:
@@ -339,14 +372,25 @@ class Env:
         await proc.wait_line("upstream: listening", 15)
         return port
 
-    async def exit_server(self, *extra: str, name: str = "exit-server", probe: bool = True,
-                          ports: tuple[int, int, int] | None = None) -> Server:
+    async def exit_server(
+        self, *extra: str, name: str = "exit-server", probe: bool = True, ports: tuple[int, int, int] | None = None
+    ) -> Server:
         public, control, admin = ports or (free_port(), free_port(), free_port())
         probe_path = self.workdir / f"{name}.probe" if probe else None
         argv = ([PY, str(HERE / "probe.py"), "exit-server"] if probe else [str(BIN / "exit-server")]) + [
-            "run", "--public-addr", f"127.0.0.1:{public}", "--control-addr", f"127.0.0.1:{control}",
-            "--admin-addr", f"127.0.0.1:{admin}", "--tls-cert", str(self.certs / "server.pem"),
-            "--tls-key", str(self.certs / "server-key.pem"), *extra]
+            "run",
+            "--public-addr",
+            f"127.0.0.1:{public}",
+            "--control-addr",
+            f"127.0.0.1:{control}",
+            "--admin-addr",
+            f"127.0.0.1:{admin}",
+            "--tls-cert",
+            str(self.certs / "server.pem"),
+            "--tls-key",
+            str(self.certs / "server-key.pem"),
+            *extra,
+        ]
         env = {"BACKHAUL_TOKEN": TOKEN, "BACKHAUL_ADMIN_TOKEN": ADMIN_TOKEN}
         if probe_path is not None:
             env["RELIABILITY_PROBE"] = str(probe_path)
@@ -359,14 +403,30 @@ class Env:
             await wait_for(probe_path.exists, 10, what="probe socket")
         return Server(proc, public, control, admin, probe_path)
 
-    async def client(self, server_url: str, upstreams: Iterable[str], *extra: str, name: str = "client",
-                     instance: str | None = None, probe: bool = False, netns: str | None = None,
-                     wait: bool = True) -> Client:
+    async def client(
+        self,
+        server_url: str,
+        upstreams: Iterable[str],
+        *extra: str,
+        name: str = "client",
+        instance: str | None = None,
+        probe: bool = False,
+        netns: str | None = None,
+        wait: bool = True,
+    ) -> Client:
         instance = instance or name
         probe_path = self.workdir / f"{name}.probe" if probe else None
         argv = ([PY, str(HERE / "probe.py"), "tunnel-client"] if probe else [str(BIN / "tunnel-client")]) + [
-            "run", "--server", server_url, "--ca-file", str(self.certs / "ca.pem"), "--admin-addr", "127.0.0.1:0",
-            "--instance-id", instance]
+            "run",
+            "--server",
+            server_url,
+            "--ca-file",
+            str(self.certs / "ca.pem"),
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--instance-id",
+            instance,
+        ]
         for up in upstreams:
             argv += ["--upstream", up]
         argv += list(extra)
@@ -385,14 +445,25 @@ class Env:
         self.links.append(link)
         return link
 
-    async def linkproxy(self, target_port: int, link: NetnsLink | None, control: dict[str, Any] | None = None,
-                        name: str = "linkproxy") -> tuple[Proc, int, Path]:
+    async def linkproxy(
+        self, target_port: int, link: NetnsLink | None, control: dict[str, Any] | None = None, name: str = "linkproxy"
+    ) -> tuple[Proc, int, Path]:
         control_path = self.workdir / f"{name}.json"
         control_path.write_text(json.dumps(control or {}))
         port_file = self.workdir / f"{name}.port"
         listen = f"{NetnsLink.GW_ADDR}:0" if link is not None else "127.0.0.1:0"
-        argv = [PY, str(HERE / "linkproxy.py"), "--listen", listen, "--target", f"127.0.0.1:{target_port}",
-                "--control", str(control_path), "--port-file", str(port_file)]
+        argv = [
+            PY,
+            str(HERE / "linkproxy.py"),
+            "--listen",
+            listen,
+            "--target",
+            f"127.0.0.1:{target_port}",
+            "--control",
+            str(control_path),
+            "--port-file",
+            str(port_file),
+        ]
         if link is not None:
             argv += ["--netns", link.gw]
         proc = self.spawn(name, argv)
@@ -419,6 +490,7 @@ def set_link(control_path: Path, proxy: Proc, **values: Any) -> None:
 
 
 # ---------------------------------------------------------------- network namespaces
+
 
 def _run(*cmd: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
     out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=20, input=input)
@@ -477,8 +549,21 @@ class NetnsLink:
         _run("ip", "netns", "add", self.gw)
         for ns in (self.cli, self.gw):
             _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "-n", self.cli, "link", "add", self.cli_if, "type", "veth", "peer", "name", self.gw_if,
-             "netns", self.gw)
+        _run(
+            "ip",
+            "-n",
+            self.cli,
+            "link",
+            "add",
+            self.cli_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.gw_if,
+            "netns",
+            self.gw,
+        )
         _run("ip", "-n", self.cli, "addr", "add", f"{self.CLI_ADDR}/24", "dev", self.cli_if)
         _run("ip", "-n", self.gw, "addr", "add", f"{self.GW_ADDR}/24", "dev", self.gw_if)
         _run("ip", "-n", self.cli, "link", "set", self.cli_if, "up")
@@ -490,9 +575,11 @@ class NetnsLink:
 
     def blackhole(self, on: bool) -> None:
         if on:
-            rules = (f"table inet bhrel {{\n chain in {{ type filter hook input priority 0; "
-                     f"ip saddr {self.CLI_ADDR} drop; }}\n chain out {{ type filter hook output priority 0; "
-                     f"ip daddr {self.CLI_ADDR} drop; }}\n}}\n")
+            rules = (
+                f"table inet bhrel {{\n chain in {{ type filter hook input priority 0; "
+                f"ip saddr {self.CLI_ADDR} drop; }}\n chain out {{ type filter hook output priority 0; "
+                f"ip daddr {self.CLI_ADDR} drop; }}\n}}\n"
+            )
             _run("ip", "netns", "exec", self.gw, "nft", "-f", "-", input=rules)
         else:
             _run("ip", "netns", "exec", self.gw, "nft", "delete", "table", "inet", "bhrel", check=False)
@@ -500,17 +587,37 @@ class NetnsLink:
     def rate(self, kbit: int | None) -> None:
         for ns, dev in ((self.cli, self.cli_if), (self.gw, self.gw_if)):
             if kbit:
-                _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
-                     f"{kbit}kbit", "burst", "16kb", "latency", "400ms")
+                _run(
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "tc",
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{kbit}kbit",
+                    "burst",
+                    "16kb",
+                    "latency",
+                    "400ms",
+                )
             else:
                 _run("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
 
     def describe(self) -> str:
-        return (f"namespaces {self.cli} ({self.CLI_ADDR}) and {self.gw} ({self.GW_ADDR}) joined by veth "
-                f"{self.cli_if}/{self.gw_if}")
+        return (
+            f"namespaces {self.cli} ({self.CLI_ADDR}) and {self.gw} ({self.GW_ADDR}) joined by veth "
+            f"{self.cli_if}/{self.gw_if}"
+        )
 
 
 # ---------------------------------------------------------------- results
+
 
 @dataclass
 class Result:

@@ -42,6 +42,7 @@ from rel_lib import (
 
 # ---------------------------------------------------------------- callers
 
+
 @dataclass
 class Call:
     label: str
@@ -59,9 +60,18 @@ class Call:
         return self.t_end - self.t_start
 
 
-async def call(http: aiohttp.ClientSession, base: str, path: str, label: str = "", *, method: str = "GET",
-               host: str = HOST, data: bytes | None = None, timeout: float = 60,
-               marker: bytes | None = None) -> Call:
+async def call(
+    http: aiohttp.ClientSession,
+    base: str,
+    path: str,
+    label: str = "",
+    *,
+    method: str = "GET",
+    host: str = HOST,
+    data: bytes | None = None,
+    timeout: float = 60,
+    marker: bytes | None = None,
+) -> Call:
     """One request; tells a complete body from an aborted one (and, with ``marker``, from a
     body that ended cleanly but short)."""
     loop = asyncio.get_running_loop()
@@ -111,10 +121,12 @@ async def warm(server: Server, n: int = 20, host: str = HOST) -> None:
                 raise RuntimeError(f"warm-up request got {c.status} {c.outcome} {c.error}")
 
 
-async def settle(server: Server, tunnels: int, like: dict[str, Any] | None = None, timeout: float = 15,
-                 quiet: float = 1.0) -> dict[str, Any]:
+async def settle(
+    server: Server, tunnels: int, like: dict[str, Any] | None = None, timeout: float = 15, quiet: float = 1.0
+) -> dict[str, Any]:
     """Wait until no stream is in flight and ``tunnels`` are connected (and, given a baseline
     ``like``, until fds and tasks are back to it or the timeout passes); then a snapshot."""
+
     async def idle() -> bool:
         snap = await server.snapshot()
         return snap["streams"] == 0 and snap["tunnels"] == tunnels
@@ -124,8 +136,11 @@ async def settle(server: Server, tunnels: int, like: dict[str, Any] | None = Non
     snap = await server.snapshot()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while like is not None and loop.time() < deadline and (
-            snap["fds"] > like["fds"] or snap.get("tasks", 0) > like.get("tasks", 0)):
+    while (
+        like is not None
+        and loop.time() < deadline
+        and (snap["fds"] > like["fds"] or snap.get("tasks", 0) > like.get("tasks", 0))
+    ):
         await asyncio.sleep(0.25)
         snap = await server.snapshot()
     return snap
@@ -137,8 +152,10 @@ async def settle_client(client: Client, like: dict[str, Any], timeout: float = 1
     snap = await client.snapshot()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while loop.time() < deadline and (snap.get("fds_other", snap["fds"]) > like.get("fds_other", like["fds"])
-                                      or snap.get("tasks", 0) > like.get("tasks", 0)):
+    while loop.time() < deadline and (
+        snap.get("fds_other", snap["fds"]) > like.get("fds_other", like["fds"])
+        or snap.get("tasks", 0) > like.get("tasks", 0)
+    ):
         await asyncio.sleep(0.25)
         snap = await client.snapshot()
     return snap
@@ -146,8 +163,13 @@ async def settle_client(client: Client, like: dict[str, Any], timeout: float = 1
 
 def delta(label: str, before: dict[str, Any], after: dict[str, Any]) -> str:
     parts = []
-    for key, name, unit in (("fds", "fds", ""), ("upstream_conns", "of which idle upstream keep-alive", ""),
-                            ("tasks", "tasks", ""), ("streams", "streams", ""), ("rss_kib", "rss", " KiB")):
+    for key, name, unit in (
+        ("fds", "fds", ""),
+        ("upstream_conns", "of which idle upstream keep-alive", ""),
+        ("tasks", "tasks", ""),
+        ("streams", "streams", ""),
+        ("rss_kib", "rss", " KiB"),
+    ):
         if key in before and key in after:
             parts.append(f"{name} {before[key]}->{after[key]}{unit}")
     return f"{label}: " + ", ".join(parts)
@@ -155,16 +177,24 @@ def delta(label: str, before: dict[str, Any], after: dict[str, Any]) -> str:
 
 def same_resources(res: Result, who: str, before: dict[str, Any], after: dict[str, Any]) -> None:
     if "fds_other" in before:  # a tunnel client: its pooled upstream connections are not a leak
-        res.check(f"{who}: file descriptors (besides its upstream keep-alive pool) back to baseline",
-                  after["fds_other"] <= before["fds_other"],
-                  f"{before['fds_other']} -> {after['fds_other']} (pool {before['upstream_conns']} -> "
-                  f"{after['upstream_conns']})")
+        res.check(
+            f"{who}: file descriptors (besides its upstream keep-alive pool) back to baseline",
+            after["fds_other"] <= before["fds_other"],
+            f"{before['fds_other']} -> {after['fds_other']} (pool {before['upstream_conns']} -> "
+            f"{after['upstream_conns']})",
+        )
     else:
-        res.check(f"{who}: file descriptors back to baseline", after["fds"] <= before["fds"],
-                  f"{before['fds']} -> {after['fds']}")
+        res.check(
+            f"{who}: file descriptors back to baseline",
+            after["fds"] <= before["fds"],
+            f"{before['fds']} -> {after['fds']}",
+        )
     if "tasks" in before:
-        res.check(f"{who}: asyncio tasks back to baseline", after["tasks"] <= before["tasks"],
-                  f"{before['tasks']} -> {after['tasks']}")
+        res.check(
+            f"{who}: asyncio tasks back to baseline",
+            after["tasks"] <= before["tasks"],
+            f"{before['tasks']} -> {after['tasks']}",
+        )
     if "streams" in after:
         res.check(f"{who}: backhaul_streams_in_flight back to 0", after["streams"] == 0, after["streams"])
 
@@ -176,12 +206,23 @@ async def check_freed(res: Result, who: str, path: Path | None, connected: int) 
     if path is None:
         return
     live = await live_sessions(path)
-    ws = sum(live.get(name, 0) for name in ("ServerConnection", "ClientConnection", "TunnelServerConnection",
-                                            "TunnelClientConnection", "PinnedClientConnection"))
+    ws = sum(
+        live.get(name, 0)
+        for name in (
+            "ServerConnection",
+            "ClientConnection",
+            "TunnelServerConnection",
+            "TunnelClientConnection",
+            "PinnedClientConnection",
+        )
+    )
     tls = live.get("SSLObject", 0)
-    res.check(f"{who}: ended sessions' websockets and TLS objects freed at once", ws == connected == tls,
-              f"{ws} websockets, {tls} TLS objects in memory for {connected} connected "
-              f"(TunnelConnection objects: {live.get('TunnelConnection', 0)})")
+    res.check(
+        f"{who}: ended sessions' websockets and TLS objects freed at once",
+        ws == connected == tls,
+        f"{ws} websockets, {tls} TLS objects in memory for {connected} connected "
+        f"(TunnelConnection objects: {live.get('TunnelConnection', 0)})",
+    )
 
 
 def link_mode() -> tuple[bool, str]:
@@ -192,6 +233,7 @@ def link_mode() -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------- 1. client killed mid-stream
+
 
 async def kill_client(short: bool) -> Result:
     res = Result("kill-client", "Client killed mid-stream (SIGKILL)", "short" if short else "full")
@@ -205,24 +247,44 @@ async def kill_client(short: bool) -> Result:
         await warm(srv)
         base = await settle(srv, 1)
         cycles = 2 if short else 5
-        times: dict[str, list[float]] = {"waiting GET": [], "waiting POST": [], "mid-body GET": [],
-                                         "mid-upload POST": []}
+        times: dict[str, list[float]] = {
+            "waiting GET": [],
+            "waiting POST": [],
+            "mid-body GET": [],
+            "mid-upload POST": [],
+        }
         seen: dict[str, set[str]] = {k: set() for k in times}
         bad: list[str] = []
         refused: list[float] = []
         for cycle in range(cycles):
             client = next(p for p in reversed(env.procs) if p.name.startswith("client"))
             async with session() as http:
-                calls = [asyncio.create_task(call(http, srv.base, "/slow?ms=60000", "waiting GET"))
-                         for _ in range(3)]
-                calls += [asyncio.create_task(call(http, srv.base, "/slowpost?ms=60000", "waiting POST",
-                                                   method="POST", data=os.urandom(64 * 1024))) for _ in range(2)]
-                streams = [call(http, srv.base, "/stream?seconds=60&interval_ms=50", "mid-body GET",
-                                marker=b"end\n") for _ in range(3)]
+                calls = [asyncio.create_task(call(http, srv.base, "/slow?ms=60000", "waiting GET")) for _ in range(3)]
+                calls += [
+                    asyncio.create_task(
+                        call(
+                            http,
+                            srv.base,
+                            "/slowpost?ms=60000",
+                            "waiting POST",
+                            method="POST",
+                            data=os.urandom(64 * 1024),
+                        )
+                    )
+                    for _ in range(2)
+                ]
+                streams = [
+                    call(http, srv.base, "/stream?seconds=60&interval_ms=50", "mid-body GET", marker=b"end\n")
+                    for _ in range(3)
+                ]
                 stream_tasks = [asyncio.create_task(s) for s in streams]
                 calls += stream_tasks
-                calls += [asyncio.create_task(call(http, srv.base, "/upload", "mid-upload POST", method="POST",
-                                                   data=slow_body())) for _ in range(2)]
+                calls += [
+                    asyncio.create_task(
+                        call(http, srv.base, "/upload", "mid-upload POST", method="POST", data=slow_body())
+                    )
+                    for _ in range(2)
+                ]
                 await wait_for(lambda: _upstream_busy(up, 10), 10, 0.05, "10 requests at the upstream")
                 await asyncio.sleep(0.3)  # the streams have sent a few lines
                 loop = asyncio.get_running_loop()
@@ -247,23 +309,33 @@ async def kill_client(short: bool) -> Result:
             await client.astop(signal.SIGKILL)
             await env.client(url, routes, name=f"client-{cycle + 1}", instance="client")
         end = await settle(srv, 1, like=base)
-        res.fig("kill cycles", f"{cycles} (each: 3 GETs and 2 POSTs waiting for a head, 3 GETs mid-body, "
-                "2 POSTs mid-upload)")
+        res.fig(
+            "kill cycles",
+            f"{cycles} (each: 3 GETs and 2 POSTs waiting for a head, 3 GETs mid-body, 2 POSTs mid-upload)",
+        )
         for label, values in times.items():
-            res.fig(f"{label}: caller sees / after the kill (max, median)",
-                    f"{', '.join(sorted(seen[label]))} / {ms(max(values))}, {ms(pct(values, 0.5))}")
+            res.fig(
+                f"{label}: caller sees / after the kill (max, median)",
+                f"{', '.join(sorted(seen[label]))} / {ms(max(values))}, {ms(pct(values, 0.5))}",
+            )
         res.fig("new request after the kill (no tunnel): answered in", f"max {ms(max(refused))}")
         res.fig("exit server before -> after", delta("", base, end).lstrip(": "))
-        res.check("callers waiting for a head get 502; mid-body callers get an aborted body (never a complete one); "
-                  "mid-upload callers get 502 or a cut connection",
-                  not bad, "; ".join(bad) or f"{sum(len(v) for v in times.values())} calls as expected")
+        res.check(
+            "callers waiting for a head get 502; mid-body callers get an aborted body (never a complete one); "
+            "mid-upload callers get 502 or a cut connection",
+            not bad,
+            "; ".join(bad) or f"{sum(len(v) for v in times.values())} calls as expected",
+        )
         worst = max(max(v) for v in times.values())
         res.check("every caller has its answer within 5 s of the kill", worst < 5, ms(worst))
         res.check("a new request after the kill gets 503 at once", not bad and max(refused) < 1, ms(max(refused)))
         same_resources(res, "exit server", base, end)
         await check_freed(res, f"exit server, after {cycles} killed sessions", srv.probe_path, 1)
-        res.check("exit server: RSS back near baseline (< +5 MiB)", end["rss_kib"] - base["rss_kib"] < 5 * 1024,
-                  f"{base['rss_kib']} -> {end['rss_kib']} KiB")
+        res.check(
+            "exit server: RSS back near baseline (< +5 MiB)",
+            end["rss_kib"] - base["rss_kib"] < 5 * 1024,
+            f"{base['rss_kib']} -> {end['rss_kib']} KiB",
+        )
     finally:
         res.commands = env.commands
         await env.close()
@@ -287,8 +359,10 @@ def _upstream_stats(port: int) -> dict[str, int]:
 
 # ---------------------------------------------------------------- 2. silent link loss
 
-async def _stack_over_link(env: Env, res: Result, srv: Server, *client_extra: str,
-                           proxy_control: dict[str, Any] | None = None) -> dict[str, Any]:
+
+async def _stack_over_link(
+    env: Env, res: Result, srv: Server, *client_extra: str, proxy_control: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Upstream + tunnel client behind an emulated link: in a network namespace of our own
     when possible (client -> veth -> link proxy -> exit server), else behind the link proxy
     on loopback."""
@@ -297,11 +371,18 @@ async def _stack_over_link(env: Env, res: Result, srv: Server, *client_extra: st
     up = await env.upstream(netns=link.cli if link else None)
     proxy, port, control = await env.linkproxy(srv.control, link, proxy_control)
     host = NetnsLink.GW_ADDR if link else "localhost"
-    client = await env.client(f"wss://{host}:{port}", [f"{HOST}=http://127.0.0.1:{up}"], *client_extra,
-                              netns=link.cli if link else None, probe=True)
+    client = await env.client(
+        f"wss://{host}:{port}",
+        [f"{HOST}=http://127.0.0.1:{up}"],
+        *client_extra,
+        netns=link.cli if link else None,
+        probe=True,
+    )
     if link is not None:
-        res.notes.append(f"link: {link.describe()}; the client reaches the exit server through "
-                         "reliability/linkproxy.py, whose listening socket lives in the gateway namespace")
+        res.notes.append(
+            f"link: {link.describe()}; the client reaches the exit server through "
+            "reliability/linkproxy.py, whose listening socket lives in the gateway namespace"
+        )
     else:
         res.notes.append(f"link: reliability/linkproxy.py on 127.0.0.1 (no network namespaces here: {why})")
     return {"link": link, "proxy": proxy, "control": control, "client": client, "upstream": up}
@@ -315,8 +396,11 @@ async def link_loss(short: bool) -> Result:
         parts = await _stack_over_link(env, res, srv)
         link: NetnsLink | None = parts["link"]
         use_nft = link is not None and NetnsLink.has_nft()
-        how = ("nftables drop rules in the gateway namespace (input from and output to the client)" if use_nft
-               else "the link proxy swallowing every byte while keeping both connections open")
+        how = (
+            "nftables drop rules in the gateway namespace (input from and output to the client)"
+            if use_nft
+            else "the link proxy swallowing every byte while keeping both connections open"
+        )
         res.notes.append(f"blackhole: {how}")
         client = parts["client"].proc
         await warm(srv)
@@ -326,12 +410,20 @@ async def link_loss(short: bool) -> Result:
         for rnd in range(rounds):
             tag = f"round {rnd + 1}: " if rounds > 1 else ""
             async with session() as http:
-                inflight = [asyncio.create_task(call(http, srv.base, "/slow?ms=120000", "waiting GET"))
-                            for _ in range(2)]
-                inflight.append(asyncio.create_task(call(http, srv.base, "/slowpost?ms=120000", "waiting POST",
-                                                         method="POST", data=b"p" * 4096)))
-                streamers = [asyncio.create_task(call(http, srv.base, "/stream?seconds=120&interval_ms=100",
-                                                      "mid-body GET", marker=b"end\n")) for _ in range(2)]
+                inflight = [
+                    asyncio.create_task(call(http, srv.base, "/slow?ms=120000", "waiting GET")) for _ in range(2)
+                ]
+                inflight.append(
+                    asyncio.create_task(
+                        call(http, srv.base, "/slowpost?ms=120000", "waiting POST", method="POST", data=b"p" * 4096)
+                    )
+                )
+                streamers = [
+                    asyncio.create_task(
+                        call(http, srv.base, "/stream?seconds=120&interval_ms=100", "mid-body GET", marker=b"end\n")
+                    )
+                    for _ in range(2)
+                ]
                 await asyncio.sleep(1.5)  # heads sent, streams flowing
                 loop = asyncio.get_running_loop()
                 t0, wall0 = loop.time(), time.time()
@@ -364,23 +456,38 @@ async def link_loss(short: bool) -> Result:
                 t_back = await wait_for(back, 60, 0.1, "client back after heal")
                 ok = await call(http, srv.base, "/small", "after heal")
             res.fig(f"{tag}exit server noticed the dead link after", f"{t_server:.1f} s")
-            res.fig(f"{tag}tunnel client noticed the dead link after",
-                    f"{t_client:.1f} s ({line.split(': ', 1)[-1][:90]})")
-            res.check(f"{tag}both sides notice within 15 s", t_server < 15 and t_client < 15,
-                      f"server {t_server:.1f} s, client {t_client:.1f} s")
-            summary = ", ".join(f"{c.label} -> {c.status or '-'} {c.outcome} at {c.t_end - t0:.1f} s"
-                                for c in results)
+            res.fig(
+                f"{tag}tunnel client noticed the dead link after", f"{t_client:.1f} s ({line.split(': ', 1)[-1][:90]})"
+            )
+            res.check(
+                f"{tag}both sides notice within 15 s",
+                t_server < 15 and t_client < 15,
+                f"server {t_server:.1f} s, client {t_client:.1f} s",
+            )
+            summary = ", ".join(f"{c.label} -> {c.status or '-'} {c.outcome} at {c.t_end - t0:.1f} s" for c in results)
             res.fig(f"{tag}in-flight requests", summary)
             ok_inflight = all(
-                (c.status in (502, 504) and c.outcome == "complete") if c.label != "mid-body GET"
-                else (c.status == 200 and c.outcome == "aborted") for c in results)
-            res.check(f"{tag}in-flight requests get 502/504 (waiting for a head) or an aborted body (mid-body)",
-                      ok_inflight, summary)
-            res.check(f"{tag}a new request once the loss is noticed gets 503 at once",
-                      new.status == 503 and new.seconds < 0.5, f"{new.status} in {ms(new.seconds)}")
+                (c.status in (502, 504) and c.outcome == "complete")
+                if c.label != "mid-body GET"
+                else (c.status == 200 and c.outcome == "aborted")
+                for c in results
+            )
+            res.check(
+                f"{tag}in-flight requests get 502/504 (waiting for a head) or an aborted body (mid-body)",
+                ok_inflight,
+                summary,
+            )
+            res.check(
+                f"{tag}a new request once the loss is noticed gets 503 at once",
+                new.status == 503 and new.seconds < 0.5,
+                f"{new.status} in {ms(new.seconds)}",
+            )
             res.fig(f"{tag}link healed -> client registered again", f"{t_back:.1f} s")
-            res.check(f"{tag}the client reconnects when the link heals (within 30 s), requests succeed",
-                      t_back < 30 and ok.status == 200, f"{t_back:.1f} s, then {ok.status}")
+            res.check(
+                f"{tag}the client reconnects when the link heals (within 30 s), requests succeed",
+                t_back < 30 and ok.status == 200,
+                f"{t_back:.1f} s, then {ok.status}",
+            )
         end = await settle(srv, 1, like=base)
         end_cl = await settle_client(parts["client"], base_cl)
         res.fig("exit server before the loss -> after the reconnect", delta("", base, end).lstrip(": "))
@@ -397,9 +504,11 @@ async def link_loss(short: bool) -> Result:
 
 # ---------------------------------------------------------------- 3. exit server killed and restarted
 
+
 async def server_restart(short: bool) -> Result:
-    res = Result("server-restart", "Exit server killed (SIGKILL) and restarted, 20 clients",
-                 "short" if short else "full")
+    res = Result(
+        "server-restart", "Exit server killed (SIGKILL) and restarted, 20 clients", "short" if short else "full"
+    )
     env = Env.create("restart")
     try:
         from rel_lib import free_port
@@ -409,8 +518,10 @@ async def server_restart(short: bool) -> Result:
         srv = await env.exit_server(probe=False, ports=ports, name="exit-server-0")
         n = 20
         url = f"wss://localhost:{srv.control}"
-        clients = [await env.client(url, [f"{HOST}=http://127.0.0.1:{up}"], name=f"client-{i:02d}", wait=False,
-                                    probe=i == 0) for i in range(n)]
+        clients = [
+            await env.client(url, [f"{HOST}=http://127.0.0.1:{up}"], name=f"client-{i:02d}", wait=False, probe=i == 0)
+            for i in range(n)
+        ]
 
         async def all_back(server: Server = srv) -> bool:
             return await server.tunnels() == n
@@ -447,9 +558,13 @@ async def server_restart(short: bool) -> Result:
             worst_kill.append(max(from_kill))
             tag = f"round {rnd + 1}: " if rounds > 1 else ""
             res.fig(f"{tag}new exit server listening after the kill", f"{t_listen - t_kill:.2f} s")
-            res.fig(f"{tag}reconnect times from the restart (min / median / p90 / max)",
-                    " / ".join(f"{v:.2f} s" for v in (from_listen[0], pct(from_listen, 0.5), pct(from_listen, 0.9),
-                                                      from_listen[-1])))
+            res.fig(
+                f"{tag}reconnect times from the restart (min / median / p90 / max)",
+                " / ".join(
+                    f"{v:.2f} s"
+                    for v in (from_listen[0], pct(from_listen, 0.5), pct(from_listen, 0.9), from_listen[-1])
+                ),
+            )
             res.fig(f"{tag}reconnect times from the kill (min / max)", f"{from_kill[0]:.2f} s / {from_kill[-1]:.2f} s")
             buckets = [0] * 10
             for v in from_listen:
@@ -457,11 +572,16 @@ async def server_restart(short: bool) -> Result:
             res.fig(f"{tag}clients back per 0.5 s after the restart", " ".join(str(b) for b in buckets))
             res.fig(f"{tag}spread (last - first) / most clients in any 100 ms", f"{spread:.2f} s / {crowd}")
             res.check(f"{tag}all {n} clients back", len(first) == n, f"{len(first)}")
-            res.check(f"{tag}every client back within 5 s of the restart", max(from_listen) < 5,
-                      f"max {max(from_listen):.2f} s after the new server listened "
-                      f"({max(from_kill):.2f} s after the kill)")
-            res.check(f"{tag}reconnects spread by jitter, not all within 100 ms", spread > 0.1 and crowd < n,
-                      f"spread {spread:.2f} s, at most {crowd} of {n} in one 100 ms window")
+            res.check(
+                f"{tag}every client back within 5 s of the restart",
+                max(from_listen) < 5,
+                f"max {max(from_listen):.2f} s after the new server listened ({max(from_kill):.2f} s after the kill)",
+            )
+            res.check(
+                f"{tag}reconnects spread by jitter, not all within 100 ms",
+                spread > 0.1 and crowd < n,
+                f"spread {spread:.2f} s, at most {crowd} of {n} in one 100 ms window",
+            )
         async with session() as http:
             c = await call(http, srv.base, "/small")
         res.check("requests succeed after the restart", c.status == 200, c.status)
@@ -477,6 +597,7 @@ async def server_restart(short: bool) -> Result:
 
 # ---------------------------------------------------------------- 4. upstream faults
 
+
 async def upstream_faults(short: bool) -> Result:
     res = Result("upstream-faults", "Upstream hangs, refuses, resets mid-body", "short" if short else "full")
     env = Env.create("faults")
@@ -487,9 +608,11 @@ async def upstream_faults(short: bool) -> Result:
         up = await env.upstream()
         dead = free_port()  # nothing listens there
         srv = await env.exit_server("--upstream-timeout", str(timeout))
-        cl = await env.client(f"wss://localhost:{srv.control}",
-                              [f"{HOST}=http://127.0.0.1:{up}", f"refused.rel.test=http://127.0.0.1:{dead}"],
-                              probe=True)
+        cl = await env.client(
+            f"wss://localhost:{srv.control}",
+            [f"{HOST}=http://127.0.0.1:{up}", f"refused.rel.test=http://127.0.0.1:{dead}"],
+            probe=True,
+        )
         await warm(srv)
         base = await settle(srv, 1)
         base_cl = await cl.snapshot()
@@ -499,52 +622,80 @@ async def upstream_faults(short: bool) -> Result:
         plans: dict[str, list[tuple[str, str, str]]] = {  # kind -> [(path, label, host)]
             "hang": [("/hang", "hang", HOST)],
             "refused": [("/small", "refused", "refused.rel.test")],
-            "reset": [("/reset?n=100000", "reset (Content-Length)", HOST),
-                      ("/reset?n=100000&chunked=1", "reset (chunked)", HOST)]}
+            "reset": [
+                ("/reset?n=100000", "reset (Content-Length)", HOST),
+                ("/reset?n=100000&chunked=1", "reset (chunked)", HOST),
+            ],
+        }
         garbage: dict[str, tuple[int, int, int]] = {}  # kind -> (failed, server objects, client objects)
         for kind, plan in plans.items():  # one kind at a time, so garbage is counted per kind
             before_s, before_c = await srv.snapshot(), await cl.snapshot()
             n = 0
             for _ in range(rounds):
                 async with session() as http:
-                    tasks = [call(http, srv.base, path, label, host=host, timeout=timeout + 20)
-                             for path, label, host in plan for _ in range(per)]
+                    tasks = [
+                        call(http, srv.base, path, label, host=host, timeout=timeout + 20)
+                        for path, label, host in plan
+                        for _ in range(per)
+                    ]
                     for c in await asyncio.gather(*tasks):
                         got[c.label].append(c)
                         n += 1
             await settle(srv, 1, quiet=0.5)
             after_s, after_c = await srv.snapshot(), await cl.snapshot()
-            garbage[kind] = (n, after_s["gc_objects"] - before_s["gc_objects"],
-                             after_c["gc_objects"] - before_c["gc_objects"])
+            garbage[kind] = (
+                n,
+                after_s["gc_objects"] - before_s["gc_objects"],
+                after_c["gc_objects"] - before_c["gc_objects"],
+            )
         hang, refused = got["hang"], got["refused"]
         resets = got["reset (Content-Length)"] + got["reset (chunked)"]
         hs = [c.seconds for c in hang]
         res.fig("--upstream-timeout", f"{timeout} s")
-        res.fig("hanging upstream: status / time (min-max)",
-                f"{sorted({c.status for c in hang})} / {min(hs):.2f}-{max(hs):.2f} s")
-        res.check("a hanging upstream gives 504 at the timeout",
-                  all(c.status == 504 for c in hang) and timeout <= min(hs) and max(hs) < timeout + 1.5,
-                  f"{len(hang)} x {sorted({c.status for c in hang})} in {min(hs):.2f}-{max(hs):.2f} s")
+        res.fig(
+            "hanging upstream: status / time (min-max)",
+            f"{sorted({c.status for c in hang})} / {min(hs):.2f}-{max(hs):.2f} s",
+        )
+        res.check(
+            "a hanging upstream gives 504 at the timeout",
+            all(c.status == 504 for c in hang) and timeout <= min(hs) and max(hs) < timeout + 1.5,
+            f"{len(hang)} x {sorted({c.status for c in hang})} in {min(hs):.2f}-{max(hs):.2f} s",
+        )
         rs = [c.seconds for c in refused]
         res.fig("refusing upstream: status / time (max)", f"{sorted({c.status for c in refused})} / {ms(max(rs))}")
-        res.check("a refusing upstream gives 502 at once", all(c.status == 502 for c in refused) and max(rs) < 0.5,
-                  f"{len(refused)} x {sorted({c.status for c in refused})}, max {ms(max(rs))}")
+        res.check(
+            "a refusing upstream gives 502 at once",
+            all(c.status == 502 for c in refused) and max(rs) < 0.5,
+            f"{len(refused)} x {sorted({c.status for c in refused})}, max {ms(max(rs))}",
+        )
         outcomes = sorted({f"{c.status} {c.outcome}" for c in resets})
-        res.fig("upstream reset mid-body: caller sees", f"{outcomes}; bytes before the abort "
-                f"{min(c.nbytes for c in resets)}-{max(c.nbytes for c in resets)} of 1 MiB announced / chunked")
-        res.check("an upstream reset mid-body gives an aborted body (never presented as complete)",
-                  all(c.status == 200 and c.outcome == "aborted" for c in resets), outcomes)
+        res.fig(
+            "upstream reset mid-body: caller sees",
+            f"{outcomes}; bytes before the abort "
+            f"{min(c.nbytes for c in resets)}-{max(c.nbytes for c in resets)} of 1 MiB announced / chunked",
+        )
+        res.check(
+            "an upstream reset mid-body gives an aborted body (never presented as complete)",
+            all(c.status == 200 and c.outcome == "aborted" for c in resets),
+            outcomes,
+        )
 
         def hanging_gone() -> bool:
             return _upstream_stats(up)["hanging"] == 0
 
         try:
             t_cancel = await wait_for(hanging_gone, 10, 0.1, "upstream calls cancelled")
-            res.check("the upstream call is cancelled after a 504 (upstream sees the caller leave)", True,
-                      f"0 hanging at the upstream {t_cancel:.1f} s after the last 504")
+            res.check(
+                "the upstream call is cancelled after a 504 (upstream sees the caller leave)",
+                True,
+                f"0 hanging at the upstream {t_cancel:.1f} s after the last 504",
+            )
         except TimeoutError:
-            res.check("the upstream call is cancelled after a 504 (upstream sees the caller leave)", False,
-                      f"{_upstream_stats(up)['hanging']} still hanging")
+            res.check(
+                "the upstream call is cancelled after a 504 (upstream sees the caller leave)",
+                False,
+                f"{_upstream_stats(up)['hanging']} still hanging",
+            )
         end = await settle(srv, 1, like=base)
         end_cl = await cl.snapshot()
         for _ in range(40):
@@ -556,20 +707,30 @@ async def upstream_faults(short: bool) -> Result:
         res.fig("tunnel client before -> after", delta("", base_cl, end_cl).lstrip(": "))
         same_resources(res, "exit server", base, end)
         same_resources(res, "tunnel client", base_cl, end_cl)
-        res.fig("objects left for the cyclic GC per failed request (exit server / tunnel client)", ", ".join(
-            f"{kind} {s / n:+.1f} / {c / n:+.1f}" for kind, (n, s, c) in garbage.items()))
+        res.fig(
+            "objects left for the cyclic GC per failed request (exit server / tunnel client)",
+            ", ".join(f"{kind} {s / n:+.1f} / {c / n:+.1f}" for kind, (n, s, c) in garbage.items()),
+        )
         for kind, (n, s, c) in garbage.items():
             bound = 50 if kind == "refused" else 5  # refused: see the note
-            res.check(f"{kind}: failed requests leave no garbage cycles (GC-tracked objects, no collection forced,"
-                      f" < {bound} per request)", s < bound * n and c < bound * n,
-                      f"exit server {s:+d}, tunnel client {c:+d} after {n} requests")
-        res.notes.append("refused: about 30 objects per request stay for the cyclic GC in the tunnel client, all in "
-                         "aiohttp's connector and aiohappyeyeballs (the connect errors are kept in lists their own "
-                         "tracebacks reference; python/cpython#124858 is the same pattern in asyncio); no Backhaul "
-                         "frame is among them since tunnel_client/upstream.py drops its exception's traceback")
+            res.check(
+                f"{kind}: failed requests leave no garbage cycles (GC-tracked objects, no collection forced,"
+                f" < {bound} per request)",
+                s < bound * n and c < bound * n,
+                f"exit server {s:+d}, tunnel client {c:+d} after {n} requests",
+            )
+        res.notes.append(
+            "refused: about 30 objects per request stay for the cyclic GC in the tunnel client, all in "
+            "aiohttp's connector and aiohappyeyeballs (the connect errors are kept in lists their own "
+            "tracebacks reference; python/cpython#124858 is the same pattern in asyncio); no Backhaul "
+            "frame is among them since tunnel_client/upstream.py drops its exception's traceback"
+        )
         for who, b, e in (("exit server", base, end), ("tunnel client", base_cl, end_cl)):
-            res.check(f"{who}: RSS back near baseline (< +4 MiB)", e["rss_kib"] - b["rss_kib"] < 4096,
-                      f"{b['rss_kib']} -> {e['rss_kib']} KiB")
+            res.check(
+                f"{who}: RSS back near baseline (< +4 MiB)",
+                e["rss_kib"] - b["rss_kib"] < 4096,
+                f"{b['rss_kib']} -> {e['rss_kib']} KiB",
+            )
     finally:
         res.commands = env.commands
         await env.close()
@@ -578,9 +739,11 @@ async def upstream_faults(short: bool) -> Result:
 
 # ---------------------------------------------------------------- 5. degraded link
 
+
 async def degraded_link(short: bool) -> Result:
-    res = Result("degraded-link", "Degraded link: 200 ms +- 50 ms each way, then also 2 Mbit/s",
-                 "short" if short else "full")
+    res = Result(
+        "degraded-link", "Degraded link: 200 ms +- 50 ms each way, then also 2 Mbit/s", "short" if short else "full"
+    )
     env = Env.create("degraded")
     try:
         srv = await env.exit_server(name="exit-server")
@@ -590,34 +753,47 @@ async def degraded_link(short: bool) -> Result:
         await warm(srv)
         seconds = 6 if short else 70
         use_tbf = link is not None and NetnsLink.has_tbf()
-        phases = [("latency", {"delay_ms": 200, "jitter_ms": 50}, None),
-                  ("latency + 2 Mbit/s", {"delay_ms": 200, "jitter_ms": 50}, 2000)]
+        phases = [
+            ("latency", {"delay_ms": 200, "jitter_ms": 50}, None),
+            ("latency + 2 Mbit/s", {"delay_ms": 200, "jitter_ms": 50}, 2000),
+        ]
         regs0 = int((await srv.metrics()).get("backhaul_tunnel_registrations_total", 0))
         wall0 = time.time()
         for name, delay, kbit in phases:
-            set_link(parts["control"], parts["proxy"], **delay,
-                     **({"rate_kbit": kbit} if kbit and not use_tbf else {}))
+            set_link(parts["control"], parts["proxy"], **delay, **({"rate_kbit": kbit} if kbit and not use_tbf else {}))
             if kbit and use_tbf:
                 assert link is not None
                 await asyncio.to_thread(link.rate, kbit)
             how = ("tc tbf on both veth ends" if use_tbf else "the link proxy's token bucket") if kbit else ""
-            res.fig(f"{name}: emulation", f"delay {delay['delay_ms']} +- {delay['jitter_ms']} ms each way in the "
-                    f"link proxy" + (f", {kbit} kbit/s by {how}" if kbit else ""))
+            res.fig(
+                f"{name}: emulation",
+                f"delay {delay['delay_ms']} +- {delay['jitter_ms']} ms each way in the "
+                f"link proxy" + (f", {kbit} kbit/s by {how}" if kbit else ""),
+            )
             stats = await _degraded_phase(srv, seconds, big=bool(kbit))
             res.fig(f"{name}: requests over {seconds} s", stats["summary"])
             res.fig(f"{name}: heartbeat RTT seen by the exit server", stats["rtt"])
             if kbit:
                 res.fig(f"{name}: 256 KiB download throughput (median)", stats["throughput"])
-            res.check(f"{name}: every request succeeds", stats["failed"] == 0 and stats["ok"] > 0,
-                      f"{stats['ok']} ok, {stats['failed']} failed {stats['errors'][:3]}")
-            res.check(f"{name}: the tunnel stays up the whole time (polled every 0.5 s)", stats["min_tunnels"] == 1,
-                      f"min tunnels_connected {stats['min_tunnels']}")
+            res.check(
+                f"{name}: every request succeeds",
+                stats["failed"] == 0 and stats["ok"] > 0,
+                f"{stats['ok']} ok, {stats['failed']} failed {stats['errors'][:3]}",
+            )
+            res.check(
+                f"{name}: the tunnel stays up the whole time (polled every 0.5 s)",
+                stats["min_tunnels"] == 1,
+                f"min tunnels_connected {stats['min_tunnels']}",
+            )
         if use_tbf and link is not None:
             await asyncio.to_thread(link.rate, None)
         regs = int((await srv.metrics()).get("backhaul_tunnel_registrations_total", 0))
         ended = client.find(r"session \S+ ended|no data from peer|reconnecting", wall0)
-        res.check("no false disconnects: no new registration, no session end in the client's log",
-                  regs == regs0 and not ended, f"registrations {regs0} -> {regs}, client log: {len(ended)} lines")
+        res.check(
+            "no false disconnects: no new registration, no session end in the client's log",
+            regs == regs0 and not ended,
+            f"registrations {regs0} -> {regs}, client log: {len(ended)} lines",
+        )
     finally:
         res.commands = env.commands
         await env.close()
@@ -664,8 +840,9 @@ async def _degraded_phase(srv: Server, seconds: float, big: bool) -> dict[str, A
         nonlocal ok
         while loop.time() < end - 3:
             t0 = loop.time()
-            c = await call(http, srv.base, "/sse?seconds=3&interval_ms=100", "sse 3 s", timeout=60,
-                           marker=b"data: {}\n\n")
+            c = await call(
+                http, srv.base, "/sse?seconds=3&interval_ms=100", "sse 3 s", timeout=60, marker=b"data: {}\n\n"
+            )
             if c.status == 200 and c.outcome == "complete":
                 ok += 1
                 lat.setdefault("sse 3 s", []).append(loop.time() - t0)
@@ -688,13 +865,19 @@ async def _degraded_phase(srv: Server, seconds: float, big: bool) -> dict[str, A
     async with session() as http:
         await asyncio.gather(worker(http), worker(http), sse(http), monitor())
     summary = ", ".join(f"{k} {len(v)} (p50 {ms(pct(v, 0.5))}, p95 {ms(pct(v, 0.95))})" for k, v in lat.items())
-    return {"ok": ok, "failed": len(errors), "errors": errors, "min_tunnels": min_tunnels,
-            "summary": f"{ok} ok, {len(errors)} failed; {summary}",
-            "rtt": (f"{min(rtts):.0f}-{max(rtts):.0f} ms (median {statistics.median(rtts):.0f} ms)" if rtts else "n/a"),
-            "throughput": (f"{statistics.median(throughput) * 8 / 1000:.0f} kbit/s" if throughput else "n/a")}
+    return {
+        "ok": ok,
+        "failed": len(errors),
+        "errors": errors,
+        "min_tunnels": min_tunnels,
+        "summary": f"{ok} ok, {len(errors)} failed; {summary}",
+        "rtt": (f"{min(rtts):.0f}-{max(rtts):.0f} ms (median {statistics.median(rtts):.0f} ms)" if rtts else "n/a"),
+        "throughput": (f"{statistics.median(throughput) * 8 / 1000:.0f} kbit/s" if throughput else "n/a"),
+    }
 
 
 # ---------------------------------------------------------------- 6. overload
+
 
 async def overload(short: bool) -> Result:
     res = Result("overload", "Overload: ten times the stream limit at once", "short" if short else "full")
@@ -733,8 +916,9 @@ async def overload(short: bool) -> Result:
             fast += [c.seconds for c in refused]
             slow += [c.seconds for c in calls if c.status == 200]
             if n200 != limit or len(refused) != burst - limit:
-                bad.append(f"burst {b}: {n200} x 200, {len(refused)} x 503, "
-                           f"{sorted({(c.status, c.outcome) for c in calls})}")
+                bad.append(
+                    f"burst {b}: {n200} x 200, {len(refused)} x 503, {sorted({(c.status, c.outcome) for c in calls})}"
+                )
             if any(c.retry_after is None for c in refused):
                 bad.append(f"burst {b}: a 503 without Retry-After")
             await settle(srv, 1, quiet=0.3)
@@ -746,17 +930,27 @@ async def overload(short: bool) -> Result:
         res.fig("answers", f"{counts['200']} x 200 (after the upstream's 1.5 s), {counts['503']} x 503")
         res.fig("503 latency p50 / p99 / max", f"{ms(pct(fast, 0.5))} / {ms(pct(fast, 0.99))} / {ms(max(fast))}")
         res.fig("200 latency max", ms(max(slow)))
-        res.fig("exit server RSS: baseline / peak / after each burst (KiB)",
-                f"{base['rss_kib']} / {peak} / {' '.join(map(str, after))}")
-        res.check("exactly the limit is served, the rest get 503 with Retry-After", not bad,
-                  "; ".join(bad) or f"{bursts} bursts as expected")
+        res.fig(
+            "exit server RSS: baseline / peak / after each burst (KiB)",
+            f"{base['rss_kib']} / {peak} / {' '.join(map(str, after))}",
+        )
+        res.check(
+            "exactly the limit is served, the rest get 503 with Retry-After",
+            not bad,
+            "; ".join(bad) or f"{bursts} bursts as expected",
+        )
         res.check("the 503s are fast (p99 < 500 ms)", pct(fast, 0.99) < 0.5, ms(pct(fast, 0.99)))
-        res.check("never a hang (every request answered, the slowest within 5 s)",
-                  max(fast + slow) < 5 and counts["200"] + counts["503"] == burst * bursts, ms(max(fast + slow)))
+        res.check(
+            "never a hang (every request answered, the slowest within 5 s)",
+            max(fast + slow) < 5 and counts["200"] + counts["503"] == burst * bursts,
+            ms(max(fast + slow)),
+        )
         growth = after[-1] - after[0]
-        res.check("memory bounded: peak < baseline + 64 MiB, no growth from the first burst to the last (< 4 MiB)",
-                  peak - base["rss_kib"] < 64 * 1024 and growth < 4096,
-                  f"peak +{(peak - base['rss_kib']) / 1024:.1f} MiB, first->last burst {growth:+d} KiB")
+        res.check(
+            "memory bounded: peak < baseline + 64 MiB, no growth from the first burst to the last (< 4 MiB)",
+            peak - base["rss_kib"] < 64 * 1024 and growth < 4096,
+            f"peak +{(peak - base['rss_kib']) / 1024:.1f} MiB, first->last burst {growth:+d} KiB",
+        )
         same_resources(res, "exit server", base, end)
     finally:
         res.commands = env.commands
@@ -774,8 +968,12 @@ async def soak(short: bool, load: str = "auto") -> Result:
     period = 15 if short else 60
     warmup = 5 if short else 30
     use_locust = load == "locust" or (load == "auto" and not short and LOCUST.exists())
-    res = Result("soak", f"Soak: {duration // 60 if duration >= 60 else duration}{' min' if duration >= 60 else ' s'} "
-                 f"of mixed load, a client restarted every {period} s", "short" if short else "full")
+    res = Result(
+        "soak",
+        f"Soak: {duration // 60 if duration >= 60 else duration}{' min' if duration >= 60 else ' s'} "
+        f"of mixed load, a client restarted every {period} s",
+        "short" if short else "full",
+    )
     env = Env.create("soak")
     try:
         up = await env.upstream()
@@ -783,30 +981,86 @@ async def soak(short: bool, load: str = "auto") -> Result:
         url = f"wss://localhost:{srv.control}"
         routes = [f"{HOST}=http://127.0.0.1:{up}"]
         steady = await env.client(url, routes, "--drain-timeout", "10", name="client-steady", probe=True)
-        churn = await env.client(url, routes, "--drain-timeout", "10", name="client-churn-0", instance="churn",
-                                 probe=True)
+        churn = await env.client(
+            url, routes, "--drain-timeout", "10", name="client-churn-0", instance="churn", probe=True
+        )
         warm_out = env.workdir / "warmup.json"
-        proc = env.spawn("loadgen-warmup", [PY, str(HERE / "loadgen.py"), "--url", srv.base, "--host", HOST,
-                                            "--concurrency", "8", "--duration", str(warmup), "--out", str(warm_out)],
-                         record=False)
+        proc = env.spawn(
+            "loadgen-warmup",
+            [
+                PY,
+                str(HERE / "loadgen.py"),
+                "--url",
+                srv.base,
+                "--host",
+                HOST,
+                "--concurrency",
+                "8",
+                "--duration",
+                str(warmup),
+                "--out",
+                str(warm_out),
+            ],
+            record=False,
+        )
         await asyncio.to_thread(proc.popen.wait, warmup + 60)
         base = await settle(srv, 2)
         base_steady = await steady.snapshot()
-        res.fig("load", ("locust (.venv-load) with tests/load/locustfile.py: 100 B GET, 100 KiB upload, "
-                         "1 MiB download, 2 s SSE, WebSocket session (10 echoed messages), every answer checked; "
-                         "20 users") if use_locust else
-                "reliability/loadgen.py in its own process (100 B GET, 100 KiB upload, 1 MiB download, 2 s SSE; "
-                "16 workers)")
+        res.fig(
+            "load",
+            (
+                "locust (.venv-load) with tests/load/locustfile.py: 100 B GET, 100 KiB upload, "
+                "1 MiB download, 2 s SSE, WebSocket session (10 echoed messages), every answer checked; "
+                "20 users"
+            )
+            if use_locust
+            else "reliability/loadgen.py in its own process (100 B GET, 100 KiB upload, 1 MiB download, 2 s SSE; "
+            "16 workers)",
+        )
         out = env.workdir / "soak.json"
         if use_locust:
             prefix = env.workdir / "locust"
-            load_proc = env.spawn("locust", [str(LOCUST), "-f", str(ROOT / "tests/load/locustfile.py"), "--headless",
-                                             "-u", "20", "-r", "10", "--run-time", f"{duration}s", "--stop-timeout",
-                                             "10", "--host", srv.base, "--csv", str(prefix), "--only-summary"],
-                                  env={"LOAD_HOST_HEADER": HOST, "LOAD_P95_MS": "60000", "LOAD_FAIL_RATIO": "0"})
+            load_proc = env.spawn(
+                "locust",
+                [
+                    str(LOCUST),
+                    "-f",
+                    str(ROOT / "tests/load/locustfile.py"),
+                    "--headless",
+                    "-u",
+                    "20",
+                    "-r",
+                    "10",
+                    "--run-time",
+                    f"{duration}s",
+                    "--stop-timeout",
+                    "10",
+                    "--host",
+                    srv.base,
+                    "--csv",
+                    str(prefix),
+                    "--only-summary",
+                ],
+                env={"LOAD_HOST_HEADER": HOST, "LOAD_P95_MS": "60000", "LOAD_FAIL_RATIO": "0"},
+            )
         else:
-            load_proc = env.spawn("loadgen", [PY, str(HERE / "loadgen.py"), "--url", srv.base, "--host", HOST,
-                                              "--concurrency", "16", "--duration", str(duration), "--out", str(out)])
+            load_proc = env.spawn(
+                "loadgen",
+                [
+                    PY,
+                    str(HERE / "loadgen.py"),
+                    "--url",
+                    srv.base,
+                    "--host",
+                    HOST,
+                    "--concurrency",
+                    "16",
+                    "--duration",
+                    str(duration),
+                    "--out",
+                    str(out),
+                ],
+            )
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         series: list[dict[str, Any]] = []
@@ -817,10 +1071,20 @@ async def soak(short: bool, load: str = "auto") -> Result:
             while load_proc.alive() and loop.time() - t0 < duration + 120:
                 snap = await srv.snapshot()
                 st = await steady.snapshot()
-                series.append({"t": round(loop.time() - t0, 1), "rss": snap["rss_kib"], "fds": snap["fds"],
-                               "tasks": snap["tasks"], "streams": snap["streams"], "tunnels": snap["tunnels"],
-                               "steady_rss": st["rss_kib"], "steady_fds": st["fds"],
-                               "steady_pool": st["upstream_conns"], "steady_tasks": st["tasks"]})
+                series.append(
+                    {
+                        "t": round(loop.time() - t0, 1),
+                        "rss": snap["rss_kib"],
+                        "fds": snap["fds"],
+                        "tasks": snap["tasks"],
+                        "streams": snap["streams"],
+                        "tunnels": snap["tunnels"],
+                        "steady_rss": st["rss_kib"],
+                        "steady_fds": st["fds"],
+                        "steady_pool": st["upstream_conns"],
+                        "steady_tasks": st["tasks"],
+                    }
+                )
                 await asyncio.sleep(step)
 
         async def churner() -> None:
@@ -832,10 +1096,13 @@ async def soak(short: bool, load: str = "auto") -> Result:
                 t_stop = loop.time()
                 code = await churn.proc.astop(signal.SIGTERM, 30)
                 drained = loop.time() - t_stop
-                churn = await env.client(url, routes, "--drain-timeout", "10", name=f"client-churn-{n}",
-                                         instance="churn", probe=True)
-                restarts.append(f"{loop.time() - t0:.0f}s: exit {code} after {drained:.1f}s drain, "
-                                f"back after {loop.time() - t_stop:.1f}s")
+                churn = await env.client(
+                    url, routes, "--drain-timeout", "10", name=f"client-churn-{n}", instance="churn", probe=True
+                )
+                restarts.append(
+                    f"{loop.time() - t0:.0f}s: exit {code} after {drained:.1f}s drain, "
+                    f"back after {loop.time() - t_stop:.1f}s"
+                )
 
         sampler = asyncio.create_task(sample())
         await churner()
@@ -855,43 +1122,64 @@ async def soak(short: bool, load: str = "auto") -> Result:
         res.data = {"series": series, "load": {k: v for k, v in load_result.items() if k != "errors"}}
         res.fig("duration / restarts of client-churn", f"{duration} s / {len(restarts)} (SIGTERM, drain, start again)")
         res.fig("restarts", "; ".join(restarts))
-        res.fig("requests", f"{load_result['requests']} ({load_result['requests'] / duration:.0f}/s), "
-                f"{load_result['failed']} failed")
+        res.fig(
+            "requests",
+            f"{load_result['requests']} ({load_result['requests'] / duration:.0f}/s), {load_result['failed']} failed",
+        )
         if load_result.get("by_kind"):
-            res.fig("latency p50 / p95 per kind", ", ".join(
-                f"{k} {v['p50_ms']}/{v['p95_ms']} ms" for k, v in load_result["by_kind"].items() if v.get("p50_ms")))
+            res.fig(
+                "latency p50 / p95 per kind",
+                ", ".join(
+                    f"{k} {v['p50_ms']}/{v['p95_ms']} ms" for k, v in load_result["by_kind"].items() if v.get("p50_ms")
+                ),
+            )
         rss_growth = (end["rss_kib"] - base["rss_kib"]) / base["rss_kib"]
         st_growth = (end_steady["rss_kib"] - base_steady["rss_kib"]) / base_steady["rss_kib"]
         under = [s for s in series if s["t"] > 5]
         res.fig("exit server idle before -> after", delta("", base, end).lstrip(": "))
         res.fig("client-steady idle before -> after", delta("", base_steady, end_steady).lstrip(": "))
         if under:
-            res.fig("exit server under load: RSS min-max (KiB) / fds min-max / tasks min-max",
-                    f"{min(s['rss'] for s in under)}-{max(s['rss'] for s in under)} / "
-                    f"{min(s['fds'] for s in under)}-{max(s['fds'] for s in under)} / "
-                    f"{min(s['tasks'] for s in under)}-{max(s['tasks'] for s in under)}")
+            res.fig(
+                "exit server under load: RSS min-max (KiB) / fds min-max / tasks min-max",
+                f"{min(s['rss'] for s in under)}-{max(s['rss'] for s in under)} / "
+                f"{min(s['fds'] for s in under)}-{max(s['fds'] for s in under)} / "
+                f"{min(s['tasks'] for s in under)}-{max(s['tasks'] for s in under)}",
+            )
             third = max(1, len(under) // 3)
             first_rss = statistics.mean(s["rss"] for s in under[:third])
             last_rss = statistics.mean(s["rss"] for s in under[-third:])
-            res.fig("exit server RSS under load: mean of first third -> last third",
-                    f"{first_rss:.0f} -> {last_rss:.0f} KiB ({(last_rss - first_rss) / first_rss:+.1%})")
+            res.fig(
+                "exit server RSS under load: mean of first third -> last third",
+                f"{first_rss:.0f} -> {last_rss:.0f} KiB ({(last_rss - first_rss) / first_rss:+.1%})",
+            )
         errors = load_result.get("errors", [])
-        res.check("zero unexpected errors", load_result["failed"] == 0 and load_result["requests"] > 0,
-                  f"{load_result['failed']} of {load_result['requests']} {errors[:3]}")
+        res.check(
+            "zero unexpected errors",
+            load_result["failed"] == 0 and load_result["requests"] > 0,
+            f"{load_result['failed']} of {load_result['requests']} {errors[:3]}",
+        )
         res.check("client restarts happened", len(restarts) >= (2 if short else 9), len(restarts))
-        res.check("exit server RSS growth under 10% (idle after warm-up -> idle after the soak)", rss_growth < 0.10,
-                  f"{base['rss_kib']} -> {end['rss_kib']} KiB ({rss_growth:+.1%})")
-        res.check("client-steady RSS growth under 10%", st_growth < 0.10,
-                  f"{base_steady['rss_kib']} -> {end_steady['rss_kib']} KiB ({st_growth:+.1%})")
+        res.check(
+            "exit server RSS growth under 10% (idle after warm-up -> idle after the soak)",
+            rss_growth < 0.10,
+            f"{base['rss_kib']} -> {end['rss_kib']} KiB ({rss_growth:+.1%})",
+        )
+        res.check(
+            "client-steady RSS growth under 10%",
+            st_growth < 0.10,
+            f"{base_steady['rss_kib']} -> {end_steady['rss_kib']} KiB ({st_growth:+.1%})",
+        )
         same_resources(res, "exit server", base, end)
         same_resources(res, "client-steady", base_steady, end_steady)
         await check_freed(res, f"exit server, after {len(restarts)} client restarts", srv.probe_path, 2)
         if not short:  # the pool empties after aiohttp's 30 s keep-alive: then the total count is back too
             await asyncio.sleep(35)
             later = await steady.snapshot()
-            res.fig("client-steady 35 s later (upstream keep-alive expired)",
-                    f"fds {later['fds']}, of which upstream keep-alive {later['upstream_conns']} (idle baseline "
-                    f"before the soak: {base_steady['fds']}, of which {base_steady['upstream_conns']})")
+            res.fig(
+                "client-steady 35 s later (upstream keep-alive expired)",
+                f"fds {later['fds']}, of which upstream keep-alive {later['upstream_conns']} (idle baseline "
+                f"before the soak: {base_steady['fds']}, of which {base_steady['upstream_conns']})",
+            )
     finally:
         res.commands = env.commands
         await env.close()

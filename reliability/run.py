@@ -34,56 +34,56 @@ DOC = ROOT / "docs" / "RELIABILITY.md"
 
 CLAIMS = {
     "kill-client": "Callers get 502, or an aborted body they can tell from a complete one, within 5 s; the exit "
-                   "server's streams, tasks and file descriptors return to their baseline.",
+    "server's streams, tasks and file descriptors return to their baseline.",
     "link-loss": "Both sides notice within 15 s; in-flight requests get 502/504; new requests get 503 at once; "
-                 "the client reconnects when the link heals.",
+    "the client reconnects when the link heals.",
     "server-restart": "Every client is back within 5 s; with 20 clients the reconnect times are spread by jitter, "
-                      "not all within 100 ms.",
+    "not all within 100 ms.",
     "upstream-faults": "A hanging upstream gives 504 at the timeout, a refusing one 502 at once, one that resets "
-                       "mid-body an aborted body; nothing leaks.",
+    "mid-body an aborted body; nothing leaks.",
     "degraded-link": "About 200 ms latency with jitter, and a 2 Mbit/s limit: requests succeed and heartbeats "
-                     "cause no false disconnects.",
+    "cause no false disconnects.",
     "overload": "Ten times the configured stream limit at once gives fast 503s, never a hang, and memory stays "
-                "bounded.",
+    "bounded.",
     "soak": "Mixed load with reconnect churn: zero unexpected errors, RSS growth under 10%, no growth in file "
-            "descriptors or tasks.",
+    "descriptors or tasks.",
 }
 
 HOW = {
     "kill-client": "One exit server (`--upstream-timeout 60`), one tunnel client, one upstream. Per cycle: 3 GETs "
-                   "and 2 POSTs (64 KiB body) waiting for a response head, 3 GETs in the middle of a streamed "
-                   "(chunked) body, 2 POSTs in the middle of a slow upload (16 KiB every 50 ms); then `SIGKILL` "
-                   "to the client, and one new request. The client is started again before the next cycle. "
-                   "Baseline and end: idle, one client connected.",
+    "and 2 POSTs (64 KiB body) waiting for a response head, 3 GETs in the middle of a streamed "
+    "(chunked) body, 2 POSTs in the middle of a slow upload (16 KiB every 50 ms); then `SIGKILL` "
+    "to the client, and one new request. The client is started again before the next cycle. "
+    "Baseline and end: idle, one client connected.",
     "link-loss": "Exit server with the default heartbeat (`--heartbeat-interval 4 --heartbeat-timeout 12`, "
-                 "client `--heartbeat-timeout 12`). With 2 GETs and 1 POST waiting for a head and 2 GETs mid-body, "
-                 "the link goes silent; 2 s later one more request is sent into the dead link. Detection is timed "
-                 "from the exit server's `/metrics` (`backhaul_tunnels_connected`, polled every 100 ms) and "
-                 "from the client's log line. Then the link heals.",
+    "client `--heartbeat-timeout 12`). With 2 GETs and 1 POST waiting for a head and 2 GETs mid-body, "
+    "the link goes silent; 2 s later one more request is sent into the dead link. Detection is timed "
+    "from the exit server's `/metrics` (`backhaul_tunnels_connected`, polled every 100 ms) and "
+    "from the client's log line. Then the link heals.",
     "server-restart": "20 `tunnel-client` processes with default backoff (`--backoff-base 1 --backoff-cap 30`, "
-                      "full jitter). The exit server (plain `exit-server run`) gets `SIGKILL` and is started "
-                      "again on the same ports at once. Reconnect times are the new server's `registered client "
-                      "... instance client-NN` log lines, from its own `exit server: public ...` line (the moment "
-                      "it listens) and from the kill.",
+    "full jitter). The exit server (plain `exit-server run`) gets `SIGKILL` and is started "
+    "again on the same ports at once. Reconnect times are the new server's `registered client "
+    "... instance client-NN` log lines, from its own `exit server: public ...` line (the moment "
+    "it listens) and from the kill.",
     "upstream-faults": "Routes to an upstream with `/hang` (never answers) and `/reset` (head, 100 000 bytes, then "
-                       "RST; with `Content-Length: 1 MiB` and chunked), and to a port where nothing listens. 5 of "
-                       "each at once per round, one kind of fault at a time, so that the objects each kind leaves "
-                       "for the cyclic GC can be counted (GC-tracked objects from the probe, no collection "
-                       "forced). The upstream counts hanging handlers, to show each 504 cancels the upstream "
-                       "call.",
+    "RST; with `Content-Length: 1 MiB` and chunked), and to a port where nothing listens. 5 of "
+    "each at once per round, one kind of fault at a time, so that the objects each kind leaves "
+    "for the cyclic GC can be counted (GC-tracked objects from the probe, no collection "
+    "forced). The upstream counts hanging handlers, to show each 504 cancels the upstream "
+    "call.",
     "degraded-link": "The client and its upstream in their own network namespace, reaching the exit server over a "
-                     "veth pair and the link proxy. The kernel here has no `netem`, so the 200 ms +- 50 ms "
-                     "(uniform, each way, order kept) delay is the link proxy's; the 2 Mbit/s limit is `tc tbf` "
-                     "on both veth ends. Load: two workers looping 100 B GET, 64 KiB download, 32 KiB upload "
-                     "(plus 256 KiB download at 2 Mbit/s), and a 3 s SSE stream in a loop. A monitor polls "
-                     "`backhaul_tunnels_connected` and the heartbeat RTT (`/api/tunnels`) every 0.5 s.",
+    "veth pair and the link proxy. The kernel here has no `netem`, so the 200 ms +- 50 ms "
+    "(uniform, each way, order kept) delay is the link proxy's; the 2 Mbit/s limit is `tc tbf` "
+    "on both veth ends. Load: two workers looping 100 B GET, 64 KiB download, 32 KiB upload "
+    "(plus 256 KiB download at 2 Mbit/s), and a 3 s SSE stream in a loop. A monitor polls "
+    "`backhaul_tunnels_connected` and the heartbeat RTT (`/api/tunnels`) every 0.5 s.",
     "overload": "`exit-server run --max-streams N`, bursts of 10 x N concurrent `GET /slow?ms=1500` from fresh "
-                "connections. RSS of the exit server sampled every 50 ms.",
+    "connections. RSS of the exit server sampled every 50 ms.",
     "soak": "Exit server, upstream, two tunnel clients serving the same hostname: `client-steady` runs "
-            "throughout, `client-churn` is restarted (`SIGTERM`, drain, start again with the same instance id) "
-            "every period. A warm-up load runs first; the baseline is taken idle after it, the end idle after "
-            "the soak. Exit server and client-steady sampled every few seconds (fds and RSS from /proc, tasks from "
-            "the probe, streams from /metrics).",
+    "throughout, `client-churn` is restarted (`SIGTERM`, drain, start again with the same instance id) "
+    "every period. A warm-up load runs first; the baseline is taken idle after it, the end idle after "
+    "the soak. Exit server and client-steady sampled every few seconds (fds and RSS from /proc, tasks from "
+    "the probe, streams from /metrics).",
 }
 
 
@@ -188,14 +188,14 @@ def machine() -> str:
         loop = f"uvloop {uvloop.__version__}"
     except ImportError:
         loop = "asyncio"
-    return (f"{os.cpu_count()} vCPU ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
-            f"{loop}")
+    return f"{os.cpu_count()} vCPU ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, {loop}"
 
 
 def git_rev() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -219,11 +219,15 @@ def write_doc(results: list[Result], argv: list[str], started: float, total: flo
         f"- run: {datetime.datetime.fromtimestamp(started).strftime('%Y-%m-%d %H:%M')}, "
         f"{total / 60:.1f} min, revision `{git_rev()}`, {'short (CI) lengths' if short else 'full lengths'}",
         f"- machine: {machine()}",
-        "- network emulation: " + ("two network namespaces of our own joined by a veth pair "
-                                   f"(nftables {'present' if NetnsLink.has_nft() else 'absent'}, tc tbf); "
-                                   "`reliability/linkproxy.py` relays from the gateway namespace to the exit "
-                                   "server's control port and adds delay (no `netem` in this kernel)"
-                                   if netns_ok else f"`reliability/linkproxy.py` on loopback ({why})"),
+        "- network emulation: "
+        + (
+            "two network namespaces of our own joined by a veth pair "
+            f"(nftables {'present' if NetnsLink.has_nft() else 'absent'}, tc tbf); "
+            "`reliability/linkproxy.py` relays from the gateway namespace to the exit "
+            "server's control port and adds delay (no `netem` in this kernel)"
+            if netns_ok
+            else f"`reliability/linkproxy.py` on loopback ({why})"
+        ),
         "- the exit server (and the clients where tasks are counted) run through `reliability/probe.py`, which "
         "calls the packages' own `main()` and adds a Unix-socket probe answering the asyncio task count; fds "
         "and RSS come from `/proc/PID`, streams in flight from `/metrics`",
@@ -236,19 +240,34 @@ def write_doc(results: list[Result], argv: list[str], started: float, total: flo
         lines.append(f"| [{r.title}](#{r.key}) | {'pass' if r.passed else '**FAIL**'} | {r.seconds:.0f} s |")
     lines += ["", FINDINGS]
     for i, r in enumerate(results, 1):
-        lines += [f'<a id="{r.key}"></a>', f"## {i}. {r.title}", "", f"**Claim.** {CLAIMS.get(r.key, '')}", "",
-                  f"**How.** {HOW.get(r.key, '')}", ""]
-        lines += [f"Only this scenario: `.venv/bin/python reliability/run.py --scenario {r.key}"
-                  f"{' --short' if short else ''} --no-doc`", ""]
+        lines += [
+            f'<a id="{r.key}"></a>',
+            f"## {i}. {r.title}",
+            "",
+            f"**Claim.** {CLAIMS.get(r.key, '')}",
+            "",
+            f"**How.** {HOW.get(r.key, '')}",
+            "",
+        ]
+        lines += [
+            f"Only this scenario: `.venv/bin/python reliability/run.py --scenario {r.key}"
+            f"{' --short' if short else ''} --no-doc`",
+            "",
+        ]
         lines += ["| figure | value |", "|---|---|"]
         lines += [f"| {label} | {_cell(value)} |" for label, value in r.figures]
         lines += ["", "| check | measured | |", "|---|---|---|"]
-        lines += [f"| {claim} | {_cell(measured)} | {'pass' if ok else '**FAIL**'} |"
-                  for claim, ok, measured in r.checks]
+        lines += [
+            f"| {claim} | {_cell(measured)} | {'pass' if ok else '**FAIL**'} |" for claim, ok, measured in r.checks
+        ]
         if r.notes:
             lines += [""] + [f"- {n}" for n in r.notes]
-        lines += ["", "<details><summary>processes (ports as in this run; $RUN is the scenario's temporary "
-                  "directory)</summary>", "", "```sh"]
+        lines += [
+            "",
+            "<details><summary>processes (ports as in this run; $RUN is the scenario's temporary directory)</summary>",
+            "",
+            "```sh",
+        ]
         lines += r.commands
         lines += ["```", "", "</details>", ""]
     DOC.write_text("\n".join(lines))
@@ -281,8 +300,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="CI lengths")
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="run only these (repeatable)")
-    parser.add_argument("--load", choices=["auto", "locust", "aiohttp"], default="auto",
-                        help="soak load generator (auto: locust from .venv-load when present, full length only)")
+    parser.add_argument(
+        "--load",
+        choices=["auto", "locust", "aiohttp"],
+        default="auto",
+        help="soak load generator (auto: locust from .venv-load when present, full length only)",
+    )
     parser.add_argument("--no-doc", action="store_true", help=f"do not write {DOC.relative_to(ROOT)}")
     args = parser.parse_args()
     started = time.time()
@@ -293,8 +316,10 @@ def main() -> int:
         write_doc(results, sys.argv[1:], started, total, args.short)
         print(f"wrote {DOC.relative_to(ROOT)}")
     failed = [r.key for r in results if not r.passed]
-    print(f"reliability: {len(results) - len(failed)} of {len(results)} scenarios passed in {total / 60:.1f} min"
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    print(
+        f"reliability: {len(results) - len(failed)} of {len(results)} scenarios passed in {total / 60:.1f} min"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

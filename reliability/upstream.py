@@ -53,10 +53,6 @@ async def count(request: web.Request, handler):  # type: ignore[no-untyped-def]
         STATS.served += 1
 
 
-
-
-
-
 async def slow(request: web.Request) -> web.Response:
     await asyncio.sleep(min(max(int(request.query.get("ms", 2000)), 0), 600_000) / 1000)
     return web.Response(body=SMALL, content_type="text/plain")

@@ -67,8 +67,19 @@ def main() -> int:
     certs = work / "certs"
     work.mkdir(exist_ok=True)
     if not (certs / "server.pem").exists():
-        subprocess.run([str(BIN / "exit-server"), "gen-certs", "--out", str(certs), "--hostname", "localhost",
-                        "--ip", "127.0.0.1"], check=True)
+        subprocess.run(
+            [
+                str(BIN / "exit-server"),
+                "gen-certs",
+                "--out",
+                str(certs),
+                "--hostname",
+                "localhost",
+                "--ip",
+                "127.0.0.1",
+            ],
+            check=True,
+        )
     token = work / "token"
     token.write_text(secrets.token_urlsafe(32) + "\n")
     token.chmod(0o600)
@@ -80,16 +91,54 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(subprocess.Popen([sys.executable, "-c", UPSTREAM, str(up_port)], env=env, start_new_session=True))
-        procs.append(subprocess.Popen(
-            [str(BIN / "exit-server"), "run", "--public-addr", f"127.0.0.1:{public}",
-             "--control-addr", f"127.0.0.1:{control}", "--tls-cert", str(certs / "server.pem"),
-             "--tls-key", str(certs / "server-key.pem"), "--token-file", str(token), "--drain-timeout", "5",
-             "--admin-addr", f"127.0.0.1:{admin}", "--admin-token-file", str(admin_token)],
-            env=env, start_new_session=True))
-        procs.append(subprocess.Popen(
-            [str(BIN / "tunnel-client"), "run", "--server", f"wss://localhost:{control}", "--ca-file",
-             str(certs / "ca.pem"), "--token-file", str(token), "--upstream", f"app.localhost=http://127.0.0.1:{up_port}",
-             "--drain-timeout", "5", "--admin-addr", "127.0.0.1:0"], env=env, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "exit-server"),
+                    "run",
+                    "--public-addr",
+                    f"127.0.0.1:{public}",
+                    "--control-addr",
+                    f"127.0.0.1:{control}",
+                    "--tls-cert",
+                    str(certs / "server.pem"),
+                    "--tls-key",
+                    str(certs / "server-key.pem"),
+                    "--token-file",
+                    str(token),
+                    "--drain-timeout",
+                    "5",
+                    "--admin-addr",
+                    f"127.0.0.1:{admin}",
+                    "--admin-token-file",
+                    str(admin_token),
+                ],
+                env=env,
+                start_new_session=True,
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "tunnel-client"),
+                    "run",
+                    "--server",
+                    f"wss://localhost:{control}",
+                    "--ca-file",
+                    str(certs / "ca.pem"),
+                    "--token-file",
+                    str(token),
+                    "--upstream",
+                    f"app.localhost=http://127.0.0.1:{up_port}",
+                    "--drain-timeout",
+                    "5",
+                    "--admin-addr",
+                    "127.0.0.1:0",
+                ],
+                env=env,
+                start_new_session=True,
+            )
+        )
         wait_port(up_port)
         wait_port(public)
         url = f"http://127.0.0.1:{public}/hello?from=demo"

@@ -45,8 +45,14 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseSettings]) 
                 flag, dest=name, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text
             )
         elif _is_list(field.annotation):
-            parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="VALUE",
-                                help=help_text + " (repeatable)")
+            parser.add_argument(
+                flag,
+                dest=name,
+                action="append",
+                default=argparse.SUPPRESS,
+                metavar="VALUE",
+                help=help_text + " (repeatable)",
+            )
         else:
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=help_text)
 
@@ -71,8 +77,12 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         from pythonjsonlogger.json import JsonFormatter
 
-        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
-                                           rename_fields={"levelname": "level", "name": "logger", "asctime": "time"}))
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"levelname": "level", "name": "logger", "asctime": "time"},
+            )
+        )
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)

@@ -51,9 +51,7 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], keep_upgrade: bool = Fa
     return [pair for pair in out if pair[0].lower() not in named]
 
 
-def forwarded_headers(
-    headers: list[tuple[str, str]], client_addr: str, proto: str, host: str
-) -> list[tuple[str, str]]:
+def forwarded_headers(headers: list[tuple[str, str]], client_addr: str, proto: str, host: str) -> list[tuple[str, str]]:
     """Append the caller to ``X-Forwarded-For`` and set ``X-Forwarded-Proto``/``-Host``
     when absent. Existing chains are extended, never replaced."""
     out: list[tuple[str, str]] = []
@@ -73,8 +71,9 @@ def forwarded_headers(
     return out
 
 
-def append_forwarded(out: list[tuple[str, str]], chain: list[str], client_addr: str, proto: str | None,
-                     host: str | None) -> None:
+def append_forwarded(
+    out: list[tuple[str, str]], chain: list[str], client_addr: str, proto: str | None, host: str | None
+) -> None:
     """The tail of :func:`forwarded_headers`, for callers that scanned the headers themselves:
     ``chain`` (the caller's X-Forwarded-For values) plus ``client_addr``, then X-Forwarded-Proto
     and -Host unless None (present already) or empty."""

@@ -525,8 +525,9 @@ class Session:
         if self.state is SessionState.CLOSED:
             return
         if now - self._last_received > self.heartbeat_timeout:
-            self._fail(TunnelTimeout(f"no data from peer for {now - self._last_received:.1f}s"),
-                       GoAwayCode.HEARTBEAT_TIMEOUT)
+            self._fail(
+                TunnelTimeout(f"no data from peer for {now - self._last_received:.1f}s"), GoAwayCode.HEARTBEAT_TIMEOUT
+            )
             return
         if self.state is not SessionState.HANDSHAKE and now - self._last_ping >= self.heartbeat_interval:
             self.send_ping(now)

@@ -16,20 +16,32 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunnel-client", description="Backhaul tunnel client: an outbound "
-                                     "TLS WebSocket to the exit server that serves local upstreams.")
+    parser = argparse.ArgumentParser(
+        prog="tunnel-client",
+        description="Backhaul tunnel client: an outbound TLS WebSocket to the exit server that serves local upstreams.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="connect and serve",
-                         description="Connect to every --server and serve the --upstream routes. Every flag "
-                         "also reads BACKHAUL_<FLAG> and the --config TOML file (flags > env > file). The token "
-                         "comes from --token-file or BACKHAUL_TOKEN, never from argv.")
+    run = sub.add_parser(
+        "run",
+        help="connect and serve",
+        description="Connect to every --server and serve the --upstream routes. Every flag "
+        "also reads BACKHAUL_<FLAG> and the --config TOML file (flags > env > file). The token "
+        "comes from --token-file or BACKHAUL_TOKEN, never from argv.",
+    )
     add_model_flags(run, ClientConfig)
-    health = sub.add_parser("healthcheck", help="exit 0 when the local client is connected and registered",
-                            description="Ask the local client's admin listener for /healthz: exit 0 when at least "
-                            "one session is connected and registered, 1 otherwise (for ECS healthCheck and Docker "
-                            "HEALTHCHECK).")
-    health.add_argument("--admin-addr", default=None, metavar="HOST:PORT",
-                        help="the client's admin listener (default: BACKHAUL_ADMIN_ADDR or 127.0.0.1:9091)")
+    health = sub.add_parser(
+        "healthcheck",
+        help="exit 0 when the local client is connected and registered",
+        description="Ask the local client's admin listener for /healthz: exit 0 when at least "
+        "one session is connected and registered, 1 otherwise (for ECS healthCheck and Docker "
+        "HEALTHCHECK).",
+    )
+    health.add_argument(
+        "--admin-addr",
+        default=None,
+        metavar="HOST:PORT",
+        help="the client's admin listener (default: BACKHAUL_ADMIN_ADDR or 127.0.0.1:9091)",
+    )
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
     add_audit_parser(sub)
     return parser

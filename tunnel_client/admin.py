@@ -25,8 +25,9 @@ class _LinkCollector(Collector):
         self.client = client
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        connected = GaugeMetricFamily("backhaul_client_sessions_connected", "Registered sessions per exit server",
-                                      labels=["server"])
+        connected = GaugeMetricFamily(
+            "backhaul_client_sessions_connected", "Registered sessions per exit server", labels=["server"]
+        )
         streams = GaugeMetricFamily("backhaul_client_streams_in_flight", "Streams being served")
         total = 0
         for link in self.client.links:
@@ -44,8 +45,9 @@ class ClientMetrics:
     def __init__(self, client: TunnelClient) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.reconnects = Counter("backhaul_client_reconnects", "Session (re)connection attempts after the first",
-                                  ["server"], registry=r)
+        self.reconnects = Counter(
+            "backhaul_client_reconnects", "Session (re)connection attempts after the first", ["server"], registry=r
+        )
         r.register(_LinkCollector(client))
         r.register(_StreamCollector(self))
         # plain numbers on the hot path, metric families at scrape time (shared/plainmetrics.py)
@@ -69,12 +71,14 @@ class _StreamCollector(Collector):
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        streams = CounterMetricFamily("backhaul_client_streams", "Streams served by kind and outcome",
-                                      labels=["kind", "outcome"])
+        streams = CounterMetricFamily(
+            "backhaul_client_streams", "Streams served by kind and outcome", labels=["kind", "outcome"]
+        )
         for (kind, outcome), n in sorted(self.metrics._streams.items()):
             streams.add_metric([kind, outcome], n)
-        duration = HistogramMetricFamily("backhaul_client_stream_duration_seconds", "Time to serve a stream",
-                                         labels=["kind"])
+        duration = HistogramMetricFamily(
+            "backhaul_client_stream_duration_seconds", "Time to serve a stream", labels=["kind"]
+        )
         for kind, hist in sorted(self.metrics._durations.items()):
             duration.add_metric([kind], hist.buckets(), hist.total)
         yield streams

@@ -133,8 +133,10 @@ def _read_tail(path: Path) -> tuple[int, str, int]:
     last = tail[:-1].rsplit(b"\n", 1)[-1]
     parsed = _parse_tail(last)
     if parsed is None:
-        raise ConfigError(f"--audit-log: the last line of {path} is not an audit record; check it with "
-                          "`tunnel-client audit verify` and move the file away to start a new log")
+        raise ConfigError(
+            f"--audit-log: the last line of {path} is not an audit record; check it with "
+            "`tunnel-client audit verify` and move the file away to start a new log"
+        )
     return parsed[0], parsed[1], torn
 
 
@@ -173,8 +175,7 @@ class AuditLog:
         self.seq, self.head, torn = _read_tail(self.path)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if torn >= 0:
-            log.warning("audit log %s: dropping %d bytes of a torn last line", self.path,
-                        os.fstat(fd).st_size - torn)
+            log.warning("audit log %s: dropping %d bytes of a torn last line", self.path, os.fstat(fd).st_size - torn)
             os.truncate(fd, torn)
         fh = os.fdopen(fd, "ab", buffering=64 * 1024)
         self._thread = threading.Thread(target=self._run, args=(fh,), name="audit-writer", daemon=True)
@@ -227,8 +228,7 @@ class AuditLog:
                 with self._lock:
                     dropped, self._dropped = self._dropped, 0
                 if dropped:
-                    self._emit(fh, AuditRecord(time.time(), "", 0, "audit-dropped", "", "", "", "",
-                                               bytes_in=dropped))
+                    self._emit(fh, AuditRecord(time.time(), "", 0, "audit-dropped", "", "", "", "", bytes_in=dropped))
                 if self._queue.empty():
                     fh.flush()
                     if time.monotonic() - last_sync >= _FSYNC_EVERY:
@@ -285,9 +285,12 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     """Add ``audit verify FILE`` to the command line."""
     audit = sub.add_parser("audit", help="audit log tools", description="Tools for the --audit-log file.")
     tools = audit.add_subparsers(dest="audit_command", required=True)
-    check = tools.add_parser("verify", help="check the hash chain of an audit log",
-                             description="Check every line's hash and its link to the previous line. Exit 0 "
-                             "with 'ok N lines' and the head hash, 1 naming the first bad line, 2 if unreadable.")
+    check = tools.add_parser(
+        "verify",
+        help="check the hash chain of an audit log",
+        description="Check every line's hash and its link to the previous line. Exit 0 "
+        "with 'ok N lines' and the head hash, 1 naming the first bad line, 2 if unreadable.",
+    )
     check.add_argument("file", type=Path, metavar="FILE")
 
 

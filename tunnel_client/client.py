@@ -117,8 +117,11 @@ class ServerLink:
                 open_timeout=cfg.connect_timeout,
                 user_agent_header=SOFTWARE,
                 proxy=None,
-                create_connection=(self.client.pinned if ssl_ctx is not None and self.client.pinned is not None
-                                   else TunnelClientConnection),
+                create_connection=(
+                    self.client.pinned
+                    if ssl_ctx is not None and self.client.pinned is not None
+                    else TunnelClientConnection
+                ),
                 **options,
             )
         except InvalidStatus as exc:
@@ -159,10 +162,17 @@ class ServerLink:
                 conn.name = message.session_id
                 for refusal in message.refused:
                     log.error("link %s: route %s refused: %s", self.url, refusal.route, refusal.reason)
-                log.info("link %s: registered as session %s (client %s), routes: %s", self.url,
-                         message.session_id, message.client_id,
-                         ", ".join([r.host + ("" if r.path_prefix == "/" else r.path_prefix) for r in message.routes]
-                                   + [f"tcp:{t.port}" for t in message.tcp]) or "none")
+                log.info(
+                    "link %s: registered as session %s (client %s), routes: %s",
+                    self.url,
+                    message.session_id,
+                    message.client_id,
+                    ", ".join(
+                        [r.host + ("" if r.path_prefix == "/" else r.path_prefix) for r in message.routes]
+                        + [f"tcp:{t.port}" for t in message.tcp]
+                    )
+                    or "none",
+                )
                 self.registered.set()
                 self.client._changed()
             elif isinstance(message, Error):
@@ -173,8 +183,9 @@ class ServerLink:
                 went_away.set()
 
         assert isinstance(ws, TunnelClientConnection)
-        conn = TunnelConnection(ws, session, name="-", on_stream=self.client.serve_stream,
-                                on_control=on_control, on_goaway=on_goaway)
+        conn = TunnelConnection(
+            ws, session, name="-", on_stream=self.client.serve_stream, on_control=on_control, on_goaway=on_goaway
+        )
         self.conn = conn
         run = asyncio.create_task(conn.run(), name=f"link-{self.url}")
         waiter = asyncio.create_task(went_away.wait())
@@ -195,8 +206,13 @@ class ServerLink:
             self._draining.add(run)
             run.add_done_callback(self._draining.discard)
             return "goaway"
-        log.log(logging.INFO if self.client.stopping else logging.WARNING, "link %s: session %s ended: %s",
-                self.url, self.session_id or "-", conn.close_reason or "closed")
+        log.log(
+            logging.INFO if self.client.stopping else logging.WARNING,
+            "link %s: session %s ended: %s",
+            self.url,
+            self.session_id or "-",
+            conn.close_reason or "closed",
+        )
         return "established" if established else "failed"
 
     async def drain(self, timeout: float) -> None:
@@ -213,8 +229,12 @@ class ServerLink:
     async def withdraw(self, conn: TunnelConnection, run: asyncio.Task[None]) -> None:
         """Kill switch: go away and close at once; in-flight streams are cut, not drained
         (an emergency stop; see tunnel_client/killswitch.py)."""
-        log.warning("link %s: kill switch: closing session %s (%d streams in flight are cut)", self.url,
-                    self.session_id or "-", conn.streams_in_flight)
+        log.warning(
+            "link %s: kill switch: closing session %s (%d streams in flight are cut)",
+            self.url,
+            self.session_id or "-",
+            conn.streams_in_flight,
+        )
         if not conn.closed:
             conn.goaway(GoAwayCode.NO_ERROR, "kill switch")
             await conn.close(1001, "kill switch")
@@ -233,20 +253,30 @@ class TunnelClient:
     def __init__(self, config: ClientConfig, token: str | None = None) -> None:
         self.config = config
         self.token = token if token is not None else read_secret(config.token_file, config.token, "token")
-        self.ssl_context = (client_context(config.ca_file, config.client_cert, config.client_key)
-                            if any(u.startswith("wss:") for u in config.server) else None)
+        self.ssl_context = (
+            client_context(config.ca_file, config.client_cert, config.client_key)
+            if any(u.startswith("wss:") for u in config.server)
+            else None
+        )
         # --pin: checked after TLS, before the upgrade request carrying the token (pinning.py).
         self.pinned = pinned_connection(frozenset(parse_pin(p) for p in config.pin)) if config.pin else None
-        self.forwarder = Forwarder(config.upstreams, config.upstream_connect_timeout, config.tcp_targets,
-                                   config.proxy_protocol)
+        self.forwarder = Forwarder(
+            config.upstreams, config.upstream_connect_timeout, config.tcp_targets, config.proxy_protocol
+        )
         self.killswitch = KillSwitch(config.kill_switch_file)
         self.forwarder.guard = Guard(config.allow_paths)
         self.forwarder.killswitch = self.killswitch
         self.forwarder.audit = AuditLog(config.audit_log) if config.audit_log else None
         self.upstreams = list(config.upstreams)
-        self.health = HealthChecker(self.upstreams, dict(parse_health_path(p) for p in config.health_path),
-                                    config.health_interval, config.health_timeout, config.health_rise,
-                                    config.health_fall, self._routes_changed)
+        self.health = HealthChecker(
+            self.upstreams,
+            dict(parse_health_path(p) for p in config.health_path),
+            config.health_interval,
+            config.health_timeout,
+            config.health_rise,
+            config.health_fall,
+            self._routes_changed,
+        )
         self.labels = config.labels
         self.links = [ServerLink(self, url) for url in config.server]
         self.metrics = ClientMetrics(self)
@@ -264,6 +294,7 @@ class TunnelClient:
         async def notify() -> None:
             async with self._state:
                 self._state.notify_all()
+
         asyncio.get_running_loop().create_task(notify())
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
@@ -352,9 +383,14 @@ class TunnelClient:
             return
         own, task = found
         self.labels = {**labels_from_task(task), **self.labels}
-        log.info("ecs: task %s (cluster %s, family %s:%s, service %s)", self.labels.get("ecs.task_arn", "?"),
-                 self.labels.get("ecs.cluster", "?"), self.labels.get("ecs.family", "?"),
-                 self.labels.get("ecs.revision", "?"), self.labels.get("ecs.service", "-"))
+        log.info(
+            "ecs: task %s (cluster %s, family %s:%s, service %s)",
+            self.labels.get("ecs.task_arn", "?"),
+            self.labels.get("ecs.cluster", "?"),
+            self.labels.get("ecs.family", "?"),
+            self.labels.get("ecs.revision", "?"),
+            self.labels.get("ecs.service", "-"),
+        )
         if self.config.upstream_from_ecs:
             for spec in discover_routes(own, task):
                 upstream = parse_upstream(spec)
@@ -378,8 +414,10 @@ class TunnelClient:
                 try:
                     await site.start()
                 except OSError as exc:  # e.g. two clients in host network mode on one machine
-                    raise ConfigError(f"--admin-addr {self.config.admin_addr}: cannot listen: {exc.strerror}; "
-                                      "give each client its own admin address") from None
+                    raise ConfigError(
+                        f"--admin-addr {self.config.admin_addr}: cannot listen: {exc.strerror}; "
+                        "give each client its own admin address"
+                    ) from None
                 self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.killswitch.run(self._stop), name="kill-switch")

@@ -102,8 +102,9 @@ class ClientConfig(BaseConfig):
     pin: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="sha256:BASE64 of the exit server's public key (SPKI); refuse others"
     )
-    client_cert: Path | None = Field(None, description="PEM client certificate for mutual TLS "
-                                     "(--client-ca on the server)")
+    client_cert: Path | None = Field(
+        None, description="PEM client certificate for mutual TLS (--client-ca on the server)"
+    )
     client_key: Path | None = Field(None, description="PEM key of --client-cert (default: in the same file)")
     upstream: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="route HOST[/PREFIX]=URL; HOST exact, *.example.com or default"
@@ -139,8 +140,9 @@ class ClientConfig(BaseConfig):
     health_rise: int = Field(2, ge=1, description="good checks before an unhealthy route comes back")
     health_fall: int = Field(3, ge=1, description="bad checks before a route is withdrawn")
     upstream_from_ecs: bool = Field(False, description="add routes from sibling ECS containers' backhaul.* labels")
-    admin_addr: str | None = Field("127.0.0.1:9091", description="admin listener HOST:PORT (/healthz, /metrics); "
-                                   "empty to disable")
+    admin_addr: str | None = Field(
+        "127.0.0.1:9091", description="admin listener HOST:PORT (/healthz, /metrics); empty to disable"
+    )
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
@@ -154,6 +156,7 @@ class ClientConfig(BaseConfig):
         for spec in value:
             parse_health_path(spec)
         return value
+
     _split_allow = field_validator("allow_path", mode="before")(split_list)
 
     @field_validator("allow_path")

@@ -84,8 +84,11 @@ def discover_routes(own: dict[str, Any], task: dict[str, Any]) -> list[str]:
         if not port:
             mappings = container.get("Ports") or []
             if len(mappings) != 1:
-                log.warning("ecs: container %s has backhaul.host but %d ports and no backhaul.port; skipped",
-                            container.get("Name"), len(mappings))
+                log.warning(
+                    "ecs: container %s has backhaul.host but %d ports and no backhaul.port; skipped",
+                    container.get("Name"),
+                    len(mappings),
+                )
                 continue
             port = str(mappings[0].get("ContainerPort", ""))
         if not port.isdigit():

@@ -54,8 +54,16 @@ class HealthChecker:
         on_change: called after any route changed state.
     """
 
-    def __init__(self, upstreams: list[Upstream], paths: dict[str, str], interval: float, timeout: float,
-                 rise: int, fall: int, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        upstreams: list[Upstream],
+        paths: dict[str, str],
+        interval: float,
+        timeout: float,
+        rise: int,
+        fall: int,
+        on_change: Callable[[], None],
+    ) -> None:
         self.interval = interval
         self.timeout = timeout
         self.rise = rise
@@ -97,8 +105,12 @@ class HealthChecker:
             state.streak += 1
             if state.streak >= (self.rise if good else self.fall):
                 state.healthy, state.streak, changed = good, 0, True
-                log.warning("health: %s is now %s; %s the route", key, "healthy" if good else "UNHEALTHY",
-                            "announcing" if good else "withdrawing")
+                log.warning(
+                    "health: %s is now %s; %s the route",
+                    key,
+                    "healthy" if good else "UNHEALTHY",
+                    "announcing" if good else "withdrawing",
+                )
         if changed:
             self.on_change()
 
@@ -121,6 +133,7 @@ class HealthChecker:
         """The first round, before any session registers (so a dead upstream is not announced)."""
         if not self._states:
             return
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                         cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout), cookie_jar=aiohttp.DummyCookieJar()
+        ) as http:
             await self.check_all(http, first=True)

@@ -48,7 +48,13 @@ import httptools
 from shared.errors import TunnelError
 
 __all__ = [
-    "DIRECT_BODY_MIN", "HIGH_WATER", "Origin", "UpstreamConnection", "UpstreamError", "UpstreamPool", "build_head",
+    "DIRECT_BODY_MIN",
+    "HIGH_WATER",
+    "Origin",
+    "UpstreamConnection",
+    "UpstreamError",
+    "UpstreamPool",
+    "build_head",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,8 +84,15 @@ class UpstreamError(Exception):
             when the request body was not streamed.
     """
 
-    def __init__(self, reason: str, *, connect: bool = False, timeout: bool = False, before_head: bool = True,
-                 retriable: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        connect: bool = False,
+        timeout: bool = False,
+        before_head: bool = True,
+        retriable: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.connect = connect
@@ -88,8 +101,9 @@ class UpstreamError(Exception):
         self.retriable = retriable
 
 
-def build_head(method: str, target: str, headers: list[tuple[str, str]], host: str,
-               body_length: int | None, chunked: bool) -> bytes:
+def build_head(
+    method: str, target: str, headers: list[tuple[str, str]], host: str, body_length: int | None, chunked: bool
+) -> bytes:
     """The request head bytes. ``headers`` are already free of hop-by-hop fields; Host is added
     when absent, and the body's framing (Content-Length or chunked) is ours to set."""
     parts = [f"{method} {target} HTTP/1.1\r\n"]
@@ -271,8 +285,12 @@ class UpstreamConnection(asyncio.Protocol):
                 cut = data.find(b"\r\n\r\n") + 4
                 if 4 <= cut < len(data):
                     parser.feed_data(data[:cut])
-                    if self._status and self._body_left >= DIRECT_BODY_MIN and self._error is None \
-                            and not self._complete:
+                    if (
+                        self._status
+                        and self._body_left >= DIRECT_BODY_MIN
+                        and self._error is None
+                        and not self._complete
+                    ):
                         self._direct = self._body_left
                         self._take_direct(memoryview(data)[cut:], self._direct)
                         return
@@ -319,9 +337,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._wake_body()
             return
         before = self._head_pending()
-        self._fail(UpstreamError(
-            "upstream closed the connection " + ("before the response head" if before else "mid-body"),
-            before_head=before, retriable=before and self.reused and not self._received))
+        self._fail(
+            UpstreamError(
+                "upstream closed the connection " + ("before the response head" if before else "mid-body"),
+                before_head=before,
+                retriable=before and self.reused and not self._received,
+            )
+        )
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -483,11 +505,16 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, proto = await loop.create_connection(
-                    lambda: UpstreamConnection(self, origin), host, port, ssl=tls,
-                    server_hostname=host if tls is not None else None)
+                    lambda: UpstreamConnection(self, origin),
+                    host,
+                    port,
+                    ssl=tls,
+                    server_hostname=host if tls is not None else None,
+                )
         except TimeoutError:
-            raise UpstreamError(f"connect timeout after {self.connect_timeout:g}s", connect=True,
-                                timeout=True) from None
+            raise UpstreamError(
+                f"connect timeout after {self.connect_timeout:g}s", connect=True, timeout=True
+            ) from None
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamError(f"connect failed: {exc.strerror or exc}", connect=True) from None
         self.opened += 1

@@ -84,8 +84,16 @@ class Forwarder:
         """Serve one stream (runs in its own task; cancelled when the server resets it)."""
         head = stream.head
         assert head is not None
-        record = AuditRecord(time.time(), stream.session_name, stream.id, KIND_NAMES[head.kind], head.method,
-                             head.authority, head.target.partition("?")[0], head.client_addr)
+        record = AuditRecord(
+            time.time(),
+            stream.session_name,
+            stream.id,
+            KIND_NAMES[head.kind],
+            head.method,
+            head.authority,
+            head.target.partition("?")[0],
+            head.client_addr,
+        )
         stream.info["audit"] = record
         start = time.monotonic()
         try:
@@ -108,15 +116,17 @@ class Forwarder:
         try:
             path, query = self.guard.check_request(head)
         except Refused as exc:
-            log.warning("session %s stream %d: refused by the guardrails: %s", stream.session_name, stream.id,
-                        exc.reason)
+            log.warning(
+                "session %s stream %d: refused by the guardrails: %s", stream.session_name, stream.id, exc.reason
+            )
             _reset(stream, exc.code, exc.reason)
             return
         record.path = path
         upstream = self.match(head.authority, path)
         if upstream is None:
-            log.warning("session %s stream %d: no upstream for %r", stream.session_name, stream.id,
-                        head.authority[:100])
+            log.warning(
+                "session %s stream %d: no upstream for %r", stream.session_name, stream.id, head.authority[:100]
+            )
             _reset(stream, ResetCode.NO_UPSTREAM, "no upstream for this host")
             return
         record.upstream = upstream.host + ("" if upstream.path_prefix == "/" else upstream.path_prefix)
@@ -153,15 +163,17 @@ class Forwarder:
         except Refused:
             target = None
         if target is None:  # only ever our own configuration decides where to connect
-            log.warning("session %s stream %d: no TCP upstream for port %r", stream.session_name, stream.id,
-                        head.target[:20])
+            log.warning(
+                "session %s stream %d: no TCP upstream for port %r", stream.session_name, stream.id, head.target[:20]
+            )
             _reset(stream, ResetCode.NO_UPSTREAM, "no TCP upstream for this port")
             return
         stream.info["audit"].upstream = f"tcp:{target.public_port}"
         self.requests += 1
         loop = asyncio.get_running_loop()
-        opened = await self._connect(stream, target.host, target.port,
-                                     lambda: loop.create_connection(ChunkStream, target.host, target.port))
+        opened = await self._connect(
+            stream, target.host, target.port, lambda: loop.create_connection(ChunkStream, target.host, target.port)
+        )
         if opened is None:
             return
         conn = opened[1]  # its own protocol, not asyncio streams: no copies (shared/aio/pump.py)
@@ -183,9 +195,12 @@ class Forwarder:
         head = stream.head
         assert head is not None
         scheme, host, port = upstream.address
-        conn = await self._connect(stream, host, port,
-                                   lambda: asyncio.open_connection(host, port, ssl=scheme == "https" or None,
-                                                                   limit=1 << 20))
+        conn = await self._connect(
+            stream,
+            host,
+            port,
+            lambda: asyncio.open_connection(host, port, ssl=scheme == "https" or None, limit=1 << 20),
+        )
         if conn is None:
             return
         reader, writer = conn
@@ -232,8 +247,9 @@ class Forwarder:
         conn: UpstreamConnection | None = None
         upload: asyncio.Task[None] | None = None
         try:
-            conn, upload = await exchange(pool, upstream.address, head.method, target, headers, upstream.netloc,
-                                          body, body_stream, framed)
+            conn, upload = await exchange(
+                pool, upstream.address, head.method, target, headers, upstream.netloc, body, body_stream, framed
+            )
             _reply(stream, ResponseHead(conn.status, tuple(strip_hop_by_hop(conn.headers()))))
             while True:
                 chunks = await conn.read()
@@ -265,10 +281,18 @@ class Forwarder:
                 else:
                     _reset(stream, ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
             else:
-                log.warning("stream %d: upstream %s failed %s: %s", stream.id, upstream.origin,
-                            "before reply" if exc.before_head else "mid-body", exc.reason)
-                _reset(stream, ResetCode.UPSTREAM_CONNECT if exc.before_head else ResetCode.UPSTREAM_RESET,
-                       "upstream failed")
+                log.warning(
+                    "stream %d: upstream %s failed %s: %s",
+                    stream.id,
+                    upstream.origin,
+                    "before reply" if exc.before_head else "mid-body",
+                    exc.reason,
+                )
+                _reset(
+                    stream,
+                    ResetCode.UPSTREAM_CONNECT if exc.before_head else ResetCode.UPSTREAM_RESET,
+                    "upstream failed",
+                )
         finally:
             if upload is not None:
                 upload.cancel()

@@ -72,7 +72,18 @@ class TunnelStream:
     """The asyncio face of one stream."""
 
     __slots__ = (
-        "_chunks", "_conn", "_eof", "_error", "_loop", "_reply", "_rwait", "_task", "_wwait", "head", "id", "info",
+        "_chunks",
+        "_conn",
+        "_eof",
+        "_error",
+        "_loop",
+        "_reply",
+        "_rwait",
+        "_task",
+        "_wwait",
+        "head",
+        "id",
+        "info",
     )
 
     def __init__(self, conn: TunnelConnection, stream_id: int, head: RequestHead | None = None) -> None:

@@ -245,15 +245,17 @@ def external_task_definition_rules(taskdef: dict[str, Any]) -> list[str]:
         for secret in c.get("secrets", []):
             uses_secrets = True
             if not _SECRET_ARN.match(secret.get("valueFrom", "")):
-                errors.append(f"{where}: secret {secret.get('name')!r} must come from an SSM parameter or "
-                              "Secrets Manager ARN")
+                errors.append(
+                    f"{where}: secret {secret.get('name')!r} must come from an SSM parameter or Secrets Manager ARN"
+                )
         for env in c.get("environment", []):
             if env.get("name") in ("BACKHAUL_TOKEN", "BACKHAUL_ADMIN_TOKEN"):
                 errors.append(f"{where}: {env['name']} must come from secrets, not environment")
         if any(arg == "--token" or arg.startswith("--token=") for arg in c.get("command", [])):
             errors.append(f"{where}: the token must never be on the command line")
-        if mode == "host" and any(p.get("hostPort") not in (None, p.get("containerPort"))
-                                  for p in c.get("portMappings", [])):
+        if mode == "host" and any(
+            p.get("hostPort") not in (None, p.get("containerPort")) for p in c.get("portMappings", [])
+        ):
             errors.append(f"{where}: in host mode hostPort must equal containerPort")
         log = c.get("logConfiguration", {})
         if log.get("logDriver") == "awsfirelens" and not any("firelensConfiguration" in o for o in containers):

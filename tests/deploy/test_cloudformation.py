@@ -58,8 +58,14 @@ def _resources(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]
 def test_exit_server_shape() -> None:
     t = parse(EXIT_SERVER)
     params = t["Parameters"]
-    assert {"VpcId", "LoadBalancerSubnetIds", "TaskSubnetIds", "Image", "TlsCertificateSecretArn",
-            "TlsKeySecretArn"} <= set(params)
+    assert {
+        "VpcId",
+        "LoadBalancerSubnetIds",
+        "TaskSubnetIds",
+        "Image",
+        "TlsCertificateSecretArn",
+        "TlsKeySecretArn",
+    } <= set(params)
 
     (nlb,) = _resources(t, "AWS::ElasticLoadBalancingV2::LoadBalancer").values()
     assert nlb["Properties"]["Type"] == "network"

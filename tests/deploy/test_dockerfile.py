@@ -52,7 +52,12 @@ def run_hadolint(target: str, tmp_path: Path, stdin: str | None = None) -> list[
     config.write_text("ignored: []\n")  # a neutral config: nothing from ~/.config or the cwd
     result = subprocess.run(
         [hadolint(), "--config", str(config), "--disable-ignore-pragma", "--no-fail", "-f", "json", target],
-        input=stdin, capture_output=True, encoding="utf-8", timeout=120, check=False, cwd=tmp_path,
+        input=stdin,
+        capture_output=True,
+        encoding="utf-8",
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     findings: list[dict[str, object]] = json.loads(result.stdout or "[]")
@@ -81,7 +86,7 @@ def test_image_shape() -> None:
     (base,) = bases
     assert re.fullmatch(r"python:3\.1[1-9]\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", base), f"unpinned base {base}"
 
-    final = steps[max(i for i, (word, _) in enumerate(steps) if word == "FROM"):]
+    final = steps[max(i for i, (word, _) in enumerate(steps) if word == "FROM") :]
     users = [args for word, args in final if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the final stage must run as a non-root user"
     assert any(word == "COPY" and args.startswith("--from=builder ") for word, args in final)
@@ -149,6 +154,12 @@ def test_dockerignore_lets_build_inputs_through() -> None:
     needed += [str(p.relative_to(ROOT)) for pkg in packages for p in (ROOT / pkg).rglob("*.py")]
     for path in needed:
         assert not _dockerignore_excludes(path, patterns), f"{path} is needed by the build but excluded"
-    for path in (".venv/bin/python", ".git/config", "tests/conftest.py", "deploy/ecs/service.json",
-                 "shared/__pycache__/x.cpython-311.pyc", ".demo/token"):
+    for path in (
+        ".venv/bin/python",
+        ".git/config",
+        "tests/conftest.py",
+        "deploy/ecs/service.json",
+        "shared/__pycache__/x.cpython-311.pyc",
+        ".demo/token",
+    ):
         assert _dockerignore_excludes(path, patterns), f"{path} should not reach the build context"

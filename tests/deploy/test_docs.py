@@ -21,9 +21,23 @@ def test_named_files_exist() -> None:
 def test_guide_covers_the_whole_path() -> None:
     text = GUIDE.read_text()
     for needle in (
-        "ssm create-activation", "ecs-anywhere-install", "cloudformation deploy", "TunnelTokenSecretArn",
-        "register-task-definition", "create-service", "launchType", "bridge network mode",
-        "host network mode", "FireLens", "Rotating the token", "Troubleshooting", "401", "503",
-        "Heartbeats", "Clock", "Proxies", "deploy/compose.yaml",
+        "ssm create-activation",
+        "ecs-anywhere-install",
+        "cloudformation deploy",
+        "TunnelTokenSecretArn",
+        "register-task-definition",
+        "create-service",
+        "launchType",
+        "bridge network mode",
+        "host network mode",
+        "FireLens",
+        "Rotating the token",
+        "Troubleshooting",
+        "401",
+        "503",
+        "Heartbeats",
+        "Clock",
+        "Proxies",
+        "deploy/compose.yaml",
     ):
         assert needle in text, f"the guide does not mention {needle!r}"

@@ -80,8 +80,12 @@ def test_variants_cover_bridge_host_and_firelens() -> None:
     others = [c for c in firelens["containerDefinitions"] if c is not routers[0]]
     assert all(c["logConfiguration"]["logDriver"] == "awsfirelens" for c in others)
     valid_from = {"ssm", "secretsmanager"}
-    seen = {c["secrets"][0]["valueFrom"].split(":")[2] for d in docs.values()
-            for c in d["containerDefinitions"] if c.get("secrets")}
+    seen = {
+        c["secrets"][0]["valueFrom"].split(":")[2]
+        for d in docs.values()
+        for c in d["containerDefinitions"]
+        if c.get("secrets")
+    }
     assert seen == valid_from, "the examples should show both SSM Parameter Store and Secrets Manager"
 
 
@@ -154,8 +158,13 @@ def test_ecs_anywhere_rules_catch_awsvpc_and_load_balancers() -> None:
 
     service = load(ECS_DIR / "service.json")
     service["launchType"] = "EC2"
-    service["loadBalancers"] = [{"targetGroupArn": "arn:aws:elasticloadbalancing:REGION:ACCOUNT_ID:targetgroup/x/y",
-                                 "containerName": "app", "containerPort": 80}]
+    service["loadBalancers"] = [
+        {
+            "targetGroupArn": "arn:aws:elasticloadbalancing:REGION:ACCOUNT_ID:targetgroup/x/y",
+            "containerName": "app",
+            "containerPort": 80,
+        }
+    ]
     service["networkConfiguration"] = {"awsvpcConfiguration": {"subnets": ["subnet-1"]}}
     errors = "\n".join(external_service_rules(service))
     assert "launchType must be EXTERNAL" in errors

@@ -113,8 +113,9 @@ class Stack:
 @contextlib.asynccontextmanager
 async def stack(certs: Certs, **server_overrides: Any) -> AsyncIterator[Stack]:
     """An exit server (shared token) with TLS on the control port; clients are added by the test."""
-    server = ExitServer(server_config(certs, **server_overrides), auth=None if "token" in server_overrides
-                        else _token_auth())
+    server = ExitServer(
+        server_config(certs, **server_overrides), auth=None if "token" in server_overrides else _token_auth()
+    )
     await server.start()
     s = Stack(server, certs)
     try:

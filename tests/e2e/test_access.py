@@ -113,8 +113,14 @@ async def test_access_file_is_reloaded(certs: Certs, tmp_path: Path) -> None:
 def test_hash_password_reads_stdin(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "exit-server"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
-    out = subprocess.run([str(exe), "hash-password", "--user", "alice"], input=PASSWORD + "\n", capture_output=True,
-                         text=True, timeout=30, env=env)
+    out = subprocess.run(
+        [str(exe), "hash-password", "--user", "alice"],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     user, _, digest = out.stdout.strip().partition(":")
     assert user == "alice" and digest.startswith("scrypt$") and verify_secret(PASSWORD, digest)

@@ -33,8 +33,9 @@ def app() -> web.Application:
 async def test_every_stream_is_logged_and_the_chain_survives_a_restart(certs: Certs, tmp_path: Path) -> None:
     log_file = tmp_path / "audit.jsonl"
     async with upstream(app()) as up, stack(certs) as s:
-        running = await s.add_client([f"app.example.com={up.url}"], audit_log=log_file,
-                                     allow_path=["app.example.com=/api/*"])
+        running = await s.add_client(
+            [f"app.example.com={up.url}"], audit_log=log_file, allow_path=["app.example.com=/api/*"]
+        )
         async with aiohttp.ClientSession() as http:
             async with http.get(s.base + "/api/a?token=secret", headers=HOST) as r:
                 assert r.status == 200 and len(await r.read()) == 100
@@ -48,9 +49,17 @@ async def test_every_stream_is_logged_and_the_chain_survives_a_restart(certs: Ce
         await running.stop()
         lines = [json.loads(line) for line in log_file.read_text().splitlines()]
         assert [(r["method"], r["path"], r["status"], r["reset"]) for r in lines] == [
-            ("GET", "/api/a", 200, None), ("POST", "/api/b", 200, None), ("GET", "/admin", None, "FORBIDDEN")]
-        assert all(r["session"] == session_id and r["kind"] == "http" and r["caller"] == "127.0.0.1"
-                   and r["host"] == "app.example.com" for r in lines)
+            ("GET", "/api/a", 200, None),
+            ("POST", "/api/b", 200, None),
+            ("GET", "/admin", None, "FORBIDDEN"),
+        ]
+        assert all(
+            r["session"] == session_id
+            and r["kind"] == "http"
+            and r["caller"] == "127.0.0.1"
+            and r["host"] == "app.example.com"
+            for r in lines
+        )
         assert [(r["bytes_in"], r["bytes_out"]) for r in lines] == [(0, 100), (1000, 1100), (0, 0)]
         assert lines[0]["upstream"] == "app.example.com" and lines[0]["duration_ms"] > 0
         assert "secret" not in log_file.read_text()  # query strings are never logged
@@ -60,14 +69,22 @@ async def test_every_stream_is_logged_and_the_chain_survives_a_restart(certs: Ce
             async with http.get(s.base + "/again", headers=HOST) as r:
                 assert r.status == 200
         await running.stop()
-    out = subprocess.run([str(Path(sys.executable).parent / "tunnel-client"), "audit", "verify", str(log_file)],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "tunnel-client"), "audit", "verify", str(log_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("ok 4 lines, head ")
     data = log_file.read_bytes().splitlines(keepends=True)
     log_file.write_bytes(b"".join([data[0], data[2], data[3]]))  # a line removed
-    out = subprocess.run([str(Path(sys.executable).parent / "tunnel-client"), "audit", "verify", str(log_file)],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "tunnel-client"), "audit", "verify", str(log_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 1 and out.stdout.startswith("line 2: ")
 
 
@@ -111,8 +128,9 @@ async def test_tcp_streams_are_logged(certs: Certs, tmp_path: Path) -> None:
     base, rng = port_range()
     try:
         async with stack(certs, tcp_port_range=rng) as s:
-            running = await s.add_client([], tcp=[f"{base}=127.0.0.1:{echo.sockets[0].getsockname()[1]}"],
-                                         audit_log=log_file)
+            running = await s.add_client(
+                [], tcp=[f"{base}=127.0.0.1:{echo.sockets[0].getsockname()[1]}"], audit_log=log_file
+            )
             reader, writer = await asyncio.open_connection("127.0.0.1", base)
             writer.write(b"x" * 500)
             writer.write_eof()

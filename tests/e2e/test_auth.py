@@ -36,8 +36,12 @@ async def test_missing_or_wrong_token_is_401_before_upgrade(
         headers = {"Authorization": header} if header else {}
         with pytest.raises(InvalidStatus) as info:
             # This raw test client logs its own headers at DEBUG: give it a logger kept out of the check.
-            await connect(f"wss://localhost:{s.server.control_port}", ssl=_ctx(certs), additional_headers=headers,
-                          logger=logging.getLogger("test.rawclient"))
+            await connect(
+                f"wss://localhost:{s.server.control_port}",
+                ssl=_ctx(certs),
+                additional_headers=headers,
+                logger=logging.getLogger("test.rawclient"),
+            )
         assert info.value.response.status_code == 401
         assert s.server.control.auth_failures == 1
         assert not s.server.registry.tunnels
@@ -74,8 +78,13 @@ async def test_client_never_sends_token_to_unverified_server(certs: Certs, tmp_p
 
     server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ctx)
     port = server.sockets[0].getsockname()[1]
-    config = ClientConfig(server=[f"wss://localhost:{port}"], ca_file=certs.ca, upstream=["default=http://127.0.0.1:9"],
-                          backoff_base=0.2, backoff_cap=0.5)
+    config = ClientConfig(
+        server=[f"wss://localhost:{port}"],
+        ca_file=certs.ca,
+        upstream=["default=http://127.0.0.1:9"],
+        backoff_base=0.2,
+        backoff_cap=0.5,
+    )
     client = TunnelClient(config, token=TOKEN)
     task = asyncio.create_task(client.run())
     await asyncio.sleep(1.0)
@@ -111,11 +120,18 @@ async def test_plaintext_only_with_flag_and_on_loopback(certs: Certs) -> None:
     app = web.Application()
     app.router.add_get("/", h)
     async with upstream(app) as up:
-        server = ExitServer(ServerConfig(public_addr="127.0.0.1:0", control_addr="127.0.0.1:0", insecure_plaintext=True,
-                                         token=TOKEN))
+        server = ExitServer(
+            ServerConfig(public_addr="127.0.0.1:0", control_addr="127.0.0.1:0", insecure_plaintext=True, token=TOKEN)
+        )
         await server.start()
-        client = TunnelClient(ClientConfig(server=[f"ws://127.0.0.1:{server.control_port}"], insecure_plaintext=True,
-                                           upstream=[f"default={up.url}"]), token=TOKEN)
+        client = TunnelClient(
+            ClientConfig(
+                server=[f"ws://127.0.0.1:{server.control_port}"],
+                insecure_plaintext=True,
+                upstream=[f"default={up.url}"],
+            ),
+            token=TOKEN,
+        )
         task = asyncio.create_task(client.run())
         try:
             await client.wait_connected(5)

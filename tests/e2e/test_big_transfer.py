@@ -61,11 +61,34 @@ def tunnel_processes(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> 
     script = tmp / "up.py"
     script.write_text(UPSTREAM.replace("PORT", str(up_port)))
     up = subprocess.Popen([sys.executable, str(script)])
-    server = Proc(["exit-server", "run", "--public-addr", f"127.0.0.1:{public}", "--control-addr",
-                   f"127.0.0.1:{control}", "--tls-cert", str(certs.cert), "--tls-key", str(certs.key)],
-                  {"BACKHAUL_TOKEN": TOKEN})
-    client = Proc(["tunnel-client", "run", "--server", f"wss://localhost:{control}", "--ca-file", str(certs.ca),
-                   "--upstream", f"default=http://127.0.0.1:{up_port}"], {"BACKHAUL_TOKEN": TOKEN})
+    server = Proc(
+        [
+            "exit-server",
+            "run",
+            "--public-addr",
+            f"127.0.0.1:{public}",
+            "--control-addr",
+            f"127.0.0.1:{control}",
+            "--tls-cert",
+            str(certs.cert),
+            "--tls-key",
+            str(certs.key),
+        ],
+        {"BACKHAUL_TOKEN": TOKEN},
+    )
+    client = Proc(
+        [
+            "tunnel-client",
+            "run",
+            "--server",
+            f"wss://localhost:{control}",
+            "--ca-file",
+            str(certs.ca),
+            "--upstream",
+            f"default=http://127.0.0.1:{up_port}",
+        ],
+        {"BACKHAUL_TOKEN": TOKEN},
+    )
     try:
         wait_port(up_port)
         wait_port(public)
@@ -115,8 +138,10 @@ async def test_one_gib_download_streams_with_bounded_memory(tunnel_processes: tu
     assert total == GIB
     assert h.hexdigest() == _expected_sha(GIB)
     growth = [(p - b) / 1024 for p, b in zip(peak, before, strict=True)]
-    print(f"1 GiB download: {GIB / elapsed / 2**20:.0f} MiB/s, RSS growth server {growth[0]:.1f} MiB, "
-          f"client {growth[1]:.1f} MiB")
+    print(
+        f"1 GiB download: {GIB / elapsed / 2**20:.0f} MiB/s, RSS growth server {growth[0]:.1f} MiB, "
+        f"client {growth[1]:.1f} MiB"
+    )
     assert growth[0] < 64 and growth[1] < 64
 
 
@@ -137,14 +162,17 @@ async def test_one_gib_upload_streams_with_bounded_memory(tunnel_processes: tupl
     t0 = time.monotonic()
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        async with http.post(f"http://127.0.0.1:{public}/upload", data=body(),
-                             headers={"Content-Length": str(GIB)}) as r:
+        async with http.post(
+            f"http://127.0.0.1:{public}/upload", data=body(), headers={"Content-Length": str(GIB)}
+        ) as r:
             assert r.status == 200
             result = await r.json()
     elapsed = time.monotonic() - t0
     assert result["total"] == GIB
     assert result["sha256"] == _expected_sha(GIB)
     growth = [(p - b) / 1024 for p, b in zip(peak, before, strict=True)]
-    print(f"1 GiB upload: {GIB / elapsed / 2**20:.0f} MiB/s, RSS growth server {growth[0]:.1f} MiB, "
-          f"client {growth[1]:.1f} MiB")
+    print(
+        f"1 GiB upload: {GIB / elapsed / 2**20:.0f} MiB/s, RSS growth server {growth[0]:.1f} MiB, "
+        f"client {growth[1]:.1f} MiB"
+    )
     assert growth[0] < 64 and growth[1] < 64

@@ -36,9 +36,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_help_explains_every_flag(prog: str) -> None:
     out = run_cli(prog, "run", "--help")
     assert out.returncode == 0
-    for flag in (["--public-addr", "--control-addr", "--tls-cert", "--tls-key", "--token-file", "--insecure-plaintext",
-                  "--upstream-timeout", "--drain-timeout"] if prog == "exit-server" else
-                 ["--server", "--token-file", "--ca-file", "--upstream", "--drain-timeout"]):
+    for flag in (
+        [
+            "--public-addr",
+            "--control-addr",
+            "--tls-cert",
+            "--tls-key",
+            "--token-file",
+            "--insecure-plaintext",
+            "--upstream-timeout",
+            "--drain-timeout",
+        ]
+        if prog == "exit-server"
+        else ["--server", "--token-file", "--ca-file", "--upstream", "--drain-timeout"]
+    ):
         assert flag in out.stdout
     assert "BACKHAUL_TOKEN_FILE" in out.stdout
     assert "--token " not in out.stdout  # the token itself is never a flag
@@ -47,8 +58,10 @@ def test_help_explains_every_flag(prog: str) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["exit-server", "run", "--public-addr", "nowhere", "--insecure-plaintext", "--control-addr", "127.0.0.1:0"],
-         "--public-addr"),
+        (
+            ["exit-server", "run", "--public-addr", "nowhere", "--insecure-plaintext", "--control-addr", "127.0.0.1:0"],
+            "--public-addr",
+        ),
         (["exit-server", "run", "--upstream-timeout", "soon", "--insecure-plaintext"], "--upstream-timeout"),
         (["exit-server", "run", "--control-addr", "0.0.0.0:0", "--insecure-plaintext"], "loopback"),
         (["exit-server", "run", "--insecure-plaintext"], "token is required"),
@@ -67,8 +80,9 @@ def test_bad_values_exit_2_with_one_line(args: list[str], needle: str) -> None:
 
 
 def test_gen_certs_writes_files_and_fingerprint(tmp_path: Path) -> None:
-    out = run_cli("exit-server", "gen-certs", "--out", str(tmp_path), "--hostname", "tunnel.example.com",
-                  "--ip", "127.0.0.1")
+    out = run_cli(
+        "exit-server", "gen-certs", "--out", str(tmp_path), "--hostname", "tunnel.example.com", "--ip", "127.0.0.1"
+    )
     assert out.returncode == 0
     for name in ("ca.pem", "server.pem", "server-key.pem"):
         assert (tmp_path / name).stat().st_size > 0
@@ -89,8 +103,9 @@ class Proc:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
         full_env["BACKHAUL_ADMIN_ADDR"] = "127.0.0.1:0"  # never the fixed default port in tests
         full_env.update(env)
-        self.popen = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=full_env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True)
+        self.popen = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
 
     def stop(self) -> str:
         if self.popen.poll() is None:
@@ -154,17 +169,31 @@ def test_processes_env_toml_and_signals(certs: Certs, tmp_path: Path, upstream_p
     public, control = free_port(), free_port()
     server_toml = tmp_path / "server.toml"
     # The file sets a wrong public port: the flag must win over it (flags > env > file).
-    server_toml.write_text(f'public_addr = "127.0.0.1:1"\ncontrol_addr = "127.0.0.1:{control}"\n'
-                           f'tls_cert = "{certs.cert}"\ntls_key = "{certs.key}"\n')
-    server = Proc(["exit-server", "run", "--config", str(server_toml), "--public-addr", f"127.0.0.1:{public}",
-                   "--drain-timeout", "5"], {"BACKHAUL_TOKEN": TOKEN})
+    server_toml.write_text(
+        f'public_addr = "127.0.0.1:1"\ncontrol_addr = "127.0.0.1:{control}"\n'
+        f'tls_cert = "{certs.cert}"\ntls_key = "{certs.key}"\n'
+    )
+    server = Proc(
+        [
+            "exit-server",
+            "run",
+            "--config",
+            str(server_toml),
+            "--public-addr",
+            f"127.0.0.1:{public}",
+            "--drain-timeout",
+            "5",
+        ],
+        {"BACKHAUL_TOKEN": TOKEN},
+    )
     client_toml = tmp_path / "client.toml"
-    client_toml.write_text(f'upstream = ["app.example.com=http://127.0.0.1:{upstream_proc}"]\n'
-                           f'ca_file = "{certs.ca}"\n')
+    client_toml.write_text(f'upstream = ["app.example.com=http://127.0.0.1:{upstream_proc}"]\nca_file = "{certs.ca}"\n')
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    client = Proc(["tunnel-client", "run", "--config", str(client_toml), "--token-file", str(token_file)],
-                  {"BACKHAUL_SERVER": f"wss://localhost:{control}"})
+    client = Proc(
+        ["tunnel-client", "run", "--config", str(client_toml), "--token-file", str(token_file)],
+        {"BACKHAUL_SERVER": f"wss://localhost:{control}"},
+    )
     try:
         wait_port(public)
         body = wait_status(f"http://127.0.0.1:{public}/x", "app.example.com", 200)
@@ -194,11 +223,36 @@ def test_second_signal_exits_at_once(certs: Certs, tmp_path: Path, upstream_proc
         f"web.run_app(app, host='127.0.0.1', port={port}, print=None)\n"
     )
     slow = subprocess.Popen([sys.executable, str(slow_script)])
-    server = Proc(["exit-server", "run", "--public-addr", f"127.0.0.1:{public}", "--control-addr",
-                   f"127.0.0.1:{control}", "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
-                   "--drain-timeout", "60"], {"BACKHAUL_TOKEN": TOKEN})
-    client = Proc(["tunnel-client", "run", "--server", f"wss://localhost:{control}", "--ca-file", str(certs.ca),
-                   "--upstream", f"default=http://127.0.0.1:{port}"], {"BACKHAUL_TOKEN": TOKEN})
+    server = Proc(
+        [
+            "exit-server",
+            "run",
+            "--public-addr",
+            f"127.0.0.1:{public}",
+            "--control-addr",
+            f"127.0.0.1:{control}",
+            "--tls-cert",
+            str(certs.cert),
+            "--tls-key",
+            str(certs.key),
+            "--drain-timeout",
+            "60",
+        ],
+        {"BACKHAUL_TOKEN": TOKEN},
+    )
+    client = Proc(
+        [
+            "tunnel-client",
+            "run",
+            "--server",
+            f"wss://localhost:{control}",
+            "--ca-file",
+            str(certs.ca),
+            "--upstream",
+            f"default=http://127.0.0.1:{port}",
+        ],
+        {"BACKHAUL_TOKEN": TOKEN},
+    )
     try:
         wait_port(port)
         wait_port(public)

@@ -39,7 +39,8 @@ async def test_dashboard_shows_tunnels_and_live_traffic(certs: Certs, tmp_path: 
                         await r.read()
             count = await page.wait_for(
                 "(() => { const c = document.querySelector('#hosts tbody tr td:nth-child(2)');"
-                " return c && Number(c.textContent) >= 30 ? c.textContent : null })()")
+                " return c && Number(c.textContent) >= 30 ? c.textContent : null })()"
+            )
             assert int(count) == 30
             route = await page.evaluate("document.querySelector('#hosts tbody tr td').textContent")
             assert route == "shop.example.com"
@@ -53,7 +54,8 @@ async def test_dashboard_shows_tunnels_and_live_traffic(certs: Certs, tmp_path: 
                     await asyncio.sleep(0.05)
             rate = await page.wait_for(
                 "(() => { const c = document.querySelector('#hosts tbody tr td:nth-child(3)');"
-                " return c && Number(c.textContent) > 0 ? c.textContent : null })()")
+                " return c && Number(c.textContent) > 0 ? c.textContent : null })()"
+            )
             assert float(rate) > 0
             summary = await page.evaluate("document.querySelector('[data-testid=summary]').textContent")
             assert summary.startswith("1 tunnel(s)")

@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_script_answers_through_the_tunnel() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--once"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--once"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Answer (200): Hello from the on-prem container!" in out.stdout
     assert "Public URL:  http://127.0.0.1:" in out.stdout

@@ -58,8 +58,9 @@ class HostileServer:
     replies: dict[int, Outcome] = field(default_factory=dict)
 
     async def start(self) -> None:
-        self.server = await serve(self._handler, "127.0.0.1", 0, ssl=server_context(self.certs.cert, self.certs.key),
-                                  **ws_limits(256 * 1024))
+        self.server = await serve(
+            self._handler, "127.0.0.1", 0, ssl=server_context(self.certs.cert, self.certs.key), **ws_limits(256 * 1024)
+        )
         self.port = next(iter(self.server.sockets)).getsockname()[1]
 
     async def close(self) -> None:
@@ -77,8 +78,11 @@ class HostileServer:
             for event in session.events():
                 if isinstance(event, ControlReceived) and isinstance(event.message, Hello):
                     hello = event.message
-                    session.accept(Welcome(version=1, session_id="hostile-1", client_id="victim",
-                                           routes=hello.routes, tcp=hello.tcp))
+                    session.accept(
+                        Welcome(
+                            version=1, session_id="hostile-1", client_id="victim", routes=hello.routes, tcp=hello.tcp
+                        )
+                    )
                     self.welcomed.set()
                 elif isinstance(event, ReplyReceived):
                     self.bodies[event.stream_id] = bytearray()
@@ -155,8 +159,9 @@ def recording_app(seen: list[str]) -> web.Application:
 
 
 @contextlib.asynccontextmanager
-async def hostile_setup(certs: Certs, upstreams: list[str] | None = None,
-                        **overrides: Any) -> AsyncIterator[tuple[HostileServer, Forbidden, list[str], list[bytes]]]:
+async def hostile_setup(
+    certs: Certs, upstreams: list[str] | None = None, **overrides: Any
+) -> AsyncIterator[tuple[HostileServer, Forbidden, list[str], list[bytes]]]:
     seen: list[str] = []
     tcp_seen: list[bytes] = []
 
@@ -172,9 +177,13 @@ async def hostile_setup(certs: Certs, upstreams: list[str] | None = None,
     await hostile.start()
     async with upstream(recording_app(seen)) as up:
         config = ClientConfig(
-            server=[f"wss://localhost:{hostile.port}"], ca_file=certs.ca,
+            server=[f"wss://localhost:{hostile.port}"],
+            ca_file=certs.ca,
             upstream=[u.format(up=up.url) for u in (upstreams or ["app.test={up}"])],
-            tcp=[f"{TCP_PUBLIC_PORT}=127.0.0.1:{tcp_port}"], backoff_base=0.2, backoff_cap=1.0, **overrides,
+            tcp=[f"{TCP_PUBLIC_PORT}=127.0.0.1:{tcp_port}"],
+            backoff_base=0.2,
+            backoff_cap=1.0,
+            **overrides,
         )
         client = TunnelClient(config, token=TOKEN)
         task = asyncio.create_task(client.run())
@@ -191,8 +200,9 @@ async def hostile_setup(certs: Certs, upstreams: list[str] | None = None,
             forbidden.server.close()
 
 
-def http(target: str, authority: str = "app.test", method: str = "GET",
-         headers: tuple[tuple[str, str], ...] = ()) -> RequestHead:
+def http(
+    target: str, authority: str = "app.test", method: str = "GET", headers: tuple[tuple[str, str], ...] = ()
+) -> RequestHead:
     return RequestHead(StreamKind.HTTP, method, target, authority, "http", "203.0.113.7", headers)
 
 
@@ -201,8 +211,7 @@ def crafted(forbidden: int) -> list[tuple[str, RequestHead, int]]:
     evil = f"127.0.0.1:{forbidden}"
     return [
         ("absolute-form to the forbidden port", http(f"http://{evil}/latest/meta-data"), ResetCode.FORBIDDEN),
-        ("absolute-form to the metadata service", http("http://169.254.169.254/latest/meta-data"),
-         ResetCode.FORBIDDEN),
+        ("absolute-form to the metadata service", http("http://169.254.169.254/latest/meta-data"), ResetCode.FORBIDDEN),
         ("https absolute-form", http(f"https://{evil}/"), ResetCode.FORBIDDEN),
         ("network-path reference", http(f"//{evil}/x"), ResetCode.FORBIDDEN),
         ("userinfo trick", http(f"@{evil}/"), ResetCode.FORBIDDEN),
@@ -216,15 +225,17 @@ def crafted(forbidden: int) -> list[tuple[str, RequestHead, int]]:
         ("authority names another host", http("/", authority="evil.test"), ResetCode.NO_UPSTREAM),
         ("authority with userinfo", http("/", authority=f"app.test@{evil}"), ResetCode.FORBIDDEN),
         ("authority with a path", http("/", authority=f"{evil}/x"), ResetCode.FORBIDDEN),
-        ("CR/LF in a header value",
-         http("/", headers=(("X-A", f"1\r\nHost: {evil}"),)), ResetCode.FORBIDDEN),
+        ("CR/LF in a header value", http("/", headers=(("X-A", f"1\r\nHost: {evil}"),)), ResetCode.FORBIDDEN),
         ("LF in a header value", http("/", headers=(("X-A", "1\nX-B: 2"),)), ResetCode.FORBIDDEN),
         ("NUL in a header value", http("/", headers=(("X-A", "a\x00b"),)), ResetCode.FORBIDDEN),
         ("header name with a colon", http("/", headers=(("Host: evil\r\nX", "1"),)), ResetCode.FORBIDDEN),
         ("header name with a space", http("/", headers=(("X A", "1"),)), ResetCode.FORBIDDEN),
         ("empty header name", http("/", headers=(("", "1"),)), ResetCode.FORBIDDEN),
-        ("request line in the method", http("/", method=f"GET http://{evil}/ HTTP/1.1\r\n\r\nGET"),
-         ResetCode.FORBIDDEN),
+        (
+            "request line in the method",
+            http("/", method=f"GET http://{evil}/ HTTP/1.1\r\n\r\nGET"),
+            ResetCode.FORBIDDEN,
+        ),
         ("CR/LF in the target", http(f"/x HTTP/1.1\r\nHost: {evil}\r\n\r\nGET /"), ResetCode.FORBIDDEN),
         ("space in the target", http("/x HTTP/1.1"), ResetCode.FORBIDDEN),
         ("fragment", http("/x#y"), ResetCode.FORBIDDEN),
@@ -232,25 +243,52 @@ def crafted(forbidden: int) -> list[tuple[str, RequestHead, int]]:
         ("dot segment behind ;", http("/..;/admin"), ResetCode.FORBIDDEN),
         ("huge target", http("/" + "a" * 20_000), ResetCode.FORBIDDEN),
         ("huge headers", http("/", headers=tuple((f"X-{i}", "v" * 1000) for i in range(200))), ResetCode.FORBIDDEN),
-        ("WebSocket to the forbidden authority",
-         RequestHead(StreamKind.WEBSOCKET, "GET", "/ws", evil, "http", "", ()), ResetCode.NO_UPSTREAM),
-        ("WebSocket userinfo trick",
-         RequestHead(StreamKind.WEBSOCKET, "GET", f"@{evil}/", "app.test", "http", "", ()), ResetCode.FORBIDDEN),
-        ("WebSocket with header injection",
-         RequestHead(StreamKind.WEBSOCKET, "GET", "/ws", "app.test", "http", "",
-                     (("Upgrade", "websocket\r\n\r\nGET /smuggled HTTP/1.1"),)), ResetCode.FORBIDDEN),
-        ("WebSocket with a POST", RequestHead(StreamKind.WEBSOCKET, "POST", "/ws", "app.test", "http", "", ()),
-         ResetCode.FORBIDDEN),
-        ("TCP for the forbidden port", RequestHead(StreamKind.TCP, "", str(forbidden), "", "tcp", "", ()),
-         ResetCode.NO_UPSTREAM),
+        (
+            "WebSocket to the forbidden authority",
+            RequestHead(StreamKind.WEBSOCKET, "GET", "/ws", evil, "http", "", ()),
+            ResetCode.NO_UPSTREAM,
+        ),
+        (
+            "WebSocket userinfo trick",
+            RequestHead(StreamKind.WEBSOCKET, "GET", f"@{evil}/", "app.test", "http", "", ()),
+            ResetCode.FORBIDDEN,
+        ),
+        (
+            "WebSocket with header injection",
+            RequestHead(
+                StreamKind.WEBSOCKET,
+                "GET",
+                "/ws",
+                "app.test",
+                "http",
+                "",
+                (("Upgrade", "websocket\r\n\r\nGET /smuggled HTTP/1.1"),),
+            ),
+            ResetCode.FORBIDDEN,
+        ),
+        (
+            "WebSocket with a POST",
+            RequestHead(StreamKind.WEBSOCKET, "POST", "/ws", "app.test", "http", "", ()),
+            ResetCode.FORBIDDEN,
+        ),
+        (
+            "TCP for the forbidden port",
+            RequestHead(StreamKind.TCP, "", str(forbidden), "", "tcp", "", ()),
+            ResetCode.NO_UPSTREAM,
+        ),
         ("TCP naming an address", RequestHead(StreamKind.TCP, "", evil, "", "tcp", "", ()), ResetCode.NO_UPSTREAM),
-        ("TCP with a unicode digit", RequestHead(StreamKind.TCP, "", "7\xb2", "", "tcp", "", ()),
-         ResetCode.NO_UPSTREAM),
+        (
+            "TCP with a unicode digit",
+            RequestHead(StreamKind.TCP, "", "7\xb2", "", "tcp", "", ()),
+            ResetCode.NO_UPSTREAM,
+        ),
         ("TCP port 0", RequestHead(StreamKind.TCP, "", "0", "", "tcp", "", ()), ResetCode.NO_UPSTREAM),
-        ("TCP port out of range", RequestHead(StreamKind.TCP, "", "99999", "", "tcp", "", ()),
-         ResetCode.NO_UPSTREAM),
-        ("TCP port with a sign", RequestHead(StreamKind.TCP, "", f"+{TCP_PUBLIC_PORT}", "", "tcp", "", ()),
-         ResetCode.NO_UPSTREAM),
+        ("TCP port out of range", RequestHead(StreamKind.TCP, "", "99999", "", "tcp", "", ()), ResetCode.NO_UPSTREAM),
+        (
+            "TCP port with a sign",
+            RequestHead(StreamKind.TCP, "", f"+{TCP_PUBLIC_PORT}", "", "tcp", "", ()),
+            ResetCode.NO_UPSTREAM,
+        ),
     ]
 
 
@@ -259,8 +297,9 @@ async def test_hostile_server_cannot_make_the_client_connect_elsewhere(certs: Ce
         # Positive controls first: the configured routes do work, so the refusals below mean something.
         ok = await hostile.request(http("/ok?x=%2F"))
         assert (ok.kind, ok.value, ok.body) == ("reply", 200, b"allowed upstream")
-        tcp = await hostile.request(RequestHead(StreamKind.TCP, "", str(TCP_PUBLIC_PORT), "", "tcp", "", ()),
-                                    end_stream=False)
+        tcp = await hostile.request(
+            RequestHead(StreamKind.TCP, "", str(TCP_PUBLIC_PORT), "", "tcp", "", ()), end_stream=False
+        )
         assert (tcp.kind, tcp.value) == ("reply", 200)
         failures = []
         for name, head, expected in crafted(forbidden.port):
@@ -288,17 +327,33 @@ async def test_default_route_only_ever_reaches_the_configured_upstream(certs: Ce
 
 
 async def test_allow_list_refuses_other_paths_and_tricks(certs: Certs) -> None:
-    async with hostile_setup(certs, ["app.test={up}"],
-                             allow_path=["app.test=/api/*,/health"]) as (hostile, forbidden, seen, _):
+    async with hostile_setup(certs, ["app.test={up}"], allow_path=["app.test=/api/*,/health"]) as (
+        hostile,
+        forbidden,
+        seen,
+        _,
+    ):
         for target in ("/api", "/api/", "/api/x?q=1", "/health", "/x/../api/y"):
             outcome = await hostile.request(http(target))
             assert (outcome.kind, outcome.value) == ("reply", 200), target
-        for target in ("/", "/admin", "/healthz", "/health/x", "/API/x", "/apix", "/api/../admin",
-                       "/api/%2e%2e/admin", "/api%2F..%2Fadmin", "/api/x%2F..%2F..%2Fadmin", "/api/..;/admin"):
+        for target in (
+            "/",
+            "/admin",
+            "/healthz",
+            "/health/x",
+            "/API/x",
+            "/apix",
+            "/api/../admin",
+            "/api/%2e%2e/admin",
+            "/api%2F..%2Fadmin",
+            "/api/x%2F..%2F..%2Fadmin",
+            "/api/..;/admin",
+        ):
             outcome = await hostile.request(http(target))
             assert (outcome.kind, outcome.value) == ("reset", ResetCode.FORBIDDEN), target
-        ws = await hostile.request(RequestHead(StreamKind.WEBSOCKET, "GET", "/admin", "app.test", "http", "", ()),
-                                   end_stream=False)
+        ws = await hostile.request(
+            RequestHead(StreamKind.WEBSOCKET, "GET", "/admin", "app.test", "http", "", ()), end_stream=False
+        )
         assert (ws.kind, ws.value) == ("reset", ResetCode.FORBIDDEN)
         assert seen == ["/api", "/api/", "/api/x?q=1", "/health", "/api/y"]
         assert forbidden.connections == 0

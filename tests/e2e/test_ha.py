@@ -57,6 +57,7 @@ async def test_two_replicas_share_a_hostname(certs: Certs) -> None:
         await s.add_client([f"svc.example.com={up.url}"], instance_id="replica-a")
         await s.add_client([f"svc.example.com={up.url}"], instance_id="replica-b")
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as http:
+
             async def call() -> int:
                 async with http.get(s.base + "/?d=0.3", headers={"Host": "svc.example.com"}) as r:
                     await r.read()
@@ -77,10 +78,26 @@ async def test_failover_when_a_replica_is_killed(certs: Certs, tmp_path: Path) -
         procs = {}
         for name in ("replica-a", "replica-b"):
             procs[name] = subprocess.Popen(
-                [str(BIN / "tunnel-client"), "run", "--server", f"wss://localhost:{s.server.control_port}",
-                 "--ca-file", str(certs.ca), "--token-file", str(token), "--upstream", f"svc.example.com={up.url}",
-                 "--instance-id", name, "--admin-addr", "127.0.0.1:0"],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    str(BIN / "tunnel-client"),
+                    "run",
+                    "--server",
+                    f"wss://localhost:{s.server.control_port}",
+                    "--ca-file",
+                    str(certs.ca),
+                    "--token-file",
+                    str(token),
+                    "--upstream",
+                    f"svc.example.com={up.url}",
+                    "--instance-id",
+                    name,
+                    "--admin-addr",
+                    "127.0.0.1:0",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         try:
             for _ in range(100):
                 if len(s.server.registry.tunnels) == 2:
@@ -91,6 +108,7 @@ async def test_failover_when_a_replica_is_killed(certs: Certs, tmp_path: Path) -
             done = 0
             stop = asyncio.Event()
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as http:
+
                 async def worker() -> None:
                     nonlocal done
                     while not stop.is_set():
@@ -104,8 +122,9 @@ async def test_failover_when_a_replica_is_killed(certs: Certs, tmp_path: Path) -
                         done += 1
 
                 async def post() -> int:
-                    async with http.post(s.base + "/post?d=3", data=b"x" * 100,
-                                         headers={"Host": "svc.example.com"}) as r:
+                    async with http.post(
+                        s.base + "/post?d=3", data=b"x" * 100, headers={"Host": "svc.example.com"}
+                    ) as r:
                         return r.status
 
                 post_task = asyncio.create_task(post())
@@ -170,14 +189,19 @@ async def test_unhealthy_upstream_route_is_withdrawn_and_restored(certs: Certs) 
     app = slow_app()
     async with upstream(app) as healthy_up, upstream(slow_app()) as sick_up, stack(certs) as s:
         common = {"health_interval": 0.2, "health_fall": 2, "health_rise": 2}
-        await s.add_client([f"svc.example.com={healthy_up.url}"], instance_id="good",
-                           health_path=["svc.example.com=/healthz"], **common)
+        await s.add_client(
+            [f"svc.example.com={healthy_up.url}"],
+            instance_id="good",
+            health_path=["svc.example.com=/healthz"],
+            **common,
+        )
         sick_app_state = None
         for runner_app in (sick_up.runner.app,):
             sick_app_state = runner_app[STATE]
         assert sick_app_state is not None
-        await s.add_client([f"svc.example.com={sick_up.url}"], instance_id="sick",
-                           health_path=["svc.example.com=/healthz"], **common)
+        await s.add_client(
+            [f"svc.example.com={sick_up.url}"], instance_id="sick", health_path=["svc.example.com=/healthz"], **common
+        )
         sick_app_state["healthy"] = False
         for _ in range(50):
             routed = [t.instance_id for t in s.server.registry.table.lookup("svc.example.com", "/")]

@@ -18,8 +18,14 @@ def echo_app() -> web.Application:
         body = await request.read()
         headers = [[k, v] for k, v in request.headers.items()]
         return web.json_response(
-            {"method": request.method, "path_qs": request.path_qs, "host": request.host, "headers": headers,
-             "body_len": len(body), "body_hex": body[:64].hex()},
+            {
+                "method": request.method,
+                "path_qs": request.path_qs,
+                "host": request.host,
+                "headers": headers,
+                "body_len": len(body),
+                "body_hex": body[:64].hex(),
+            },
             headers={"X-Upstream": "echo"},
         )
 
@@ -50,8 +56,9 @@ def echo_app() -> web.Application:
         return resp
 
     async def hop(request: web.Request) -> web.Response:
-        return web.Response(text="hop", headers={"Connection": "close, X-Secret-Hop", "X-Secret-Hop": "1",
-                                                 "Keep-Alive": "timeout=5"})
+        return web.Response(
+            text="hop", headers={"Connection": "close, X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5"}
+        )
 
     app = web.Application()
     app.router.add_route("*", "/cookies", cookies)
@@ -165,9 +172,15 @@ async def test_hop_by_hop_removed_and_forwarded_headers(certs: Certs) -> None:
     async with upstream(echo_app()) as up, stack(certs) as s:
         await s.add_client([f"default={up.url}"])
         async with aiohttp.ClientSession() as http:
-            headers = {"Host": "shop.example.com", "Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "1",
-                       "TE": "trailers", "Proxy-Authorization": "Basic eA==", "X-Forwarded-For": "203.0.113.9",
-                       "X-Keep": "yes"}
+            headers = {
+                "Host": "shop.example.com",
+                "Connection": "keep-alive, X-Drop-Me",
+                "X-Drop-Me": "1",
+                "TE": "trailers",
+                "Proxy-Authorization": "Basic eA==",
+                "X-Forwarded-For": "203.0.113.9",
+                "X-Keep": "yes",
+            }
             async with http.get(s.base + "/fwd", headers=headers) as r:
                 data = await r.json()
             got = {k.lower(): v for k, v in data["headers"]}
@@ -199,13 +212,15 @@ async def test_routing_exact_wildcard_default_and_prefix(certs: Certs) -> None:
         upstream(tagged("default")) as dflt,
         stack(certs) as s,
     ):
-        await s.add_client([
-            f"app.example.com={exact.url}",
-            f"app.example.com/api={api.url}",
-            f"*.example.com={wild.url}",
-            f"*.b.example.com={deep.url}",
-            f"default={dflt.url}",
-        ])
+        await s.add_client(
+            [
+                f"app.example.com={exact.url}",
+                f"app.example.com/api={api.url}",
+                f"*.example.com={wild.url}",
+                f"*.b.example.com={deep.url}",
+                f"default={dflt.url}",
+            ]
+        )
         cases = [
             ("app.example.com", "/", "exact:/"),
             ("app.example.com", "/api", "api:/api"),

@@ -111,10 +111,26 @@ async def test_sigusr1_toggles_a_real_process(certs: Certs, tmp_path: Path) -> N
         env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
         env["BACKHAUL_ADMIN_ADDR"] = "127.0.0.1:0"
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "tunnel-client"), "run", "--server",
-             f"wss://localhost:{s.server.control_port}", "--ca-file", str(certs.ca), "--token-file", str(token_file),
-             "--upstream", f"app.example.com={up.url}", "--backoff-base", "0.2", "--backoff-cap", "1"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                str(Path(sys.executable).parent / "tunnel-client"),
+                "run",
+                "--server",
+                f"wss://localhost:{s.server.control_port}",
+                "--ca-file",
+                str(certs.ca),
+                "--token-file",
+                str(token_file),
+                "--upstream",
+                f"app.example.com={up.url}",
+                "--backoff-base",
+                "0.2",
+                "--backoff-cap",
+                "1",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         try:
             await wait_status(s.base, 200, 15)

@@ -110,23 +110,34 @@ async def test_status_command_prints_tunnel_table(certs: Certs) -> None:
     async with upstream(hello_app()) as up, stack(certs, admin_token=ADMIN) as s:
         await s.add_client([f"shop.example.com={up.url}"], label=["env=prod"])
         env = {**os.environ, "BACKHAUL_ADMIN_TOKEN": ADMIN}
-        out = await asyncio.to_thread(subprocess.run, [str(BIN / "exit-server"), "status", "--admin-addr",
-                                      f"127.0.0.1:{s.server.admin_port}"], capture_output=True, text=True, env=env,
-                                      timeout=30)
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [str(BIN / "exit-server"), "status", "--admin-addr", f"127.0.0.1:{s.server.admin_port}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert lines[0].split()[:3] == ["TUNNEL", "CLIENT", "HOSTNAMES"]
         assert "shop.example.com" in lines[1] and "env=prod" in lines[1] and "default" in lines[1]
-        bad = await asyncio.to_thread(subprocess.run, [str(BIN / "exit-server"), "status", "--admin-addr",
-                                      f"127.0.0.1:{s.server.admin_port}"], capture_output=True, text=True,
-                                      env={**os.environ, "BACKHAUL_ADMIN_TOKEN": "wrong"}, timeout=30)
+        bad = await asyncio.to_thread(
+            subprocess.run,
+            [str(BIN / "exit-server"), "status", "--admin-addr", f"127.0.0.1:{s.server.admin_port}"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "BACKHAUL_ADMIN_TOKEN": "wrong"},
+            timeout=30,
+        )
         assert bad.returncode == 1 and "401" in bad.stderr
 
 
 async def test_admin_api_disabled_without_token(certs: Certs) -> None:
     async with stack(certs) as s, aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{s.server.admin_port}/api/tunnels",
-                            headers={"Authorization": "Bearer anything"}) as r:
+        async with http.get(
+            f"http://127.0.0.1:{s.server.admin_port}/api/tunnels", headers={"Authorization": "Bearer anything"}
+        ) as r:
             assert r.status == 403
 
 
@@ -154,8 +165,13 @@ async def test_client_health_endpoint_and_healthcheck_command(certs: Certs) -> N
         assert bad.returncode == 1
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as r:
             assert r.status == 503
-    nobody = await asyncio.to_thread(subprocess.run, [str(BIN / "tunnel-client"), "healthcheck", "--admin-addr",
-                                     "127.0.0.1:1"], capture_output=True, text=True, timeout=30)
+    nobody = await asyncio.to_thread(
+        subprocess.run,
+        [str(BIN / "tunnel-client"), "healthcheck", "--admin-addr", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert nobody.returncode == 1
 
 
@@ -184,17 +200,45 @@ async def test_json_logs_from_processes(certs: Certs, tmp_path: Path) -> None:
 
     up_script = tmp_path / "up.py"
     up_port = free_port()
-    up_script.write_text("from aiohttp import web\nasync def h(r):\n    return web.Response(text='ok')\n"
-                         "app = web.Application(); app.router.add_get('/{t:.*}', h)\n"
-                         f"web.run_app(app, host='127.0.0.1', port={up_port}, print=None)\n")
+    up_script.write_text(
+        "from aiohttp import web\nasync def h(r):\n    return web.Response(text='ok')\n"
+        "app = web.Application(); app.router.add_get('/{t:.*}', h)\n"
+        f"web.run_app(app, host='127.0.0.1', port={up_port}, print=None)\n"
+    )
     up = subprocess.Popen([sys.executable, str(up_script)])
     public, control = free_port(), free_port()
-    server = Proc(["exit-server", "run", "--public-addr", f"127.0.0.1:{public}", "--control-addr",
-                   f"127.0.0.1:{control}", "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
-                   "--log-format", "json"], {"BACKHAUL_TOKEN": "json-token"})
-    client = Proc(["tunnel-client", "run", "--server", f"wss://localhost:{control}", "--ca-file", str(certs.ca),
-                   "--upstream", f"default=http://127.0.0.1:{up_port}", "--log-format", "json"],
-                  {"BACKHAUL_TOKEN": "json-token"})
+    server = Proc(
+        [
+            "exit-server",
+            "run",
+            "--public-addr",
+            f"127.0.0.1:{public}",
+            "--control-addr",
+            f"127.0.0.1:{control}",
+            "--tls-cert",
+            str(certs.cert),
+            "--tls-key",
+            str(certs.key),
+            "--log-format",
+            "json",
+        ],
+        {"BACKHAUL_TOKEN": "json-token"},
+    )
+    client = Proc(
+        [
+            "tunnel-client",
+            "run",
+            "--server",
+            f"wss://localhost:{control}",
+            "--ca-file",
+            str(certs.ca),
+            "--upstream",
+            f"default=http://127.0.0.1:{up_port}",
+            "--log-format",
+            "json",
+        ],
+        {"BACKHAUL_TOKEN": "json-token"},
+    )
     try:
         await asyncio.to_thread(wait_port, up_port)
         await asyncio.to_thread(wait_port, public)
@@ -212,8 +256,9 @@ async def test_json_logs_from_processes(certs: Certs, tmp_path: Path) -> None:
     client_lines = [json.loads(line) for line in client_out.splitlines() if line.strip() and line.startswith("{")]
     access = [line for line in server_lines if line.get("logger") == "backhaul.access"]
     assert access and access[-1]["status"] == 200 and access[-1]["path"] == "/hello" and "request_id" in access[-1]
-    assert any(line["logger"] == "exit_server.control" and "registered client" in line["message"]
-               for line in server_lines)
+    assert any(
+        line["logger"] == "exit_server.control" and "registered client" in line["message"] for line in server_lines
+    )
     assert any(line["logger"] == "tunnel_client.client" for line in client_lines)
     assert all({"time", "level", "logger", "message"} <= set(line) for line in server_lines)
 
@@ -253,11 +298,13 @@ async def test_ecs_labels_reach_api_and_metrics(certs: Certs, ecs_metadata: dict
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{s.server.admin_port}/metrics") as r:
                 text = await r.text()
-            async with http.get(f"http://127.0.0.1:{s.server.admin_port}/api/tunnels",
-                                headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+            async with http.get(
+                f"http://127.0.0.1:{s.server.admin_port}/api/tunnels", headers={"Authorization": f"Bearer {ADMIN}"}
+            ) as r:
                 api = await r.json()
-        assert ('backhaul_tunnels_connected{client_id="default",ecs_cluster="customer-site-7",'
-                'ecs_service="vendor-app"} 1.0') in text
+        assert (
+            'backhaul_tunnels_connected{client_id="default",ecs_cluster="customer-site-7",ecs_service="vendor-app"} 1.0'
+        ) in text
         assert "task/customer-site-7" not in text  # the task ARN is not a metric label (unbounded)
         assert api["tunnels"][0]["labels"]["ecs.family"] == "vendor-app-bridge"
 

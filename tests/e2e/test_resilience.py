@@ -35,8 +35,9 @@ async def test_client_back_within_5s_after_exit_server_restart(certs: Certs) -> 
         await server.start()
         port = server.control_port
         # Default backoff (1 s base, full jitter), as a user would run it.
-        client = TunnelClient(client_config(certs, server, [f"default={up.url}"], backoff_base=1.0, backoff_cap=30.0),
-                              token=TOKEN)
+        client = TunnelClient(
+            client_config(certs, server, [f"default={up.url}"], backoff_base=1.0, backoff_cap=30.0), token=TOKEN
+        )
         task = asyncio.create_task(client.run())
         try:
             await client.wait_connected(10)
@@ -88,6 +89,7 @@ async def test_tunnel_dropped_mid_request_gives_502(certs: Certs) -> None:
     async with upstream(slow_app(30)) as up, stack(certs) as s:
         running = await s.add_client([f"default={up.url}"], backoff_base=5.0, backoff_cap=5.0)
         async with aiohttp.ClientSession() as http:
+
             async def call() -> int:
                 async with http.get(s.base + "/") as r:
                     return r.status
@@ -119,6 +121,7 @@ async def test_client_shutdown_drains_in_flight_and_refuses_new(certs: Certs) ->
     async with upstream(slow_app(1.0)) as up, stack(certs) as s:
         running = await s.add_client([f"default={up.url}"])
         async with aiohttp.ClientSession() as http:
+
             async def call(path: str) -> tuple[int, str]:
                 async with http.get(s.base + path) as r:
                     return r.status, await r.text()
@@ -154,6 +157,7 @@ async def test_exit_server_shutdown_drains(certs: Certs, caplog: pytest.LogCaptu
     caplog.set_level(logging.INFO)
     async with server_to_shut_down(certs, 1.0) as server:
         async with aiohttp.ClientSession() as http:
+
             async def call() -> tuple[int, str]:
                 async with http.get(f"http://127.0.0.1:{server.public_port}/?d=1") as r:
                     return r.status, await r.text()
@@ -197,6 +201,7 @@ async def test_exit_server_shutdown_stays_within_the_drain_timeout(certs: Certs)
     """A request longer than the drain timeout is cut at the timeout (502 or a broken
     response), and shutting down takes the drain timeout, not twice it."""
     async with server_to_shut_down(certs, 10.0) as server, aiohttp.ClientSession() as http:
+
         async def call() -> int:
             async with http.get(f"http://127.0.0.1:{server.public_port}/?d=10") as r:
                 await r.read()

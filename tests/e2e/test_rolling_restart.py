@@ -44,10 +44,26 @@ backend exits
 
 class ExitProcess:
     def __init__(self, certs: Certs, public: int, control: int, admin: int) -> None:
-        self.args = [str(BIN / "exit-server"), "run", "--public-addr", f"127.0.0.1:{public}", "--control-addr",
-                     f"127.0.0.1:{control}", "--admin-addr", f"127.0.0.1:{admin}", "--tls-cert", str(certs.cert),
-                     "--tls-key", str(certs.key), "--shutdown-delay", "1.0", "--drain-timeout", "10",
-                     "--min-ready-tunnels", "1"]  # back in the balancer once the client is
+        self.args = [
+            str(BIN / "exit-server"),
+            "run",
+            "--public-addr",
+            f"127.0.0.1:{public}",
+            "--control-addr",
+            f"127.0.0.1:{control}",
+            "--admin-addr",
+            f"127.0.0.1:{admin}",
+            "--tls-cert",
+            str(certs.cert),
+            "--tls-key",
+            str(certs.key),
+            "--shutdown-delay",
+            "1.0",
+            "--drain-timeout",
+            "10",
+            "--min-ready-tunnels",
+            "1",
+        ]  # back in the balancer once the client is
         self.public, self.control, self.admin = public, control, admin
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -65,8 +81,9 @@ class ExitProcess:
 async def _tunnels_connected(admin: int) -> float:
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{admin}/metrics") as r:
         text = await r.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("backhaul_tunnels_connected{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("backhaul_tunnels_connected{")
+    )
 
 
 async def test_rolling_restart_behind_haproxy_has_no_errors(certs: Certs) -> None:
@@ -81,21 +98,35 @@ async def test_rolling_restart_behind_haproxy_has_no_errors(certs: Certs) -> Non
     app.router.add_get("/{t:.*}", h)
     servers = [ExitProcess(certs, free_port(), free_port(), free_port()) for _ in range(3)]
     front = free_port()
-    lines = "\n".join(f"    server es{i} 127.0.0.1:{s.public} check port {s.admin} inter 200 fall 1 rise 2"
-                      for i, s in enumerate(servers))
+    lines = "\n".join(
+        f"    server es{i} 127.0.0.1:{s.public} check port {s.admin} inter 200 fall 1 rise 2"
+        for i, s in enumerate(servers)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "haproxy.cfg"
         cfg.write_text(HAPROXY_CFG.format(front=front, servers=lines))
         async with upstream(app) as up:
             for s in servers:
                 s.start()
-            proxy = subprocess.Popen([haproxy, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+            proxy = subprocess.Popen(
+                [haproxy, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
             env["BACKHAUL_TOKEN"] = TOKEN
-            client_args = [str(BIN / "tunnel-client"), "run", "--ca-file", str(certs.ca), "--admin-addr",
-                           "127.0.0.1:0", "--upstream", f"default={up.url}", "--backoff-base", "0.3",
-                           "--backoff-cap", "1"]
+            client_args = [
+                str(BIN / "tunnel-client"),
+                "run",
+                "--ca-file",
+                str(certs.ca),
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--upstream",
+                f"default={up.url}",
+                "--backoff-base",
+                "0.3",
+                "--backoff-cap",
+                "1",
+            ]
             for s in servers:
                 client_args += ["--server", f"wss://localhost:{s.control}"]
             client = subprocess.Popen(client_args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,6 +144,7 @@ async def test_rolling_restart_behind_haproxy_has_no_errors(certs: Certs) -> Non
                 counts = {"ok": 0, "repeated": 0}
                 stop = asyncio.Event()
                 async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=20)) as http:
+
                     async def worker() -> None:
                         while not stop.is_set():
                             for attempt in (1, 2):
@@ -147,8 +179,10 @@ async def test_rolling_restart_behind_haproxy_has_no_errors(certs: Certs) -> Non
                     await asyncio.sleep(1.0)
                     stop.set()
                     await asyncio.wait_for(asyncio.gather(*workers), 20)
-                print(f"rolling restart: {counts['ok']} requests, {len(errors)} errors, "
-                      f"{counts['repeated']} keep-alive repeats")
+                print(
+                    f"rolling restart: {counts['ok']} requests, {len(errors)} errors, "
+                    f"{counts['repeated']} keep-alive repeats"
+                )
                 assert errors == []
                 assert counts["ok"] > 300
             finally:

@@ -49,6 +49,7 @@ async def test_thousand_concurrent_requests_over_one_tunnel(certs: Certs) -> Non
         await s.add_client([f"default={up.url}"])
         connector = aiohttp.TCPConnector(limit=1000)
         async with aiohttp.ClientSession(connector=connector) as http:
+
             async def one(i: int) -> str:
                 async with http.get(s.base + f"/?i={i}") as r:
                     assert r.status == 200

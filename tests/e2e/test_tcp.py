@@ -105,8 +105,11 @@ async def test_port_outside_range_is_refused_with_reason(
         writer.write_eof()
         assert await asyncio.wait_for(reader.read(), 5) == b"got:x"
         writer.close()
-    assert any(f"tcp:{outside} refused: port outside the server's --tcp-port-range" in r.getMessage()
-               for r in caplog.records if r.name.startswith("tunnel_client"))
+    assert any(
+        f"tcp:{outside} refused: port outside the server's --tcp-port-range" in r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("tunnel_client")
+    )
 
 
 async def test_tcp_port_closes_when_client_leaves_and_other_tenant_cannot_take_it(
@@ -152,8 +155,10 @@ def redis_port() -> Iterator[int]:
     if binary is None:
         pytest.fail("redis-server is missing: `make test` installs it (scripts/ci-deps.sh)")
     port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
     for _ in range(100):
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:

@@ -32,9 +32,16 @@ def _scan(port: int) -> object:
     )
 
     commands = {
-        ScanCommand.SSL_2_0_CIPHER_SUITES, ScanCommand.SSL_3_0_CIPHER_SUITES, ScanCommand.TLS_1_0_CIPHER_SUITES,
-        ScanCommand.TLS_1_1_CIPHER_SUITES, ScanCommand.TLS_1_2_CIPHER_SUITES, ScanCommand.TLS_1_3_CIPHER_SUITES,
-        ScanCommand.TLS_COMPRESSION, ScanCommand.HEARTBLEED, ScanCommand.ROBOT, ScanCommand.OPENSSL_CCS_INJECTION,
+        ScanCommand.SSL_2_0_CIPHER_SUITES,
+        ScanCommand.SSL_3_0_CIPHER_SUITES,
+        ScanCommand.TLS_1_0_CIPHER_SUITES,
+        ScanCommand.TLS_1_1_CIPHER_SUITES,
+        ScanCommand.TLS_1_2_CIPHER_SUITES,
+        ScanCommand.TLS_1_3_CIPHER_SUITES,
+        ScanCommand.TLS_COMPRESSION,
+        ScanCommand.HEARTBLEED,
+        ScanCommand.ROBOT,
+        ScanCommand.OPENSSL_CCS_INJECTION,
         ScanCommand.SESSION_RENEGOTIATION,
     }
     location = ServerNetworkLocation(hostname="localhost", port=port, ip_address="127.0.0.1")
@@ -70,7 +77,9 @@ async def test_sslyze_scan_of_the_control_listener(certs: Certs) -> None:
     assert result("heartbleed").is_vulnerable_to_heartbleed is False  # type: ignore[attr-defined]
     assert result("openssl_ccs_injection").is_vulnerable_to_ccs_injection is False  # type: ignore[attr-defined]
     assert result("robot").robot_result in (  # type: ignore[attr-defined]
-        RobotScanResultEnum.NOT_VULNERABLE_RSA_NOT_SUPPORTED, RobotScanResultEnum.NOT_VULNERABLE_NO_ORACLE)
+        RobotScanResultEnum.NOT_VULNERABLE_RSA_NOT_SUPPORTED,
+        RobotScanResultEnum.NOT_VULNERABLE_NO_ORACLE,
+    )
     assert result("session_renegotiation").is_vulnerable_to_client_renegotiation_dos is False  # type: ignore[attr-defined]
 
 
@@ -98,8 +107,9 @@ async def test_pinned_server_is_accepted(certs: Certs) -> None:
 
 
 @pytest.mark.asyncio
-async def test_token_is_never_sent_to_an_unpinned_server(certs: Certs, tmp_path: Path,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+async def test_token_is_never_sent_to_an_unpinned_server(
+    certs: Certs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # A server the CA vouches for (hostname and chain are fine) but with another key than the pinned one.
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
@@ -119,9 +129,15 @@ async def test_token_is_never_sent_to_an_unpinned_server(certs: Certs, tmp_path:
     server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ctx)
     port = server.sockets[0].getsockname()[1]
     pin = spki_pin(ssl.PEM_cert_to_DER_cert(pinned.cert_chain_pems[0].bytes().decode()))
-    config = ClientConfig(server=[f"wss://localhost:{port}"], ca_file=tmp_path / "ca.pem",
-                          upstream=["default=http://127.0.0.1:9"], backoff_base=0.2, backoff_cap=0.5, admin_addr="",
-                          pin=[pin])
+    config = ClientConfig(
+        server=[f"wss://localhost:{port}"],
+        ca_file=tmp_path / "ca.pem",
+        upstream=["default=http://127.0.0.1:9"],
+        backoff_base=0.2,
+        backoff_cap=0.5,
+        admin_addr="",
+        pin=[pin],
+    )
     caplog.set_level(logging.INFO)
     client = TunnelClient(config, token=TOKEN)
     task = asyncio.create_task(client.run())
@@ -153,15 +169,18 @@ async def test_mutual_tls(certs: Certs, tmp_path: Path) -> None:
     await server.start()
     try:
         for cert in (None, tmp_path / "stranger.pem"):
-            client = TunnelClient(client_config(certs, server, ["default=http://127.0.0.1:9"], client_cert=cert),
-                                  token=TOKEN)
+            client = TunnelClient(
+                client_config(certs, server, ["default=http://127.0.0.1:9"], client_cert=cert), token=TOKEN
+            )
             task = asyncio.create_task(client.run())
             await asyncio.sleep(0.8)
             assert not client.connected and not server.registry.tunnels
             await client.shutdown(0)
             await task
-        client = TunnelClient(client_config(certs, server, ["default=http://127.0.0.1:9"],
-                                            client_cert=tmp_path / "client.pem"), token=TOKEN)
+        client = TunnelClient(
+            client_config(certs, server, ["default=http://127.0.0.1:9"], client_cert=tmp_path / "client.pem"),
+            token=TOKEN,
+        )
         task = asyncio.create_task(client.run())
         await client.wait_connected(5)
         await client.shutdown(1)

@@ -62,8 +62,9 @@ async def raw_upstream(script: Script) -> AsyncIterator[tuple[int, list[int]]]:
 
 
 async def fetch(pool: UpstreamPool, port: int, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
-    conn, upload = await exchange(pool, ("http", "127.0.0.1", port), method, "/x", [("Host", "up")], "up", body,
-                                  None, False)
+    conn, upload = await exchange(
+        pool, ("http", "127.0.0.1", port), method, "/x", [("Host", "up")], "up", body, None, False
+    )
     data = b""
     while chunks := await conn.read():
         data += b"".join(chunks)
@@ -74,6 +75,7 @@ async def fetch(pool: UpstreamPool, port: int, method: str = "GET", body: bytes 
 async def test_keep_alive_reuse_head_informational_and_chunked() -> None:
     """One connection carries: a 103 then 200, a HEAD with Content-Length (no body), a chunked
     answer and a POST with a body."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         while True:
             head, body = await read_request(reader)
@@ -84,8 +86,10 @@ async def test_keep_alive_reuse_head_informational_and_chunked() -> None:
             elif b"chunked" in head:
                 writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
             else:
-                writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
-                             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                writer.write(
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+                )
             await writer.drain()
 
     pool = UpstreamPool(connect_timeout=2)
@@ -93,8 +97,9 @@ async def test_keep_alive_reuse_head_informational_and_chunked() -> None:
         assert await fetch(pool, port) == (200, b"hello")
         assert await asyncio.wait_for(fetch(pool, port, "HEAD"), 2) == (200, b"")
         assert await fetch(pool, port, "POST", b"payload") == (201, b"payload")
-        conn, _ = await exchange(pool, ("http", "127.0.0.1", port), "GET", "/c", [("X", "chunked")], "up", None,
-                                 None, False)
+        conn, _ = await exchange(
+            pool, ("http", "127.0.0.1", port), "GET", "/c", [("X", "chunked")], "up", None, None, False
+        )
         got = b""
         while chunks := await conn.read():
             got += b"".join(chunks)
@@ -121,6 +126,7 @@ async def test_body_until_close_and_connection_close() -> None:
 async def test_stale_pooled_connection_is_retried_once() -> None:
     """The upstream says keep-alive but closes right after answering (the idle-timeout race):
     the next GET goes out again on a fresh connection instead of failing."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -139,6 +145,7 @@ async def test_reused_connection_dropped_on_request_replays_only_idempotent() ->
     """Each connection answers one request, then drops the next one unanswered (the upstream
     closing an idle connection as it is reused): a GET, a PUT and a POST with an
     Idempotency-Key go out again on a fresh connection; a plain POST is not run twice (502)."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -151,8 +158,9 @@ async def test_reused_connection_dropped_on_request_replays_only_idempotent() ->
         origin = ("http", "127.0.0.1", port)
         assert await fetch(pool, port) == (200, b"ok")
         for method, headers in (("GET", []), ("PUT", []), ("POST", [("Idempotency-Key", "k1")])):
-            conn, _ = await exchange(pool, origin, method, "/x", headers, "up", b"b" if method != "GET" else None,
-                                     None, False)
+            conn, _ = await exchange(
+                pool, origin, method, "/x", headers, "up", b"b" if method != "GET" else None, None, False
+            )
             assert conn.status == 200 and conn.reused is False  # answered on a fresh connection
             while await conn.read():
                 pass
@@ -164,16 +172,20 @@ async def test_reused_connection_dropped_on_request_replays_only_idempotent() ->
     await pool.close()
 
 
-@pytest.mark.parametrize("answer,before", [
-    ([b""], True),  # closed without a byte
-    ([b"NOT HTTP AT ALL\r\n\r\n"], True),  # malformed
-    ([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort"], False),  # cut mid-body
-    # cut 100 KiB into a 200 KiB body taken around the parser (DIRECT_BODY_MIN)
-    ([b"HTTP/1.1 200 OK\r\nContent-Length: 204800\r\n\r\n", b"y" * 102400], False),
-])
+@pytest.mark.parametrize(
+    "answer,before",
+    [
+        ([b""], True),  # closed without a byte
+        ([b"NOT HTTP AT ALL\r\n\r\n"], True),  # malformed
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort"], False),  # cut mid-body
+        # cut 100 KiB into a 200 KiB body taken around the parser (DIRECT_BODY_MIN)
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 204800\r\n\r\n", b"y" * 102400], False),
+    ],
+)
 async def test_upstream_faults(answer: list[bytes], before: bool) -> None:
     """Each fault is an error, before the head (502) or after it (the body aborted, never
     presented as complete); the connection is not pooled."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)
         for piece in answer:
@@ -225,10 +237,13 @@ async def test_large_sized_body_skips_the_parser_and_the_connection_is_reused(sp
     await pool.close()
 
 
-@pytest.mark.parametrize("tail,reused", [
-    (b"", True),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False),  # an answer nobody asked for
-])
+@pytest.mark.parametrize(
+    "tail,reused",
+    [
+        (b"", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False),  # an answer nobody asked for
+    ],
+)
 async def test_large_sized_body_end_and_extra_bytes(tail: bytes, reused: bool) -> None:
     """Bytes after a directly taken body end it there; the connection is then not reused."""
     body = b"z" * (DIRECT_BODY_MIN * 2)
@@ -266,13 +281,15 @@ async def test_through_the_tunnel(certs: Certs) -> None:
     """Crafted answers through exit server and client: 103 skipped, HEAD keeps its length,
     an EOF-delimited body arrives whole, a cut body is aborted (never presented as complete),
     a streamed chunked upload reaches the upstream whole."""
+
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         while True:
             head, body = await read_request(reader)
             path = head.split(b" ")[1]
             if path == b"/hints":
-                writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
-                             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+                writer.write(
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+                )
             elif path == b"/head":
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
             elif path == b"/eof":

@@ -59,8 +59,9 @@ async def test_text_binary_fragmented_ping_and_large_messages(certs: Certs) -> N
     async with upstream(ws_app(seen)) as up, stack(certs) as s:
         await s.add_client([f"chat.example.com={up.url}"])
         port = s.server.public_port
-        async with connect(f"ws://chat.example.com:{port}/ws", host="127.0.0.1", port=port,
-                           max_size=None, compression=None) as ws:
+        async with connect(
+            f"ws://chat.example.com:{port}/ws", host="127.0.0.1", port=port, max_size=None, compression=None
+        ) as ws:
             await ws.send("hello")
             assert await ws.recv() == "hello"
             await ws.send(b"\x00\x01binary")
@@ -133,8 +134,10 @@ async def test_caller_dying_closes_the_upstream(certs: Certs) -> None:
     async with upstream(ws_app(seen)) as up, stack(certs) as s:
         await s.add_client([f"default={up.url}"])
         reader, writer = await asyncio.open_connection("127.0.0.1", s.server.public_port)
-        writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 101")
         assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # the upstream's own accept key
@@ -210,11 +213,20 @@ async def test_websocket_sessions_leave_no_reference_cycles(certs: Certs) -> Non
                 await session()
             await asyncio.sleep(0.3)  # both sides finish their streams
             gc.collect()
-            frames = sorted({f"{o.f_code.co_name} ({o.f_code.co_filename.rsplit('/', 1)[-1]})"
-                             for o in gc.garbage if isinstance(o, types.FrameType)})
+            frames = sorted(
+                {
+                    f"{o.f_code.co_name} ({o.f_code.co_filename.rsplit('/', 1)[-1]})"
+                    for o in gc.garbage
+                    if isinstance(o, types.FrameType)
+                }
+            )
             # (asyncio's own selector transports sit in cycles of their own; not counted)
-            ours = [o for o in gc.garbage if isinstance(o, types.FrameType | types.TracebackType | BaseException)
-                    or type(o).__module__.partition(".")[0] in ("shared", "exit_server", "tunnel_client")]
+            ours = [
+                o
+                for o in gc.garbage
+                if isinstance(o, types.FrameType | types.TracebackType | BaseException)
+                or type(o).__module__.partition(".")[0] in ("shared", "exit_server", "tunnel_client")
+            ]
             kinds = collections.Counter(type(o).__qualname__ for o in ours).most_common(8)
         finally:
             gc.set_debug(0)

@@ -99,8 +99,11 @@ def group(case_id: str) -> str:
 
 def summary(direct: Sequence[Any], tunnel: Sequence[Any]) -> str:
     """The markdown table of docs/CONFORMANCE.md: per case group, counts of each category."""
-    lines = ["| group | cases | direct: OK / non-strict / informational / failed "
-             "| tunnel: OK / non-strict / informational / failed |", "| --- | ---: | --- | --- |"]
+    lines = [
+        "| group | cases | direct: OK / non-strict / informational / failed "
+        "| tunnel: OK / non-strict / informational / failed |",
+        "| --- | ---: | --- | --- |",
+    ]
     groups = sorted({group(r.case_id) for r in direct}, key=int)
     for g in [*groups, "all"]:
         counts = []
@@ -152,8 +155,9 @@ def test_autobahn_cases_through_the_tunnel_match_the_direct_baseline(certs: Cert
     assert set(direct_failed) <= DOCUMENTED_FAILURES, direct_failed
 
     # The tunnel changes nothing: same outcome for every case, no new failure.
-    changed = {d.case_id: (outcome(d), outcome(t)) for d, t in zip(direct, tunnel, strict=True)
-               if outcome(d) != outcome(t)}
+    changed = {
+        d.case_id: (outcome(d), outcome(t)) for d, t in zip(direct, tunnel, strict=True) if outcome(d) != outcome(t)
+    }
     assert not changed, f"the tunnel changed these verdicts (direct, tunnel): {changed}"
     tunnel_failed = {r.case_id for r in tunnel if category(r) == "FAILED"}
     assert tunnel_failed <= DOCUMENTED_FAILURES

@@ -66,8 +66,13 @@ class BackhaulUser(HttpUser):
 
     @task(2)
     def upload(self) -> None:
-        with self.client.post("/upload", data=UPLOAD, name="POST /upload (100 KiB)", catch_response=True,
-                              headers={"Content-Type": "application/octet-stream"}) as resp:
+        with self.client.post(
+            "/upload",
+            data=UPLOAD,
+            name="POST /upload (100 KiB)",
+            catch_response=True,
+            headers={"Content-Type": "application/octet-stream"},
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"status {resp.status_code}")
                 return
@@ -97,9 +102,14 @@ class BackhaulUser(HttpUser):
         first_event_ms: float | None = None
         events_seen = 0
         done = False
-        with self.client.get(f"/sse?seconds={SSE_SECONDS:g}&interval_ms=100", name="GET /sse (stream, head)",
-                             stream=True, catch_response=True, headers={"Accept": "text/event-stream"},
-                             timeout=SSE_SECONDS + 30) as resp:
+        with self.client.get(
+            f"/sse?seconds={SSE_SECONDS:g}&interval_ms=100",
+            name="GET /sse (stream, head)",
+            stream=True,
+            catch_response=True,
+            headers={"Accept": "text/event-stream"},
+            timeout=SSE_SECONDS + 30,
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"status {resp.status_code}")
                 return
@@ -128,9 +138,14 @@ class BackhaulUser(HttpUser):
                 resp.success()
         if first_event_ms is not None:
             self.environment.events.request.fire(
-                request_type="SSE", name="first event", response_time=first_event_ms, response_length=0,
-                exception=None, context={}, response=None)
-
+                request_type="SSE",
+                name="first event",
+                response_time=first_event_ms,
+                response_length=0,
+                exception=None,
+                context={},
+                response=None,
+            )
 
     @task(1)
     def websocket_echo(self) -> None:
@@ -164,8 +179,14 @@ class BackhaulUser(HttpUser):
 
     def _ws_report(self, name: str, since: float, length: int, exc: Exception | None) -> None:
         self.environment.events.request.fire(
-            request_type="WS", name=name, response_time=(time.perf_counter() - since) * 1000,
-            response_length=length, exception=exc, context={}, response=None)
+            request_type="WS",
+            name=name,
+            response_time=(time.perf_counter() - since) * 1000,
+            response_length=length,
+            exception=exc,
+            context={},
+            response=None,
+        )
 
 
 @events.quitting.add_listener
@@ -176,8 +197,10 @@ def _verdict(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def]
         reasons.append("no requests were made")
     else:
         if total.fail_ratio > FAIL_RATIO_LIMIT:
-            reasons.append(f"failure ratio {total.fail_ratio:.4%} > {FAIL_RATIO_LIMIT:.2%} "
-                           f"({total.num_failures} of {total.num_requests})")
+            reasons.append(
+                f"failure ratio {total.fail_ratio:.4%} > {FAIL_RATIO_LIMIT:.2%} "
+                f"({total.num_failures} of {total.num_requests})"
+            )
         p95 = total.get_response_time_percentile(0.95)
         if p95 is not None and p95 > P95_LIMIT_MS:
             reasons.append(f"p95 {p95:.0f} ms > {P95_LIMIT_MS:.0f} ms")
@@ -185,7 +208,12 @@ def _verdict(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def]
         log.error("load test FAILED: %s", "; ".join(reasons))
         environment.process_exit_code = 1
     else:
-        log.info("load test passed: %d requests, %.4f%% failures (limit %.2f%%), p95 %s ms (limit %.0f ms)",
-                 total.num_requests, 100 * total.fail_ratio, 100 * FAIL_RATIO_LIMIT,
-                 total.get_response_time_percentile(0.95), P95_LIMIT_MS)
+        log.info(
+            "load test passed: %d requests, %.4f%% failures (limit %.2f%%), p95 %s ms (limit %.0f ms)",
+            total.num_requests,
+            100 * total.fail_ratio,
+            100 * FAIL_RATIO_LIMIT,
+            total.get_response_time_percentile(0.95),
+            P95_LIMIT_MS,
+        )
         environment.process_exit_code = 0

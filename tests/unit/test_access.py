@@ -25,7 +25,8 @@ def _rules(tmp_path: Path) -> AccessRules:
         '[[site]]\nhosts = ["a.example", "*.b.example"]\nallow_ips = ["10.0.0.0/8", "2001:db8::/32"]\n'
         '[[site]]\nhosts = ["*.x.b.example"]\nrealm = "inner"\n'
         f'basic = ["alice:{hash_secret("pw", ln=4)}"]\n'
-        '[[site]]\nhosts = ["*"]\nallow_ips = ["192.0.2.1"]\n')
+        '[[site]]\nhosts = ["*"]\nallow_ips = ["192.0.2.1"]\n'
+    )
     return AccessRules(path)
 
 

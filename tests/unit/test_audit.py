@@ -15,8 +15,20 @@ from tunnel_client.audit import GENESIS, AuditLog, AuditRecord, verify
 
 
 def record(i: int) -> AuditRecord:
-    return AuditRecord(time.time(), "sess-1", 2 * i + 1, "http", "GET", "app.example.com", f"/item/{i}",
-                       "203.0.113.9", upstream="app.example.com", status=200, bytes_out=10 * i, duration_ms=1.5)
+    return AuditRecord(
+        time.time(),
+        "sess-1",
+        2 * i + 1,
+        "http",
+        "GET",
+        "app.example.com",
+        f"/item/{i}",
+        "203.0.113.9",
+        upstream="app.example.com",
+        status=200,
+        bytes_out=10 * i,
+        duration_ms=1.5,
+    )
 
 
 def write_log(path: Path, count: int, start: int = 0) -> AuditLog:
@@ -40,8 +52,25 @@ def test_lines_are_chained_json(tmp_path: Path) -> None:
     assert parsed[0]["prev"] == GENESIS
     assert all(b["prev"] == a["hash"] for a, b in zip(parsed, parsed[1:], strict=False))
     first = parsed[0]
-    assert list(first) == ["seq", "time", "session", "stream", "kind", "method", "host", "path", "upstream",
-                           "status", "reset", "bytes_in", "bytes_out", "duration_ms", "caller", "prev", "hash"]
+    assert list(first) == [
+        "seq",
+        "time",
+        "session",
+        "stream",
+        "kind",
+        "method",
+        "host",
+        "path",
+        "upstream",
+        "status",
+        "reset",
+        "bytes_in",
+        "bytes_out",
+        "duration_ms",
+        "caller",
+        "prev",
+        "hash",
+    ]
     assert first["time"].endswith("Z") and first["caller"] == "203.0.113.9"
     assert verify(path) == (5, parsed[-1]["hash"], None)
     assert oct(path.stat().st_mode & 0o777) == "0o600"
@@ -98,8 +127,9 @@ def _tamper(path: Path, how: str) -> None:
     ("how", "bad_line"),
     [("edit", 3), ("edit-and-rehash", 4), ("remove", 3), ("insert", 3), ("reorder", 3), ("garbage", 3)],
 )
-def test_verify_finds_the_first_bad_line(tmp_path: Path, how: str, bad_line: int,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_finds_the_first_bad_line(
+    tmp_path: Path, how: str, bad_line: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "audit.jsonl"
     write_log(path, 6)
     assert main(["audit", "verify", str(path)]) == 0
@@ -125,8 +155,7 @@ def test_hostile_strings_stay_on_one_ascii_line(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     audit = AuditLog(path)
     audit.start()
-    audit.write(AuditRecord(time.time(), "s", 1, "http", "G\r\nET", "h\n{\"seq\":99}", "/\u2028é\x00" + "x" * 5000,
-                            "\n"))
+    audit.write(AuditRecord(time.time(), "s", 1, "http", "G\r\nET", 'h\n{"seq":99}', "/\u2028é\x00" + "x" * 5000, "\n"))
     audit.close_sync()
     data = path.read_bytes()
     assert data.count(b"\n") == 1 and data.isascii()

@@ -32,14 +32,23 @@ def test_route_discovery_host_mode_uses_loopback() -> None:
 
 def test_route_discovery_skips_ambiguous_or_bad_ports() -> None:
     own = {"DockerId": "me"}
-    task = {"Containers": [
-        {"DockerId": "a", "Name": "two-ports", "Labels": {"backhaul.host": "a.example.com"},
-         "Ports": [{"ContainerPort": 1}, {"ContainerPort": 2}]},
-        {"DockerId": "b", "Name": "bad", "Labels": {"backhaul.host": "b.example.com", "backhaul.port": "http"}},
-        {"DockerId": "c", "Name": "tls", "Labels": {"backhaul.host": "c.example.com", "backhaul.port": "8443",
-                                                    "backhaul.scheme": "https"}},
-        {"DockerId": "me", "Name": "self", "Labels": {"backhaul.host": "self.example.com", "backhaul.port": "1"}},
-    ]}
+    task = {
+        "Containers": [
+            {
+                "DockerId": "a",
+                "Name": "two-ports",
+                "Labels": {"backhaul.host": "a.example.com"},
+                "Ports": [{"ContainerPort": 1}, {"ContainerPort": 2}],
+            },
+            {"DockerId": "b", "Name": "bad", "Labels": {"backhaul.host": "b.example.com", "backhaul.port": "http"}},
+            {
+                "DockerId": "c",
+                "Name": "tls",
+                "Labels": {"backhaul.host": "c.example.com", "backhaul.port": "8443", "backhaul.scheme": "https"},
+            },
+            {"DockerId": "me", "Name": "self", "Labels": {"backhaul.host": "self.example.com", "backhaul.port": "1"}},
+        ]
+    }
     assert discover_routes(own, task) == ["c.example.com=https://127.0.0.1:8443"]
 
 

@@ -48,6 +48,14 @@ def test_fuzz_target_reaches_the_stream_state_machine(monkeypatch: pytest.Monkey
     rng = random.Random(0)
     for _ in range(3000):
         harness.fuzz_one(rng.randbytes(rng.randint(1, 600)))
-    assert {"client:StreamOpened", "client:DataReceived", "client:ResetReceived", "client:ConnectionFailed",
-            "server:ReplyReceived", "server:DataReceived", "server:ResetReceived", "server:WindowUpdated",
-            "server:GoAwayReceived"} <= seen, sorted(seen)
+    assert {
+        "client:StreamOpened",
+        "client:DataReceived",
+        "client:ResetReceived",
+        "client:ConnectionFailed",
+        "server:ReplyReceived",
+        "server:DataReceived",
+        "server:ResetReceived",
+        "server:WindowUpdated",
+        "server:GoAwayReceived",
+    } <= seen, sorted(seen)

@@ -24,9 +24,37 @@ from tunnel_client.guard import (
 )
 
 latin1 = st.text(st.characters(min_codepoint=0, max_codepoint=255), max_size=80)
-tricky = st.lists(st.sampled_from(["/", "//", "@", ":", "..", ".", "%2e", "%2E", "%2f", "%5c", "\\", "?", "#", ";",
-                                   "a", "evil", "127.0.0.1", ":1", "%", "%zz", " ", "\r\n", "http:", "%40"]),
-                  max_size=12).map("".join)
+tricky = st.lists(
+    st.sampled_from(
+        [
+            "/",
+            "//",
+            "@",
+            ":",
+            "..",
+            ".",
+            "%2e",
+            "%2E",
+            "%2f",
+            "%5c",
+            "\\",
+            "?",
+            "#",
+            ";",
+            "a",
+            "evil",
+            "127.0.0.1",
+            ":1",
+            "%",
+            "%zz",
+            " ",
+            "\r\n",
+            "http:",
+            "%40",
+        ]
+    ),
+    max_size=12,
+).map("".join)
 
 
 @pytest.mark.parametrize(
@@ -53,8 +81,26 @@ def test_split_target_canonical(target: str, expected: tuple[str, str | None]) -
 
 @pytest.mark.parametrize(
     "target",
-    ["", "*", "http://169.254.169.254/", "//evil/x", "@evil:1/", "evil:1", ":1/x", "/x y", "/x\r\nHost: e",
-     "/x\x00", "/x#f", "/x%zz", "/x%2", "/..;/a", "/a/.;x/b", "/a/..//evil", "/%2e%2e//evil", "/" + "a" * 20_000],
+    [
+        "",
+        "*",
+        "http://169.254.169.254/",
+        "//evil/x",
+        "@evil:1/",
+        "evil:1",
+        ":1/x",
+        "/x y",
+        "/x\r\nHost: e",
+        "/x\x00",
+        "/x#f",
+        "/x%zz",
+        "/x%2",
+        "/..;/a",
+        "/a/.;x/b",
+        "/a/..//evil",
+        "/%2e%2e//evil",
+        "/" + "a" * 20_000,
+    ],
 )
 def test_split_target_refuses(target: str) -> None:
     with pytest.raises(Refused) as info:
@@ -76,8 +122,9 @@ def test_whatever_passes_keeps_the_origin(target: str) -> None:
     assert "/../" not in path + "/" and "/./" not in path + "/"
     assert canonical_path(path) == path  # idempotent: what was checked is what is sent
     for base in ("", "/base"):
-        url = URL.build(scheme="http", authority="127.0.0.1:3000", path=base + path, query_string=query or "",
-                        encoded=True)
+        url = URL.build(
+            scheme="http", authority="127.0.0.1:3000", path=base + path, query_string=query or "", encoded=True
+        )
         assert (url.host, url.port) == ("127.0.0.1", 3000)
         reparsed = URL(f"http://127.0.0.1:3000{base}{path}" + ("" if query is None else "?" + query), encoded=True)
         assert (reparsed.host, reparsed.port) == ("127.0.0.1", 3000)
@@ -115,8 +162,9 @@ def test_websocket_is_get() -> None:
         check_method("POST", StreamKind.WEBSOCKET)
 
 
-@pytest.mark.parametrize("target", ["", "0", "65536", "99999", "+80", "-1", "8 0", "８０", "7\xb2", "127.0.0.1:80",
-                                    "123456"])
+@pytest.mark.parametrize(
+    "target", ["", "0", "65536", "99999", "+80", "-1", "8 0", "８０", "7\xb2", "127.0.0.1:80", "123456"]
+)
 def test_tcp_target_must_be_a_port(target: str) -> None:
     with pytest.raises(Refused) as info:
         check_tcp_target(target)
@@ -131,9 +179,11 @@ def test_guard_checks_the_whole_head() -> None:
     guard = Guard()
     head = RequestHead(StreamKind.HTTP, "GET", "/a/../b?q", "app.example.com:8080", "http", "", (("X", "1"),))
     assert guard.check_request(head) == ("/b", "q")
-    for bad in (RequestHead(StreamKind.HTTP, "GET", "/", "a@b", "http", "", ()),
-                RequestHead(StreamKind.HTTP, "GET", "/", "a b", "http", "", ()),
-                RequestHead(StreamKind.HTTP, "GET", "/", "a/b", "http", "", ())):
+    for bad in (
+        RequestHead(StreamKind.HTTP, "GET", "/", "a@b", "http", "", ()),
+        RequestHead(StreamKind.HTTP, "GET", "/", "a b", "http", "", ()),
+        RequestHead(StreamKind.HTTP, "GET", "/", "a/b", "http", "", ()),
+    ):
         with pytest.raises(Refused):
             guard.check_request(bad)
 
@@ -144,7 +194,9 @@ def test_parse_allow_paths() -> None:
         ("api.example.com", "/v1"): ("/v1/*",),
     }
     assert parse_allow_paths(["*.example.com=/*", "default=/"]) == {
-        ("*.example.com", "/"): ("/*",), ("default", "/"): ("/",)}
+        ("*.example.com", "/"): ("/*",),
+        ("default", "/"): ("/",),
+    }
     for bad in (["/health"], ["=/x"], ["a=x"], ["a=/x*"], ["a=/*/x"], ["a=/a/../b"], ["a=/%7e"], ["a=/x y"]):
         with pytest.raises(ValueError):
             parse_allow_paths(bad)
@@ -152,8 +204,17 @@ def test_parse_allow_paths() -> None:
 
 @pytest.mark.parametrize(
     ("path", "allowed"),
-    [("/api", True), ("/api/", True), ("/api/x/y", True), ("/health", True), ("/apix", False),
-     ("/health/", False), ("/healthz", False), ("/API/x", False), ("/", False)],
+    [
+        ("/api", True),
+        ("/api/", True),
+        ("/api/x/y", True),
+        ("/health", True),
+        ("/apix", False),
+        ("/health/", False),
+        ("/healthz", False),
+        ("/API/x", False),
+        ("/", False),
+    ],
 )
 def test_path_allowed(path: str, allowed: bool) -> None:
     assert path_allowed(("/api/*", "/health"), path) is allowed

@@ -8,7 +8,8 @@ from tunnel_client.http1 import build_head
 
 def test_host_added_when_absent_and_kept_when_present() -> None:
     assert build_head("GET", "/a?b=1", [("Accept", "*/*")], "up:8080", None, False) == (
-        b"GET /a?b=1 HTTP/1.1\r\nAccept: */*\r\nHost: up:8080\r\n\r\n")
+        b"GET /a?b=1 HTTP/1.1\r\nAccept: */*\r\nHost: up:8080\r\n\r\n"
+    )
     head = build_head("GET", "/", [("Host", "public.example")], "up:8080", None, False)
     assert b"Host: public.example\r\n" in head and b"up:8080" not in head
 

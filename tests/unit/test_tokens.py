@@ -159,8 +159,10 @@ def test_registry_applies_the_policy() -> None:
     policy = Principal("acme", ("*.acme.example",), frozenset({7001}))
     tunnel = Tunnel("s1", "acme", "i1", "-", conn=None, policy=policy)
     granted, ports, refused, _ = registry.add(
-        tunnel, [RouteSpec(host="a.acme.example"), RouteSpec(host="evil.example")],
-        [TcpSpec(port=7001), TcpSpec(port=7002)])
+        tunnel,
+        [RouteSpec(host="a.acme.example"), RouteSpec(host="evil.example")],
+        [TcpSpec(port=7001), TcpSpec(port=7002)],
+    )
     assert [r.host for r in granted] == ["a.acme.example"]
     assert [p.port for p in ports] == [7001]
     assert {r.route for r in refused} == {"evil.example/", "tcp:7002"}
@@ -175,7 +177,8 @@ def test_hostname_belongs_to_its_tenant_whatever_the_path() -> None:
     b = Tunnel("s2", "beta", "i", "-", conn=None)
     registry.add(a, [RouteSpec(host="shop.example", path_prefix="/")])
     granted, _, refused, replaced = registry.add(
-        b, [RouteSpec(host="shop.example", path_prefix="/api"), RouteSpec(host="shop.example")])
+        b, [RouteSpec(host="shop.example", path_prefix="/api"), RouteSpec(host="shop.example")]
+    )
     assert granted == [] and replaced is None
     assert all("another client" in r.reason for r in refused)
 

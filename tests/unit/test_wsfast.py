@@ -18,8 +18,16 @@ from shared.aio.wsfast import TunnelClientConnection, TunnelServerConnection
 
 pytestmark = pytest.mark.asyncio
 
-MESSAGES = [b"a" * 10, bytes(range(256)) * 2, b"\x00" * 70_000, b"z", b"q" * 125, b"r" * 126, b"s" * 65_535,
-            b"G" * 300_000]  # larger than uvloop reads at once
+MESSAGES = [
+    b"a" * 10,
+    bytes(range(256)) * 2,
+    b"\x00" * 70_000,
+    b"z",
+    b"q" * 125,
+    b"r" * 126,
+    b"s" * 65_535,
+    b"G" * 300_000,
+]  # larger than uvloop reads at once
 
 
 class Transport(asyncio.Transport):
@@ -247,8 +255,9 @@ async def test_close_after_a_partial_frame_in_the_own_buffer() -> None:
     side=st.sampled_from(["server", "client"]),
     release=st.booleans(),
 )
-async def test_any_messages_and_reads_give_the_same_messages(sizes: list[int], reads: list[int], side: str,
-                                                             release: bool) -> None:
+async def test_any_messages_and_reads_give_the_same_messages(
+    sizes: list[int], reads: list[int], side: str, release: bool
+) -> None:
     """Messages of the sizes around each header form and the largest frame, read in any sizes
     (the transport's path), with the idle-buffer release called between reads or not."""
     messages = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
