@@ -15,8 +15,16 @@ from pydantic_settings import BaseSettings
 
 from .config import load_settings
 from .errors import ConfigError
+from .textsafe import escape_controls
 
-__all__ = ["add_model_flags", "configure_logging", "die", "run_guarded", "settings_from_args"]
+__all__ = [
+    "EscapingFormatter",
+    "add_model_flags",
+    "configure_logging",
+    "die",
+    "run_guarded",
+    "settings_from_args",
+]
 
 #: Settings never accepted on argv (LESSONS 8: secrets visible in ps).
 SECRET_FIELDS = frozenset({"token", "admin_token"})
@@ -70,6 +78,16 @@ def die(message: str, code: int = 2) -> typing.NoReturn:
     raise SystemExit(code)
 
 
+class EscapingFormatter(logging.Formatter):
+    """A text formatter that escapes control characters in each message (issue 15 item 7):
+    a caller's ``%0d%0a`` in a path can no longer forge a log line, nor ``%1b`` reach a
+    terminal. Tracebacks keep their own line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     """Logs on stderr, as text lines or as JSON objects (python-json-logger) through the
     standard logging module, so library log lines come out in the same format."""
@@ -84,7 +102,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
             )
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
     logging.getLogger("websockets").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
