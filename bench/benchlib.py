@@ -356,7 +356,7 @@ def tcp_mode_available() -> tuple[bool, str]:
 
 def quiet_flags(script: str) -> list[str]:
     """Flags that keep a benchmark instance to itself: newer builds open an admin listener on a
-    fixed port by default (127.0.0.1:9090 / :9091), which would clash between instances."""
+    fixed port by default (127.0.0.1:8690 / :8691), which would clash between instances."""
     return ["--admin-addr", ""] if "--admin-addr" in help_text(script) else []
 
 

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-addr",
         default=None,
         metavar="HOST:PORT",
-        help="admin listener (default: BACKHAUL_ADMIN_ADDR or 127.0.0.1:9090)",
+        help="admin listener (default: BACKHAUL_ADMIN_ADDR or 127.0.0.1:8690)",
     )
     status.add_argument(
         "--admin-token-file", type=Path, default=None, help="file with the admin token (default: BACKHAUL_ADMIN_TOKEN)"

@@ -68,7 +68,7 @@ class ServerConfig(BaseConfig):
     connection_window: int = Field(16 << 20, ge=1 << 20, description="per-tunnel flow-control window")
     tcp_port_range: str | None = Field(None, description="public TCP ports clients may ask for, LO-HI (none: TCP off)")
     admin_addr: str | None = Field(
-        "127.0.0.1:9090", description="admin listener HOST:PORT (health, metrics, API); empty to disable"
+        "127.0.0.1:8690", description="admin listener HOST:PORT (health, metrics, API); empty to disable"
     )
     admin_token_file: Path | None = Field(None, description="file holding the admin API token")
     admin_token: SecretStr | None = Field(None, description="the admin API token (environment/TOML only)")

@@ -9,8 +9,10 @@ await server.shutdown()          # go-away, drain in-flight, close
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 
 from aiohttp import web
 from websockets.asyncio.server import Server, serve
@@ -19,6 +21,7 @@ from shared.aio.connection import ws_limits
 from shared.aio.tls import server_context
 from shared.aio.wsfast import TunnelServerConnection
 from shared.config import parse_addr, read_secret
+from shared.errors import ConfigError
 from shared.frames import GoAwayCode
 
 from .access import AccessRules
@@ -77,20 +80,43 @@ class ExitServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        """Bind both listeners (port 0 picks free ports, see ``public_port``/``control_port``)."""
+        """Bind the listeners (port 0 picks free ports, see ``public_port``/``control_port``).
+
+        Raises:
+            ConfigError: a listen address cannot be bound (what was bound is closed again).
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self._close_listeners()
+            raise
+
+    async def _close_listeners(self) -> None:
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._ws_server is not None:
+            self._ws_server.close()
+            await self._ws_server.wait_closed()
+
+    async def _start(self) -> None:
         cfg = self.config
         ssl_ctx = None if cfg.insecure_plaintext else server_context(cfg.tls_cert, cfg.tls_key, cfg.client_ca)  # type: ignore[arg-type]
         host, port = parse_addr(cfg.control_addr)
-        self._ws_server = await serve(
-            self.control.handle,
-            host,
-            port,
-            ssl=ssl_ctx,
-            process_request=self.control.process_request,
-            server_header="backhaul",
-            create_connection=TunnelServerConnection,
-            **ws_limits(256 * 1024),
-        )
+        with _listen_errors("--control-addr", cfg.control_addr):
+            self._ws_server = await serve(
+                self.control.handle,
+                host,
+                port,
+                ssl=ssl_ctx,
+                process_request=self.control.process_request,
+                server_header="backhaul",
+                create_connection=TunnelServerConnection,
+                **ws_limits(256 * 1024),
+            )
         self.control_port = _bound_port(self._ws_server.sockets)
         server = GuardedServer(
             self.public, handler_cancellation=True, access_log=None, header_timeout=cfg.header_timeout
@@ -99,7 +125,8 @@ class ExitServer:
         await self._runner.setup()
         phost, pport = parse_addr(cfg.public_addr)
         self._site = web.TCPSite(self._runner, phost, pport, reuse_address=True, backlog=1024)
-        await self._site.start()
+        with _listen_errors("--public-addr", cfg.public_addr):
+            await self._site.start()
         assert self._site._server is not None
         self.public_port = _bound_port(self._site._server.sockets)  # type: ignore[attr-defined]
         if self.reloader.items:
@@ -109,7 +136,8 @@ class ExitServer:
             await self._admin_runner.setup()
             ahost, aport = parse_addr(cfg.admin_addr)
             admin_site = web.TCPSite(self._admin_runner, ahost, aport, reuse_address=True)
-            await admin_site.start()
+            with _listen_errors("--admin-addr", cfg.admin_addr):
+                await admin_site.start()
             self.admin_port = _bound_port(admin_site._server.sockets)  # type: ignore[union-attr]
         log.info(
             "exit server: public http://%s:%d, control %s://%s:%d, admin %s",
@@ -229,3 +257,13 @@ class ExitServer:
 def _bound_port(sockets: list[socket.socket] | tuple[socket.socket, ...] | None) -> int:
     assert sockets
     return int(sockets[0].getsockname()[1])
+
+
+@contextlib.contextmanager
+def _listen_errors(flag: str, addr: str) -> Iterator[None]:
+    """A listen address that cannot be bound (in use, not local, no permission) is a
+    configuration error naming the flag: one line and status 2, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"{flag} {addr}: cannot listen: {exc.strerror or exc}") from None

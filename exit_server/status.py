@@ -53,7 +53,7 @@ def format_table(tunnels: list[dict[str, Any]]) -> str:
 
 def print_status(admin_addr: str | None, token_file: Path | None, as_json: bool) -> int:
     """Fetch /api/tunnels and print it; exit 1 when the API cannot be reached."""
-    addr = admin_addr or os.environ.get("BACKHAUL_ADMIN_ADDR") or "127.0.0.1:9090"
+    addr = admin_addr or os.environ.get("BACKHAUL_ADMIN_ADDR") or "127.0.0.1:8690"
     request = urllib.request.Request(
         f"http://{addr}/api/tunnels", headers={"Authorization": f"Bearer {_token(token_file)}"}
     )

@@ -108,9 +108,27 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups: TaskGroup wraps what failed."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def run_guarded(func: typing.Callable[[], int]) -> int:
-    """Run a command; a ConfigError becomes one line and exit status 2."""
+    """Run a command. A ConfigError (even inside a TaskGroup's exception group) becomes one
+    line and exit status 2; any other failure one line and status 1 (the traceback is logged at
+    debug level), so a supervisor with restart-on-failure always sees a failure."""
     try:
         return func()
-    except ConfigError as exc:
-        die(str(exc))
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: BLE001 (the process boundary: everything becomes one line)
+        leaf = _leaf(exc)
+        if isinstance(leaf, ConfigError):
+            die(str(leaf))
+        logging.getLogger("backhaul").debug("command failed", exc_info=exc)
+        detail = str(leaf) or type(leaf).__name__
+        die(f"{detail} ({type(leaf).__name__}; --log-level debug shows where)", 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -13,6 +14,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from .errors import ConfigError
 
 __all__ = [
+    "url_port",
     "BaseConfig",
     "describe_validation_error",
     "is_loopback_host",
@@ -101,6 +103,25 @@ def parse_addr(value: str) -> tuple[str, int]:
     if not 0 <= number <= 65535:
         raise ValueError(f"port out of range in {value!r}")
     return host, number
+
+
+def url_port(url: str) -> int | None:
+    """The explicit port of a URL (None when it has none), checked to be 1-65535.
+
+    ``urllib`` would accept ``:97836`` at parse time and fail (or wrap) only when a connection
+    is made, so every URL flag calls this at load.
+
+    Raises:
+        ValueError: a port that is not a number from 1 to 65535.
+    """
+    netloc = urlsplit(url).netloc
+    host_port = netloc.rpartition("@")[2]
+    host, sep, port = host_port.rpartition(":")
+    if not sep or (host.startswith("[") is not host.endswith("]")) or "]" in port:
+        return None  # no port, or the colon belongs to a bare IPv6 literal
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port out of range (1-65535) in {url!r}")
+    return int(port)
 
 
 def optional_addr(value: str | None) -> str | None:

@@ -10,7 +10,7 @@ from shared.aio.runner import run_service
 from shared.cli import add_model_flags, configure_logging, run_guarded, settings_from_args
 
 from .audit import add_audit_parser, audit_command
-from .config import ClientConfig
+from .config import DEFAULT_ADMIN_ADDR, ClientConfig
 
 __all__ = ["main"]
 
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-addr",
         default=None,
         metavar="HOST:PORT",
-        help="the client's admin listener (default: BACKHAUL_ADMIN_ADDR or 127.0.0.1:9091)",
+        help="the client's admin listener (default: BACKHAUL_ADMIN_ADDR, else every local client's run file, "
+        "else 127.0.0.1:8691)",
     )
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
     add_audit_parser(sub)
@@ -48,20 +49,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def healthcheck(admin_addr: str | None, timeout: float) -> int:
-    """Exit status 0 when the client's /healthz answers 200."""
+    """Exit status 0 when the client's /healthz answers 200.
+
+    Without ``--admin-addr`` (or ``BACKHAUL_ADMIN_ADDR``) it asks every client whose run file it
+    finds (tunnel_client/adminaddr.py; a client whose default port was taken listens elsewhere),
+    and all of them must be healthy; with no run file, the default address."""
     import os
     import urllib.error
     import urllib.request
 
-    addr = admin_addr or os.environ.get("BACKHAUL_ADMIN_ADDR") or "127.0.0.1:9091"
-    try:
-        with urllib.request.urlopen(f"http://{addr}/healthz", timeout=timeout) as resp:  # noqa: S310 (local)
-            ok = resp.status == 200
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"tunnel-client: unhealthy: {getattr(exc, 'reason', exc)}", file=sys.stderr)
-        return 1
-    print("healthy" if ok else "unhealthy")
-    return 0 if ok else 1
+    from .adminaddr import live_admin_addrs
+
+    explicit = admin_addr or os.environ.get("BACKHAUL_ADMIN_ADDR")
+    addrs = [explicit] if explicit else (live_admin_addrs() or [DEFAULT_ADMIN_ADDR])
+    healthy = True
+    for addr in addrs:
+        try:
+            with urllib.request.urlopen(f"http://{addr}/healthz", timeout=timeout) as resp:  # noqa: S310 (local)
+                ok = resp.status == 200
+        except urllib.error.HTTPError as exc:
+            ok = exc.code == 200
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"tunnel-client: unhealthy: {addr}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+            healthy = False
+            continue
+        healthy = healthy and ok
+        if not ok:
+            print(f"tunnel-client: unhealthy: {addr}", file=sys.stderr)
+    print("healthy" if healthy else "unhealthy")
+    return 0 if healthy else 1
 
 
 async def serve(config: ClientConfig, stop: asyncio.Event) -> int:
@@ -71,11 +87,13 @@ async def serve(config: ClientConfig, stop: asyncio.Event) -> int:
     client.killswitch.install_signal_handler(asyncio.get_running_loop())  # SIGUSR1 toggles the kill switch
     task = asyncio.create_task(client.run())
     stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if not task.done():
-        await client.shutdown()
-        await task
-    stopper.cancel()
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await client.shutdown()
+    finally:
+        stopper.cancel()
+    await task  # raises what run() failed with (a busy --admin-addr, ...): never exit 0 on failure
     return 0
 
 

@@ -35,6 +35,7 @@ from shared.messages import SUPPORTED_VERSIONS, Error, Hello, Routes, RouteSpec,
 from shared.mux import Role, Session
 
 from .admin import ClientMetrics, admin_app
+from .adminaddr import remove_run_file, write_run_file
 from .audit import AuditLog
 from .config import ClientConfig, parse_upstream
 from .ecs import METADATA_ENV, discover_routes, fetch_metadata, labels_from_task
@@ -409,16 +410,7 @@ class TunnelClient:
             if self.config.admin_addr:
                 admin = web.AppRunner(admin_app(self), access_log=None, handle_signals=False)
                 await admin.setup()
-                host, port = parse_addr(self.config.admin_addr)
-                site = web.TCPSite(admin, host, port, reuse_address=True)
-                try:
-                    await site.start()
-                except OSError as exc:  # e.g. two clients in host network mode on one machine
-                    raise ConfigError(
-                        f"--admin-addr {self.config.admin_addr}: cannot listen: {exc.strerror}; "
-                        "give each client its own admin address"
-                    ) from None
-                self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+                self.admin_port = await self._start_admin(admin, self.config.admin_addr)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.killswitch.run(self._stop), name="kill-switch")
                 group.create_task(self.health.run(self._stop), name="health-checks")
@@ -427,7 +419,36 @@ class TunnelClient:
         finally:
             await self.forwarder.close()
             if admin is not None:
+                remove_run_file()
                 await admin.cleanup()
+
+    async def _start_admin(self, admin: web.AppRunner, addr: str) -> int:
+        """Bind the admin listener and record where it is (tunnel_client/adminaddr.py). A busy
+        *default* address falls back to a free port on the same host, since several clients with
+        default settings share one network namespace in ECS host network mode; a busy explicit
+        ``--admin-addr`` is a configuration error."""
+        host, port = parse_addr(addr)
+        site = web.TCPSite(admin, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            if "admin_addr" in self.config.model_fields_set:
+                raise ConfigError(
+                    f"--admin-addr {addr}: cannot listen: {exc.strerror}; give each client its own admin address"
+                ) from None
+            site = web.TCPSite(admin, host, 0, reuse_address=True)
+            await site.start()
+            log.warning(
+                "admin listener: the default %s is taken (%s); listening on a free port instead (%s)",
+                addr,
+                exc.strerror,
+                "see the run file for tunnel-client healthcheck",
+            )
+        bound: int = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        actual = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+        run_file = write_run_file(actual)
+        log.info("admin listener on http://%s (run file %s)", actual, run_file or "not written")
+        return bound
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Go away on every session, let in-flight streams finish, then stop."""

@@ -11,11 +11,11 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from shared.config import BaseConfig, is_loopback_host, optional_addr, split_list
+from shared.config import BaseConfig, is_loopback_host, optional_addr, split_list, url_port
 
 from .guard import parse_allow_paths
 
-__all__ = ["ClientConfig", "TcpTarget", "Upstream", "parse_tcp", "parse_upstream"]
+__all__ = ["DEFAULT_ADMIN_ADDR", "ClientConfig", "TcpTarget", "Upstream", "parse_tcp", "parse_upstream"]
 
 _HOST_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-.*")
 
@@ -62,6 +62,7 @@ def parse_upstream(spec: str) -> Upstream:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"bad upstream URL {url!r} (http:// or https:// with a host)")
+    url_port(url)
     return Upstream(host, prefix.rstrip("/") or "/", parts.scheme, parts.netloc, parts.path.rstrip("/"))
 
 
@@ -88,6 +89,11 @@ def parse_tcp(spec: str) -> TcpTarget:
     if not (1 <= public <= 65535 and 1 <= target <= 65535):
         raise ValueError(f"port out of range in {spec!r}")
     return TcpTarget(public, host.strip("[]"), target)
+
+
+#: The client's admin listener unless --admin-addr says otherwise (falls back to a free port when
+#: taken: tunnel_client/adminaddr.py). Not 9090/9091 (Prometheus, Pushgateway).
+DEFAULT_ADMIN_ADDR = "127.0.0.1:8691"
 
 
 class ClientConfig(BaseConfig):
@@ -141,7 +147,9 @@ class ClientConfig(BaseConfig):
     health_fall: int = Field(3, ge=1, description="bad checks before a route is withdrawn")
     upstream_from_ecs: bool = Field(False, description="add routes from sibling ECS containers' backhaul.* labels")
     admin_addr: str | None = Field(
-        "127.0.0.1:9091", description="admin listener HOST:PORT (/healthz, /metrics); empty to disable"
+        DEFAULT_ADMIN_ADDR,
+        description="admin listener HOST:PORT (/healthz, /metrics; when the default is taken, a free port); "
+        "empty to disable",
     )
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
@@ -223,6 +231,7 @@ class ClientConfig(BaseConfig):
             parts = urlsplit(url)
             if parts.scheme not in ("ws", "wss") or not parts.hostname:
                 raise ValueError(f"bad server URL {url!r} (wss://HOST:PORT)")
+            url_port(url)
         return value
 
     @model_validator(mode="after")

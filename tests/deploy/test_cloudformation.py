@@ -77,7 +77,7 @@ def test_exit_server_shape() -> None:
     for name, tg in _resources(t, "AWS::ElasticLoadBalancingV2::TargetGroup").items():
         props = tg["Properties"]
         assert props["TargetType"] == "ip", name
-        assert (props["HealthCheckPort"], props["HealthCheckPath"]) == ("9090", "/readyz"), name
+        assert (props["HealthCheckPort"], props["HealthCheckPath"]) == ("8690", "/readyz"), name
 
     (taskdef,) = _resources(t, "AWS::ECS::TaskDefinition").values()
     props = taskdef["Properties"]
@@ -88,13 +88,13 @@ def test_exit_server_shape() -> None:
     token_secrets = _resources(t, "AWS::SecretsManager::Secret")
     assert secrets["BACKHAUL_TOKEN"] == {"Ref": next(iter(token_secrets))}
     env = {e["Name"]: e["Value"] for e in container["Environment"]}
-    assert env["BACKHAUL_CONTROL_ADDR"].endswith(":8443") and env["BACKHAUL_ADMIN_ADDR"] == "0.0.0.0:9090"
+    assert env["BACKHAUL_CONTROL_ADDR"].endswith(":8443") and env["BACKHAUL_ADMIN_ADDR"] == "0.0.0.0:8690"
     assert "BACKHAUL_TOKEN" not in env and "--token " not in " ".join(container["Command"])
     assert container["StopTimeout"] > int(env["BACKHAUL_DRAIN_TIMEOUT"])
     (log_group,) = _resources(t, "AWS::Logs::LogGroup")
     assert container["LogConfiguration"]["Options"]["awslogs-group"] == {"Ref": log_group}
     ports = {p["ContainerPort"] for p in container["PortMappings"]}
-    assert ports == {8080, 8443, 9090}
+    assert ports == {8080, 8443, 8690}
 
     (service,) = _resources(t, "AWS::ECS::Service").values()
     sprops = service["Properties"]

@@ -1,0 +1,174 @@
+"""What a new user hits in the first hour (issue 16): failures exit non-zero with one line,
+busy listen addresses name their flag, default admin ports fall back, ports are validated."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import TOKEN, Certs
+
+BIN = Path(sys.executable).parent
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
+    env["BACKHAUL_RUN_DIR"] = str(tmp_path / "run")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def busy() -> Iterator[socket.socket]:
+    """A listening socket on a free loopback port (what "address in use" needs)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def _addr(sock: socket.socket) -> str:
+    host, port = sock.getsockname()
+    return f"{host}:{port}"
+
+
+def _one_line(out: subprocess.CompletedProcess[str]) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag", ["--public-addr", "--control-addr", "--admin-addr"])
+def test_exit_server_busy_address_is_one_line(flag: str, busy: socket.socket, tmp_path: Path) -> None:
+    addrs = {"--public-addr": "127.0.0.1:0", "--control-addr": "127.0.0.1:0", "--admin-addr": "127.0.0.1:0"}
+    addrs[flag] = _addr(busy)
+    args = [str(BIN / "exit-server"), "run", "--insecure-plaintext", "--log-level", "warning"]
+    for name, value in addrs.items():
+        args += [name, value]
+    out = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env(tmp_path, BACKHAUL_TOKEN=TOKEN),
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 2
+    line = _one_line(out)
+    assert f"{flag} {_addr(busy)}: cannot listen" in line
+
+
+def _client_args(certs: Certs, *extra: str) -> list[str]:
+    return [
+        str(BIN / "tunnel-client"),
+        "run",
+        "--server",
+        "wss://127.0.0.1:9/tunnel",  # nothing listens: the client keeps retrying until stopped
+        "--ca-file",
+        str(certs.ca),
+        "--upstream",
+        "default=http://127.0.0.1:9",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+
+
+def test_client_busy_explicit_admin_addr_fails(certs: Certs, busy: socket.socket, tmp_path: Path) -> None:
+    out = subprocess.run(
+        _client_args(certs, "--admin-addr", _addr(busy)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env(tmp_path, BACKHAUL_TOKEN=TOKEN),
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 2, out.stderr
+    line = _one_line(out)
+    assert f"--admin-addr {_addr(busy)}: cannot listen" in line
+
+
+def _wait_for_run_files(
+    run_dir: Path, count: int, procs: list[subprocess.Popen[str]], timeout: float = 20
+) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = sorted(run_dir.glob("tunnel-client.*.admin")) if run_dir.exists() else []
+        texts = [f.read_text().strip() for f in files]
+        if len(files) >= count and all(texts):
+            return texts
+        for proc in procs:
+            assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} run files in {run_dir}")
+
+
+def test_two_clients_with_default_admin_address(certs: Certs, busy: socket.socket, tmp_path: Path) -> None:
+    """The default admin address taken (by another client, or anything else): the client
+    listens on a free port, says so, and `tunnel-client healthcheck` finds it."""
+    default = _addr(busy)  # stands in for the default: the second client of a host sees it busy
+    env = _env(tmp_path, BACKHAUL_TOKEN=TOKEN)
+    code = (
+        "import sys, tunnel_client.config as c, tunnel_client.__main__ as m;"
+        f"c.ClientConfig.model_fields['admin_addr'].default = {default!r};"
+        f"m.DEFAULT_ADMIN_ADDR = {default!r};"
+        "sys.argv[0] = 'tunnel-client'; sys.exit(m.main())"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, *_client_args(certs)[1:]],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        addrs = _wait_for_run_files(tmp_path / "run", 2, procs)
+        assert len(set(addrs)) == 2 and default not in addrs
+        # Not connected (no exit server): unhealthy, but each admin listener answered.
+        health = subprocess.run(
+            [str(BIN / "tunnel-client"), "healthcheck"], capture_output=True, text=True, timeout=30, env=env
+        )
+        assert health.returncode == 1
+        assert all(addr in health.stderr for addr in addrs), health.stderr
+        assert "Connection refused" not in health.stderr
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        errors = [proc.communicate(timeout=30)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
+    assert any("is taken" in err for err in errors), errors
+    assert not list((tmp_path / "run").glob("tunnel-client.*.admin"))  # removed on exit
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--upstream", "h=http://127.0.0.1:97836"], "--upstream"),
+        (["--upstream", "h=http://127.0.0.1:99999"], "--upstream"),
+        (["--upstream", "h=http://127.0.0.1:0"], "--upstream"),
+        (["--upstream", "h=http://[::1]:70000"], "--upstream"),
+        (["--server", "wss://127.0.0.1:65536/tunnel"], "--server"),
+        (["--admin-addr", "127.0.0.1:65536"], "--admin-addr"),
+    ],
+)
+def test_client_ports_validated_at_load(certs: Certs, tmp_path: Path, args: list[str], needle: str) -> None:
+    out = subprocess.run(
+        _client_args(certs, *args), capture_output=True, text=True, timeout=30, env=_env(tmp_path, BACKHAUL_TOKEN=TOKEN)
+    )
+    assert out.returncode == 2, out.stderr
+    assert needle in _one_line(out)
