@@ -1,6 +1,10 @@
 """Backhaul exit server: public HTTP ingress routed by Host over tunnel sessions."""
 
+from shared.version import version as _version
+
 from .config import ServerConfig
 from .server import ExitServer
 
-__all__ = ["ExitServer", "ServerConfig"]
+__version__ = _version()
+
+__all__ = ["__version__", "ExitServer", "ServerConfig"]

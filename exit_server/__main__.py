@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from shared.aio.runner import run_service
-from shared.cli import add_model_flags, configure_logging, run_guarded, settings_from_args
+from shared.cli import add_model_flags, announce, configure_logging, run_guarded, settings_from_args
 from shared.errors import ConfigError
+from shared.version import version
 
 from .config import ServerConfig
 from .token_cli import add_commands as add_token_commands
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="exit-server",
         description="Backhaul exit server: public HTTP ingress routed by Host through authenticated tunnels.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
@@ -61,7 +63,13 @@ async def serve(config: ServerConfig, stop: asyncio.Event) -> int:
     await server.start()
     with contextlib.suppress(NotImplementedError, AttributeError):  # SIGHUP re-reads --tokens and --access
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.reload, "SIGHUP")
-    print(f"exit-server: public port {server.public_port}, control port {server.control_port}", flush=True)
+    announce(
+        f"exit-server: public port {server.public_port}, control port {server.control_port}",
+        config.log_format,
+        public_port=server.public_port,
+        control_port=server.control_port,
+        admin_port=server.admin_port,
+    )
     await stop.wait()
     await server.shutdown()
     return 0

@@ -23,6 +23,7 @@ from shared.aio.wsfast import TunnelServerConnection
 from shared.config import parse_addr, read_secret
 from shared.errors import ConfigError
 from shared.frames import GoAwayCode
+from shared.procmetrics import register_process_metrics
 
 from .access import AccessRules
 from .admin import AdminApp
@@ -57,6 +58,7 @@ class ExitServer:
         elif auth is None:
             auth = SharedTokenAuth(read_secret(config.token_file, config.token, "token"))
         self.metrics = Metrics(self.registry)
+        register_process_metrics(self.metrics.registry, "exit-server", {"control": config.tls_cert})
         self.tcp = TcpListeners(config, self.registry, parse_addr(config.public_addr)[0], self.metrics)
         self.control = ControlEndpoint(config, self.registry, auth, self.tcp, self.metrics)
         self.public = PublicHandler(config, self.registry, self.metrics)

@@ -5,8 +5,10 @@ one-line errors with exit status 2, and logging setup."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,10 @@ from .textsafe import escape_controls
 __all__ = [
     "EscapingFormatter",
     "add_model_flags",
+    "announce",
     "configure_logging",
     "die",
+    "rfc3339",
     "run_guarded",
     "settings_from_args",
 ]
@@ -78,34 +82,59 @@ def die(message: str, code: int = 2) -> typing.NoReturn:
     raise SystemExit(code)
 
 
+def rfc3339(created: float) -> str:
+    """A log record's time as RFC 3339 UTC with milliseconds (``2026-12-02T16:01:44.523Z``)."""
+    stamp = time.gmtime(created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", stamp) + f".{int(created * 1000) % 1000:03d}Z"
+
+
 class EscapingFormatter(logging.Formatter):
-    """A text formatter that escapes control characters in each message (issue 15 item 7):
-    a caller's ``%0d%0a`` in a path can no longer forge a log line, nor ``%1b`` reach a
-    terminal. Tracebacks keep their own line breaks."""
+    """The text formatter: RFC 3339 UTC times, and control characters in each message escaped
+    (issue 15 item 7): a caller's ``%0d%0a`` in a path can no longer forge a log line, nor
+    ``%1b`` reach a terminal. Tracebacks keep their own line breaks."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return rfc3339(record.created)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
 
 
+def _json_formatter() -> logging.Formatter:
+    from pythonjsonlogger.json import JsonFormatter
+
+    class Rfc3339JsonFormatter(JsonFormatter):
+        def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+            return rfc3339(record.created)
+
+    return Rfc3339JsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s",
+        rename_fields={"levelname": "level", "name": "logger", "asctime": "time"},
+    )
+
+
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     """Logs on stderr, as text lines or as JSON objects (python-json-logger) through the
-    standard logging module, so library log lines come out in the same format."""
+    standard logging module, so library log lines come out in the same format. Times are
+    RFC 3339 UTC in both."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        from pythonjsonlogger.json import JsonFormatter
-
-        handler.setFormatter(
-            JsonFormatter(
-                "%(asctime)s %(levelname)s %(name)s %(message)s",
-                rename_fields={"levelname": "level", "name": "logger", "asctime": "time"},
-            )
-        )
+        handler.setFormatter(_json_formatter())
     else:
         handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
     logging.getLogger("websockets").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def announce(text: str, fmt: str, **fields: object) -> None:
+    """A start-up line on stdout (ports chosen, ...): plain text, or one JSON object in JSON
+    log mode, so that a JSON log pipeline sees no plain line."""
+    if fmt == "json":
+        print(json.dumps({"time": rfc3339(time.time()), "level": "INFO", "message": text, **fields}), flush=True)
+    else:
+        print(text, flush=True)
 
 
 def _leaf(exc: BaseException) -> BaseException:

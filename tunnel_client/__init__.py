@@ -1,6 +1,10 @@
 """Backhaul tunnel client: dials the exit server and serves local upstreams."""
 
+from shared.version import version as _version
+
 from .client import TunnelClient
 from .config import ClientConfig
 
-__all__ = ["ClientConfig", "TunnelClient"]
+__version__ = _version()
+
+__all__ = ["__version__", "ClientConfig", "TunnelClient"]

@@ -8,6 +8,7 @@ import sys
 
 from shared.aio.runner import run_service
 from shared.cli import add_model_flags, configure_logging, run_guarded, settings_from_args
+from shared.version import version
 
 from .audit import add_audit_parser, audit_command
 from .config import DEFAULT_ADMIN_ADDR, ClientConfig
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tunnel-client",
         description="Backhaul tunnel client: an outbound TLS WebSocket to the exit server that serves local upstreams.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",

@@ -33,6 +33,8 @@ from shared.frames import GoAwayCode
 from shared.heads import KIND_NAMES
 from shared.messages import SUPPORTED_VERSIONS, Error, Hello, Routes, RouteSpec, TcpSpec, Welcome
 from shared.mux import Role, Session
+from shared.procmetrics import register_process_metrics
+from shared.version import version
 
 from .admin import ClientMetrics, admin_app
 from .adminaddr import remove_run_file, write_run_file
@@ -49,7 +51,7 @@ __all__ = ["TunnelClient"]
 
 log = logging.getLogger(__name__)
 
-SOFTWARE = "backhaul/0.1.0"
+SOFTWARE = f"backhaul/{version()}"
 
 
 async def resolve(host: str) -> list[str]:
@@ -281,6 +283,7 @@ class TunnelClient:
         self.labels = config.labels
         self.links = [ServerLink(self, url) for url in config.server]
         self.metrics = ClientMetrics(self)
+        register_process_metrics(self.metrics.registry, "tunnel-client", {"client": config.client_cert})
         self.admin_port = 0
         self.stopping = False
         self._stop = asyncio.Event()

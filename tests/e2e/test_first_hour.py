@@ -3,6 +3,8 @@ busy listen addresses name their flag, default admin ports fall back, ports are 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -172,3 +174,72 @@ def test_client_ports_validated_at_load(certs: Certs, tmp_path: Path, args: list
     )
     assert out.returncode == 2, out.stderr
     assert needle in _one_line(out)
+
+
+@pytest.mark.asyncio
+async def test_process_build_and_certificate_metrics(certs: Certs, tmp_path: Path) -> None:
+    """Both admin listeners export process_*, backhaul_build_info and the seconds until the
+    control (server) and client certificates expire."""
+    import aiohttp
+    import trustme
+
+    from exit_server.control import SharedTokenAuth
+    from exit_server.server import ExitServer
+    from shared.version import version
+    from tunnel_client import TunnelClient
+
+    from .helpers import client_config, server_config
+
+    client_ca = trustme.CA()
+    client_ca.cert_pem.write_to_path(str(tmp_path / "client-ca.pem"))
+    client_ca.issue_cert("tunnel-client.example").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "client.pem")
+    )
+    server = ExitServer(server_config(certs, client_ca=tmp_path / "client-ca.pem"), auth=SharedTokenAuth(TOKEN))
+    await server.start()
+    client = TunnelClient(
+        client_config(certs, server, ["default=http://127.0.0.1:9"], client_cert=tmp_path / "client.pem"), token=TOKEN
+    )
+    task = asyncio.create_task(client.run())
+    try:
+        await client.wait_connected(10)
+        async with aiohttp.ClientSession() as session:
+            for port, cert in ((server.admin_port, "control"), (client.admin_port, "client")):
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    text = await resp.text()
+                assert "process_resident_memory_bytes" in text and "process_open_fds" in text
+                assert 'backhaul_build_info{component="' in text and f'version="{version()}"' in text
+                line = next(
+                    x for x in text.splitlines() if x.startswith(f'backhaul_tls_cert_expiry_seconds{{cert="{cert}"')
+                )
+                assert float(line.split()[-1]) > 86400  # trustme certificates last years
+    finally:
+        await client.shutdown(0)
+        await task
+        await server.close()
+
+
+def test_json_logs_are_json_with_rfc3339_utc_times(tmp_path: Path) -> None:
+    """Every line of a JSON-mode exit server, stdout and stderr, is a JSON object; times are
+    RFC 3339 UTC."""
+    import re
+
+    proc = subprocess.Popen(
+        [str(BIN / "exit-server"), "run", "--insecure-plaintext", "--log-format", "json"]
+        + ["--public-addr", "127.0.0.1:0", "--control-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"],
+        env=_env(tmp_path, BACKHAUL_TOKEN=TOKEN),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the start-up announcement: written once every port is bound
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = [first, *out.splitlines(), *err.splitlines()]
+    records = [json.loads(line) for line in lines if line.strip()]
+    assert len(records) >= 3 and records[0]["public_port"] > 0
+    for record in records:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"]), record
