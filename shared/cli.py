@@ -16,7 +16,7 @@ from typing import Any
 from pydantic_settings import BaseSettings
 
 from .config import load_settings
-from .errors import ConfigError
+from .errors import ConfigError, TunnelError
 from .textsafe import escape_controls
 
 __all__ = [
@@ -158,6 +158,8 @@ def run_guarded(func: typing.Callable[[], int]) -> int:
         leaf = _leaf(exc)
         if isinstance(leaf, ConfigError):
             die(str(leaf))
+        if isinstance(leaf, TunnelError):  # our own errors say what happened in one line
+            die(str(leaf), 1)
         logging.getLogger("backhaul").debug("command failed", exc_info=exc)
         detail = str(leaf) or type(leaf).__name__
         die(f"{detail} ({type(leaf).__name__}; --log-level debug shows where)", 1)

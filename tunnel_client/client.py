@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -28,7 +29,7 @@ from shared.aio.tls import client_context
 from shared.aio.wsfast import TunnelClientConnection
 from shared.backoff import backoff_delays
 from shared.config import parse_addr, read_secret
-from shared.errors import ConfigError, StreamReset, TunnelError
+from shared.errors import AuthError, ConfigError, StreamReset, TunnelError
 from shared.frames import GoAwayCode
 from shared.heads import KIND_NAMES
 from shared.messages import SUPPORTED_VERSIONS, Error, Hello, Routes, RouteSpec, TcpSpec, Welcome
@@ -54,6 +55,25 @@ log = logging.getLogger(__name__)
 SOFTWARE = f"backhaul/{version()}"
 
 
+def connect_hint(exc: BaseException, ca_file: Path | None) -> str:
+    """A hint for the two commonest connection mistakes, appended to OpenSSL's own text: a CA
+    that did not sign the exit server's certificate, and a URL that points at a plain-HTTP port
+    (the public listener) instead of the control listener."""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "unable to get local issuer certificate" in text:
+        source = f"--ca-file {ca_file}" if ca_file is not None else "the system CA store (no --ca-file)"
+        return (
+            f"; hint: the exit server's certificate is not signed by a CA in {source}: give --ca-file the "
+            "exit server's CA (ca.pem from `exit-server gen-certs`, or your PKI's chain), or --pin its key"
+        )
+    if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text or "http request" in text.lower():
+        return (
+            "; hint: this address answered without TLS (plain HTTP?): is it the exit server's public port? "
+            "--server must name the control listener (--control-addr on the exit server, 8443 in the examples)"
+        )
+    return ""
+
+
 async def resolve(host: str) -> list[str]:
     """The distinct addresses of a host name, in resolver order."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -71,6 +91,7 @@ class ServerLink:
         self.conn: TunnelConnection | None = None
         self.session_id = ""
         self.registered = asyncio.Event()
+        self.ever_registered = False  # --exit-on-auth-failure applies only before the first
         self.reconnects = 0
         self._draining: set[asyncio.Task[None]] = set()
 
@@ -131,9 +152,11 @@ class ServerLink:
             status = exc.response.status_code
             what = "token refused (401)" if status == 401 else f"HTTP {status}"
             log.error("link %s: %s", self.url, what)
+            if status == 401 and cfg.exit_on_auth_failure and not self.ever_registered:
+                raise AuthError(f"link {self.url}: {what} at start; exiting (--exit-on-auth-failure)") from None
             return "failed"
         except (OSError, InvalidHandshake, TimeoutError, ssl.SSLError) as exc:
-            log.warning("link %s: connect failed: %s", self.url, exc)
+            log.warning("link %s: connect failed: %s%s", self.url, exc, connect_hint(exc, cfg.ca_file))
             return "failed"
         loop = asyncio.get_running_loop()
         session = Session(
@@ -177,6 +200,7 @@ class ServerLink:
                     or "none",
                 )
                 self.registered.set()
+                self.ever_registered = True
                 self.client._changed()
             elif isinstance(message, Error):
                 log.error("link %s: server refused the session: %s %s", self.url, message.code, message.message)

@@ -132,6 +132,11 @@ class ClientConfig(BaseConfig):
         default_factory=lambda: secrets.token_hex(8), description="stable id of this client instance"
     )
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
+    exit_on_auth_failure: bool = Field(
+        False,
+        description="exit (status 1) when the exit server refuses the token (401) before the first "
+        "registration, instead of retrying: fail fast in CI and containers",
+    )
     connect_timeout: float = Field(10.0, gt=0, description="seconds to open the tunnel")
     upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to an upstream")
     max_streams: int = Field(10_000, ge=1, description="concurrent streams this client accepts")

@@ -243,3 +243,94 @@ def test_json_logs_are_json_with_rfc3339_utc_times(tmp_path: Path) -> None:
     assert len(records) >= 3 and records[0]["public_port"] > 0
     for record in records:
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"]), record
+
+
+async def _client_stderr_until(args: list[str], needle: str, tmp_path: Path, timeout: float = 20) -> str:
+    """Run a tunnel-client until ``needle`` shows on its stderr (then stop it); its stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, env=_env(tmp_path, BACKHAUL_TOKEN=TOKEN), stdin=subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while line := (await proc.stderr.readline()).decode():
+                seen.append(line)
+                if needle in line:
+                    break
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
+    text = "".join(seen)
+    assert needle in text, text
+    return text
+
+
+@pytest.mark.asyncio
+async def test_connect_errors_carry_hints(certs: Certs, tmp_path: Path) -> None:
+    """Wrong CA and a URL pointing at the public (plain HTTP) port: OpenSSL's text plus a
+    hint saying what to do."""
+    import trustme
+
+    from exit_server.control import SharedTokenAuth
+    from exit_server.server import ExitServer
+
+    from .helpers import server_config
+
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    server = ExitServer(server_config(certs), auth=SharedTokenAuth(TOKEN))
+    await server.start()
+    try:
+        base = [str(BIN / "tunnel-client"), "run", "--upstream", "default=http://127.0.0.1:9"]
+        base += ["--admin-addr", "127.0.0.1:0", "--backoff-base", "0.1", "--backoff-cap", "0.2"]
+        wrong_ca = await _client_stderr_until(
+            [*base, "--server", f"wss://localhost:{server.control_port}", "--ca-file", str(other_ca)],
+            "hint:",
+            tmp_path,
+        )
+        assert f"--ca-file {other_ca}" in wrong_ca and "gen-certs" in wrong_ca
+        public = await _client_stderr_until(
+            [*base, "--server", f"wss://localhost:{server.public_port}", "--ca-file", str(certs.ca)], "hint:", tmp_path
+        )
+        assert "without TLS" in public and "control listener" in public
+    finally:
+        await server.close()
+
+
+@pytest.mark.asyncio
+async def test_exit_on_auth_failure(certs: Certs, tmp_path: Path) -> None:
+    from exit_server.control import SharedTokenAuth
+    from exit_server.server import ExitServer
+
+    from .helpers import server_config
+
+    server = ExitServer(server_config(certs), auth=SharedTokenAuth("another-token-0123456789"))
+    await server.start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "tunnel-client"),
+            "run",
+            "--server",
+            f"wss://localhost:{server.control_port}",
+            "--ca-file",
+            str(certs.ca),
+            "--upstream",
+            "default=http://127.0.0.1:9",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--exit-on-auth-failure",
+            "--log-level",
+            "error",
+            env=_env(tmp_path, BACKHAUL_TOKEN=TOKEN),
+            stdin=subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await server.close()
+    assert proc.returncode == 1
+    text = err.decode()
+    last = text.strip().splitlines()[-1]
+    assert "Traceback" not in text and "token refused (401)" in last and "--exit-on-auth-failure" in last, text
