@@ -505,6 +505,11 @@ async def link_loss(short: bool) -> Result:
 # ---------------------------------------------------------------- 3. exit server killed and restarted
 
 
+#: Time allowed, past the backoff cap, for 20 clients' TLS handshakes and registrations with a
+#: freshly started exit server on a loaded 2-core machine (measured: under 1 s).
+RESTART_REGISTER_MARGIN = 3.0
+
+
 async def server_restart(short: bool) -> Result:
     res = Result(
         "server-restart", "Exit server killed (SIGKILL) and restarted, 20 clients", "short" if short else "full"
@@ -518,8 +523,19 @@ async def server_restart(short: bool) -> Result:
         srv = await env.exit_server(probe=False, ports=ports, name="exit-server-0")
         n = 20
         url = f"wss://localhost:{srv.control}"
+        # The bound on "back after the restart" follows from the backoff: a client that failed
+        # while the server was down sleeps at most --backoff-cap before its next attempt, which
+        # then succeeds. With the default cap (30 s) that bound says little, and the attempts a
+        # client makes while the server is down are random (full jitter), so the scenario sets
+        # the cap explicitly and checks against it (issue 16 item 7: a fixed 5 s failed 3 of 4
+        # runs on a 2-core machine).
+        cap = 4.0
+        bound = cap + RESTART_REGISTER_MARGIN
+        backoff = ("--backoff-base", "1", "--backoff-cap", f"{cap:g}")
         clients = [
-            await env.client(url, [f"{HOST}=http://127.0.0.1:{up}"], name=f"client-{i:02d}", wait=False, probe=i == 0)
+            await env.client(
+                url, [f"{HOST}=http://127.0.0.1:{up}"], *backoff, name=f"client-{i:02d}", wait=False, probe=i == 0
+            )
             for i in range(n)
         ]
 
@@ -530,7 +546,10 @@ async def server_restart(short: bool) -> Result:
         await warm(srv, n)
         await asyncio.sleep(1)
         base_cl = await clients[0].snapshot()
-        res.notes.append("clients run with the default backoff (--backoff-base 1 --backoff-cap 30, full jitter)")
+        res.notes.append(
+            f"clients run with --backoff-base 1 --backoff-cap {cap:g} (full jitter); each is back within the cap "
+            f"plus {RESTART_REGISTER_MARGIN:g} s for the TLS handshake and registration of 20 clients on 2 cores"
+        )
         rounds = 1 if short else 3
         spreads, worst_listen, worst_kill = [], [], []
         for rnd in range(rounds):
@@ -573,8 +592,9 @@ async def server_restart(short: bool) -> Result:
             res.fig(f"{tag}spread (last - first) / most clients in any 100 ms", f"{spread:.2f} s / {crowd}")
             res.check(f"{tag}all {n} clients back", len(first) == n, f"{len(first)}")
             res.check(
-                f"{tag}every client back within 5 s of the restart",
-                max(from_listen) < 5,
+                f"{tag}every client back within the backoff cap + {RESTART_REGISTER_MARGIN:g} s ({bound:g} s) "
+                "of the restart",
+                max(from_listen) < bound,
                 f"max {max(from_listen):.2f} s after the new server listened ({max(from_kill):.2f} s after the kill)",
             )
             res.check(
