@@ -20,6 +20,7 @@ import tunnel_client.client as client_module
 from exit_server import ExitServer
 from tunnel_client import TunnelClient
 
+from ..waiting import wait_until
 from .helpers import TOKEN, Certs, _token_auth, client_config, server_config, stack, upstream
 
 pytestmark = pytest.mark.asyncio
@@ -99,11 +100,7 @@ async def test_failover_when_a_replica_is_killed(certs: Certs, tmp_path: Path) -
                 stderr=subprocess.DEVNULL,
             )
         try:
-            for _ in range(100):
-                if len(s.server.registry.tunnels) == 2:
-                    break
-                await asyncio.sleep(0.1)
-            assert len(s.server.registry.tunnels) == 2
+            await wait_until(lambda: len(s.server.registry.tunnels) == 2, 10, what="both replicas registered")
             failures: list[str] = []
             done = 0
             stop = asyncio.Event()
@@ -128,12 +125,16 @@ async def test_failover_when_a_replica_is_killed(certs: Certs, tmp_path: Path) -
                         return r.status
 
                 post_task = asyncio.create_task(post())
-                await asyncio.sleep(0.3)
-                victim = next(t.instance_id for t in s.server.registry.tunnels.values() if t.in_flight)
+                victim = await wait_until(
+                    lambda: next((t.instance_id for t in s.server.registry.tunnels.values() if t.in_flight), None),
+                    5,
+                    what="the POST in flight on one replica",
+                )
                 workers = [asyncio.create_task(worker()) for _ in range(10)]
-                await asyncio.sleep(1.0)
+                await wait_until(lambda: done >= 20, 10, what="GETs served by both replicas")
                 procs[victim].send_signal(signal.SIGKILL)  # no go-away, no drain
-                await asyncio.sleep(2.0)
+                at_kill = done
+                await wait_until(lambda: done >= at_kill + 40, 15, what="GETs served after the kill")
                 stop.set()
                 await asyncio.wait_for(asyncio.gather(*workers), 10)
                 post_status = await asyncio.wait_for(post_task, 10)
@@ -203,22 +204,18 @@ async def test_unhealthy_upstream_route_is_withdrawn_and_restored(certs: Certs) 
             [f"svc.example.com={sick_up.url}"], instance_id="sick", health_path=["svc.example.com=/healthz"], **common
         )
         sick_app_state["healthy"] = False
-        for _ in range(50):
-            routed = [t.instance_id for t in s.server.registry.table.lookup("svc.example.com", "/")]
-            if routed == ["good"]:
-                break
-            await asyncio.sleep(0.1)
-        assert routed == ["good"]
+        await wait_until(
+            lambda: [t.instance_id for t in s.server.registry.table.lookup("svc.example.com", "/")] == ["good"],
+            5,
+            what="the sick replica withdrawn",
+        )
         async with aiohttp.ClientSession() as http:
             for _ in range(20):
                 async with http.get(s.base + "/?d=0", headers={"Host": "svc.example.com"}) as r:
                     assert r.status == 200
         assert next(t for t in s.server.registry.tunnels.values() if t.instance_id == "sick").requests == 0
         app[STATE]["healthy"] = False  # now the only healthy replica turns sick too: 503 at once
-        for _ in range(50):
-            if not s.server.registry.table.lookup("svc.example.com", "/"):
-                break
-            await asyncio.sleep(0.1)
+        await wait_until(lambda: not s.server.registry.table.lookup("svc.example.com", "/"), 5, what="no route")
         async with aiohttp.ClientSession() as http:
             loop = asyncio.get_running_loop()
             t0 = loop.time()
@@ -226,8 +223,8 @@ async def test_unhealthy_upstream_route_is_withdrawn_and_restored(certs: Certs) 
                 assert r.status == 503
             assert loop.time() - t0 < 0.5
         sick_app_state["healthy"] = True
-        for _ in range(50):
-            if [t.instance_id for t in s.server.registry.table.lookup("svc.example.com", "/")] == ["sick"]:
-                break
-            await asyncio.sleep(0.1)
-        assert [t.instance_id for t in s.server.registry.table.lookup("svc.example.com", "/")] == ["sick"]
+        await wait_until(
+            lambda: [t.instance_id for t in s.server.registry.table.lookup("svc.example.com", "/")] == ["sick"],
+            5,
+            what="the recovered replica routed again",
+        )

@@ -14,9 +14,14 @@ from aiohttp import web
 from exit_server import ExitServer
 from tunnel_client import TunnelClient
 
+from ..waiting import wait_until
 from .helpers import TOKEN, BlackholeProxy, Certs, _token_auth, client_config, server_config, stack, upstream
 
 pytestmark = pytest.mark.asyncio
+
+
+def _client_streams(client: TunnelClient) -> int:
+    return sum(link.conn.streams_in_flight for link in client.links if link.conn is not None)
 
 
 def slow_app(delay: float = 1.0) -> web.Application:
@@ -68,8 +73,7 @@ async def test_heartbeat_detects_blackholed_link_and_reconnects(certs: Certs) ->
             loop = asyncio.get_running_loop()
             proxy.blackhole = True
             t0 = loop.time()
-            while (client.connected or s.server.registry.tunnels) and loop.time() - t0 < 20:
-                await asyncio.sleep(0.1)
+            await wait_until(lambda: not (client.connected or s.server.registry.tunnels), 20, 0.05, "both sides notice")
             detected = loop.time() - t0
             assert not client.connected and not s.server.registry.tunnels
             assert detected < 15, f"dead link noticed after {detected:.1f}s"
@@ -95,7 +99,7 @@ async def test_tunnel_dropped_mid_request_gives_502(certs: Certs) -> None:
                     return r.status
 
             pending = asyncio.create_task(call())
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: _client_streams(running.client) >= 1, 5, what="the request at the client")
             conn = running.client.links[0].conn
             assert conn is not None
             conn.abort()  # the link dies under the request
@@ -127,9 +131,9 @@ async def test_client_shutdown_drains_in_flight_and_refuses_new(certs: Certs) ->
                     return r.status, await r.text()
 
             in_flight = asyncio.create_task(call("/?d=1.0"))
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: _client_streams(running.client) >= 1, 5, what="the request at the client")
             stopping = asyncio.create_task(running.client.shutdown(drain_timeout=5))
-            await asyncio.sleep(0.2)
+            await wait_until(lambda: s.server.registry.pick_route("x.test", "/")[1] is None, 5, what="withdrawn")
             status, _ = await call("/?d=0")
             assert status == 503  # not routed to the draining client
             assert await in_flight == (200, "done")
@@ -163,7 +167,7 @@ async def test_exit_server_shutdown_drains(certs: Certs, caplog: pytest.LogCaptu
                     return r.status, await r.text()
 
             in_flight = asyncio.create_task(call())
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: server.public.in_flight >= 1, 5, what="the request in flight")
             await server.shutdown(drain_timeout=5)
             assert await in_flight == (200, "done")
             with pytest.raises(aiohttp.ClientConnectionError):
@@ -208,7 +212,7 @@ async def test_exit_server_shutdown_stays_within_the_drain_timeout(certs: Certs)
                 return r.status
 
         slow = asyncio.create_task(call())
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: server.public.in_flight >= 1, 5, what="the request in flight")
         started = asyncio.get_running_loop().time()
         await server.shutdown(drain_timeout=1)
         took = asyncio.get_running_loop().time() - started

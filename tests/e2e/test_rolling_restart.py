@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from ..waiting import wait_until
 from .helpers import TOKEN, Certs, upstream
 from .test_cli import free_port, wait_port
 
@@ -25,6 +26,7 @@ BIN = Path(sys.executable).parent
 HAPROXY_CFG = """
 global
     maxconn 2000
+    stats socket {sock} level operator
 defaults
     mode tcp
     timeout connect 2s
@@ -86,6 +88,17 @@ async def _tunnels_connected(admin: int) -> float:
     )
 
 
+async def _haproxy_all_up(sock: Path) -> bool:
+    """Whether HAProxy's stats socket reports all three backend servers UP."""
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(b"show stat\n")
+    await writer.drain()
+    text = (await reader.read()).decode()
+    writer.close()
+    rows = [line.split(",") for line in text.splitlines() if line.startswith("exits,es")]
+    return sum(1 for row in rows if row[17] == "UP") == 3
+
+
 async def test_rolling_restart_behind_haproxy_has_no_errors(certs: Certs) -> None:
     haproxy = shutil.which("haproxy")
     assert haproxy is not None, "haproxy is missing: `make test` installs it (scripts/ci-deps.sh)"
@@ -104,7 +117,8 @@ async def test_rolling_restart_behind_haproxy_has_no_errors(certs: Certs) -> Non
     )
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "haproxy.cfg"
-        cfg.write_text(HAPROXY_CFG.format(front=front, servers=lines))
+        sock = Path(tmp) / "haproxy.sock"
+        cfg.write_text(HAPROXY_CFG.format(front=front, servers=lines, sock=sock))
         async with upstream(app) as up:
             for s in servers:
                 s.start()
@@ -139,7 +153,7 @@ async def test_rolling_restart_behind_haproxy_has_no_errors(certs: Certs) -> Non
                     async with asyncio.timeout(15):
                         while await _tunnels_connected(s.admin) < 1:
                             await asyncio.sleep(0.1)
-                await asyncio.sleep(1.0)  # haproxy: every server up (rise 2 x 200 ms)
+                await wait_until(lambda: _haproxy_all_up(sock), 15, 0.1, "haproxy: every server up")
                 errors: list[str] = []
                 counts = {"ok": 0, "repeated": 0}
                 stop = asyncio.Event()
@@ -168,15 +182,17 @@ async def test_rolling_restart_behind_haproxy_has_no_errors(certs: Certs) -> Non
 
                     workers = [asyncio.create_task(worker()) for _ in range(10)]
                     for s in servers:
-                        await asyncio.sleep(1.0)
+                        at_start = counts["ok"]
+                        await wait_until(lambda n=at_start: counts["ok"] >= n + 30, 15, what="load before the restart")
                         assert await asyncio.to_thread(s.stop) == 0
                         s.start()
                         await asyncio.to_thread(wait_port, s.admin)
                         async with asyncio.timeout(15):
                             while await _tunnels_connected(s.admin) < 1:
                                 await asyncio.sleep(0.1)
-                        await asyncio.sleep(0.8)  # haproxy marks it up again
-                    await asyncio.sleep(1.0)
+                        await wait_until(lambda: _haproxy_all_up(sock), 15, 0.1, "haproxy marks it up again")
+                    at_end = counts["ok"]
+                    await wait_until(lambda: counts["ok"] >= at_end + 30, 15, what="load after the last restart")
                     stop.set()
                     await asyncio.wait_for(asyncio.gather(*workers), 20)
                 print(
