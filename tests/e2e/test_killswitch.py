@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from ..waiting import wait_until
 from .helpers import TOKEN, Certs, stack, upstream
 
 pytestmark = pytest.mark.asyncio
@@ -60,7 +61,7 @@ async def test_kill_switch_file_withdraws_and_returns(certs: Certs, tmp_path: Pa
         assert await status(s.base) == 200
         async with aiohttp.ClientSession() as http:
             in_flight = asyncio.create_task(http.get(s.base + "/slow", headers=HOST))
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: s.server.public.in_flight >= 1, 5, what="the slow request in flight")
             kill.touch()
             assert await wait_status(s.base, 503, 3) < 2
             assert not client.connected and not s.server.registry.tunnels
@@ -72,7 +73,8 @@ async def test_kill_switch_file_withdraws_and_returns(certs: Certs, tmp_path: Pa
                     resp.release()
             except aiohttp.ClientError:
                 pass
-        # Stays withdrawn: no reconnect while the file exists.
+        # Stays withdrawn: no reconnect while the file exists. A deliberate wait, not
+        # synchronisation: "nothing happens" over several kill-switch polls and backoff delays.
         await asyncio.sleep(1.5)
         assert not client.connected and await status(s.base) == 503
         kill.unlink()
@@ -86,7 +88,7 @@ async def test_client_started_with_the_file_never_connects(certs: Certs, tmp_pat
     kill.touch()
     async with upstream(app()) as up, stack(certs) as s:
         running = await s.add_client([f"app.example.com={up.url}"], kill_switch_file=kill, wait=False)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # deliberate: it must not connect during several kill-switch polls
         assert not running.client.connected and not s.server.registry.tunnels
         assert await status(s.base) == 503
         kill.unlink()
@@ -136,7 +138,7 @@ async def test_sigusr1_toggles_a_real_process(certs: Certs, tmp_path: Path) -> N
             await wait_status(s.base, 200, 15)
             proc.send_signal(signal.SIGUSR1)
             assert await wait_status(s.base, 503, 3) < 2
-            await asyncio.sleep(1)
+            await asyncio.sleep(1)  # deliberate: it stays withdrawn, no reconnect meanwhile
             assert await status(s.base) == 503
             proc.send_signal(signal.SIGUSR1)
             assert await wait_status(s.base, 200, 5) < 2.5
