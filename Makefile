@@ -3,19 +3,31 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two stamps: the demo needs the runtime dependencies only (seconds to install); the tests add
+# the test extra (linters, type checker, scanners) on top.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+STAMP         := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck bench load reliability clean
+.PHONY: demo test test-fast lint typecheck bench load reliability dist clean
 
-$(STAMP): pyproject.toml
+$(RUNTIME_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
 ## demo: exit server + demo upstream + tunnel client on loopback, one request, Ctrl-C stops
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(BIN)/python scripts/demo.py
+
+## dist: build the wheel and sdist into dist/ (install with: pip install dist/backhaul-*.whl)
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
 
 ## test: install test dependencies and system services, then run every test
 test: $(STAMP) lint
@@ -74,4 +86,4 @@ reliability: | $(BIN)/exit-server
 	$(BIN)/python reliability/run.py $(RELIABILITY_ARGS)
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis dist build

@@ -145,13 +145,16 @@ def main() -> int:
         deadline = time.monotonic() + 15
         status, body = 0, ""
         while time.monotonic() < deadline:
-            status, body = fetch(url, "app.localhost")
+            status, body = fetch(url, f"app.localhost:{public}")  # what curl and browsers send for the printed URL
             if status == 200:
                 break
             time.sleep(0.2)
         print()
-        print(f"Public URL:  http://127.0.0.1:{public}/  (Host: app.localhost)")
-        print(f"Try:         curl -H 'Host: app.localhost' {url}")
+        # *.localhost resolves to loopback in browsers and curl (RFC 6761), so this URL works as
+        # printed; the bare 127.0.0.1 address would carry no routed Host and answer 503.
+        print(f"Public URL:  http://app.localhost:{public}/")
+        print(f"Try:         curl 'http://app.localhost:{public}/hello?from=demo'")
+        print(f"  or:        curl -H 'Host: app.localhost' '{url}'")
         print(f"Answer ({status}): {body.strip()}")
         print(f"Dashboard:   http://127.0.0.1:{admin}/#token={admin_token.read_text().strip()}")
         print(f"Metrics:     http://127.0.0.1:{admin}/metrics")

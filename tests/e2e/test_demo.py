@@ -15,5 +15,5 @@ def test_demo_script_answers_through_the_tunnel() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Answer (200): Hello from the on-prem container!" in out.stdout
-    assert "Public URL:  http://127.0.0.1:" in out.stdout
+    assert "Public URL:  http://app.localhost:" in out.stdout  # works as printed: *.localhost is loopback
     assert "stopped exit server, tunnel client and upstream" in out.stdout
