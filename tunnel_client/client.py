@@ -288,7 +288,12 @@ class TunnelClient:
         # --pin: checked after TLS, before the upgrade request carrying the token (pinning.py).
         self.pinned = pinned_connection(frozenset(parse_pin(p) for p in config.pin)) if config.pin else None
         self.forwarder = Forwarder(
-            config.upstreams, config.upstream_connect_timeout, config.tcp_targets, config.proxy_protocol
+            config.upstreams,
+            config.upstream_connect_timeout,
+            config.tcp_targets,
+            config.proxy_protocol,
+            max_response_head=config.max_response_head,
+            max_response_fields=config.max_response_fields,
         )
         self.killswitch = KillSwitch(config.kill_switch_file)
         self.forwarder.guard = Guard(config.allow_paths)

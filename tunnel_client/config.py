@@ -132,6 +132,18 @@ class ClientConfig(BaseConfig):
         default_factory=lambda: secrets.token_hex(8), description="stable id of this client instance"
     )
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
+    max_response_head: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="bytes an upstream's response head may take (502 beyond)",
+    )
+    max_response_fields: int = Field(
+        256,
+        ge=8,
+        le=1024,
+        description="fields an upstream's response head may have (502 beyond; the tunnel carries 1,024)",
+    )
     exit_on_auth_failure: bool = Field(
         False,
         description="exit (status 1) when the exit server refuses the token (401) before the first "

@@ -50,6 +50,8 @@ from shared.errors import TunnelError
 __all__ = [
     "DIRECT_BODY_MIN",
     "HIGH_WATER",
+    "MAX_RESPONSE_FIELDS",
+    "MAX_RESPONSE_HEAD",
     "Origin",
     "UpstreamConnection",
     "UpstreamError",
@@ -64,6 +66,13 @@ HIGH_WATER = 512 * 1024
 
 #: A Content-Length body with at least this much left after the head's read skips llhttp.
 DIRECT_BODY_MIN = 64 * 1024
+
+#: Default bound on a response head's bytes (status line and fields, 1xx heads included) and on
+#: its field count: a bad upstream cannot make the client buffer without end (nginx answers
+#: 502 past its 4-16 KiB proxy buffers, HAProxy past tune.bufsize and 101 fields). Both stay
+#: within what the tunnel carries (shared/heads.py: 1,024 fields of at most 64 KiB each).
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_FIELDS = 256
 
 #: (scheme, host, port)
 Origin = tuple[str, str, int]
@@ -82,6 +91,8 @@ class UpstreamError(Exception):
         before_head: no response head had arrived (the caller gets 502/504, not a cut body).
         retriable: a pooled connection failed before any response byte: safe to send again
             when the request body was not streamed.
+        head_too_large: the response head went past ``max_head`` bytes or ``max_fields``
+            fields (502 at once; the connection is dropped).
     """
 
     def __init__(
@@ -92,9 +103,11 @@ class UpstreamError(Exception):
         timeout: bool = False,
         before_head: bool = True,
         retriable: bool = False,
+        head_too_large: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.head_too_large = head_too_large
         self.connect = connect
         self.timeout = timeout
         self.before_head = before_head
@@ -129,6 +142,10 @@ def build_head(
     return "".join(parts).encode("latin-1")
 
 
+class _HeadTooLarge(Exception):
+    """Raised from an llhttp callback to stop parsing a head past the limits."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to an upstream; one exchange at a time."""
 
@@ -155,6 +172,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._informational = False
         self._received = False
+        self._head_bytes = 0  # bytes received while the response head was still incomplete
         self._error: UpstreamError | None = None
         self._body_waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -176,6 +194,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._direct = 0
         self._complete = self._eof_body = self._keep_alive = self._informational = False
         self._received = False
+        self._head_bytes = 0
         self._error = None
         self._head = head = self._loop.create_future()
         return head
@@ -298,6 +317,11 @@ class UpstreamConnection(asyncio.Protocol):
             parser.feed_data(data)
             if self._body_left >= DIRECT_BODY_MIN and self._error is None and not self._complete:
                 self._direct = self._body_left  # the rest of the body skips llhttp
+            if not self._status:  # the head is still incomplete: bound what it may take
+                self._head_bytes += len(data)
+                if self._head_bytes > self.pool.max_head:
+                    self._fail(UpstreamError(f"response head over {self.pool.max_head} bytes", head_too_large=True))
+                    self.abort()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("unexpected protocol upgrade", before_head=self._head_pending()))
             self.abort()
@@ -326,15 +350,20 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.transport = None
         self.pool._forget(self)
-        self._settle()
+        self._settle(exc)
         self._parser = None  # it holds our bound methods: no cycle left for the GC to find
 
-    def _settle(self) -> None:
+    def _settle(self, exc: Exception | None = None) -> None:
         if self._head is None or self._complete:
             return
         if not self._head_pending() and self._eof_body and self._error is None:
-            self._complete = True  # a body delimited by the connection's end (RFC 9112 section 6.3)
-            self._wake_body()
+            if exc is None:
+                self._complete = True  # a body delimited by the connection's end (RFC 9112 section 6.3)
+                self._wake_body()
+                return
+            # Only a clean end (FIN) ends such a body: a reset or an error cut it short, and the
+            # caller must see an aborted response, never a complete one.
+            self._fail(UpstreamError(f"upstream connection broke mid-body ({exc})", before_head=False))
             return
         before = self._head_pending()
         self._fail(
@@ -357,11 +386,19 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > self.pool.max_fields:
+            self._fail(UpstreamError(f"response head over {self.pool.max_fields} fields", head_too_large=True))
+            raise _HeadTooLarge  # stops llhttp here; data_received aborts the connection
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
+        size = sum(len(name) + len(value) + 4 for name, value in self._headers)
+        if size > self.pool.max_head:  # a whole head in one read: the per-read count missed it
+            self._fail(UpstreamError(f"response head over {self.pool.max_head} bytes", head_too_large=True))
+            raise _HeadTooLarge
         if 100 <= status < 200:  # 100 Continue, 103 Early Hints: not the answer
             self._informational = True
             self._headers = []
@@ -420,11 +457,21 @@ class UpstreamPool:
     Args:
         connect_timeout: seconds to open a connection (then :class:`UpstreamError`, 504).
         idle_timeout: seconds an unused connection is kept.
+        max_head: bytes a response head may take (then :class:`UpstreamError`, 502).
+        max_fields: fields a response head may have (likewise).
     """
 
-    def __init__(self, connect_timeout: float = 10.0, idle_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 30.0,
+        max_head: int = MAX_RESPONSE_HEAD,
+        max_fields: int = MAX_RESPONSE_FIELDS,
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self.max_head = max_head
+        self.max_fields = max_fields
         self._idle: dict[Origin, list[UpstreamConnection]] = {}
         self._busy: set[UpstreamConnection] = set()
         self._sweeper: asyncio.Task[None] | None = None

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from shared.aio.connection import TunnelStream
 from shared.aio.pump import ChunkStream, Endpoint, pump, stream_endpoint
-from shared.errors import TunnelError
+from shared.errors import LocalProtocolError, TunnelError
 from shared.frames import ResetCode
 from shared.heads import KIND_NAMES, RequestHead, ResponseHead, StreamKind
 from shared.httputil import strip_hop_by_hop
@@ -25,7 +25,14 @@ from shared.routing import RouteTable, normalize_host
 from .audit import AuditLog, AuditRecord
 from .config import TcpTarget, Upstream
 from .guard import Guard, Refused, check_tcp_target
-from .http1 import UpstreamConnection, UpstreamError, UpstreamPool, exchange
+from .http1 import (
+    MAX_RESPONSE_FIELDS,
+    MAX_RESPONSE_HEAD,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamPool,
+    exchange,
+)
 from .killswitch import KillSwitch
 
 __all__ = ["Forwarder"]
@@ -49,6 +56,8 @@ class Forwarder:
         connect_timeout: float = 10.0,
         tcp: list[TcpTarget] = [],  # noqa: B006 (never mutated)
         proxy_protocol: bool = False,
+        max_response_head: int = MAX_RESPONSE_HEAD,
+        max_response_fields: int = MAX_RESPONSE_FIELDS,
     ) -> None:
         self.table: RouteTable[Upstream] = RouteTable()
         for up in upstreams:
@@ -56,7 +65,7 @@ class Forwarder:
         self.tcp = {t.public_port: t for t in tcp}
         self.proxy_protocol = proxy_protocol
         self.connect_timeout = connect_timeout
-        self._pool = UpstreamPool(connect_timeout)
+        self._pool = UpstreamPool(connect_timeout, max_head=max_response_head, max_fields=max_response_fields)
         self.requests = 0
         self.guard = Guard()
         self.audit: AuditLog | None = None
@@ -250,7 +259,17 @@ class Forwarder:
             conn, upload = await exchange(
                 pool, upstream.address, head.method, target, headers, upstream.netloc, body, body_stream, framed
             )
-            _reply(stream, ResponseHead(conn.status, tuple(strip_hop_by_hop(conn.headers()))))
+            try:
+                _reply(stream, ResponseHead(conn.status, tuple(strip_hop_by_hop(conn.headers()))))
+            except LocalProtocolError as exc:  # a head the tunnel cannot carry (shared/heads.py)
+                log.warning(
+                    "stream %d: upstream %s sent a response head the tunnel cannot carry (%s): 502",
+                    stream.id,
+                    upstream.origin,
+                    exc,
+                )
+                _reset(stream, ResetCode.UPSTREAM_RESET, "bad upstream response head")
+                return  # finally: the connection is discarded
             while True:
                 chunks = await conn.read()
                 if not chunks:
@@ -280,6 +299,15 @@ class Forwarder:
                     _reset(stream, ResetCode.UPSTREAM_TIMEOUT, "upstream connect timeout")
                 else:
                     _reset(stream, ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
+            elif exc.head_too_large:
+                log.warning(
+                    "stream %d: upstream %s response head too large: %s (502; --max-response-head, "
+                    "--max-response-fields)",
+                    stream.id,
+                    upstream.origin,
+                    exc.reason,
+                )
+                _reset(stream, ResetCode.UPSTREAM_RESET, "upstream response head too large")
             else:
                 log.warning(
                     "stream %d: upstream %s failed %s: %s",
