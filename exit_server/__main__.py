@@ -66,6 +66,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event) -> int:
     announce(
         f"exit-server: public port {server.public_port}, control port {server.control_port}",
         config.log_format,
+        "exit_server",
         public_port=server.public_port,
         control_port=server.control_port,
         admin_port=server.admin_port,

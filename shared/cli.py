@@ -128,11 +128,13 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def announce(text: str, fmt: str, **fields: object) -> None:
+def announce(text: str, fmt: str, logger: str, **fields: object) -> None:
     """A start-up line on stdout (ports chosen, ...): plain text, or one JSON object in JSON
-    log mode, so that a JSON log pipeline sees no plain line."""
+    log mode with the keys every JSON log line has, so that a JSON log pipeline sees no plain
+    line and no line without a logger."""
     if fmt == "json":
-        print(json.dumps({"time": rfc3339(time.time()), "level": "INFO", "message": text, **fields}), flush=True)
+        line = {"time": rfc3339(time.time()), "level": "INFO", "logger": logger, "message": text, **fields}
+        print(json.dumps(line), flush=True)
     else:
         print(text, flush=True)
 
