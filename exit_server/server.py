@@ -216,7 +216,27 @@ class ExitServer:
                 log.warning("exit server: drain timeout while closing public connections")
         for conn in list(self.control.connections):
             conn.goaway(GoAwayCode.SHUTDOWN, "exit server shutting down")
-        await self.close()
+        await self.close(deadline)
+
+    async def _close_sessions(self, deadline: float | None) -> None:
+        """Close every tunnel session at once, not one after another (issue 24 item 6: five
+        frozen clients made a 5 s drain take 11 s, each close waiting out its own timeout)."""
+        conns = list(self.control.connections)
+        if not conns:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        budget = SESSION_CLOSE_TIMEOUT if deadline is None else deadline - now
+        budget = min(SESSION_CLOSE_TIMEOUT, max(MIN_SESSION_CLOSE, budget))
+        closing = [loop.create_task(conn.close(1001, "server shutting down")) for conn in conns]
+        _, pending = await asyncio.wait(closing, timeout=budget)
+        if pending:
+            log.warning("exit server: %d tunnel sessions did not close in time; aborting them", len(pending))
+            for conn in conns:
+                conn.abort()
+            for task in pending:
+                task.cancel()
+        await asyncio.gather(*closing, return_exceptions=True)
 
     async def _wait_drained(self, deadline: float) -> bool:
         """Wait until no request or TCP connection is in flight, or until ``deadline`` (loop
@@ -230,13 +250,18 @@ class ExitServer:
             log.warning("exit server: drain timeout with %d requests in flight", self.public.in_flight)
             return False
 
-    async def close(self) -> None:
-        """Close everything now (in-flight requests are cut)."""
+    async def close(self, deadline: float | None = None) -> None:
+        """Close everything now (in-flight requests are cut).
+
+        Args:
+            deadline: loop time by which every tunnel session must be closed (default: now
+                plus the WebSocket close timeout); sessions whose peers do not complete the
+                close handshake by then (a frozen client, full buffers) are aborted.
+        """
         if self._reload_task is not None:
             self._reload_task.cancel()
             self._reload_task = None
-        for conn in list(self.control.connections):
-            await conn.close(1001, "server shutting down")
+        await self._close_sessions(deadline)
         await self.tcp.close()
         if self._ws_server is not None:
             self._ws_server.close()
@@ -254,6 +279,12 @@ class ExitServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+#: Longest wait for tunnel peers to complete the WebSocket close handshake at shutdown.
+SESSION_CLOSE_TIMEOUT = 2.0
+#: Shortest: even past the drain deadline, a live peer gets this long to receive the close.
+MIN_SESSION_CLOSE = 0.2
 
 
 def _bound_port(sockets: list[socket.socket] | tuple[socket.socket, ...] | None) -> int:

@@ -11,17 +11,19 @@ with full-jitter backoff; streams are served by the :class:`Forwarder`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from shared.aio.connection import TunnelConnection, TunnelStream, ws_limits
@@ -134,7 +136,7 @@ class ServerLink:
         if self.address:  # connect to this resolved address; TLS still checks the URL's name
             options["host"] = self.address
         try:
-            ws = await connect(
+            ws = await self._connect_unless_stopped(
                 self.url,
                 ssl=ssl_ctx,
                 additional_headers=headers,
@@ -148,6 +150,8 @@ class ServerLink:
                 ),
                 **options,
             )
+            if ws is None:
+                return "stopped"  # a stop arrived while connecting: never register after it
         except InvalidStatus as exc:
             status = exc.response.status_code
             what = "token refused (401)" if status == 401 else f"HTTP {status}"
@@ -241,6 +245,34 @@ class ServerLink:
             conn.close_reason or "closed",
         )
         return "established" if established else "failed"
+
+    async def _connect_unless_stopped(self, url: str, **kwargs: Any) -> ClientConnection | None:
+        """``connect()``, raced against the client's stop: a stop (SIGTERM) while the TCP, TLS or
+        WebSocket handshake is in flight cancels it, and a connection that completes as the stop
+        arrives is closed unused. None when stopped (issue 24 item 5: a client stopped while
+        connecting registered after the drain had begun and never exited)."""
+        stop = self.client._stop
+        if stop.is_set():
+            return None
+        dial = asyncio.ensure_future(connect(url, **kwargs))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({dial, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            dial.cancel()  # the session task itself was cancelled: no orphan handshake
+            raise
+        finally:
+            stopped.cancel()
+        if not stop.is_set():
+            return dial.result()  # raises what connect() raised
+        if not dial.done():
+            dial.cancel()
+            with contextlib.suppress(BaseException):
+                await dial
+            return None
+        if dial.exception() is None:
+            await dial.result().close(1001, "client shutting down")
+        return None
 
     async def drain(self, timeout: float) -> None:
         """Go away on the current session and wait for its streams."""
