@@ -244,12 +244,16 @@ class AccessRules:
             return head
         return replace(head, headers=tuple(h for h in head.headers if h[0].lower() != "authorization"))
 
-    async def check(self, request: web.BaseRequest, host: str) -> web.Response | None:
-        """None when the request may go on; else the 401/403/429 response to send."""
+    async def check(self, request: web.BaseRequest, host: str, remote: str) -> web.Response | None:
+        """None when the request may go on; else the 401/403/429 response to send.
+
+        Args:
+            host: the normalized authority the request is routed on.
+            remote: the caller's address as the edge decided it (``--trusted-proxies``).
+        """
         site = self.site_for(host)
         if site is None:
             return None
-        remote = request.remote or ""
         if not site.ip_allowed(remote):
             self.denied += 1
             log.info("access: %s refused for %s (address not allowed)", host, remote or "-")

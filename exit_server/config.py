@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
 
-from shared.config import BaseConfig, is_loopback_host, optional_addr, parse_addr
+from shared.config import BaseConfig, is_loopback_host, optional_addr, parse_addr, split_list
+from shared.forwarding import parse_networks
 
 __all__ = ["ServerConfig"]
 
@@ -53,6 +55,9 @@ class ServerConfig(BaseConfig):
     )
     header_timeout: float = Field(10.0, gt=0, description="seconds for a public request head to arrive (408 beyond)")
     body_timeout: float = Field(15.0, gt=0, description="seconds a public request body may stay idle (408 beyond)")
+    keepalive_timeout: float = Field(
+        75.0, gt=0, description="seconds an idle public keep-alive connection is kept open (nginx's default)"
+    )
     send_timeout: float = Field(
         30.0, gt=0, description="seconds a public caller may take nothing of a response before it is dropped"
     )
@@ -74,6 +79,10 @@ class ServerConfig(BaseConfig):
     admin_token: SecretStr | None = Field(None, description="the admin API token (environment/TOML only)")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs of load balancers in front: their X-Forwarded-For/-Proto and PROXY v2 headers are believed",
+    )
 
     @field_validator("public_addr", "control_addr")
     @classmethod
@@ -82,6 +91,14 @@ class ServerConfig(BaseConfig):
         return value
 
     _admin_addr = field_validator("admin_addr")(optional_addr)
+
+    _split = field_validator("trusted_proxies", mode="before")(split_list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        parse_networks(value)
+        return value
 
     @field_validator("tcp_port_range")
     @classmethod

@@ -31,10 +31,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from shared.forwarding import TrustedProxies
+from shared.proxyproto import parse_proxy_v2
+
 __all__ = [
     "FIELD_LIMIT",
     "HEADERS_LIMIT",
     "MAX_HEADERS",
+    "SERVER",
     "REQUEST_LINE_LIMIT",
     "GuardedRequestHandler",
     "GuardedServer",
@@ -61,7 +65,10 @@ _TEXT = {
     500: "internal server error",
     501: "not implemented",
     504: "gateway timeout",
+    505: "http version not supported",
 }
+
+_VERSIONS = frozenset({(1, 0), (1, 1)})
 
 _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -69,9 +76,14 @@ _TIMEOUT_408 = (
 )
 
 
+#: ``Server`` on the exit server's own public responses: no software or version to fingerprint
+#: (aiohttp would send ``Python/3.11 aiohttp/3.x``). An upstream's own Server header passes.
+SERVER = "backhaul"
+
+
 def generic_response(status: int) -> web.Response:
     """A closing response with a fixed body that never echoes the caller's bytes."""
-    resp = web.Response(status=status, text=_TEXT.get(status, "error") + "\n")
+    resp = web.Response(status=status, text=_TEXT.get(status, "error") + "\n", headers={"Server": SERVER})
     resp.force_close()
     return resp
 
@@ -92,6 +104,8 @@ def head_problem(request: web.BaseRequest) -> int | None:
         total += len(name) + len(value) + 4
     if total > HEADERS_LIMIT:
         return 431
+    if request.version not in _VERSIONS:  # HTTP/2.0 or 0.9 on an HTTP/1 request line
+        return 505
     te = request.headers.get("Transfer-Encoding")
     if te is not None:
         if request.version < (1, 1):
@@ -114,14 +128,25 @@ async def send_and_close(request: web.BaseRequest, resp: web.StreamResponse) -> 
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's connection handler with generic error bodies, 414/431 and a header deadline."""
 
-    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+    #: The caller's address from a trusted proxy's PROXY v2 header (None: the socket peer).
+    proxied_peer: str | None = None
+
+    def __init__(
+        self, manager: web.Server, *, header_timeout: float, trusted: TrustedProxies | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started = False
+        self._trusted = trusted
+        self._proxy_bytes: bytes | None = None  # collecting a possible PROXY v2 header
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._trusted:
+            peer = transport.get_extra_info("peername")
+            if peer and self._trusted.contains(str(peer[0])):
+                self._proxy_bytes = b""  # a trusted proxy may start with a PROXY v2 header
         self._arm_head_timer(started=False)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -129,6 +154,10 @@ class GuardedRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._proxy_bytes is not None:
+            data = self._proxy_header(data)
+            if not data:
+                return
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:
@@ -145,6 +174,24 @@ class GuardedRequestHandler(RequestHandler):
             and not self._force_close
         ):
             self._arm_head_timer(started=True)  # the first bytes of a new request head
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Take a PROXY v2 header off the first bytes from a trusted peer; what follows (or
+        everything, when the peer sent plain HTTP) is returned for the HTTP parser."""
+        assert self._proxy_bytes is not None
+        data = self._proxy_bytes + data
+        try:
+            parsed = parse_proxy_v2(data)
+        except ValueError:
+            self._proxy_bytes = None  # plain HTTP from the proxy (or garbage: the parser says 400)
+            return data
+        if parsed is None:
+            self._proxy_bytes = data
+            return b""
+        consumed, source = parsed
+        self._proxy_bytes = None
+        self.proxied_peer = source
+        return data[consumed:]
 
     def _arm_head_timer(self, started: bool) -> None:
         self._head_started = started
@@ -189,12 +236,17 @@ class GuardedRequestHandler(RequestHandler):
 class GuardedServer(web.Server):
     """``web.Server`` whose connections are :class:`GuardedRequestHandler` objects."""
 
-    def __init__(self, handler: Any, *, header_timeout: float = 10.0, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: Any, *, header_timeout: float = 10.0, trusted: TrustedProxies | None = None, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("max_line_size", REQUEST_LINE_LIMIT)
         kwargs.setdefault("max_field_size", FIELD_LIMIT)
         kwargs.setdefault("max_headers", MAX_HEADERS)
         super().__init__(handler, **kwargs)
         self._header_timeout = header_timeout
+        self._trusted = trusted
 
     def __call__(self) -> RequestHandler:
-        return GuardedRequestHandler(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)
+        return GuardedRequestHandler(
+            self, loop=self._loop, header_timeout=self._header_timeout, trusted=self._trusted, **self._kwargs
+        )

@@ -90,6 +90,7 @@ class Exchange:
     bytes_out: int = 0
     rejected: str | None = None
     continue_sent: bool = False  # "100 Continue" goes out once, even when the request is retried
+    close_connection: bool = False  # answer with Connection: close (bytes after it are not HTTP)
 
     def mark_head(self) -> None:
         self.head_seconds = time.perf_counter() - self.started

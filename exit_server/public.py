@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Iterable
+from typing import NamedTuple, TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from shared.aio.connection import TunnelStream
 from shared.aio.pump import Endpoint, RawFeeder, pump, set_keepalive
 from shared.errors import LocalProtocolError, SessionClosed, StreamReset, TooManyStreams, TunnelError
+from shared.forwarding import TrustedProxies, forwarded_element
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
-from shared.httputil import HOP_BY_HOP, append_forwarded, forwarded_headers, strip_hop_by_hop
+from shared.httputil import EDGE_OWNED, HOP_BY_HOP, append_forwarded, strip_hop_by_hop
 from shared.routing import normalize_host
 
 from .access import AccessRules
 from .config import ServerConfig
-from .httpguard import generic_response, head_problem, send_and_close
+from .httpguard import SERVER, generic_response, head_problem, send_and_close
 from .observe import Exchange, LogThrottle, Metrics, request_id
 from .routes import Registry, Tunnel
 
@@ -67,7 +68,9 @@ _TEXT = {
 
 def error_response(status: int, retry_after: int | None = None) -> web.Response:
     """A short generic error body that never echoes the caller's bytes."""
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    headers = {"Server": SERVER}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     return web.Response(status=status, text=_TEXT.get(status, "error") + "\n", headers=headers)
 
 
@@ -75,6 +78,7 @@ class PublicHandler:
     """aiohttp low-level handler for every public request."""
 
     access: AccessRules | None = None  # --access rules, checked before a stream opens
+    trusted: TrustedProxies | None = None  # --trusted-proxies
 
     def __init__(self, config: ServerConfig, registry: Registry, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -92,17 +96,12 @@ class PublicHandler:
             self._loop = asyncio.get_running_loop()  # kept: each call is a getpid() on 3.11
         self.in_flight += 1
         self.requests += 1
-        ex = Exchange(
-            request_id(request.headers.get("X-Request-Id")),
-            request.method,
-            request.host,
-            request.path,
-            request.remote or "",
-        )
+        peer = self.peer_of(request)
+        ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, "", request.path, peer)
         try:
-            resp = await self._handle(request, ex)
+            resp = await self._handle(request, ex, peer)
             ex.status = resp.status
-            if self.draining and not resp.prepared:
+            if (self.draining or ex.close_connection) and not resp.prepared:
                 resp.force_close()
             return resp
         except asyncio.CancelledError:
@@ -116,13 +115,28 @@ class PublicHandler:
         ex.rejected = reason
         return error_response(status, retry_after)
 
-    async def _handle(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
-        problem = head_problem(request)  # total header size, transfer codings (exit_server/httpguard.py)
+    def peer_of(self, request: web.BaseRequest) -> str:
+        """The address a request came from: the socket peer, or the source a trusted proxy's
+        PROXY protocol header named (exit_server/httpguard.py)."""
+        named = getattr(request.protocol, "proxied_peer", None)
+        return named if named is not None else request.remote or ""
+
+    async def _handle(self, request: web.BaseRequest, ex: Exchange, peer: str) -> web.StreamResponse:
+        authority = routed_authority(request)
+        ex.host = authority
+        problem = head_problem(request)  # version, header size, transfer codings (exit_server/httpguard.py)
         if problem is not None:
             ex.rejected = "bad_request"
+            if problem == 505:
+                # aiohttp writes the status line with the request's version (a reified
+                # property): it must not answer "HTTP/2.0 505" on an HTTP/1 connection.
+                request._cache["version"] = HttpVersion11
             return generic_response(problem)
-        host = normalize_host(request.host)
-        if self.access is not None and (denied := await self.access.check(request, host)) is not None:
+        host = normalize_host(authority)
+        trusted = self.trusted if self.trusted and self.trusted.contains(peer) else None
+        edge = Edge(ex.request_id, peer, self.config.public_scheme, authority, trusted)
+        client = peer if trusted is None else trusted.client_of(request.headers.getall("X-Forwarded-For", ()), peer)
+        if self.access is not None and (denied := await self.access.check(request, host, client)) is not None:
             ex.rejected = "access_denied"
             return denied
         ex.route, tunnel = self.registry.pick_route(host, request.path)
@@ -134,7 +148,15 @@ class PublicHandler:
         if max_body is not None and length is not None and length > max_body:
             return self._reject(ex, "body_too_large", 413)
         websocket = _is_websocket(request)
-        head = self._head(request, host, ex.request_id, websocket)
+        if not websocket and has_token(request.headers.getall("Connection", ()), "upgrade"):
+            # An upgrade we do not relay (h2c, ...): aiohttp hands every later byte on this
+            # connection to the upgrade, so a request pipelined behind it would be lost. Answer
+            # this one and close: the caller sees the close and sends the rest again.
+            ex.close_connection = True
+        if websocket and request.body_exists:  # an upgrade has no body: the upstream would wait for it
+            ex.rejected = "bad_request"
+            return generic_response(400)
+        head = self._head(request, edge, websocket)
         if self.access is not None:
             head = self.access.strip(head, host)  # credentials consumed here never go upstream
         has_body = request.body_exists and not websocket
@@ -256,17 +278,15 @@ class PublicHandler:
             log.info("%s: request head refused: %s (431)", tunnel.id, exc)
             return error_response(431)
 
-    def _head(self, request: web.BaseRequest, host: str, rid: str, websocket: bool = False) -> RequestHead:
-        peer = request.remote or ""
-        headers = _upstream_headers(request.raw_headers, rid, peer, self.config.public_scheme, request.host, websocket)
+    def _head(self, request: web.BaseRequest, edge: Edge, websocket: bool = False) -> RequestHead:
         return RequestHead(
             StreamKind.WEBSOCKET if websocket else StreamKind.HTTP,
             request.method,
             _origin_form(request),
-            request.host,
+            edge.host,
             self.config.public_scheme,
-            peer,
-            headers,
+            edge.peer,
+            _upstream_headers(request.raw_headers, edge, websocket),
         )
 
     async def _pump_body(self, request: web.BaseRequest, stream: TunnelStream, ex: Exchange) -> None:
@@ -315,12 +335,16 @@ class PublicHandler:
             body = stream.take_complete_body()
             if body is not None:  # all there already: head and body in one write
                 one = web.Response(status=status, body=body, headers=unsized)  # aiohttp sets the length
-                if self.draining:
+                if "Server" not in one.headers:
+                    one.headers["Server"] = SERVER  # else aiohttp names itself and its version
+                if self.draining or ex.close_connection:
                     one.force_close()
                 ex.bytes_out += len(body)
                 return one
         resp = web.StreamResponse(status=status, headers=kept)  # keeps order and repeats (Set-Cookie)
-        if self.draining:
+        if "Server" not in resp.headers:
+            resp.headers["Server"] = SERVER
+        if self.draining or ex.close_connection:
             resp.force_close()  # the server is going away: the caller reconnects elsewhere
         transport = request.transport
         try:
@@ -390,6 +414,8 @@ class PublicHandler:
             return await self._relay_response(request, stream, status, headers, ex)
         resp = web.StreamResponse(status=101)
         resp.headers.extend(strip_hop_by_hop(headers, keep_upgrade=True))
+        if "Server" not in resp.headers:
+            resp.headers["Server"] = SERVER
         await resp.prepare(request)
         transport = request.transport
         assert transport is not None
@@ -413,33 +439,42 @@ class PublicHandler:
 
 
 # Request header names (lower case) the fused pass of _upstream_headers acts on: dropped (hop by
-# hop, Expect, the caller's X-Request-Id), or the X-Forwarded-* it extends or respects.
-_DROP, _CONNECTION, _XFF, _XF_PROTO, _XF_HOST = range(5)
-_REQUEST_NAMES: dict[str, int | None] = {name: _DROP for name in HOP_BY_HOP | {"expect", "x-request-id"}}
-_REQUEST_NAMES.update(
-    {"connection": _CONNECTION, "x-forwarded-for": _XFF, "x-forwarded-proto": _XF_PROTO, "x-forwarded-host": _XF_HOST}
-)
+# hop, Expect, and every field the edge writes itself), the caller's X-Forwarded-For (extended)
+# and X-Forwarded-Proto (believed from a trusted proxy only).
+_DROP, _CONNECTION, _XFF, _XF_PROTO = range(4)
+_REQUEST_NAMES: dict[str, int | None] = {name: _DROP for name in HOP_BY_HOP | EDGE_OWNED | {"expect"}}
+_REQUEST_NAMES.update({"connection": _CONNECTION, "x-forwarded-for": _XFF, "x-forwarded-proto": _XF_PROTO})
 _WEBSOCKET_NAMES = dict(_REQUEST_NAMES, upgrade=None)  # Connection and Upgrade pass for a WebSocket
 _UPGRADE_NAMES = frozenset({"connection", "upgrade"})
 
 
-def _upstream_headers(
-    raw: RawHeaders, rid: str, peer: str, proto: str, host: str, websocket: bool
-) -> tuple[tuple[str, str], ...]:
+class Edge(NamedTuple):
+    """What the exit server decided about a request: the fields it writes for the upstream."""
+
+    rid: str  # X-Request-Id
+    peer: str  # the address the request came from (a PROXY header's source when trusted)
+    proto: str  # --public-scheme
+    host: str  # the authority the request was routed and checked on
+    trusted: TrustedProxies | None = None  # set when ``peer`` is a trusted proxy
+
+
+def _upstream_headers(raw: RawHeaders, edge: Edge, websocket: bool) -> tuple[tuple[str, str], ...]:
     """The request headers as the upstream gets them, in one pass over the raw ones: hop-by-hop
-    headers, Expect and the caller's X-Request-Id dropped, then ours and X-Forwarded-* added.
-    Same result as :func:`_upstream_headers_slow`, which a Connection header naming further
-    headers falls back to (they must go before X-Forwarded-* is looked at)."""
+    headers, Expect, names with ``_`` and every field the edge owns dropped, then the edge's own
+    Host, X-Request-Id and forwarding fields added. Same result as
+    :func:`_upstream_headers_slow`, which a Connection header naming further headers falls back
+    to (they must go before X-Forwarded-For is looked at)."""
     names = _WEBSOCKET_NAMES if websocket else _REQUEST_NAMES
     out: list[tuple[str, str]] = []
     chain: list[str] = []
+    proto: list[str] = []
     connection: list[str] | None = None
-    have_proto = have_host = False
     for raw_name, raw_value in raw:
         name = raw_name.decode("latin-1")
         role = names.get(name.lower())
         if role is None:
-            out.append((name, raw_value.decode("latin-1")))
+            if "_" not in name:  # X_Forwarded_For may mean X-Forwarded-For to a CGI-style upstream
+                out.append((name, raw_value.decode("latin-1")))
         elif role == _DROP:
             continue
         elif role == _CONNECTION:  # dropped unless websocket, where it passes
@@ -450,15 +485,28 @@ def _upstream_headers(
         elif role == _XFF:
             chain.append(raw_value.decode("latin-1").strip())
         else:
-            if role == _XF_PROTO:
-                have_proto = True
-            else:
-                have_host = True
-            out.append((name, raw_value.decode("latin-1")))
+            proto.append(raw_value.decode("latin-1"))
     if connection is not None and _connection_names(connection, names):
-        return _upstream_headers_slow(raw, rid, peer, proto, host, websocket)
-    out.append(("X-Request-Id", rid))
-    append_forwarded(out, chain, peer, proto if not have_proto else None, host if not have_host else None)
+        return _upstream_headers_slow(raw, edge, websocket)
+    return _edge_fields(out, chain, proto, edge)
+
+
+def _edge_fields(
+    out: list[tuple[str, str]], chain: list[str], caller_proto: list[str], edge: Edge
+) -> tuple[tuple[str, str], ...]:
+    """``out`` with the edge's fields: Host first, then X-Request-Id, X-Forwarded-For (the
+    caller's chain extended with the peer), X-Forwarded-Proto, -Host, X-Real-IP and Forwarded."""
+    client, proto = edge.peer, edge.proto
+    if edge.trusted is not None:  # a load balancer in front: believe what it wrote
+        client = edge.trusted.client_of(chain, edge.peer)
+        said = caller_proto[-1].split(",")[-1].strip().lower() if caller_proto else ""
+        if said in ("http", "https"):
+            proto = said
+    out.insert(0, ("Host", edge.host))
+    out.append(("X-Request-Id", edge.rid))
+    append_forwarded(out, chain, edge.peer, proto, edge.host)
+    out.append(("X-Real-IP", client))
+    out.append(("Forwarded", forwarded_element(client, edge.host, proto)))
     return tuple(out)
 
 
@@ -470,18 +518,25 @@ def _connection_names(values: list[str], names: dict[str, int | None]) -> bool:
             token = token.strip().lower()
             if not token or (token in _UPGRADE_NAMES if websocket else token in HOP_BY_HOP):
                 continue  # dropped anyway, or kept anyway on a WebSocket stream
-            if names.get(token) != _DROP:
+            if token not in EDGE_OWNED and "_" not in token:
                 return True
     return False
 
 
-def _upstream_headers_slow(
-    raw: RawHeaders, rid: str, peer: str, proto: str, host: str, websocket: bool
-) -> tuple[tuple[str, str], ...]:
+def _upstream_headers_slow(raw: RawHeaders, edge: Edge, websocket: bool) -> tuple[tuple[str, str], ...]:
     headers = strip_hop_by_hop([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw], keep_upgrade=websocket)
-    headers = [(k, v) for k, v in headers if k.lower() not in ("expect", "x-request-id")]
-    headers.append(("X-Request-Id", rid))
-    return tuple(forwarded_headers(headers, peer, proto, host))
+    out: list[tuple[str, str]] = []
+    chain: list[str] = []
+    proto: list[str] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "x-forwarded-for":
+            chain.append(value.strip())
+        elif lower == "x-forwarded-proto":
+            proto.append(value)
+        elif lower not in EDGE_OWNED and lower != "expect" and "_" not in name:
+            out.append((name, value))
+    return _edge_fields(out, chain, proto, edge)
 
 
 def _reply_headers(headers: tuple[tuple[str, str], ...]) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
@@ -516,10 +571,29 @@ def _origin_form(request: web.BaseRequest) -> str:
     return url.raw_path + (f"?{url.raw_query_string}" if url.raw_query_string else "")
 
 
+def routed_authority(request: web.BaseRequest) -> str:
+    """The authority a request is routed, checked, logged and forwarded on: an absolute-form
+    target's (RFC 9112 section 3.2.2: the recipient ignores Host then), else the Host header."""
+    target = request.raw_path
+    if not target.startswith("/") and "://" in target:
+        authority = target.partition("://")[2]
+        for stop in "/?#":
+            authority = authority.partition(stop)[0]
+        authority = authority.rpartition("@")[2]  # userinfo is not part of the host
+        if authority:
+            return authority
+    return request.headers.get("Host", "")
+
+
 def _is_websocket(request: web.BaseRequest) -> bool:
-    if request.method != "GET" or request.headers.get("Upgrade", "").lower() != "websocket":
+    if request.method != "GET" or request.headers.get("Upgrade", "").strip().lower() != "websocket":
         return False
-    return "upgrade" in request.headers.get("Connection", "").lower()
+    return has_token(request.headers.getall("Connection", ()), "upgrade")
+
+
+def has_token(values: Iterable[str], token: str) -> bool:
+    """Whether comma-separated header ``values`` hold ``token`` (case-insensitive, RFC 9110 5.6.1)."""
+    return any(part.strip().lower() == token for value in values for part in value.split(","))
 
 
 def _abort(request: web.BaseRequest) -> None:

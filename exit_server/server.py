@@ -22,6 +22,7 @@ from shared.aio.tls import server_context
 from shared.aio.wsfast import TunnelServerConnection
 from shared.config import parse_addr, read_secret
 from shared.errors import ConfigError
+from shared.forwarding import TrustedProxies, parse_networks
 from shared.frames import GoAwayCode
 from shared.procmetrics import register_process_metrics
 
@@ -64,6 +65,8 @@ class ExitServer:
         self.public = PublicHandler(config, self.registry, self.metrics)
         self.access = AccessRules(config.access) if config.access is not None else None
         self.public.access = self.access
+        if config.trusted_proxies:
+            self.public.trusted = TrustedProxies(parse_networks(config.trusted_proxies))
         reloadable: list[Reloadable] = [x for x in (auth, self.access) if isinstance(x, TokenRegistry | AccessRules)]
         self.reloader = Reloader(reloadable, self._credentials_changed)
         self._reload_task: asyncio.Task[None] | None = None
@@ -121,8 +124,13 @@ class ExitServer:
             )
         self.control_port = _bound_port(self._ws_server.sockets)
         server = GuardedServer(
-            self.public, handler_cancellation=True, access_log=None, header_timeout=cfg.header_timeout
-        )  # 414/431/408, generic error bodies
+            self.public,
+            handler_cancellation=True,
+            access_log=None,
+            header_timeout=cfg.header_timeout,
+            keepalive_timeout=cfg.keepalive_timeout,  # aiohttp's own default is 3,630 s
+            trusted=self.public.trusted,
+        )  # 414/431/408, generic error bodies, PROXY v2 from --trusted-proxies
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.drain_timeout)
         await self._runner.setup()
         phost, pport = parse_addr(cfg.public_addr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["HOP_BY_HOP", "append_forwarded", "forwarded_headers", "strip_hop_by_hop"]
+__all__ = ["EDGE_OWNED", "HOP_BY_HOP", "append_forwarded", "forwarded_headers", "strip_hop_by_hop"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -18,6 +18,25 @@ HOP_BY_HOP = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
+    }
+)
+#: Request fields the exit server writes itself (issue 15 items 1-3): whatever the caller sent
+#: under these names is dropped, and a ``Connection`` header naming them removes nothing.
+EDGE_OWNED = frozenset(
+    {
+        "host",
+        "x-request-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-ssl",
+        "front-end-https",
+        "x-url-scheme",
+        "x-real-ip",
+        "forwarded",
     }
 )
 _UPGRADE = frozenset({"upgrade", "connection"})
@@ -44,6 +63,7 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], keep_upgrade: bool = Fa
         return out
     named = {token.strip().lower() for value in connection for token in value.split(",") if token.strip()}
     named -= drop
+    named -= EDGE_OWNED  # Connection never removes Host or the forwarding fields (RFC 9110 7.6.1)
     if keep_upgrade:
         named -= _UPGRADE
     if not named:

@@ -215,7 +215,8 @@ class Forwarder:
         reader, writer = conn
         try:
             lines = [f"{head.method} {target} HTTP/1.1"]  # every part checked by the guard
-            lines += [f"{name}: {value}" for name, value in strip_hop_by_hop(head.headers, keep_upgrade=True)]
+            headers = _routed(strip_hop_by_hop(head.headers, keep_upgrade=True), head.authority)
+            lines += [f"{name}: {value}" for name, value in headers]
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             try:
                 async with asyncio.timeout(self.connect_timeout * 6):
@@ -241,7 +242,7 @@ class Forwarder:
         head = stream.head
         assert head is not None
         record: AuditRecord = stream.info["audit"]
-        headers = strip_hop_by_hop(head.headers)
+        headers = _routed(strip_hop_by_hop(head.headers), head.authority)
         body: bytes | None = None
         body_stream: AsyncIterator[bytes | memoryview] | None = None
         if not stream.at_eof:
@@ -257,7 +258,7 @@ class Forwarder:
         upload: asyncio.Task[None] | None = None
         try:
             conn, upload = await exchange(
-                pool, upstream.address, head.method, target, headers, upstream.netloc, body, body_stream, framed
+                pool, upstream.address, head.method, target, headers, head.authority, body, body_stream, framed
             )
             try:
                 _reply(stream, ResponseHead(conn.status, tuple(strip_hop_by_hop(conn.headers()))))
@@ -385,3 +386,11 @@ def _counted(stream: TunnelStream, endpoint: Endpoint) -> Endpoint:
         await endpoint.send(data)
 
     return Endpoint(recv, send, endpoint.close_send, endpoint.abort)
+
+
+def _routed(headers: list[tuple[str, str]], authority: str) -> list[tuple[str, str]]:
+    """``headers`` with Host set to the authority the stream was routed on (issue 15 items 1-2:
+    never a Host the caller wrote beside another target, never the upstream's own address)."""
+    out = [("Host", authority)]
+    out.extend(pair for pair in headers if pair[0].lower() != "host")
+    return out

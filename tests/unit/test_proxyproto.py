@@ -42,3 +42,36 @@ def test_split_hostport(value: str, parsed: tuple[str, int]) -> None:
 def test_split_hostport_errors(value: str) -> None:
     with pytest.raises(ValueError):
         split_hostport(value)
+
+
+def test_parse_round_trips_and_waits_for_more() -> None:
+    from shared.proxyproto import parse_proxy_v2
+
+    for source, expected in (("192.0.2.1:56324", "192.0.2.1"), ("[2001:db8::1]:1", "2001:db8::1")):
+        header = proxy_v2_header(source, "198.51.100.2:443")
+        for cut in range(len(header)):
+            assert parse_proxy_v2(header[:cut]) is None
+        assert parse_proxy_v2(header + b"GET /") == (len(header), expected)
+    mixed = proxy_v2_header("192.0.2.1:1", "[::1]:2")  # IPv4-mapped: reported as IPv4
+    assert parse_proxy_v2(mixed) == (len(mixed), "192.0.2.1")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        SIGNATURE + bytes.fromhex("31 11 000c") + bytes(12),  # version 3
+        SIGNATURE + bytes.fromhex("21 11 ffff"),  # longer than accepted
+    ],
+)
+def test_parse_refuses(data: bytes) -> None:
+    from shared.proxyproto import parse_proxy_v2
+
+    with pytest.raises(ValueError):
+        parse_proxy_v2(data)
+
+
+def test_parse_local_command() -> None:
+    from shared.proxyproto import parse_proxy_v2
+
+    assert parse_proxy_v2(SIGNATURE + bytes.fromhex("20 00 0000")) == (16, None)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exit_server.public import _reply_headers, _upstream_headers, _upstream_headers_slow
-from shared.httputil import strip_hop_by_hop
+from exit_server.public import Edge, _reply_headers, _upstream_headers, _upstream_headers_slow
+from shared.forwarding import TrustedProxies, parse_networks
+from shared.httputil import EDGE_OWNED, strip_hop_by_hop
 
 names = st.sampled_from(
     [
@@ -52,14 +53,33 @@ tokens = st.lists(
 headers = st.lists(st.tuples(names, st.one_of(st.sampled_from(["1", " 10.0.0.1 ", "", "a, b"]), tokens)), max_size=10)
 
 
-@given(headers, st.booleans(), st.sampled_from(["", "127.0.0.1"]), st.sampled_from(["", "a.example:80"]))
+@given(
+    headers,
+    st.booleans(),
+    st.sampled_from(["", "127.0.0.1"]),
+    st.sampled_from(["", "a.example:80"]),
+    st.booleans(),
+)
 def test_upstream_headers_match_the_general_path(
-    pairs: list[tuple[str, str]], websocket: bool, peer: str, host: str
+    pairs: list[tuple[str, str]], websocket: bool, peer: str, host: str, trusted: bool
 ) -> None:
     raw = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in pairs)
-    assert _upstream_headers(raw, "rid", peer, "https", host, websocket) == _upstream_headers_slow(
-        raw, "rid", peer, "https", host, websocket
+    edge = Edge("rid", peer, "https", host, TrustedProxies(parse_networks(["127.0.0.0/8"])) if trusted else None)
+    assert _upstream_headers(raw, edge, websocket) == _upstream_headers_slow(raw, edge, websocket)
+
+
+@given(headers, st.booleans())
+def test_the_edge_owns_host_and_forwarding_fields(pairs: list[tuple[str, str]], websocket: bool) -> None:
+    raw = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in pairs)
+    out = _upstream_headers(raw, Edge("rid", "192.0.2.7", "https", "a.example"), websocket)
+    owned = [(name.lower(), value) for name, value in out if name.lower() in EDGE_OWNED]
+    assert out[0] == ("Host", "a.example")
+    assert sorted(name for name, _ in owned) == sorted(
+        ["host", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded"]
     )
+    assert ("x-real-ip", "192.0.2.7") in owned and ("x-forwarded-proto", "https") in owned
+    assert dict(owned)["x-forwarded-for"].endswith("192.0.2.7")
+    assert not any("_" in name for name, _ in out)
 
 
 @given(headers)
