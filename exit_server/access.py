@@ -40,7 +40,7 @@ from shared.errors import ConfigError
 from shared.heads import RequestHead
 
 from .hashing import HashFormatError, parse_hash, verify_secret, waste_time
-from .limits import FailureLimiter
+from .limits import FailureLimiter, SourceGate
 from .tokens import validate_pattern
 
 __all__ = ["AccessRules", "Site", "load_sites"]
@@ -183,6 +183,7 @@ class AccessRules:
     def __init__(self, path: Path, limiter: FailureLimiter | None = None) -> None:
         self.path = path
         self.limiter = limiter or FailureLimiter()
+        self.gate = SourceGate()
         self._key = secrets.token_bytes(32)
         self._exact: dict[str, Site] = {}
         self._wild: dict[str, Site] = {}
@@ -260,15 +261,18 @@ class AccessRules:
             return _deny(403)
         if not site.needs_credentials:
             return None
-        retry = self.limiter.retry_after(remote)
+        retry = self.limiter.attempt(remote)  # charged when it starts, refunded on success
         if retry is not None:
             self.denied += 1
             return _deny(429, {"Retry-After": str(retry)})
         presented = request.headers.get("Authorization", "")
-        if presented and await self._verify(site, presented):
-            return None
+        if presented:
+            async with self.gate.hold(remote):  # one verification per source at a time
+                ok = await self._verify(site, presented)
+            if ok:
+                self.limiter.success(remote)
+                return None
         self.denied += 1
-        self.limiter.failure(remote)
         log.info(
             "access: %s refused for %s (%s)",
             host,

@@ -21,7 +21,7 @@ from shared.messages import PROTOCOL_VERSION, Error, Hello, Routes, Welcome
 from shared.mux import Role, Session, SessionState
 
 from .config import ServerConfig
-from .limits import FailureLimiter
+from .limits import FailureLimiter, SourceGate
 from .observe import Metrics
 from .routes import Registry, Tunnel
 from .tcp import TcpListeners
@@ -69,6 +69,7 @@ class ControlEndpoint:
         self.connections: set[TunnelConnection] = set()
         self.auth_failures = 0
         self.limiter = FailureLimiter()  # failed tokens per source: 10, then 1/s (429 beyond)
+        self.gate = SourceGate()
         self.principals: dict[TunnelConnection, Principal] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -78,7 +79,7 @@ class ControlEndpoint:
         remote = _peer(connection)
         if self.draining:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-        retry = self.limiter.retry_after(remote)
+        retry = self.limiter.attempt(remote)  # charged now, refunded on success
         if retry is not None:
             log.debug("control: too many failed authentications from %s (429)", remote)  # no log flood
             response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many requests\n")
@@ -87,11 +88,13 @@ class ControlEndpoint:
         token = _bearer(request)
         result = self.auth(token) if token else None
         if inspect.isawaitable(result):
-            result = await result
+            async with self.gate.hold(remote):  # one verification per source at a time
+                result = await result
         principal = Principal(result) if isinstance(result, str) else result
         client_id = principal.client_id if principal is not None else None
-        if client_id is None:
-            self.limiter.failure(remote)
+        if client_id is not None:
+            self.limiter.success(remote)
+        else:
             self.auth_failures += 1
             self.metrics.auth_failures.inc()
             log.warning(

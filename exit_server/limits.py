@@ -5,17 +5,25 @@ seconds. While the bucket is empty every attempt from that source (even a correc
 answered 429 with ``Retry-After``, so guessing cannot go faster than ``rate`` per second per
 address. IPv6 sources are grouped by /64 (one host usually owns a whole /64). Memory is bounded:
 full buckets are forgotten, and past ``max_sources`` the oldest entries are dropped.
+
+An attempt is charged when it *starts* (:meth:`FailureLimiter.attempt`) and refunded when it
+succeeds, so concurrent wrong guesses cannot all pass the check while the first ones are still
+being verified (issue 15 item 5: 60 concurrent guesses were all evaluated). :class:`SourceGate`
+lets one verification per source run at a time, so one address's flood cannot fill the shared
+verification slots and make clients from other addresses wait.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
-__all__ = ["FailureLimiter", "source_key"]
+__all__ = ["FailureLimiter", "SourceGate", "source_key"]
 
 
 def source_key(address: str) -> str:
@@ -70,6 +78,32 @@ class FailureLimiter:
             return None
         return max(1, math.ceil((1.0 - tokens) / self.rate))
 
+    def attempt(self, address: str) -> int | None:
+        """Charge one attempt from ``address`` now: None when it may go on (call
+        :meth:`success` if it succeeds), else the seconds to wait (nothing charged)."""
+        key = source_key(address)
+        now = self.clock()
+        tokens = self._tokens(key, now)
+        if tokens < 1.0:
+            return max(1, math.ceil((1.0 - tokens) / self.rate))
+        self._buckets[key] = (tokens - 1.0, now)
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+        return None
+
+    def success(self, address: str) -> None:
+        """Refund the attempt :meth:`attempt` charged: it succeeded."""
+        key = source_key(address)
+        entry = self._buckets.get(key)
+        if entry is None:
+            return
+        tokens = min(self.burst, entry[0] + 1.0)
+        if tokens >= self.burst:
+            del self._buckets[key]
+        else:
+            self._buckets[key] = (tokens, entry[1])
+
     def failure(self, address: str) -> None:
         """Record one failed attempt from ``address``."""
         key = source_key(address)
@@ -79,3 +113,28 @@ class FailureLimiter:
         self._buckets.move_to_end(key)
         while len(self._buckets) > self.max_sources:
             self._buckets.popitem(last=False)
+
+
+class SourceGate:
+    """At most one verification in flight per source (IPv4 address or IPv6 /64); the others
+    from that source wait their turn, sources never wait for each other."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, address: str) -> AsyncIterator[None]:
+        key = source_key(address)
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)

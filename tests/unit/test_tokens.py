@@ -217,3 +217,44 @@ def test_world_readable_file_warns(tmp_path: Path, caplog: pytest.LogCaptureFixt
     os.chmod(path, 0o644)
     TokenRegistry(path)
     assert any("chmod 600" in r.getMessage() for r in caplog.records)
+
+
+def test_attempts_are_charged_when_they_start() -> None:
+    """Concurrent attempts cannot all pass the check before the first failure is recorded:
+    each start takes a token; a success gives it back."""
+    now = [0.0]
+    limiter = FailureLimiter(burst=10, rate=1.0, clock=lambda: now[0])
+    started = [limiter.attempt("10.0.0.1") for _ in range(60)]  # 60 verifications in flight
+    assert started.count(None) == 10 and all(r == 1 for r in started[10:])
+    assert limiter.attempt("10.0.0.2") is None  # another source is not affected
+    limiter.success("10.0.0.2")
+    assert "10.0.0.2" not in limiter._buckets  # refunded: forgotten
+    limiter.success("10.0.0.1")  # one of the ten succeeded: one more may start
+    assert limiter.attempt("10.0.0.1") is None
+    assert limiter.attempt("10.0.0.1") == 1
+
+
+@pytest.mark.asyncio
+async def test_source_gate_serialises_per_source_only() -> None:
+    import asyncio
+
+    from exit_server.limits import SourceGate
+
+    gate = SourceGate()
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def verify(source: str, name: str) -> None:
+        async with gate.hold(source):
+            order.append(name)
+            await release.wait()
+
+    first = asyncio.create_task(verify("10.0.0.1", "a1"))
+    second = asyncio.create_task(verify("10.0.0.1", "a2"))
+    other = asyncio.create_task(verify("10.0.0.2", "b1"))
+    for _ in range(5):
+        await asyncio.sleep(0)  # let each task run to its lock (no timing involved)
+    assert order == ["a1", "b1"]  # a2 waits for a1; b1 waits for nobody
+    release.set()
+    await asyncio.gather(first, second, other)
+    assert order == ["a1", "b1", "a2"] and not gate._locks
