@@ -55,6 +55,17 @@ class ServerConfig(BaseConfig):
     )
     header_timeout: float = Field(10.0, gt=0, description="seconds for a public request head to arrive (408 beyond)")
     body_timeout: float = Field(15.0, gt=0, description="seconds a public request body may stay idle (408 beyond)")
+    body_min_rate: float = Field(
+        1024.0,
+        ge=0,
+        description="bytes/s a request body must average after its first --body-timeout seconds (408 below; 0: off)",
+    )
+    max_streams_per_caller: int = Field(
+        256, ge=0, description="concurrent requests from one caller address or IPv6 /64 (429 beyond; 0: no limit)"
+    )
+    max_routes_per_client: int = Field(
+        1000, ge=1, description="distinct routes one client id may serve over all its sessions (refused beyond)"
+    )
     keepalive_timeout: float = Field(
         75.0, gt=0, description="seconds an idle public keep-alive connection is kept open (nginx's default)"
     )

@@ -27,6 +27,8 @@ access_log = logging.getLogger("backhaul.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNROUTED = "unrouted"
+#: The ``host`` label of exchanges on routes past ``Metrics.max_series``.
+OTHER = "other"
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -101,10 +103,11 @@ class _RouteMetrics:
     series appears on first use, as with ``labels()`` at the call site, so /metrics shows no
     new zero series."""
 
-    __slots__ = ("host", "codes", "duration", "head", "bytes_in", "bytes_out", "totals")
+    __slots__ = ("host", "codes", "duration", "head", "bytes_in", "bytes_out", "totals", "last")
 
     def __init__(self, host: str, totals: list[float]) -> None:
         self.host = host
+        self.last = 0.0  # perf_counter() of the last exchange recorded
         self.codes: dict[int, int] = {}  # status // 100 -> requests
         self.duration = PlainHistogram(_BUCKETS)  # observed for every exchange
         self.head: PlainHistogram | None = None
@@ -121,6 +124,7 @@ class _ExchangeCollector(Collector):
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        self.metrics.prune()
         routes = list(self.metrics._routes.values())
         requests = CounterMetricFamily(
             "backhaul_http_requests", "Public requests by route and status class", labels=["host", "code"]
@@ -181,7 +185,14 @@ class Metrics:
     """The exit server's Prometheus metrics, in a registry of its own (several servers can
     live in one process, as in the tests)."""
 
+    #: Most route series (``host`` label values) kept; exchanges on further routes are counted
+    #: under ``host="other"`` (issue 15 item 8: every name ever registered kept its series).
+    max_series = 1000
+    #: A route no session serves any more keeps its series this long after its last request.
+    series_ttl = 600.0
+
     def __init__(self, registry: Registry) -> None:
+        self._tunnels = registry
         self.registry = CollectorRegistry()
         r = self.registry
         r.register(_ExchangeCollector(self))  # requests, durations, bytes, rejections
@@ -200,8 +211,21 @@ class Metrics:
         self._routes: dict[str, _RouteMetrics] = {}
         self._rejected: dict[str, int] = {}
 
+    def prune(self) -> None:
+        """Drop the series of routes no session serves that saw no request for ``series_ttl``."""
+        cutoff = time.perf_counter() - self.series_ttl
+        stale = [host for host, route in self._routes.items() if route.last < cutoff]
+        if not stale:
+            return
+        served = {pattern for pattern, _ in self._tunnels.table.keys()} | {OTHER, UNROUTED}
+        for host in stale:
+            if host not in served:
+                del self._routes[host]
+                self._hosts.pop(host, None)
+
     def host_stats(self) -> dict[str, dict[str, float]]:
         """Cumulative totals per route pattern (the dashboard differentiates them)."""
+        self.prune()
         return {host: {"requests": v[0], "errors": v[1], "seconds": v[2]} for host, v in self._hosts.items()}
 
     def registered(self, client_id: str, instance_id: str) -> None:
@@ -216,9 +240,15 @@ class Metrics:
 
     def finish(self, ex: Exchange) -> None:
         """Record a finished exchange: metrics and one access-log line."""
-        total = time.perf_counter() - ex.started
+        now = time.perf_counter()
+        total = now - ex.started
         host = ex.route
         route = self._routes.get(host)
+        if route is None and len(self._routes) >= self.max_series:
+            self.prune()
+            if len(self._routes) >= self.max_series:
+                host = OTHER
+                route = self._routes.get(host)
         if route is None:
             totals = self._hosts.get(host)
             if totals is None:
@@ -239,6 +269,7 @@ class Metrics:
             route.bytes_out = (route.bytes_out or 0) + ex.bytes_out
         if ex.rejected:
             self._rejected[ex.rejected] = self._rejected.get(ex.rejected, 0) + 1
+        route.last = now
         totals = route.totals
         totals[0] += 1
         totals[1] += status >= 500

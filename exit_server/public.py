@@ -26,6 +26,7 @@ from shared.routing import normalize_host
 from .access import AccessRules
 from .config import ServerConfig
 from .httpguard import SERVER, generic_response, head_problem, send_and_close
+from .limits import source_key
 from .observe import Exchange, LogThrottle, Metrics, request_id
 from .routes import Registry, Tunnel
 
@@ -60,6 +61,7 @@ _TEXT = {
     403: "forbidden",
     408: "request timeout",
     413: "request body too large",
+    429: "too many requests from this address",
     502: "bad gateway",
     503: "no tunnel available for this host",
     504: "gateway timeout",
@@ -88,6 +90,7 @@ class PublicHandler:
         self.in_flight = 0
         self.requests = 0
         self._limit_log = LogThrottle()  # one stream-limit line per tunnel per 10 s
+        self._per_caller: dict[str, int] = {}  # requests in flight per caller (source_key)
 
     _loop: asyncio.AbstractEventLoop
 
@@ -147,6 +150,30 @@ class PublicHandler:
         length = request.content_length
         if max_body is not None and length is not None and length > max_body:
             return self._reject(ex, "body_too_large", 413)
+        cap = self.config.max_streams_per_caller
+        if not cap:
+            return await self._routed(request, ex, tunnel, edge, host)
+        key = source_key(client)
+        held = self._per_caller.get(key, 0)
+        if held >= cap:
+            held_log = self._limit_log.allow(f"caller {key}", self._loop.time())
+            if held_log is not None:
+                log.warning("public: caller %s has %d requests in flight (429)", key, held)
+            return self._reject(ex, "caller_limit", 429, retry_after=1)
+        self._per_caller[key] = held + 1
+        try:
+            return await self._routed(request, ex, tunnel, edge, host)
+        finally:
+            left = self._per_caller[key] - 1
+            if left:
+                self._per_caller[key] = left
+            else:
+                del self._per_caller[key]
+
+    async def _routed(
+        self, request: web.BaseRequest, ex: Exchange, tunnel: Tunnel, edge: Edge, host: str
+    ) -> web.StreamResponse:
+        """Open a stream for a request that passed every check and relay the exchange."""
         websocket = _is_websocket(request)
         if not websocket and has_token(request.headers.getall("Connection", ()), "upgrade"):
             # An upgrade we do not relay (h2c, ...): aiohttp hands every later byte on this
@@ -294,14 +321,26 @@ class PublicHandler:
             ex.continue_sent = True
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         max_body = self.config.max_body
+        idle = self.config.body_timeout
+        rate = self.config.body_min_rate
         total = 0
         content = request.content
+        started = self._loop.time()
         try:
             while True:
+                # Idle at most --body-timeout, and on average at least --body-min-rate after the
+                # first --body-timeout seconds: a byte every few seconds cannot hold a stream.
+                wait = idle if not rate else min(idle, started + idle + total / rate - self._loop.time())
                 try:
-                    chunk = await self._within(content.readany(), self.config.body_timeout)
+                    if wait <= 0:
+                        raise TimeoutError
+                    chunk = await self._within(content.readany(), wait)
                 except TimeoutError:
-                    log.info("stream %d: request body idle for %.0fs (408)", stream.id, self.config.body_timeout)
+                    log.info(
+                        "stream %d: request body %s (408)",
+                        stream.id,
+                        f"idle for {idle:.0f}s" if wait == idle else f"below {rate:.0f} bytes/s ({total} bytes)",
+                    )
                     ex.rejected = "body_timeout"
                     stream.info["status"] = 408
                     stream.reset(ResetCode.CANCEL, "request body idle")

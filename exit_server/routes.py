@@ -43,7 +43,8 @@ class Tunnel:
 class Registry:
     """Sessions by id and by client instance, and the route table over them."""
 
-    def __init__(self, tcp_ports: range = range(0)) -> None:
+    def __init__(self, tcp_ports: range = range(0), max_routes_per_client: int = 1000) -> None:
+        self.max_routes_per_client = max_routes_per_client
         self.table: RouteTable[Tunnel] = RouteTable()
         self.tunnels: dict[str, Tunnel] = {}
         self.tcp: dict[int, list[Tunnel]] = {}
@@ -69,7 +70,7 @@ class Registry:
         replaced = self._instances.get((tunnel.client_id, tunnel.instance_id))
         if replaced is not None:
             self.remove(replaced)
-        granted, refused = self._grantable(tunnel.client_id, wanted, tunnel.policy)
+        granted, refused = self._grantable(tunnel, wanted)
         tunnel.routes = granted
         granted_ports: list[TcpSpec] = []
         for spec in ports:
@@ -100,12 +101,27 @@ class Registry:
             return None
         return bind(port)
 
-    def _grantable(
-        self, client_id: str, wanted: list[RouteSpec], policy: Any = None
-    ) -> tuple[list[RouteSpec], list[RouteRefusal]]:
+    def _grantable(self, tunnel: Tunnel, wanted: list[RouteSpec]) -> tuple[list[RouteSpec], list[RouteRefusal]]:
+        client_id, policy = tunnel.client_id, tunnel.policy
         granted: list[RouteSpec] = []
         refused: list[RouteRefusal] = []
+        # Distinct routes the client id serves on its other sessions: a tenant granted
+        # *.x.test cannot register names without end (issue 15 item 8).
+        held = {
+            (r.host, r.path_prefix)
+            for t in self.tunnels.values()
+            if t.client_id == client_id and t is not tunnel
+            for r in t.routes
+        }
         for route in wanted:
+            if (route.host, route.path_prefix) not in held and len(held) >= self.max_routes_per_client:
+                refused.append(
+                    RouteRefusal(
+                        route=f"{route.host}{route.path_prefix}",
+                        reason=f"client serves {len(held)} routes already (--max-routes-per-client)",
+                    )
+                )
+                continue
             # A hostname belongs to the client id holding it under any path prefix: another
             # tenant can take neither the host nor a path below it.
             holders = self.table.host_holders(route.host)
@@ -119,12 +135,13 @@ class Registry:
                 )
             elif route not in granted:
                 granted.append(route)
+                held.add((route.host, route.path_prefix))
         return granted, refused
 
     def set_routes(self, tunnel: Tunnel, wanted: list[RouteSpec]) -> list[RouteRefusal]:
         """Replace a session's routes (health changes on the client)."""
         self._unroute(tunnel)
-        granted, refused = self._grantable(tunnel.client_id, wanted, tunnel.policy)
+        granted, refused = self._grantable(tunnel, wanted)
         tunnel.routes = granted
         if tunnel.routable:
             for route in granted:

@@ -53,7 +53,7 @@ class ExitServer:
 
     def __init__(self, config: ServerConfig, auth: Authenticator | None = None) -> None:
         self.config = config
-        self.registry = Registry(config.tcp_ports)
+        self.registry = Registry(config.tcp_ports, config.max_routes_per_client)
         if auth is None and config.tokens is not None:
             auth = TokenRegistry(config.tokens)  # per-client credentials replace the shared token
         elif auth is None:

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from .errors import RemoteProtocolError
 
 __all__ = [
+    "MAX_ROUTES",
+    "MAX_TCP",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
     "ControlMessage",
@@ -34,6 +36,13 @@ SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 
 _HOST = r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*$|^default$"
 
+
+
+#: Routes one session may announce (Hello and Routes messages): a client configured with more
+#: is refused at start (``--upstream``), the exit server refuses longer messages.
+MAX_ROUTES = 256
+#: TCP tunnels one session may ask for (``--tcp``).
+MAX_TCP = 64
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -65,8 +74,8 @@ class Hello(_Model):
     type: Literal["hello"] = "hello"
     versions: Annotated[list[int], Field(min_length=1, max_length=16)]
     instance_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
-    routes: Annotated[list[RouteSpec], Field(max_length=256)] = []
-    tcp: Annotated[list[TcpSpec], Field(max_length=64)] = []
+    routes: Annotated[list[RouteSpec], Field(max_length=MAX_ROUTES)] = []
+    tcp: Annotated[list[TcpSpec], Field(max_length=MAX_TCP)] = []
     labels: Annotated[dict[str, Annotated[str, Field(max_length=256)]], Field(max_length=32)] = {}
     max_streams: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     initial_window: Annotated[int, Field(ge=1024, le=(1 << 31) - 1)] = 256 * 1024
@@ -95,7 +104,7 @@ class Routes(_Model):
     (used when an upstream turns unhealthy or healthy again)."""
 
     type: Literal["routes"] = "routes"
-    routes: Annotated[list[RouteSpec], Field(max_length=256)] = []
+    routes: Annotated[list[RouteSpec], Field(max_length=MAX_ROUTES)] = []
 
 
 class Error(_Model):

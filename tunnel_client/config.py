@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from shared.config import BaseConfig, is_loopback_host, optional_addr, split_list, url_port
+from shared.messages import MAX_ROUTES, MAX_TCP
 
 from .guard import parse_allow_paths
 
@@ -205,13 +206,19 @@ class ClientConfig(BaseConfig):
         ports = [parse_tcp(spec).public_port for spec in value]
         if len(set(ports)) != len(ports):
             raise ValueError("a public port appears twice")
+        if len(ports) > MAX_TCP:
+            raise ValueError(f"at most {MAX_TCP} TCP tunnels per client, got {len(ports)}")
         return value
 
     @field_validator("upstream")
     @classmethod
     def _upstreams(cls, value: list[str]) -> list[str]:
+        routes = set()
         for spec in value:
-            parse_upstream(spec)
+            up = parse_upstream(spec)
+            routes.add((up.host, up.path_prefix))
+        if len(routes) > MAX_ROUTES:
+            raise ValueError(f"at most {MAX_ROUTES} routes per client, got {len(routes)} (run another client)")
         return value
 
     _admin_addr = field_validator("admin_addr")(optional_addr)

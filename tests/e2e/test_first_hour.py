@@ -166,6 +166,9 @@ def test_two_clients_with_default_admin_address(certs: Certs, busy: socket.socke
         (["--upstream", "h=http://[::1]:70000"], "--upstream"),
         (["--server", "wss://127.0.0.1:65536/tunnel"], "--server"),
         (["--admin-addr", "127.0.0.1:65536"], "--admin-addr"),
+        # issue 15 item 9: more routes than a session may announce crashed at 3d9815c (exit 0)
+        ([f"--upstream=h{i}.example=http://127.0.0.1:{8000 + i}" for i in range(300)], "--upstream"),
+        ([f"--tcp={20000 + i}=127.0.0.1:{8000 + i}" for i in range(65)], "--tcp"),
     ],
 )
 def test_client_ports_validated_at_load(certs: Certs, tmp_path: Path, args: list[str], needle: str) -> None:
@@ -174,6 +177,18 @@ def test_client_ports_validated_at_load(certs: Certs, tmp_path: Path, args: list
     )
     assert out.returncode == 2, out.stderr
     assert needle in _one_line(out)
+
+
+def test_exit_server_bad_trusted_proxies_is_one_line(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [str(BIN / "exit-server"), "run", "--insecure-plaintext", "--trusted-proxies", "10.0.0.0/8,10.0.0.0/33"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env(tmp_path, BACKHAUL_TOKEN=TOKEN),
+    )
+    assert out.returncode == 2, out.stderr
+    assert "--trusted-proxies" in _one_line(out) and "10.0.0.0/33" in _one_line(out)
 
 
 @pytest.mark.asyncio
