@@ -37,12 +37,12 @@ SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 _HOST = r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*$|^default$"
 
 
-
 #: Routes one session may announce (Hello and Routes messages): a client configured with more
 #: is refused at start (``--upstream``), the exit server refuses longer messages.
 MAX_ROUTES = 256
 #: TCP tunnels one session may ask for (``--tcp``).
 MAX_TCP = 64
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
