@@ -150,7 +150,11 @@ def load_sites(path: Path) -> list[Site]:
         raise ConfigError(f"--access: {path} is not valid TOML: {exc}") from None
     if set(data) - {"site"}:
         raise ConfigError(f"--access: unknown top-level keys {sorted(set(data) - {'site'})} in {path}")
-    raw_sites = data.get("site", [])
+    if "site" not in data:
+        # An empty or truncated file would open every protected site (issue 24 item 7): no
+        # sites takes an explicit ``site = []``.
+        raise ConfigError(f"--access: {path} has no [[site]] (an empty file is refused; write site = [] for none)")
+    raw_sites = data["site"]
     if not isinstance(raw_sites, list):
         raise ConfigError(f"--access: use [[site]] tables in {path}")
     sites: list[Site] = []

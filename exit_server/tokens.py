@@ -196,7 +196,13 @@ def load_entries(path: Path) -> dict[str, TokenEntry]:
     unknown = set(data) - {"clients"}
     if unknown:
         raise ConfigError(f"--tokens: unknown top-level keys {sorted(unknown)} in {path}")
-    clients = data.get("clients", {})
+    if "clients" not in data:
+        # An empty or truncated file (mid-rewrite, disk full) must not revoke everyone: "no
+        # clients" takes an explicit empty [clients] table (issue 24 item 7).
+        raise ConfigError(
+            f"--tokens: {path} has no [clients] table (an empty file is refused; write [clients] for no clients)"
+        )
+    clients = data["clients"]
     if not isinstance(clients, dict):
         raise ConfigError(f"--tokens: [clients] must be a table in {path}")
     entries: dict[str, TokenEntry] = {}
@@ -221,7 +227,10 @@ def _toml_str(value: str) -> str:
 def render_entries(entries: dict[str, TokenEntry]) -> str:
     lines = [
         "# Backhaul client credentials, managed with `exit-server token add|rotate|revoke|list`.",
-        "# Only salted scrypt hashes of the tokens are stored here, never a token.",
+        "# Only salted scrypt hashes of the tokens are stored here, never a token. Replace the file",
+        "# atomically (write a temporary file, then rename it); [clients] alone means no clients.",
+        "",
+        "[clients]",
         "",
     ]
     for entry in sorted(entries.values(), key=lambda e: e.client_id):

@@ -145,3 +145,19 @@ async def test_bad_access_file_is_a_config_error(certs: Certs, tmp_path: Path) -
         with pytest.raises(ConfigError, match=needle) as info:
             ExitServer(server_config(certs, access=bad, token="t" * 20))
         assert "plaintext" not in str(info.value) or needle != "hash-password"
+
+
+@pytest.mark.asyncio
+async def test_empty_access_file_keeps_the_protection(certs: Certs, tmp_path: Path) -> None:
+    """Issue 24 item 7: an empty (or mid-rewrite) file must not open every protected site."""
+    path = tmp_path / "access.toml"
+    write_access(path)
+    async with upstream(echo_app()) as up, stack(certs, access=path) as s:
+        await s.add_client([f"secure.example={up.url}"])
+        assert (await _get(s.base, "secure.example"))[0] == 401
+        path.write_text("")
+        assert s.server.reload("test") is False
+        assert (await _get(s.base, "secure.example"))[0] == 401
+        path.write_text("site = []\n")  # the explicit way to say "no rules"
+        assert s.server.reload("test") is True
+        assert (await _get(s.base, "secure.example"))[0] == 200

@@ -19,6 +19,7 @@ from exit_server.tokens import load_entries, new_entry, save_entries
 from shared.errors import ConfigError
 from shared.frames import GoAwayCode
 
+from ..waiting import wait_until
 from .helpers import TOKEN, Certs, server_config, upstream
 from .sec_helpers import echo_app, revoke, token_stack, write_tokens
 
@@ -101,6 +102,33 @@ async def test_revoked_client_is_closed_within_one_second(certs: Certs, tmp_path
         assert (await _get(s.base + "/", "acme.example"))[0] == 503
         await asyncio.sleep(1.0)  # deliberate: it keeps trying (backoff 0.2-1 s), and keeps being refused
         assert not acme.client.connected
+
+
+@pytest.mark.parametrize("content", ["", "# being rewritten\n", "[clients.acme]\n"])
+async def test_empty_or_truncated_tokens_file_keeps_the_credentials(
+    certs: Certs, tmp_path: Path, content: str
+) -> None:
+    """Issue 24 item 7: 3d9815c took an empty file for "no clients" and every tenant got 503.
+    Only an explicit empty [clients] table revokes everyone."""
+    path = tmp_path / "tokens.toml"
+    tokens = write_tokens(path, {"acme": ["acme.example"]})
+    async with upstream(echo_app()) as up, token_stack(certs, path) as s:
+        acme = await s.add_client(tokens["acme"], [f"acme.example={up.url}"])
+        path.write_text(content)
+        assert s.server.reload("test") is False  # refused: the previous credentials stay
+        assert acme.client.connected and s.server.registry.tunnels
+        assert (await _get(s.base + "/", "acme.example"))[0] == 200
+        ctx = ssl.create_default_context(cafile=str(certs.ca))
+        ws = await connect(  # a new session with the same token is still accepted
+            f"wss://localhost:{s.server.control_port}",
+            ssl=ctx,
+            additional_headers={"Authorization": f"Bearer {tokens['acme']}"},
+            logger=logging.getLogger("test.rawclient"),
+        )
+        await ws.close()
+        path.write_text("[clients]\n")  # the explicit way to say "nobody"
+        assert s.server.reload("test") is True
+        await wait_until(lambda: not s.server.registry.tunnels, 5, what="acme's session closed")
 
 
 async def test_file_change_is_picked_up_without_a_signal(certs: Certs, tmp_path: Path) -> None:
