@@ -95,7 +95,18 @@ def slow_requests(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         up_port, public, control = bl.free_port(), bl.free_port(), bl.free_port()
         bl.start_upstream(stack, up_port)
         server = bl.start_exit_server(
-            stack, certs, public, control, extra=["--max-streams", str(2 * args.requests), "--upstream-timeout", "120"]
+            stack,
+            certs,
+            public,
+            control,
+            extra=[
+                "--max-streams",
+                str(2 * args.requests),
+                "--max-streams-per-caller",
+                "0",
+                "--upstream-timeout",
+                "120",
+            ],
         )
         client = bl.start_tunnel_client(
             stack,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from shared.aio.runner import run_service
 from shared.cli import add_model_flags, announce, configure_logging, run_guarded, settings_from_args
 from shared.errors import ConfigError
+from shared.fdlimit import DescriptorAlarm, raise_nofile
 from shared.version import version
 
 from .config import ServerConfig
@@ -19,6 +21,8 @@ from .token_cli import add_commands as add_token_commands
 from .token_cli import run_command as run_token_command
 
 __all__ = ["main"]
+
+log = logging.getLogger("exit_server")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(config: ServerConfig, stop: asyncio.Event) -> int:
     from .server import ExitServer
 
+    soft, _ = raise_nofile()
     server = ExitServer(config)
     await server.start()
+    DescriptorAlarm(server.metrics.descriptors.labels("emfile").inc).install(asyncio.get_running_loop())
+    log.debug("open-file limit %d", soft)
     with contextlib.suppress(NotImplementedError, AttributeError):  # SIGHUP re-reads --tokens and --access
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.reload, "SIGHUP")
     announce(

@@ -61,7 +61,7 @@ class ServerConfig(BaseConfig):
         description="bytes/s a request body must average after its first --body-timeout seconds (408 below; 0: off)",
     )
     max_streams_per_caller: int = Field(
-        256, ge=0, description="concurrent requests from one caller address or IPv6 /64 (429 beyond; 0: no limit)"
+        1000, ge=0, description="concurrent requests from one caller address or IPv6 /64 (429 beyond; 0: no limit)"
     )
     max_routes_per_client: int = Field(
         1000, ge=1, description="distinct routes one client id may serve over all its sessions (refused beyond)"

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import typing
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -69,6 +71,11 @@ _TEXT = {
 }
 
 _VERSIONS = frozenset({(1, 0), (1, 1)})
+
+_BUSY_503 = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 12\r\nRetry-After: 1\r\nConnection: close\r\nServer: backhaul\r\n\r\nserver busy\n"
+)
 
 _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -143,6 +150,14 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        manager = self._manager
+        if isinstance(manager, GuardedServer) and len(manager.connections) > manager.max_connections:
+            # Past the descriptors left for callers: answer at once and free the descriptor,
+            # so the admin port and tunnel reconnects keep theirs (shared/fdlimit.py).
+            manager.refused()
+            typing.cast(asyncio.WriteTransport, transport).write(_BUSY_503)  # uvloop's are not subclasses
+            self.force_close()
+            return
         if self._trusted:
             peer = transport.get_extra_info("peername")
             if peer and self._trusted.contains(str(peer[0])):
@@ -237,7 +252,14 @@ class GuardedServer(web.Server):
     """``web.Server`` whose connections are :class:`GuardedRequestHandler` objects."""
 
     def __init__(
-        self, handler: Any, *, header_timeout: float = 10.0, trusted: TrustedProxies | None = None, **kwargs: Any
+        self,
+        handler: Any,
+        *,
+        header_timeout: float = 10.0,
+        trusted: TrustedProxies | None = None,
+        max_connections: int = 1 << 30,
+        on_refused: Callable[[], None] | None = None,
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("max_line_size", REQUEST_LINE_LIMIT)
         kwargs.setdefault("max_field_size", FIELD_LIMIT)
@@ -245,6 +267,21 @@ class GuardedServer(web.Server):
         super().__init__(handler, **kwargs)
         self._header_timeout = header_timeout
         self._trusted = trusted
+        self.max_connections = max_connections
+        self._on_refused = on_refused
+        self._refusal_log = 0.0
+
+    def refused(self) -> None:
+        """A connection over ``max_connections`` was answered 503: count it, log now and then."""
+        if self._on_refused is not None:
+            self._on_refused()
+        now = self._loop.time()
+        if now - self._refusal_log >= 10.0:
+            self._refusal_log = now
+            log.error(
+                "public: %d connections open, the limit left by the open-file limit: new callers get 503",
+                self.max_connections,
+            )
 
     def __call__(self) -> RequestHandler:
         return GuardedRequestHandler(

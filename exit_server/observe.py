@@ -197,6 +197,13 @@ class Metrics:
         r = self.registry
         r.register(_ExchangeCollector(self))  # requests, durations, bytes, rejections
         self.auth_failures = Counter("backhaul_auth_failures", "Failed tunnel authentications", registry=r)
+        self.descriptors = Counter(
+            "backhaul_descriptor_exhaustion",
+            "Public connections refused for lack of file descriptors: accept() failed (emfile), "
+            "or answered 503 to keep the reserve (reserve)",
+            ["reason"],
+            registry=r,
+        )
         self.registrations = Counter("backhaul_tunnel_registrations", "Tunnel sessions registered", registry=r)
         self.reconnects = Counter(
             "backhaul_tunnel_reconnects", "Registrations by a client instance that had a session before", registry=r

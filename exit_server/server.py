@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import socket
 from collections.abc import Iterator
 
@@ -22,6 +23,7 @@ from shared.aio.tls import server_context
 from shared.aio.wsfast import TunnelServerConnection
 from shared.config import parse_addr, read_secret
 from shared.errors import ConfigError
+from shared.fdlimit import public_connection_limit
 from shared.forwarding import TrustedProxies, parse_networks
 from shared.frames import GoAwayCode
 from shared.procmetrics import register_process_metrics
@@ -130,6 +132,8 @@ class ExitServer:
             header_timeout=cfg.header_timeout,
             keepalive_timeout=cfg.keepalive_timeout,  # aiohttp's own default is 3,630 s
             trusted=self.public.trusted,
+            max_connections=public_connection_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
+            on_refused=self.metrics.descriptors.labels("reserve").inc,
         )  # 414/431/408, generic error bodies, PROXY v2 from --trusted-proxies
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.drain_timeout)
         await self._runner.setup()

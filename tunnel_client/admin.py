@@ -24,7 +24,7 @@ class _LinkCollector(Collector):
     def __init__(self, client: TunnelClient) -> None:
         self.client = client
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         connected = GaugeMetricFamily(
             "backhaul_client_sessions_connected", "Registered sessions per exit server", labels=["server"]
         )
@@ -37,6 +37,19 @@ class _LinkCollector(Collector):
         streams.add_metric([], total)
         yield connected
         yield streams
+        audit = self.client.forwarder.audit
+        if audit is not None:
+            failing = GaugeMetricFamily(
+                "backhaul_client_audit_failing", "1 while the audit log cannot be written (streams refused if closed)"
+            )
+            failing.add_metric([], 1 if audit.failing else 0)
+            yield failing
+            lost = CounterMetricFamily("backhaul_client_audit_lost_records", "Audit records never written")
+            lost.add_metric([], audit.lost)
+            yield lost
+            failures = CounterMetricFamily("backhaul_client_audit_write_failures", "Failed audit log writes")
+            failures.add_metric([], audit.failures)
+            yield failures
 
 
 class ClientMetrics:
@@ -89,6 +102,10 @@ def admin_app(client: TunnelClient) -> web.Application:
     """The aiohttp application of the client's admin listener."""
 
     async def healthz(request: web.Request) -> web.Response:
+        audit = client.forwarder.audit
+        if audit is not None and audit.failing:
+            what = "refusing streams" if audit.fail_closed else "streams served unaudited"
+            return web.Response(status=503, text=f"audit log cannot be written: {what}\n")
         if any(link.connected for link in client.links):
             return web.Response(text="ok\n")
         return web.Response(status=503, text="not connected\n")

@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
 
 from shared.errors import ConfigError
 
@@ -146,14 +145,25 @@ class AuditLog:
     The constructor only checks the file (so a bad one stops the client at startup);
     :meth:`start` opens it and continues the chain from its last line.
 
+    When a write fails (disk full, file size limit, I/O error), the lines not yet on disk are
+    kept in order and retried every :data:`RETRY_EVERY` seconds, so the chain stays whole and
+    auditing resumes by itself when space returns. Meanwhile :attr:`failing` is set: with
+    ``fail_closed`` (the default, ``--audit-failure closed``) the forwarder refuses new streams,
+    as a guardrail should; otherwise they are served and what does not fit in the queue is
+    counted in :attr:`lost` and reported in a ``kind: "audit-dropped"`` record on recovery.
+
     Args:
         path: the log file (created 0600 when missing).
-        max_queue: records waiting for the disk beyond this are counted and reported in a
-            ``kind: "audit-dropped"`` record rather than growing memory without bound.
+        max_queue: records waiting for the disk beyond this are counted as lost and reported
+            in a ``kind: "audit-dropped"`` record rather than growing memory without bound.
+        fail_closed: refuse streams while the log cannot be written.
     """
 
-    def __init__(self, path: Path, max_queue: int = 100_000) -> None:
+    RETRY_EVERY = 1.0
+
+    def __init__(self, path: Path, max_queue: int = 100_000, fail_closed: bool = True) -> None:
         self.path = path
+        self.fail_closed = fail_closed
         _read_tail(path)
         if path.exists() and not os.access(path, os.W_OK):
             raise ConfigError(f"--audit-log: {path} is not writable")
@@ -163,10 +173,17 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._dropped = 0
-        self._dead = False
+        self.failing = False  # the last write failed; cleared once pending lines are on disk
+        self.failures = 0  # write failures seen (each retry that fails counts)
+        self.lost = 0  # records never written (queue full)
         self.seq = 0
         self.head = GENESIS
         self.written = 0
+
+    @property
+    def refusing(self) -> bool:
+        """Whether new streams must be refused now (fail closed, and the log is failing)."""
+        return self.failing and self.fail_closed
 
     def start(self) -> None:
         """Open the file, continue its chain, start the writer thread."""
@@ -177,19 +194,19 @@ class AuditLog:
         if torn >= 0:
             log.warning("audit log %s: dropping %d bytes of a torn last line", self.path, os.fstat(fd).st_size - torn)
             os.truncate(fd, torn)
-        fh = os.fdopen(fd, "ab", buffering=64 * 1024)
-        self._thread = threading.Thread(target=self._run, args=(fh,), name="audit-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fd,), name="audit-writer", daemon=True)
         self._thread.start()
 
     def write(self, record: AuditRecord) -> None:
         """Queue a finished record (never blocks the event loop)."""
-        if self._thread is None or self._dead:
+        if self._thread is None:
             return
         try:
             self._queue.put_nowait(record)
         except queue.Full:
             with self._lock:
                 self._dropped += 1
+                self.lost += 1
                 first = self._dropped == 1
             if first:
                 log.warning("audit log %s: the disk is not keeping up; counting dropped records", self.path)
@@ -211,39 +228,84 @@ class AuditLog:
         """Write what is queued and stop the thread without blocking the loop."""
         await asyncio.to_thread(self.close_sync, timeout)
 
-    def _emit(self, fh: BinaryIO, record: AuditRecord) -> None:
+    def _line(self, record: AuditRecord) -> bytes:
         self.seq += 1
         data, self.head = _line(self.seq, record, self.head)
-        fh.write(data)
-        self.written += 1
+        return data
 
-    def _run(self, fh: BinaryIO) -> None:
+    def _flush(self, fd: int, pending: bytearray) -> bool:
+        """Write ``pending`` (whole lines, in order); keep what did not fit. True when empty."""
+        while pending:
+            try:
+                n = os.write(fd, pending)
+            except OSError as exc:
+                self.failures += 1
+                if not self.failing:
+                    self.failing = True
+                    log.error(
+                        "audit log %s: write failed (%s); %s until it can be written, retrying every %.0fs",
+                        self.path,
+                        exc.strerror or exc,
+                        "refusing new streams" if self.fail_closed else "streams still served (--audit-failure open)",
+                        self.RETRY_EVERY,
+                    )
+                return False
+            del pending[:n]
+        if self.failing:
+            self.failing = False
+            log.warning("audit log %s: writing again; auditing resumed", self.path)
+        return True
+
+    def _run(self, fd: int) -> None:
         last_sync = time.monotonic()
+        pending = bytearray()
+        stopping = False
         try:
-            while True:
-                record = self._queue.get()
-                if record is None:
-                    break
-                self._emit(fh, record)
-                with self._lock:
-                    dropped, self._dropped = self._dropped, 0
-                if dropped:
-                    self._emit(fh, AuditRecord(time.time(), "", 0, "audit-dropped", "", "", "", "", bytes_in=dropped))
-                if self._queue.empty():
-                    fh.flush()
-                    if time.monotonic() - last_sync >= _FSYNC_EVERY:
-                        os.fsync(fh.fileno())
-                        last_sync = time.monotonic()
-        except OSError as exc:
-            self._dead = True
-            log.error("audit log %s: write failed, audit stopped: %s", self.path, exc)
+            while not (stopping and not pending):
+                if self.failing and len(pending) >= _MAX_PENDING:
+                    time.sleep(self.RETRY_EVERY)  # the queue fills meanwhile; past it, records are lost
+                    self._flush(fd, pending)
+                    continue
+                try:
+                    record = self._queue.get(timeout=self.RETRY_EVERY if pending else None)
+                except queue.Empty:
+                    record = None if stopping else _RETRY
+                if record is None:  # stopping: write what is held (one more try), then end
+                    stopping = True
+                    if not self._flush(fd, pending):
+                        log.error("audit log %s: stopped with unwritten records", self.path)
+                        return
+                    continue
+                if record is not _RETRY:
+                    pending += self._line(record)
+                    with self._lock:
+                        dropped, self._dropped = self._dropped, 0
+                    if dropped:
+                        note = AuditRecord(time.time(), "", 0, "audit-dropped", "", "", "", "", bytes_in=dropped)
+                        pending += self._line(note)
+                    self.written += 1
+                    if not self._queue.empty() and len(pending) < (1 << 20):
+                        continue  # batch while busy
+                if not self._flush(fd, pending):
+                    continue  # retried after RETRY_EVERY, or with the next record
+                if time.monotonic() - last_sync >= _FSYNC_EVERY:
+                    try:
+                        os.fsync(fd)
+                    except OSError as exc:
+                        log.warning("audit log %s: fsync failed: %s", self.path, exc)
+                    last_sync = time.monotonic()
         finally:
             try:
-                fh.flush()
-                os.fsync(fh.fileno())
+                os.fsync(fd)
             except OSError:
                 pass
-            fh.close()
+            os.close(fd)
+
+
+#: Lines held for the disk while writes fail; beyond, records wait in the queue, then are lost.
+_MAX_PENDING = 8 << 20
+#: Wakes the writer to retry pending lines (never written itself).
+_RETRY = AuditRecord(0.0, "", 0, "retry", "", "", "", "")
 
 
 def verify(path: Path) -> tuple[int, str, str | None]:

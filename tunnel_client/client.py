@@ -330,7 +330,9 @@ class TunnelClient:
         self.killswitch = KillSwitch(config.kill_switch_file)
         self.forwarder.guard = Guard(config.allow_paths)
         self.forwarder.killswitch = self.killswitch
-        self.forwarder.audit = AuditLog(config.audit_log) if config.audit_log else None
+        self.forwarder.audit = (
+            AuditLog(config.audit_log, fail_closed=config.audit_failure == "closed") if config.audit_log else None
+        )
         self.upstreams = list(config.upstreams)
         self.health = HealthChecker(
             self.upstreams,

@@ -124,6 +124,10 @@ class ClientConfig(BaseConfig):
         default_factory=list, description="only these paths on a route: HOST[/PREFIX]=/exact,/prefix/* (else 403)"
     )
     audit_log: Path | None = Field(None, description="append a hash-chained JSON line per stream served to FILE")
+    audit_failure: Literal["closed", "open"] = Field(
+        "closed",
+        description="while the audit log cannot be written: refuse streams (closed) or serve them unaudited (open)",
+    )
     kill_switch_file: Path | None = Field(None, description="withdraw the tunnel while this file exists")
     label: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="label KEY=VALUE sent at registration"

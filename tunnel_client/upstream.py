@@ -119,6 +119,9 @@ class Forwarder:
         if self.killswitch is not None and self.killswitch.engaged:
             _reset(stream, ResetCode.REFUSED, "tunnel withdrawn (kill switch)")
             return
+        if self.audit is not None and self.audit.refusing:  # --audit-failure closed: no unaudited stream
+            _reset(stream, ResetCode.REFUSED, "audit log cannot be written")
+            return
         if head.kind is StreamKind.TCP:
             await self._tcp(stream)
             return

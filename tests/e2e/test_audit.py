@@ -144,3 +144,108 @@ async def test_tcp_streams_are_logged(certs: Certs, tmp_path: Path) -> None:
     assert (record["kind"], record["upstream"], record["status"]) == ("tcp", f"tcp:{base}", 200)
     assert (record["bytes_in"], record["bytes_out"]) == (500, 504)
     assert record["caller"].startswith("127.0.0.1")
+
+
+def _small_files(limit: int) -> None:  # in the client process before exec
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+async def test_audit_log_that_cannot_be_written_refuses_streams_then_resumes(certs: Certs, tmp_path: Path) -> None:
+    """Issue 24 item 9 (fail closed, the default). The client process may not grow files past
+    3,000 bytes (RLIMIT_FSIZE: the kernel fails the write, as a full disk does): streams are
+    refused (503), /healthz says why, and when the limit is lifted the client writes what it
+    held and serves again: every request answered 200 is in an intact chain. 3d9815c logged
+    one error, kept serving unaudited and never resumed."""
+    import os
+    import resource
+    from functools import partial
+
+    from ..waiting import wait_until
+    from .helpers import TOKEN
+    from .test_cli import free_port
+
+    log_file = tmp_path / "audit.jsonl"
+    admin = free_port()
+    async with upstream(app()) as up, stack(certs) as s:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
+        env["BACKHAUL_TOKEN"] = TOKEN
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "tunnel-client"),
+            "run",
+            "--server",
+            f"wss://localhost:{s.server.control_port}",
+            "--ca-file",
+            str(certs.ca),
+            "--upstream",
+            f"app.example.com={up.url}",
+            "--audit-log",
+            str(log_file),
+            "--admin-addr",
+            f"127.0.0.1:{admin}",
+            "--log-level",
+            "warning",
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=partial(_small_files, 3000),
+        )
+        try:
+            await wait_until(lambda: bool(s.server.registry.tunnels), 20, what="client registered")
+            async with aiohttp.ClientSession() as http:
+
+                async def get(path: str) -> int:
+                    async with http.get(s.base + path, headers=HOST) as r:
+                        await r.read()
+                        return r.status
+
+                async def admin_get(path: str) -> tuple[int, str]:
+                    async with http.get(f"http://127.0.0.1:{admin}{path}") as r:
+                        return r.status, await r.text()
+
+                answered = []
+                for i in range(60):  # ~400 bytes a record: the limit is reached within a dozen
+                    status = await get(f"/before/{i}")
+                    if status == 503:
+                        break
+                    assert status == 200
+                    answered.append(f"/before/{i}")
+                else:
+                    raise AssertionError("never refused")
+                status, text = await admin_get("/healthz")
+                assert status == 503 and "audit log" in text
+                metrics = (await admin_get("/metrics"))[1]
+                assert "backhaul_client_audit_failing 1.0" in metrics
+                assert await get("/during") == 503  # still refused: nothing unaudited
+                resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+                async def healthy() -> bool:
+                    return (await admin_get("/healthz"))[0] == 200
+
+                await wait_until(healthy, 10, what="auditing resumed")  # retried every second
+                for i in range(5):
+                    assert await get(f"/after/{i}") == 200
+                    answered.append(f"/after/{i}")
+                metrics = (await admin_get("/metrics"))[1]
+                assert "backhaul_client_audit_failing 0.0" in metrics
+                assert "backhaul_client_audit_lost_records_total 0.0" in metrics
+        finally:
+            proc.terminate()
+            _, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert b"write failed" in err and b"auditing resumed" in err
+    verify = subprocess.run(
+        [str(Path(sys.executable).parent / "tunnel-client"), "audit", "verify", str(log_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [r["path"] for r in records if r["status"] == 200] == answered  # none served unaudited
+    refused = [r for r in records if r["reset"] == "REFUSED"]
+    assert refused and all(r["status"] is None for r in refused)  # refusals are recorded too

@@ -105,9 +105,7 @@ async def test_revoked_client_is_closed_within_one_second(certs: Certs, tmp_path
 
 
 @pytest.mark.parametrize("content", ["", "# being rewritten\n", "[clients.acme]\n"])
-async def test_empty_or_truncated_tokens_file_keeps_the_credentials(
-    certs: Certs, tmp_path: Path, content: str
-) -> None:
+async def test_empty_or_truncated_tokens_file_keeps_the_credentials(certs: Certs, tmp_path: Path, content: str) -> None:
     """Issue 24 item 7: 3d9815c took an empty file for "no clients" and every tenant got 503.
     Only an explicit empty [clients] table revokes everyone."""
     path = tmp_path / "tokens.toml"

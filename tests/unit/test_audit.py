@@ -161,3 +161,49 @@ def test_hostile_strings_stay_on_one_ascii_line(tmp_path: Path) -> None:
     assert data.count(b"\n") == 1 and data.isascii()
     assert len(json.loads(data)["path"]) == 2048
     assert verify(path)[::2] == (1, None)
+
+
+def test_fail_open_keeps_order_counts_losses_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--audit-failure open: streams go on while writes fail; held lines are written in order
+    on recovery, and records past the queue are counted and noted in the chain."""
+    import errno
+    import os
+    import threading
+
+    import tunnel_client.audit as audit_module
+
+    full = threading.Event()
+    full.set()
+    real_write = os.write
+
+    def write(fd: int, data: bytes | bytearray) -> int:
+        if full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(audit_module.os, "write", write)
+    monkeypatch.setattr(AuditLog, "RETRY_EVERY", 0.05)
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, max_queue=4, fail_closed=False)
+    audit.start()
+    audit.write(record(0))
+    deadline = time.monotonic() + 10
+    while not audit.failing:
+        assert time.monotonic() < deadline, "the failure was not noticed"
+        time.sleep(0.01)  # polling a thread's state: no event to wait on
+    assert not audit.refusing  # open: streams are served
+    for i in range(1, 40):  # the writer holds a few; the queue takes 4; the rest are lost
+        audit.write(record(i))
+    full.clear()
+    while audit.failing or audit._queue.qsize():
+        assert time.monotonic() < deadline, "never resumed"
+        time.sleep(0.01)
+    audit.close_sync()
+    good, _, problem = verify(path)
+    assert problem is None
+    parsed = [json.loads(line) for line in lines(path)]
+    dropped = sum(p["bytes_in"] for p in parsed if p["kind"] == "audit-dropped")
+    served = [p for p in parsed if p["kind"] != "audit-dropped"]
+    assert audit.lost == dropped > 0 and len(served) + audit.lost == 40
+    assert [p["path"] for p in served] == sorted((p["path"] for p in served), key=lambda x: int(x.rsplit("/", 1)[1]))
+    assert audit.failures >= 1 and good == len(parsed)
