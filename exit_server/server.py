@@ -23,7 +23,7 @@ from shared.aio.tls import server_context
 from shared.aio.wsfast import TunnelServerConnection
 from shared.config import parse_addr, read_secret
 from shared.errors import ConfigError
-from shared.fdlimit import public_connection_limit
+from shared.aio.fdlimit import public_connection_limit
 from shared.forwarding import TrustedProxies, parse_networks
 from shared.frames import GoAwayCode
 from shared.procmetrics import register_process_metrics

@@ -1220,6 +1220,141 @@ def _locust_result(prefix: Path, code: int | None) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------- 8. slow readers
+
+
+async def _slow_reader(port: int, rate: int, stop: asyncio.Event, got_head: list[int]) -> int:
+    """Download 1 GiB at ``rate`` bytes/s through a small receive buffer until ``stop``."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
+    total = 0
+    try:
+        writer.write(f"GET /download?n={1 << 30} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        got_head.append(int(head.split(b" ", 2)[1]))
+        step, tick = rate // 10, 0.1
+        while not stop.is_set():
+            data = await reader.read(step)
+            if not data:
+                break
+            total += len(data)
+            await asyncio.sleep(tick)  # the pace of a slow caller, not a synchronisation
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.transport.abort()
+    return total
+
+
+async def _probe_latencies(srv: Server, workers: int, seconds: float) -> tuple[list[float], int]:
+    """``workers`` callers fetching /small back to back for ``seconds``: latencies, failures."""
+    latencies: list[float] = []
+    failures = 0
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+
+    async def worker() -> None:
+        nonlocal failures
+        async with session() as http:
+            while loop.time() < end:
+                c = await call(http, srv.base, "/small", timeout=30)
+                if c.status == 200 and c.outcome == "complete":
+                    latencies.append(c.seconds)
+                else:
+                    failures += 1
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return latencies, failures
+
+
+async def slow_readers(short: bool) -> Result:
+    """Issue 24 item 4: callers reading a 1 GiB download at 20 KiB/s must cost only their own
+    streams; other callers on the same tunnel keep their latency."""
+    res = Result("slow-readers", "Slow readers on one tunnel beside normal callers", "short" if short else "full")
+    env = Env.create("slow-readers")
+    readers = 60 if short else 300
+    phase = 5.0 if short else 20.0
+    after_wait = 12.0 if short else 30.0  # the processes look at their free heap every 10 s
+    rate = 20 * 1024
+    try:
+        up = await env.upstream()
+        srv = await env.exit_server()
+        client = await env.client(f"wss://localhost:{srv.control}", [f"{HOST}=http://127.0.0.1:{up}"])
+        await warm(srv)
+        base_srv = await settle(srv, 1)
+        base_cli = proc_stats(client.proc.pid)
+        baseline, base_fail = await _probe_latencies(srv, 10, phase)
+        stop = asyncio.Event()
+        heads: list[int] = []
+        slow = [asyncio.create_task(_slow_reader(srv.public, rate, stop, heads)) for _ in range(readers)]
+        await wait_for(lambda: len(heads) >= readers, 60, 0.1, "every slow reader has its response head")
+        await asyncio.sleep(2.0)  # let every slow stream fill its buffers: the state under test
+        peak_srv = peak_cli = 0
+        sampling = True
+
+        async def sampler() -> None:
+            nonlocal peak_srv, peak_cli
+            while sampling:
+                peak_srv = max(peak_srv, proc_stats(srv.proc.pid)["rss_kib"])
+                peak_cli = max(peak_cli, proc_stats(client.proc.pid)["rss_kib"])
+                await asyncio.sleep(0.1)
+
+        sample_task = asyncio.create_task(sampler())
+        during, during_fail = await _probe_latencies(srv, 10, phase)
+        sampling = False
+        await sample_task
+        stop.set()
+        read = await asyncio.gather(*slow)
+        end_srv = await settle(srv, 1, timeout=30, quiet=after_wait)
+        end_cli = proc_stats(client.proc.pid)
+        p99_base, p99_during = pct(baseline, 0.99), pct(during, 0.99)
+        res.fig("slow readers (1 GiB each, read at 20 KiB/s) / probe callers", f"{readers} / 10")
+        res.fig(
+            "probe latency p50 / p99 without slow readers",
+            f"{ms(pct(baseline, 0.5))} / {ms(p99_base)} ({len(baseline)} requests)",
+        )
+        res.fig(
+            "probe latency p50 / p99 / max beside them",
+            f"{ms(pct(during, 0.5))} / {ms(p99_during)} / {ms(max(during))} ({len(during)} requests)",
+        )
+        res.fig("bytes the slow readers took", f"{sum(read) / readers / 1024:.0f} KiB each on average")
+        mib = 1024.0
+        res.fig(
+            "exit server RSS: before / peak with slow readers / after (MiB)",
+            f"{base_srv['rss_kib'] / mib:.1f} / {peak_srv / mib:.1f} / {end_srv['rss_kib'] / mib:.1f}",
+        )
+        res.fig(
+            "client RSS: before / peak with slow readers / after (MiB)",
+            f"{base_cli['rss_kib'] / mib:.1f} / {peak_cli / mib:.1f} / {end_cli['rss_kib'] / mib:.1f}",
+        )
+        per_srv = (peak_srv - base_srv["rss_kib"]) / readers
+        per_cli = (peak_cli - base_cli["rss_kib"]) / readers
+        res.fig("memory per slow stream: exit server / client (KiB)", f"{per_srv:.0f} / {per_cli:.0f}")
+        res.check("every probe answered 200", not base_fail and not during_fail, f"{base_fail} + {during_fail} failed")
+        res.check(
+            "probe p99 beside slow readers within 2x the baseline (floor 20 ms)",
+            p99_during <= 2 * max(p99_base, 0.010),
+            f"{ms(p99_during)} vs {ms(p99_base)}",
+        )
+        res.check(
+            "memory after the slow readers left: within 32 MiB of before, both processes",
+            end_srv["rss_kib"] - base_srv["rss_kib"] < 32 * 1024
+            and end_cli["rss_kib"] - base_cli["rss_kib"] < 32 * 1024,
+            f"exit server {(end_srv['rss_kib'] - base_srv['rss_kib']) / mib:+.1f} MiB, "
+            f"client {(end_cli['rss_kib'] - base_cli['rss_kib']) / mib:+.1f} MiB",
+        )
+    finally:
+        res.commands = env.commands
+        await env.close()
+    return res
+
+
 SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "kill-client": kill_client,
     "link-loss": link_loss,
@@ -1228,4 +1363,5 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "degraded-link": degraded_link,
     "overload": overload,
     "soak": soak,
+    "slow-readers": slow_readers,
 }

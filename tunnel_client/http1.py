@@ -62,7 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Pause reading from the upstream above this many buffered response-body bytes.
-HIGH_WATER = 512 * 1024
+HIGH_WATER = 128 * 1024
 
 #: A Content-Length body with at least this much left after the head's read skips llhttp.
 DIRECT_BODY_MIN = 64 * 1024

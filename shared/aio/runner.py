@@ -10,8 +10,9 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "run_service", "tune_malloc"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "MemoryRelief", "run_service", "tune_malloc"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,63 @@ def tune_malloc() -> str:
     return "malloc defaults (mallopt refused)"
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+class MemoryRelief:
+    """Give freed heap back to the kernel once it piles up (issue 24 item 4).
+
+    After a burst (hundreds of slow streams, each holding a few hundred KiB of chunks), the
+    chunks are freed but glibc keeps the pages: free chunks in the middle of the heap are never
+    returned by the trim threshold, which only looks at the top. Every ``interval`` seconds this
+    reads how much of the heap is free (``mallinfo2``, a walk of the free lists: microseconds)
+    and, above ``threshold``, calls ``malloc_trim(0)``, which also releases whole free pages
+    inside the heap. Not glibc: does nothing."""
+
+    def __init__(self, interval: float = 10.0, threshold: int = TRIM_THRESHOLD) -> None:
+        self.interval = interval
+        self.threshold = threshold
+        self.released = 0  # times malloc_trim gave memory back
+        self._mallinfo2: Any = None
+        self._trim: Any = None
+        try:
+            libc = ctypes.CDLL(None)
+            self._mallinfo2 = libc.mallinfo2
+            self._mallinfo2.restype = _MallInfo2
+            self._trim = libc.malloc_trim
+        except (OSError, AttributeError):
+            self._mallinfo2 = self._trim = None  # not glibc (or older than 2.33)
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def free_bytes(self) -> int:
+        """Bytes the heap holds in free chunks (0 when unknown)."""
+        if self._mallinfo2 is None:
+            return 0
+        return int(self._mallinfo2().fordblks)
+
+    def relieve(self) -> bool:
+        """Trim now when at least ``threshold`` bytes are free in the heap; True if trimmed."""
+        if self._trim is None or self.free_bytes() < self.threshold:
+            return False
+        if self._trim(0):
+            self.released += 1
+            return True
+        return False
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)  # a period, not a synchronisation
+            if self.relieve():
+                log.debug("memory: returned freed heap to the system (malloc_trim)")
+
+
 def run_service(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     """Run ``main(stop_event)`` on uvloop (or asyncio). The first SIGTERM/SIGINT sets the
     event so ``main`` can drain; a second one exits immediately with status 130."""
@@ -83,9 +141,14 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
         log.debug("event loop: %s; %s", loop_name, malloc)
+        relief = MemoryRelief()
+        reliever = loop.create_task(relief.run(), name="memory-relief") if relief.available else None
         try:
             return await main(stop)
         except asyncio.CancelledError:
             return 130
+        finally:
+            if reliever is not None:
+                reliever.cancel()
 
     return asyncio.run(wrapper())
