@@ -10,10 +10,10 @@ import signal
 import sys
 from pathlib import Path
 
+from shared.aio.fdlimit import DescriptorAlarm, raise_nofile
 from shared.aio.runner import run_service
 from shared.cli import add_model_flags, announce, configure_logging, run_guarded, settings_from_args
 from shared.errors import ConfigError
-from shared.aio.fdlimit import DescriptorAlarm, raise_nofile
 from shared.version import version
 
 from .config import ServerConfig

@@ -151,7 +151,7 @@ class GuardedRequestHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         manager = self._manager
-        if isinstance(manager, GuardedServer) and len(manager.connections) > manager.max_connections:
+        if isinstance(manager, GuardedServer) and manager.open_connections > manager.max_connections:
             # Past the descriptors left for callers: answer at once and free the descriptor,
             # so the admin port and tunnel reconnects keep theirs (shared/aio/fdlimit.py).
             manager.refused()
@@ -270,6 +270,11 @@ class GuardedServer(web.Server):
         self.max_connections = max_connections
         self._on_refused = on_refused
         self._refusal_log = 0.0
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (``connections`` would copy the whole list for each new one)."""
+        return len(self._connections)
 
     def refused(self) -> None:
         """A connection over ``max_connections`` was answered 503: count it, log now and then."""

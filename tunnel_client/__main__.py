@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import sys
 
+from shared.aio.fdlimit import DescriptorAlarm, raise_nofile
 from shared.aio.runner import run_service
 from shared.cli import add_model_flags, configure_logging, run_guarded, settings_from_args
-from shared.aio.fdlimit import DescriptorAlarm, raise_nofile
 from shared.version import version
 
 from .audit import add_audit_parser, audit_command

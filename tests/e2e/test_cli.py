@@ -262,9 +262,9 @@ def test_second_signal_exits_at_once(certs: Certs, tmp_path: Path, upstream_proc
         import threading
 
         threading.Thread(target=lambda: _quiet_get(f"http://127.0.0.1:{public}/"), daemon=True).start()
-        time.sleep(0.5)
+        time.sleep(0.5)  # deliberate: the slow request reaches the upstream (it answers after 60 s)
         server.popen.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        time.sleep(0.5)  # deliberate: a negative check (still draining, not exited)
         assert server.popen.poll() is None  # draining the slow request (drain timeout 60 s)
         t0 = time.monotonic()
         server.popen.send_signal(signal.SIGTERM)

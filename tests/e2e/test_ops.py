@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from ..waiting import wait_until
 from .helpers import Certs, stack, upstream
 
 pytestmark = pytest.mark.asyncio
@@ -101,9 +102,12 @@ async def test_admin_health_metrics_api_and_delete(certs: Certs) -> None:
                 assert r.status == 204
             assert t["id"] not in s.server.registry.tunnels
             await running.client.wait_connected(10)  # the client reconnects by itself
-            await asyncio.sleep(0.3)
-            async with http.get(admin + "/metrics") as r:
-                assert "backhaul_tunnel_reconnects_total 1.0" in await r.text()
+
+            async def counted() -> bool:
+                async with http.get(admin + "/metrics") as r:
+                    return "backhaul_tunnel_reconnects_total 1.0" in await r.text()
+
+            await wait_until(counted, 5, what="the reconnect counted")
 
 
 async def test_status_command_prints_tunnel_table(certs: Certs) -> None:

@@ -148,7 +148,7 @@ async def test_chunked_body_over_max_body_is_reset_and_answered_413(certs: Certs
         resp = await raw_exchange(s.server.public_port, head, chunks=chunks, pause=0.05)
         assert resp.status == 413
         assert resp.body == b"request body too large\n"
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # deliberate: a negative check (the upstream must not get the rest)
         assert all(n != 2048 for n in bodies)  # the upstream never got the whole body
 
 

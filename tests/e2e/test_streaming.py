@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from ..waiting import wait_until
 from .helpers import Certs, stack, upstream
 
 pytestmark = pytest.mark.asyncio
@@ -78,7 +79,7 @@ async def test_stalled_reader_does_not_slow_other_streams(certs: Certs) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", s.server.public_port)
         writer.write(b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: s.server.public.in_flight == 1, 5, what="the stalled download in flight")
         async with aiohttp.ClientSession() as http:
             loop = asyncio.get_running_loop()
             t0 = loop.time()

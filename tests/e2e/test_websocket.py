@@ -13,6 +13,7 @@ from aiohttp import WSMsgType, web
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from ..waiting import wait_until
 from .helpers import Certs, stack, upstream
 
 pytestmark = pytest.mark.asyncio
@@ -73,7 +74,7 @@ async def test_text_binary_fragmented_ping_and_large_messages(certs: Certs) -> N
             big = bytes(range(256)) * (16 * 4096)  # 16 MiB
             await ws.send(big)
             assert await asyncio.wait_for(ws.recv(), 60) == big
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: "xff" in seen and "host" in seen, 5, what="the upstream saw the upgrade")
     assert seen["xff"] == "127.0.0.1" and seen["host"] == f"chat.example.com:{port}"
 
 
@@ -205,7 +206,7 @@ async def test_websocket_sessions_leave_no_reference_cycles(certs: Certs) -> Non
 
         for _ in range(5):  # warm-up: first-use caches, pools
             await session()
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # deliberate: let closing tasks of the warm-up finish before the GC baseline
         gc.collect()
         gc.set_debug(gc.DEBUG_SAVEALL)
         try:
