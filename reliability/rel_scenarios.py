@@ -1278,7 +1278,7 @@ async def slow_readers(short: bool) -> Result:
     streams; other callers on the same tunnel keep their latency."""
     res = Result("slow-readers", "Slow readers on one tunnel beside normal callers", "short" if short else "full")
     env = Env.create("slow-readers")
-    readers = 60 if short else 300
+    readers = int(os.environ.get("RELIABILITY_SLOW_READERS", 60 if short else 300))
     phase = 5.0 if short else 20.0
     after_wait = 12.0 if short else 30.0  # the processes look at their free heap every 10 s
     rate = 20 * 1024

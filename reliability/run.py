@@ -10,7 +10,8 @@ slow-readers
 (reliability/rel_scenarios.py). The network is emulated in two network namespaces of our own
 (nftables, tc) when running as root, else by reliability/linkproxy.py on loopback; set
 RELIABILITY_NO_NETNS=1 to force the latter. RELIABILITY_KEEP=1 keeps each scenario's temporary
-directory (process logs, load reports). Exit status 1 when a check fails.
+directory (process logs, load reports). RELIABILITY_SLOW_READERS=N sets how many slow readers
+the slow-readers scenario starts (300 full, 60 short). Exit status 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -109,13 +110,18 @@ FINDINGS = """\
    waited 60 s for 504: reset at once, 502, logged. Same file.
 3. *An RST ending a close-delimited body* reached the caller as a clean 200: the body is now
    aborted (the caller sees a truncated transfer). Same file.
-4. *Slow readers* (`slow-readers` below): other callers' p99 stays within 2x beside 300 slow
-   readers on this machine; each slow stream costs about 0.85 MiB on the exit server (its
-   256 KiB stream window plus what waits for the caller's socket) and about 1 MiB on the client
-   (its 128 KiB upstream read buffer, was 512 KiB, plus a window in flight). The per-tunnel bound
-   is `--max-streams` x that (the connection's buffer budget, 64 MiB, bounds what waits *unread*
-   in the tunnel; beyond it connection credit is withheld). Freed heap is now returned every
-   10 s: after the slow readers left, RSS came back instead of staying 174 / 396 MiB up.
+4. *Slow readers* (`slow-readers` below). The receiver returned connection credit on receipt
+   only while the unconsumed bytes of all streams stayed within the 64 MiB buffer budget; past
+   it, the credit of every further byte was withheld, so about 320 slow streams (64 MiB of
+   their windows plus the 16 MiB connection window) could stop the whole tunnel. Now, past the
+   budget, only the streams whose readers are behind stop getting *stream* credit (shared/mux.py,
+   PROTOCOL.md 6.2); connection credit is withheld only past a hard limit of four times the
+   budget. Each slow stream costs about 0.85 MiB on the exit server (its 256 KiB window plus
+   what waits for the caller's socket) and about 1 MiB on the client (its upstream read-ahead,
+   now 128 KiB instead of 512 KiB, plus a window in flight); per tunnel at most about
+   `connection window + 256 MiB` waits unread inside the tunnel. Freed heap is returned every
+   10 s (`malloc_trim`): after the slow readers left, RSS came back instead of staying
+   +174 / +396 MiB.
 5. *SIGTERM while connecting* let the client register after its drain and never exit: the
    connect is raced against the stop. `tests/e2e/test_stop_races.py`.
 6. *Shutdown overran its deadline* with frozen clients: sessions are closed together within

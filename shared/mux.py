@@ -170,9 +170,13 @@ class Session:
         initial_window: the per-stream credit we grant the peer.
         connection_window: the connection credit we grant the peer.
         max_streams: the most concurrent streams we accept (client) or open (server).
-        buffer_budget: received-but-unconsumed bytes above which connection credit is only
-            returned as streams are consumed (bounds memory while one slow reader only stalls
-            its own stream up to that budget).
+        buffer_budget: received-but-unconsumed bytes above which a stream whose reader is
+            behind (a quarter of ``initial_window`` or more unconsumed) gets no new stream
+            credit until it catches up or the total drops: slow readers stop growing the
+            buffers, readers that keep up are not held back (section 6.2).
+        buffer_limit: received-but-unconsumed bytes above which connection credit is withheld
+            too (the hard memory bound: at most about ``connection_window + buffer_limit``
+            bytes buffered per session). Default: four times ``buffer_budget``.
         heartbeat_interval: seconds between our PINGs.
         heartbeat_timeout: seconds without any received byte after which the peer is dead.
         now: the current time, for the heartbeat clock.
@@ -187,6 +191,7 @@ class Session:
         connection_window: int = 16 << 20,
         max_streams: int = 10_000,
         buffer_budget: int = 64 << 20,
+        buffer_limit: int | None = None,
         heartbeat_interval: float = 5.0,
         heartbeat_timeout: float = 15.0,
         now: float = 0.0,
@@ -199,7 +204,8 @@ class Session:
         self.initial_window = initial_window
         self.connection_window = connection_window
         self.max_streams = max_streams
-        self.buffer_budget = buffer_budget
+        self.buffer_limit = 4 * buffer_budget if buffer_limit is None else buffer_limit
+        self.buffer_budget = min(buffer_budget, self.buffer_limit)
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.error: TunnelError | None = None
@@ -219,6 +225,7 @@ class Session:
         self._conn_credit_pending = 0
         self._conn_credit_withheld = 0
         self._buffered = 0
+        self._behind: set[int] = set()  # streams owed stream credit, deferred over the budget
         self._out: list[tuple[bytes, bytes | memoryview]] = []  # (frame header, payload)
         self._share_min = 1 << 62  # see receive()
         self._events: list[Event] = []
@@ -456,18 +463,35 @@ class Session:
         self._buffered -= n
         stream.consumed += n
         if stream.consumed >= self.initial_window // 2 and stream.state in _CAN_RECV:
-            self._queue(FrameType.WINDOW, 0, stream_id, encode_window(stream.consumed))
-            stream.recv_window += stream.consumed
-            stream.consumed = 0
+            if self._buffered > self.buffer_budget and stream.buffered >= self.initial_window // 4:
+                self._behind.add(stream_id)  # a slow reader over the budget: no more credit yet
+            else:
+                self._behind.discard(stream_id)
+                self._grant(stream_id, stream)
+        if self._behind and self._buffered <= self.buffer_budget:
+            self._grant_behind()
         self._release_withheld()
         return len(self._out) != before
+
+    def _grant(self, stream_id: int, stream: _Stream) -> None:
+        self._queue(FrameType.WINDOW, 0, stream_id, encode_window(stream.consumed))
+        stream.recv_window += stream.consumed
+        stream.consumed = 0
+
+    def _grant_behind(self) -> None:
+        """Below the budget again: the credit deferred for slow readers goes out."""
+        behind, self._behind = self._behind, set()
+        for stream_id in sorted(behind):
+            stream = self._streams.get(stream_id)
+            if stream is not None and stream.consumed and stream.state in _CAN_RECV:
+                self._grant(stream_id, stream)
 
     def _release_withheld(self) -> None:
         # Section 6.2: only the credit of bytes buffered beyond the budget stays withheld.
         # (Releasing just "budget - buffered" could strand credit for good once the withheld
         # amount exceeded the budget: every byte consumed, and the peer still blocked.)
         if self._conn_credit_withheld:
-            excess = max(0, self._buffered - self.buffer_budget)
+            excess = max(0, self._buffered - self.buffer_limit)
             if self._conn_credit_withheld > excess:
                 self._conn_credit_pending += self._conn_credit_withheld - excess
                 self._conn_credit_withheld = excess
@@ -493,11 +517,14 @@ class Session:
 
     def _forget(self, stream_id: int, stream: _Stream) -> None:
         del self._streams[stream_id]
+        self._behind.discard(stream_id)
         if stream.buffered:
             # Section 6.2: connection credit for these bytes was returned on receipt, or
             # withheld; dropping them only frees budget, so withheld credit may flow again.
             self._buffered -= stream.buffered
             stream.buffered = 0
+            if self._behind and self._buffered <= self.buffer_budget:
+                self._grant_behind()
             self._release_withheld()
 
     # ------------------------------------------------------------------ go-away, heartbeat
@@ -550,6 +577,7 @@ class Session:
             self._events.append(ResetReceived(stream_id, code, reason))
         self._streams.clear()
         self._buffered = 0
+        self._behind.clear()
 
     def _fail(self, error: TunnelError, code: int = GoAwayCode.PROTOCOL_ERROR) -> None:
         if self.state is not SessionState.CLOSED:
@@ -630,7 +658,7 @@ class Session:
         if n:
             stream.buffered += n
             self._buffered += n
-            if self._buffered <= self.buffer_budget:
+            if self._buffered <= self.buffer_limit:
                 self._conn_credit_pending += n
             else:
                 self._conn_credit_withheld += n

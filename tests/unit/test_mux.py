@@ -686,7 +686,7 @@ def test_consume_edge_cases() -> None:
 
 
 def test_connection_window_limits_all_streams() -> None:
-    pair = Pair(client={"initial_window": 1 << 30, "connection_window": MiB, "buffer_budget": 0})
+    pair = Pair(client={"initial_window": 1 << 30, "connection_window": MiB, "buffer_limit": 0})
     streams = [pair.open() for _ in range(2)]
     pair.server.send_data(streams[0], bytes(MiB - 10))
     assert pair.server.send_window(streams[1]) == 10
@@ -727,7 +727,7 @@ def test_closed_streams_do_not_return_connection_credit_twice() -> None:
 
 @pytest.mark.parametrize("how", ["reset", "end"])
 def test_unconsumed_bytes_of_a_closed_stream_free_the_budget(how: str) -> None:
-    pair = Pair(client={"connection_window": MiB, "buffer_budget": 100 * KiB})
+    pair = Pair(client={"connection_window": MiB, "buffer_limit": 100 * KiB})
     stream_id = pair.open()
     pair.client.send_reply(stream_id, OK)
     pair.server.send_data(stream_id, bytes(200 * KiB))
@@ -744,8 +744,8 @@ def test_unconsumed_bytes_of_a_closed_stream_free_the_budget(how: str) -> None:
     check_credit(pair.client)
 
 
-def test_buffer_budget_withholds_and_releases_connection_credit() -> None:
-    kw = {"connection_window": MiB, "initial_window": 256 * KiB, "buffer_budget": 512 * KiB}
+def test_buffer_limit_withholds_and_releases_connection_credit() -> None:
+    kw = {"connection_window": MiB, "initial_window": 256 * KiB, "buffer_limit": 512 * KiB}
     pair = Pair(client=kw)
     s1, s2, s3 = (pair.open() for _ in range(3))
     for stream_id in (s1, s2):
@@ -771,7 +771,7 @@ def test_buffer_budget_withholds_and_releases_connection_credit() -> None:
 def test_withheld_credit_all_comes_back_when_everything_is_consumed() -> None:
     """Regression: with a budget below the connection window, credit withheld beyond the
     budget was never released, and the whole tunnel stalled after everything was read."""
-    pair = Pair(client={"connection_window": MiB, "initial_window": 256 * KiB, "buffer_budget": 100 * KiB})
+    pair = Pair(client={"connection_window": MiB, "initial_window": 256 * KiB, "buffer_limit": 100 * KiB})
     streams = [pair.open() for _ in range(5)]
     for stream_id in streams[:4]:
         pair.server.send_data(stream_id, bytes(256 * KiB))
@@ -788,6 +788,47 @@ def test_withheld_credit_all_comes_back_when_everything_is_consumed() -> None:
     assert pair.server._send_conn_window == pair.client._recv_conn_window
 
 
+def test_slow_readers_over_the_budget_hold_no_connection_credit() -> None:
+    """Issue 24 item 4: streams whose readers are behind fill the budget, yet connection credit
+    keeps flowing, so a stream that keeps up is served; the slow ones get no more stream credit
+    until they catch up or the total drops below the budget."""
+    kw = {"connection_window": MiB, "initial_window": 256 * KiB, "buffer_budget": 512 * KiB, "buffer_limit": 64 * MiB}
+    pair = Pair(client=kw)
+    slow = [pair.open() for _ in range(4)]
+    fast = pair.open()
+    for stream_id in slow:  # 1 MiB unconsumed: twice the budget, the whole connection window
+        pair.server.send_data(stream_id, bytes(256 * KiB))
+        pair.pump()
+        check_credit(pair.client)
+    assert pair.client._buffered == MiB
+    assert pair.client._conn_credit_withheld == 0  # every byte's connection credit went back
+    assert pair.server.send_window(fast) == 256 * KiB  # so the fast stream can send at once
+    for _ in range(4):  # and keeps being served while the slow ones hold their buffers
+        pair.server.send_data(fast, bytes(256 * KiB))
+        pair.pump()
+        pair.client.consume(fast, 256 * KiB)
+        pair.pump()
+        check_credit(pair.client)
+        assert pair.server.send_window(fast) == 256 * KiB
+    # A slow reader that consumed half its window but still has more than a quarter buffered
+    # gets no stream credit while the session is over the budget...
+    assert not pair.client.consume(slow[0], 128 * KiB)
+    assert pair.server.send_window(slow[0]) == 0
+    # ... and gets it once it has caught up (less than a quarter of a window buffered).
+    assert pair.client.consume(slow[0], 100 * KiB)
+    pair.pump()
+    assert pair.server.send_window(slow[0]) == 228 * KiB
+    # Another one is owed credit until the total drops below the budget, then it flows.
+    assert not pair.client.consume(slow[1], 128 * KiB)
+    for stream_id in slow[2:]:
+        pair.client.consume(stream_id, 256 * KiB)
+    pair.pump()
+    assert pair.client._buffered <= 512 * KiB
+    assert pair.server.send_window(slow[1]) == 128 * KiB
+    assert not pair.client._behind
+    check_credit(pair.client)
+
+
 def test_peer_overrunning_the_stream_window_fails_the_session() -> None:
     pair = Pair(client={"initial_window": 16 * KiB})
     stream_id = pair.open()
@@ -800,7 +841,7 @@ def test_peer_overrunning_the_stream_window_fails_the_session() -> None:
 
 
 def test_peer_overrunning_the_connection_window_fails_the_session() -> None:
-    pair = Pair(client={"initial_window": 1 << 30, "connection_window": MiB, "buffer_budget": 0})
+    pair = Pair(client={"initial_window": 1 << 30, "connection_window": MiB, "buffer_limit": 0})
     stream_id = pair.open()
     for _ in range(4):
         pair.client.receive(raw(FrameType.DATA, 0, stream_id, bytes(256 * KiB)), 0)
@@ -1149,8 +1190,20 @@ class Model:
 
     def __init__(self) -> None:
         self.pair = Pair(
-            server={"initial_window": 2048, "max_frame": 1024, "max_streams": 6, "buffer_budget": 1000},
-            client={"initial_window": 3072, "max_frame": 1024, "max_streams": 4, "buffer_budget": 500},
+            server={
+                "initial_window": 2048,
+                "max_frame": 1024,
+                "max_streams": 6,
+                "buffer_budget": 1000,
+                "buffer_limit": 2000,
+            },
+            client={
+                "initial_window": 3072,
+                "max_frame": 1024,
+                "max_streams": 4,
+                "buffer_budget": 500,
+                "buffer_limit": 1000,
+            },
         )
         self.sent: dict[tuple[str, int], bytearray] = {}
         self.received: dict[tuple[str, int], bytearray] = {}
