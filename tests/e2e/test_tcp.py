@@ -26,10 +26,25 @@ def free_port() -> int:
 
 
 def port_range(n: int = 20) -> tuple[int, str]:
-    """A run of free-looking ports for --tcp-port-range (checked at bind time anyway)."""
-    base = free_port()
-    base = max(20000, min(base, 60000))
-    return base, f"{base}-{base + n}"
+    """A run of ports free right now for --tcp-port-range, starting at a port the kernel chose
+    (never a fixed one: clamping it into a range made every run near the top use 60000)."""
+    for _ in range(50):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n + 1):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return base, f"{base}-{base + n}"
+    raise RuntimeError(f"no run of {n + 1} free ports found")
 
 
 @pytest_asyncio.fixture
