@@ -28,6 +28,8 @@ __all__ = ["FailureLimiter", "SourceGate", "source_key"]
 
 def source_key(address: str) -> str:
     """The bucket key of a peer address: the IPv4 address, or the IPv6 /64."""
+    if ":" not in address:  # IPv4 as the socket reports it (canonical): no parse per request
+        return address
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
