@@ -10,6 +10,7 @@ from pydantic_settings import NoDecode
 
 from shared.config import BaseConfig, is_loopback_host, optional_addr, parse_addr, split_list
 from shared.forwarding import parse_networks
+from shared.sizes import DEFAULT_STREAM_WINDOW
 
 __all__ = ["ServerConfig"]
 
@@ -80,7 +81,7 @@ class ServerConfig(BaseConfig):
     handshake_timeout: float = Field(10.0, gt=0, description="seconds for a client to say hello")
     heartbeat_interval: float = Field(4.0, gt=0, description="seconds between heartbeat pings")
     heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which a tunnel is dead")
-    stream_window: int = Field(256 * 1024, ge=16 * 1024, description="per-stream flow-control window")
+    stream_window: int = Field(DEFAULT_STREAM_WINDOW, ge=16 * 1024, description="per-stream flow-control window")
     connection_window: int = Field(16 << 20, ge=1 << 20, description="per-tunnel flow-control window")
     tcp_port_range: str | None = Field(None, description="public TCP ports clients may ask for, LO-HI (none: TCP off)")
     admin_addr: str | None = Field(

@@ -19,6 +19,7 @@ from shared.aio.wsfast import TunnelServerConnection
 from shared.frames import GoAwayCode
 from shared.messages import PROTOCOL_VERSION, Error, Hello, Routes, Welcome
 from shared.mux import Role, Session, SessionState
+from shared.sizes import DEFAULT_MAX_FRAME
 
 from .config import ServerConfig
 from .limits import FailureLimiter, SourceGate
@@ -114,7 +115,7 @@ class ControlEndpoint:
         loop = asyncio.get_running_loop()
         session = Session(
             Role.SERVER,
-            max_frame=256 * 1024,
+            max_frame=DEFAULT_MAX_FRAME,
             initial_window=cfg.stream_window,
             connection_window=cfg.connection_window,
             max_streams=cfg.max_streams,
@@ -208,7 +209,7 @@ class ControlEndpoint:
                 refused=refused,
                 max_streams=self.config.max_streams,
                 initial_window=self.config.stream_window,
-                max_frame=256 * 1024,
+                max_frame=DEFAULT_MAX_FRAME,
                 heartbeat_interval=self.config.heartbeat_interval,
             )
         )

@@ -93,6 +93,7 @@ class Exchange:
     rejected: str | None = None
     continue_sent: bool = False  # "100 Continue" goes out once, even when the request is retried
     close_connection: bool = False  # answer with Connection: close (bytes after it are not HTTP)
+    local_status: int | None = None  # the status this side decided before the reply (408: body idle)
 
     def mark_head(self) -> None:
         self.head_seconds = time.perf_counter() - self.started

@@ -9,30 +9,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable
-from typing import NamedTuple, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from aiohttp import HttpVersion11, web
 
 from shared.aio.connection import TunnelStream
-from shared.aio.pump import Endpoint, RawFeeder, pump, set_keepalive
-from shared.errors import LocalProtocolError, SessionClosed, StreamReset, TooManyStreams, TunnelError
-from shared.forwarding import TrustedProxies, forwarded_element
+from shared.aio.pump import Endpoint, pump
+from shared.aio.sockopts import set_keepalive
+from shared.errors import (
+    LocalProtocolError,
+    NoTunnel,
+    SessionClosed,
+    StreamReset,
+    TooManyStreams,
+    TunnelError,
+    TunnelTimeout,
+)
+from shared.forwarding import TrustedProxies
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
-from shared.httputil import EDGE_OWNED, HOP_BY_HOP, append_forwarded, strip_hop_by_hop
+from shared.httputil import strip_hop_by_hop
 from shared.routing import normalize_host
 
 from .access import AccessRules
 from .config import ServerConfig
+from .feeder import RawFeeder
+from .headers import Edge, has_token, is_websocket, origin_form, reply_headers, routed_authority, upstream_headers
 from .httpguard import SERVER, generic_response, head_problem, send_and_close
 from .limits import source_key
 from .observe import Exchange, LogThrottle, Metrics, request_id
 from .routes import Registry, Tunnel
 
-__all__ = ["PublicHandler", "RESET_STATUS"]
-
-RawHeaders = tuple[tuple[bytes, bytes], ...]
+__all__ = ["ERROR_STATUS", "RESET_STATUS", "PublicHandler", "status_of"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,29 @@ RESET_STATUS: dict[int, int] = {
     ResetCode.FORBIDDEN: 403,
     ResetCode.TOO_LARGE: 413,
 }
+
+#: The public status of each error that ends an exchange before its response head
+#: (docs/PROTOCOL.md section 12): the one place tunnel errors become HTTP statuses. A
+#: StreamReset's status comes from its code (RESET_STATUS); 503s carry Retry-After.
+ERROR_STATUS: dict[type[TunnelError], int] = {
+    NoTunnel: 503,  # nothing routed here, or the session picked closed before the stream opened
+    TooManyStreams: 503,  # the session's stream limit
+    LocalProtocolError: 431,  # a request head the tunnel cannot carry (over one frame)
+    SessionClosed: 502,  # the tunnel was lost before the response head
+    TunnelTimeout: 504,  # no response head within --upstream-timeout
+}
+
+
+def status_of(error: TunnelError) -> int:
+    """The public status for ``error`` (502 for anything the tables do not name)."""
+    if isinstance(error, StreamReset):
+        return RESET_STATUS.get(error.code, 502)
+    for kind in type(error).__mro__:
+        status = ERROR_STATUS.get(kind)
+        if status is not None:
+            return status
+    return 502
+
 
 #: Below this many bytes waiting in the caller's socket buffer a write cannot stall, so the
 #: caller-not-reading deadline (--send-timeout) is only armed above it.
@@ -145,7 +177,7 @@ class PublicHandler:
         ex.route, tunnel = self.registry.pick_route(host, request.path)
         if tunnel is None:
             ex.route = ex.route or "unrouted"
-            return self._reject(ex, "no_tunnel", 503)
+            return self._reject(ex, "no_tunnel", ERROR_STATUS[NoTunnel])
         max_body = self.config.max_body
         length = request.content_length
         if max_body is not None and length is not None and length > max_body:
@@ -174,7 +206,7 @@ class PublicHandler:
         self, request: web.BaseRequest, ex: Exchange, tunnel: Tunnel, edge: Edge, host: str
     ) -> web.StreamResponse:
         """Open a stream for a request that passed every check and relay the exchange."""
-        websocket = _is_websocket(request)
+        websocket = is_websocket(request)
         if not websocket and has_token(request.headers.getall("Connection", ()), "upgrade"):
             # An upgrade we do not relay (h2c, ...): aiohttp hands every later byte on this
             # connection to the upgrade, so a request pipelined behind it would be lost. Answer
@@ -228,10 +260,12 @@ class PublicHandler:
         final: bool,
     ) -> web.StreamResponse | Tunnel:
         """One attempt over one session; returns the response, or the session to retry on."""
-        stream = self._open(tunnel, head, has_body or websocket)
-        if isinstance(stream, web.Response):
-            ex.rejected = "stream_limit" if stream.status == 503 else "tunnel_closed"
-            return stream
+        try:
+            stream = self._open(tunnel, head, has_body or websocket)
+        except TunnelError as exc:
+            ex.rejected = "stream_limit" if isinstance(exc, TooManyStreams) else "tunnel_closed"
+            status = status_of(exc)
+            return error_response(status, retry_after=1 if status == 503 else None)
         tunnel.requests += 1
         ex.tunnel_id = tunnel.id
         conn = tunnel.conn
@@ -244,24 +278,26 @@ class PublicHandler:
                 ex.mark_head()
             except TimeoutError:
                 stream.reset(ResetCode.UPSTREAM_TIMEOUT, "no response head in time")
+                status = status_of(TunnelTimeout())
                 log.warning(
-                    "%s %s %s: no response head within %.0fs (504)",
+                    "%s %s %s: no response head within %.0fs (%d)",
                     tunnel.id,
                     host,
                     request.method,
                     self.config.upstream_timeout,
+                    status,
                 )
-                return error_response(504)
+                return error_response(status)
             except (StreamReset, SessionClosed) as exc:
                 if pump is not None:
                     pump.cancel()
                 retry = None if final else self._retry_target(request, ex, tunnel, host, exc)
                 if retry is not None:
                     return retry
+                status = ex.local_status or status_of(exc)
                 if isinstance(exc, SessionClosed):
-                    log.warning("%s stream %d %s: tunnel lost before reply (502)", tunnel.id, stream.id, host)
-                    return error_response(502)
-                status = stream.info.get("status") or RESET_STATUS.get(exc.code, 502)
+                    log.warning("%s stream %d %s: tunnel lost before reply (%d)", tunnel.id, stream.id, host, status)
+                    return error_response(status)
                 log.info(
                     "%s stream %d %s: reset before reply (code %d, %s) -> %d",
                     tunnel.id,
@@ -287,9 +323,16 @@ class PublicHandler:
                 pump.cancel()
             conn.release(stream)
 
-    def _open(self, tunnel: Tunnel, head: RequestHead, has_body: bool) -> TunnelStream | web.Response:
+    def _open(self, tunnel: Tunnel, head: RequestHead, has_body: bool) -> TunnelStream:
+        """Open the stream for one attempt.
+
+        Raises:
+            TooManyStreams: the session's stream limit (logged, throttled).
+            NoTunnel: the session picked closed meanwhile.
+            LocalProtocolError: a head the tunnel cannot carry (too large for one frame).
+        """
         try:
-            return tunnel.conn.open_stream(head, end_stream=not has_body)  # type: ignore[no-any-return]
+            return tunnel.conn.open_stream(head, end_stream=not has_body)
         except TooManyStreams:
             held = self._limit_log.allow(tunnel.id, self._loop.time())
             if held is not None:
@@ -298,22 +341,22 @@ class PublicHandler:
                     tunnel.id,
                     f"; {held} more since the last such line" if held else "",
                 )
-            return error_response(503, retry_after=1)
-        except SessionClosed:
-            return error_response(503, retry_after=1)
-        except LocalProtocolError as exc:  # a head the tunnel cannot carry (too large for one frame)
+            raise
+        except SessionClosed as exc:
+            raise NoTunnel(f"session {tunnel.id} closed") from exc
+        except LocalProtocolError as exc:
             log.info("%s: request head refused: %s (431)", tunnel.id, exc)
-            return error_response(431)
+            raise
 
     def _head(self, request: web.BaseRequest, edge: Edge, websocket: bool = False) -> RequestHead:
         return RequestHead(
             StreamKind.WEBSOCKET if websocket else StreamKind.HTTP,
             request.method,
-            _origin_form(request),
+            origin_form(request),
             edge.host,
             self.config.public_scheme,
             edge.peer,
-            _upstream_headers(request.raw_headers, edge, websocket),
+            upstream_headers(request.raw_headers, edge, websocket),
         )
 
     async def _pump_body(self, request: web.BaseRequest, stream: TunnelStream, ex: Exchange) -> None:
@@ -342,7 +385,7 @@ class PublicHandler:
                         f"idle for {idle:.0f}s" if wait == idle else f"below {rate:.0f} bytes/s ({total} bytes)",
                     )
                     ex.rejected = "body_timeout"
-                    stream.info["status"] = 408
+                    ex.local_status = 408
                     stream.reset(ResetCode.CANCEL, "request body idle")
                     return
                 if not chunk:
@@ -369,7 +412,7 @@ class PublicHandler:
         headers: tuple[tuple[str, str], ...],
         ex: Exchange,
     ) -> web.StreamResponse:
-        kept, unsized = _reply_headers(headers)
+        kept, unsized = reply_headers(headers)
         if unsized is not None and request.method != "HEAD" and status not in (204, 304):
             body = stream.take_complete_body()
             if body is not None:  # all there already: head and body in one write
@@ -459,7 +502,7 @@ class PublicHandler:
         transport = request.transport
         assert transport is not None
         set_keepalive(transport.get_extra_info("socket"))  # long-lived now: find a vanished caller in minutes
-        feeder = RawFeeder(transport)
+        feeder = RawFeeder(transport, self._loop)
         request.protocol.set_parser(feeder)  # type: ignore[arg-type]
         writer = request.writer
 
@@ -475,164 +518,6 @@ class PublicHandler:
         if not transport.is_closing():
             transport.close()
         return resp
-
-
-# Request header names (lower case) the fused pass of _upstream_headers acts on: dropped (hop by
-# hop, Expect, and every field the edge writes itself), the caller's X-Forwarded-For (extended)
-# and X-Forwarded-Proto (believed from a trusted proxy only).
-_DROP, _CONNECTION, _XFF, _XF_PROTO = range(4)
-_REQUEST_NAMES: dict[str, int | None] = {name: _DROP for name in HOP_BY_HOP | EDGE_OWNED | {"expect"}}
-_REQUEST_NAMES.update({"connection": _CONNECTION, "x-forwarded-for": _XFF, "x-forwarded-proto": _XF_PROTO})
-_WEBSOCKET_NAMES = dict(_REQUEST_NAMES, upgrade=None)  # Connection and Upgrade pass for a WebSocket
-_UPGRADE_NAMES = frozenset({"connection", "upgrade"})
-
-
-class Edge(NamedTuple):
-    """What the exit server decided about a request: the fields it writes for the upstream."""
-
-    rid: str  # X-Request-Id
-    peer: str  # the address the request came from (a PROXY header's source when trusted)
-    proto: str  # --public-scheme
-    host: str  # the authority the request was routed and checked on
-    trusted: TrustedProxies | None = None  # set when ``peer`` is a trusted proxy
-
-
-def _upstream_headers(raw: RawHeaders, edge: Edge, websocket: bool) -> tuple[tuple[str, str], ...]:
-    """The request headers as the upstream gets them, in one pass over the raw ones: hop-by-hop
-    headers, Expect, names with ``_`` and every field the edge owns dropped, then the edge's own
-    Host, X-Request-Id and forwarding fields added. Same result as
-    :func:`_upstream_headers_slow`, which a Connection header naming further headers falls back
-    to (they must go before X-Forwarded-For is looked at)."""
-    names = _WEBSOCKET_NAMES if websocket else _REQUEST_NAMES
-    out: list[tuple[str, str]] = []
-    chain: list[str] = []
-    proto: list[str] = []
-    connection: list[str] | None = None
-    for raw_name, raw_value in raw:
-        name = raw_name.decode("latin-1")
-        role = names.get(name.lower())
-        if role is None:
-            if "_" not in name:  # X_Forwarded_For may mean X-Forwarded-For to a CGI-style upstream
-                out.append((name, raw_value.decode("latin-1")))
-        elif role == _DROP:
-            continue
-        elif role == _CONNECTION:  # dropped unless websocket, where it passes
-            value = raw_value.decode("latin-1")
-            connection = [value] if connection is None else [*connection, value]
-            if websocket:
-                out.append((name, value))
-        elif role == _XFF:
-            chain.append(raw_value.decode("latin-1").strip())
-        else:
-            proto.append(raw_value.decode("latin-1"))
-    if connection is not None and _connection_names(connection, names):
-        return _upstream_headers_slow(raw, edge, websocket)
-    return _edge_fields(out, chain, proto, edge)
-
-
-def _edge_fields(
-    out: list[tuple[str, str]], chain: list[str], caller_proto: list[str], edge: Edge
-) -> tuple[tuple[str, str], ...]:
-    """``out`` with the edge's fields: Host first, then X-Request-Id, X-Forwarded-For (the
-    caller's chain extended with the peer), X-Forwarded-Proto, -Host, X-Real-IP and Forwarded."""
-    client, proto = edge.peer, edge.proto
-    if edge.trusted is not None:  # a load balancer in front: believe what it wrote
-        client = edge.trusted.client_of(chain, edge.peer)
-        said = caller_proto[-1].split(",")[-1].strip().lower() if caller_proto else ""
-        if said in ("http", "https"):
-            proto = said
-    out.insert(0, ("Host", edge.host))
-    out.append(("X-Request-Id", edge.rid))
-    append_forwarded(out, chain, edge.peer, proto, edge.host)
-    out.append(("X-Real-IP", client))
-    out.append(("Forwarded", forwarded_element(client, edge.host, proto)))
-    return tuple(out)
-
-
-def _connection_names(values: list[str], names: dict[str, int | None]) -> bool:
-    """True when Connection names a header the fused pass may have kept (rare: the slow path)."""
-    websocket = names is _WEBSOCKET_NAMES
-    for value in values:
-        for token in value.split(","):
-            token = token.strip().lower()
-            if not token or (token in _UPGRADE_NAMES if websocket else token in HOP_BY_HOP):
-                continue  # dropped anyway, or kept anyway on a WebSocket stream
-            if token not in EDGE_OWNED and "_" not in token:
-                return True
-    return False
-
-
-def _upstream_headers_slow(raw: RawHeaders, edge: Edge, websocket: bool) -> tuple[tuple[str, str], ...]:
-    headers = strip_hop_by_hop([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw], keep_upgrade=websocket)
-    out: list[tuple[str, str]] = []
-    chain: list[str] = []
-    proto: list[str] = []
-    for name, value in headers:
-        lower = name.lower()
-        if lower == "x-forwarded-for":
-            chain.append(value.strip())
-        elif lower == "x-forwarded-proto":
-            proto.append(value)
-        elif lower not in EDGE_OWNED and lower != "expect" and "_" not in name:
-            out.append((name, value))
-    return _edge_fields(out, chain, proto, edge)
-
-
-def _reply_headers(headers: tuple[tuple[str, str], ...]) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
-    """The reply headers for the caller (hop-by-hop ones dropped), and the same without
-    Content-Length when there was one (None otherwise)."""
-    kept: list[tuple[str, str]] = []
-    unsized: list[tuple[str, str]] = []
-    sized = False
-    for pair in headers:
-        lower = pair[0].lower()
-        if lower in HOP_BY_HOP:
-            if lower == "connection":  # it may name more headers to drop: the general path
-                kept = strip_hop_by_hop(headers)
-                unsized = [p for p in kept if p[0].lower() != "content-length"]
-                return kept, unsized if len(unsized) != len(kept) else None
-            continue
-        kept.append(pair)
-        if lower == "content-length":
-            sized = True
-        else:
-            unsized.append(pair)
-    return kept, unsized if sized else None
-
-
-def _origin_form(request: web.BaseRequest) -> str:
-    """The request target as path and query: an absolute-form target (``GET http://host/x``,
-    RFC 9112 section 3.2.2) is reduced to its path, as the client accepts origin-form only."""
-    target = request.raw_path
-    if target.startswith("/"):
-        return target
-    url = request.rel_url
-    return url.raw_path + (f"?{url.raw_query_string}" if url.raw_query_string else "")
-
-
-def routed_authority(request: web.BaseRequest) -> str:
-    """The authority a request is routed, checked, logged and forwarded on: an absolute-form
-    target's (RFC 9112 section 3.2.2: the recipient ignores Host then), else the Host header."""
-    target = request.raw_path
-    if not target.startswith("/") and "://" in target:
-        authority = target.partition("://")[2]
-        for stop in "/?#":
-            authority = authority.partition(stop)[0]
-        authority = authority.rpartition("@")[2]  # userinfo is not part of the host
-        if authority:
-            return authority
-    return request.headers.get("Host", "")
-
-
-def _is_websocket(request: web.BaseRequest) -> bool:
-    if request.method != "GET" or request.headers.get("Upgrade", "").strip().lower() != "websocket":
-        return False
-    return has_token(request.headers.getall("Connection", ()), "upgrade")
-
-
-def has_token(values: Iterable[str], token: str) -> bool:
-    """Whether comma-separated header ``values`` hold ``token`` (case-insensitive, RFC 9110 5.6.1)."""
-    return any(part.strip().lower() == token for value in values for part in value.split(","))
 
 
 def _abort(request: web.BaseRequest) -> None:

@@ -10,10 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shared.messages import RouteRefusal, RouteSpec, TcpSpec
 from shared.routing import RouteTable
+
+if TYPE_CHECKING:  # for the types only: this module stays pure bookkeeping
+    from shared.aio.connection import TunnelConnection
+
+    from .tokens import Principal
 
 __all__ = ["Registry", "Tunnel"]
 
@@ -26,18 +31,18 @@ class Tunnel:
     client_id: str
     instance_id: str
     remote: str
-    conn: Any  # shared.aio.connection.TunnelConnection (kept untyped: this module is pure)
+    conn: TunnelConnection
     labels: dict[str, str] = field(default_factory=dict)
     routes: list[RouteSpec] = field(default_factory=list)
     tcp_ports: list[int] = field(default_factory=list)
     connected_at: float = field(default_factory=time.time)
     routable: bool = True
     requests: int = 0
-    policy: Any = None  # exit_server.tokens.Principal: what the client may register (None: anything)
+    policy: Principal | None = None  # what the client may register (None: anything)
 
     @property
     def in_flight(self) -> int:
-        return int(self.conn.streams_in_flight)
+        return self.conn.streams_in_flight
 
 
 class Registry:
@@ -88,7 +93,7 @@ class Registry:
         return granted, granted_ports, refused, replaced
 
     def _port_refusal(
-        self, client_id: str, port: int, bind: Callable[[int], str | None], policy: Any = None
+        self, client_id: str, port: int, bind: Callable[[int], str | None], policy: Principal | None = None
     ) -> str | None:
         if policy is not None and (reason := policy.port_refusal(port)):
             return str(reason)

@@ -27,6 +27,7 @@ from shared.errors import ConfigError
 from shared.forwarding import TrustedProxies, parse_networks
 from shared.frames import GoAwayCode
 from shared.procmetrics import register_process_metrics
+from shared.sizes import DEFAULT_MAX_FRAME
 
 from .access import AccessRules
 from .admin import AdminApp
@@ -122,7 +123,7 @@ class ExitServer:
                 process_request=self.control.process_request,
                 server_header="backhaul",
                 create_connection=TunnelServerConnection,
-                **ws_limits(256 * 1024),
+                **ws_limits(DEFAULT_MAX_FRAME),
             )
         self.control_port = _bound_port(self._ws_server.sockets)
         server = GuardedServer(

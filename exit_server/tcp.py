@@ -8,7 +8,9 @@ import contextlib
 import logging
 import socket
 
-from shared.aio.pump import ChunkStream, pump, set_keepalive
+from shared.aio.chunks import ChunkStream
+from shared.aio.pump import pump
+from shared.aio.sockopts import set_keepalive
 from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
@@ -65,7 +67,7 @@ class TcpListeners:
             self._tasks.add(task)  # owned here, so close() can cancel it
             task.add_done_callback(self._tasks.discard)
 
-        # each connection its own protocol, not asyncio streams: no copies (shared/aio/pump.py)
+        # each connection its own protocol, not asyncio streams: no copies (shared/aio/chunks.py)
         server = await loop.create_server(lambda: ChunkStream(accepted), sock=sock)
         self._servers[port] = server
         log.info("tcp: listening on %s:%d", self.host, port)

@@ -9,17 +9,19 @@
     │   │   └── FrameTooLarge       a declared frame length is above the negotiated limit
     │   ├── InvalidState            an event arrived in a state that does not allow it
     │   └── FlowControlError        more data than the credit allowed
-    ├── AuthError                   bad, missing or revoked credentials (status hint 401)
-    ├── SessionClosed               the tunnel session is gone (status hint 502)
-    ├── StreamReset                 the peer reset a stream (status hint 502)
-    ├── NoTunnel                    no live session serves this host (status hint 503)
-    ├── TooManyStreams              the per-tunnel stream limit is reached (status hint 503)
-    ├── TunnelTimeout               a deadline passed (status hint 504)
-    ├── UpstreamError               the local upstream failed (status hint 502)
-    └── ConfigError                 invalid configuration (CLI exit code 2)
+    ├── AuthError                   the exit server refused our credentials (client)
+    ├── SessionClosed               the tunnel session is gone
+    ├── StreamReset                 a stream was reset (``code``: shared.frames.ResetCode)
+    ├── NoTunnel                    no live session can take this request (exit server)
+    ├── TooManyStreams              the per-session stream limit is reached
+    ├── TunnelTimeout               a deadline passed (heartbeat, response head)
+    ├── UpstreamError               the local upstream failed (client)
+    └── ConfigError                 invalid configuration (CLI exit status 2)
 
-Every error the exit server can surface to a public caller carries ``status_hint``, the HTTP
-status it maps to (the idea of h11's ``error_status_hint``).
+Errors carry no status of their own: each boundary maps them in one table, the public HTTP
+status in ``exit_server/public.py`` (``ERROR_STATUS``) and the stream reset code in
+``tunnel_client/upstream.py`` (``reset_for``); the CLI maps ConfigError to status 2 and every
+other error to 1 (``shared/runtime/cli.py``).
 """
 
 from __future__ import annotations
@@ -46,13 +48,9 @@ __all__ = [
 class TunnelError(Exception):
     """Base class of every error raised by Backhaul."""
 
-    status_hint: int = 502
-
 
 class ProtocolError(TunnelError):
     """A violation of the wire protocol (docs/PROTOCOL.md)."""
-
-    status_hint = 502
 
 
 class LocalProtocolError(ProtocolError):
@@ -81,21 +79,15 @@ class FlowControlError(ProtocolError):
 
 
 class AuthError(TunnelError):
-    """Credentials were missing, wrong, or revoked."""
-
-    status_hint = 401
+    """The exit server refused the client's credentials (missing, wrong or revoked)."""
 
 
 class SessionClosed(TunnelError):
     """The tunnel session ended before the operation completed."""
 
-    status_hint = 502
-
 
 class StreamReset(TunnelError):
-    """The peer reset the stream; ``code`` is a :class:`shared.frames.ResetCode`."""
-
-    status_hint = 502
+    """A stream was reset; ``code`` is a :class:`shared.frames.ResetCode`."""
 
     def __init__(self, code: int, reason: str = "") -> None:
         super().__init__(f"stream reset (code {code}): {reason}" if reason else f"stream reset (code {code})")
@@ -104,27 +96,46 @@ class StreamReset(TunnelError):
 
 
 class NoTunnel(TunnelError):
-    """No live tunnel session serves the requested host."""
-
-    status_hint = 503
+    """No live tunnel session can take the request (none routed, or the one picked closed)."""
 
 
 class TooManyStreams(TunnelError):
     """The per-session concurrent stream limit is reached."""
 
-    status_hint = 503
-
 
 class TunnelTimeout(TunnelError):
-    """A deadline passed (response head, heartbeat, drain)."""
-
-    status_hint = 504
+    """A deadline passed (heartbeat, response head)."""
 
 
 class UpstreamError(TunnelError):
-    """The local upstream refused, failed or broke the connection."""
+    """The local upstream could not be reached or broke the exchange.
 
-    status_hint = 502
+    Attributes:
+        connect: the connection could not be opened.
+        timeout: opening it took longer than the connect timeout.
+        before_head: no response head had arrived (the caller gets 502/504, not a cut body).
+        retriable: a pooled connection failed before any response byte: safe to send again
+            when the request body was not streamed.
+        head_too_large: the response head went past the configured bytes or fields.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        connect: bool = False,
+        timeout: bool = False,
+        before_head: bool = True,
+        retriable: bool = False,
+        head_too_large: bool = False,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.head_too_large = head_too_large
+        self.connect = connect
+        self.timeout = timeout
+        self.before_head = before_head
+        self.retriable = retriable
 
 
 class ConfigError(TunnelError):

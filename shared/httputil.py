@@ -1,11 +1,11 @@
-"""HTTP proxy rules shared by both sides: hop-by-hop removal and X-Forwarded-* (RFC 9110
-section 7.6.1, RFC 7239 practice). Pure functions over header tuples."""
+"""HTTP proxy rules shared by both sides: hop-by-hop removal (RFC 9110 section 7.6.1) and
+the fields the edge owns (written in exit_server/headers.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["EDGE_OWNED", "HOP_BY_HOP", "append_forwarded", "forwarded_headers", "strip_hop_by_hop"]
+__all__ = ["EDGE_OWNED", "HOP_BY_HOP", "strip_hop_by_hop"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -69,37 +69,3 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], keep_upgrade: bool = Fa
     if not named:
         return out
     return [pair for pair in out if pair[0].lower() not in named]
-
-
-def forwarded_headers(headers: list[tuple[str, str]], client_addr: str, proto: str, host: str) -> list[tuple[str, str]]:
-    """Append the caller to ``X-Forwarded-For`` and set ``X-Forwarded-Proto``/``-Host``
-    when absent. Existing chains are extended, never replaced."""
-    out: list[tuple[str, str]] = []
-    chain: list[str] = []
-    have_proto = have_host = False
-    for name, value in headers:
-        lower = name.lower()
-        if lower == "x-forwarded-for":
-            chain.append(value.strip())
-            continue
-        if lower == "x-forwarded-proto":
-            have_proto = True
-        elif lower == "x-forwarded-host":
-            have_host = True
-        out.append((name, value))
-    append_forwarded(out, chain, client_addr, proto if not have_proto else None, host if not have_host else None)
-    return out
-
-
-def append_forwarded(
-    out: list[tuple[str, str]], chain: list[str], client_addr: str, proto: str | None, host: str | None
-) -> None:
-    """The tail of :func:`forwarded_headers`, for callers that scanned the headers themselves:
-    ``chain`` (the caller's X-Forwarded-For values) plus ``client_addr``, then X-Forwarded-Proto
-    and -Host unless None (present already) or empty."""
-    chain.append(client_addr)
-    out.append(("X-Forwarded-For", ", ".join(c for c in chain if c)))
-    if proto is not None:
-        out.append(("X-Forwarded-Proto", proto))
-    if host:
-        out.append(("X-Forwarded-Host", host))

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import RemoteProtocolError
+from .sizes import DEFAULT_MAX_FRAME, DEFAULT_STREAM_WINDOW
 
 __all__ = [
     "MAX_ROUTES",
@@ -78,8 +79,8 @@ class Hello(_Model):
     tcp: Annotated[list[TcpSpec], Field(max_length=MAX_TCP)] = []
     labels: Annotated[dict[str, Annotated[str, Field(max_length=256)]], Field(max_length=32)] = {}
     max_streams: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
-    initial_window: Annotated[int, Field(ge=1024, le=(1 << 31) - 1)] = 256 * 1024
-    max_frame: Annotated[int, Field(ge=1024, le=(1 << 24) - 1)] = 256 * 1024
+    initial_window: Annotated[int, Field(ge=1024, le=(1 << 31) - 1)] = DEFAULT_STREAM_WINDOW
+    max_frame: Annotated[int, Field(ge=1024, le=(1 << 24) - 1)] = DEFAULT_MAX_FRAME
     software: Annotated[str, Field(max_length=64)] = ""
 
 
@@ -94,8 +95,8 @@ class Welcome(_Model):
     tcp: list[TcpSpec] = []
     refused: list[RouteRefusal] = []
     max_streams: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
-    initial_window: Annotated[int, Field(ge=1024, le=(1 << 31) - 1)] = 256 * 1024
-    max_frame: Annotated[int, Field(ge=1024, le=(1 << 24) - 1)] = 256 * 1024
+    initial_window: Annotated[int, Field(ge=1024, le=(1 << 31) - 1)] = DEFAULT_STREAM_WINDOW
+    max_frame: Annotated[int, Field(ge=1024, le=(1 << 24) - 1)] = DEFAULT_MAX_FRAME
     heartbeat_interval: Annotated[float, Field(gt=0, le=300)] = 5.0
 
 

@@ -65,14 +65,17 @@ from .messages import (
     decode_control,
     encode_control,
 )
+from .sizes import DEFAULT_MAX_FRAME, DEFAULT_STREAM_WINDOW, MAX_MESSAGE
 
 __all__ = [
     "INITIAL_CONNECTION_WINDOW",
     "Role",
     "Session",
+    "SessionEvent",
     "SessionState",
     "StreamEvent",
     "StreamState",
+    "session_transition",
     "transition",
 ]
 
@@ -98,6 +101,12 @@ class SessionState(enum.Enum):
     OPEN = "open"
     DRAINING = "draining"
     CLOSED = "closed"
+
+
+class SessionEvent(enum.Enum):
+    ACCEPT = "accept"  # the server sent Welcome / the client received it (section 5)
+    GOAWAY = "goaway"  # GOAWAY sent, or a graceful one received (section 8)
+    CLOSE = "close"  # a fatal error, a refusal, an abrupt GOAWAY, or the transport gone
 
 
 class StreamState(enum.Enum):
@@ -135,8 +144,29 @@ _TRANSITIONS: dict[tuple[StreamState, StreamEvent], StreamState] = {
     (_S.HALF_CLOSED_REMOTE, _E.SEND_RESET): _S.CLOSED,
     (_S.HALF_CLOSED_REMOTE, _E.RECV_RESET): _S.CLOSED,
 }
+#: Every legal session transition (sections 5, 8 and 10); anything else raises InvalidState.
+_SESSION_TRANSITIONS: dict[tuple[SessionState, SessionEvent], SessionState] = {
+    (SessionState.HANDSHAKE, SessionEvent.ACCEPT): SessionState.OPEN,
+    (SessionState.HANDSHAKE, SessionEvent.GOAWAY): SessionState.CLOSED,  # nothing to drain yet
+    (SessionState.OPEN, SessionEvent.GOAWAY): SessionState.DRAINING,
+    (SessionState.DRAINING, SessionEvent.GOAWAY): SessionState.DRAINING,
+    (SessionState.CLOSED, SessionEvent.GOAWAY): SessionState.CLOSED,
+    **{(state, SessionEvent.CLOSE): SessionState.CLOSED for state in SessionState},
+}
 _CAN_SEND = frozenset({_S.OPEN, _S.HALF_CLOSED_REMOTE})
 _CAN_RECV = frozenset({_S.OPEN, _S.HALF_CLOSED_LOCAL})
+
+
+def session_transition(state: SessionState, event: SessionEvent) -> SessionState:
+    """Return the session state after ``event``.
+
+    Raises:
+        InvalidState: the transition is not in the table.
+    """
+    try:
+        return _SESSION_TRANSITIONS[(state, event)]
+    except KeyError:
+        raise InvalidState("session", state, event) from None
 
 
 def transition(state: StreamState, event: StreamEvent) -> StreamState:
@@ -186,8 +216,8 @@ class Session:
         self,
         role: Role,
         *,
-        max_frame: int = 256 * 1024,
-        initial_window: int = 256 * 1024,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        initial_window: int = DEFAULT_STREAM_WINDOW,
         connection_window: int = 16 << 20,
         max_streams: int = 10_000,
         buffer_budget: int = 64 << 20,
@@ -264,12 +294,12 @@ class Session:
 
     # ------------------------------------------------------------------ output
 
-    def data_to_send(self, max_message: int = 256 * 1024) -> list[bytes]:
+    def data_to_send(self, max_message: int = MAX_MESSAGE) -> list[bytes]:
         """Return queued frames grouped into WebSocket messages of at most ``max_message``
         bytes (a single frame larger than that forms its own message)."""
         return [b"".join(pieces) for pieces in self.messages_to_send(max_message)]
 
-    def messages_to_send(self, max_message: int = 256 * 1024) -> list[list[bytes | memoryview]]:
+    def messages_to_send(self, max_message: int = MAX_MESSAGE) -> list[list[bytes | memoryview]]:
         """Like :meth:`data_to_send`, each message as its pieces (frame headers and payloads)
         in order, not joined: the writer masks or encrypts them in place of a copy."""
         if not self._out:
@@ -323,7 +353,7 @@ class Session:
     def refuse(self, code: str, message: str = "") -> None:
         """Server: refuse the session with an Error message; the session is then closed."""
         self._queue(FrameType.CONTROL, 0, 0, encode_control(Error(code=code, message=message)))
-        self.state = SessionState.CLOSED
+        self._enter(SessionEvent.CLOSE)
 
     def send_control(self, message: Routes | Error) -> None:
         """Send a control message after the handshake (a Routes update, or a fatal Error)."""
@@ -331,10 +361,13 @@ class Session:
             raise InvalidState("session", self.state, f"send {message.type}")
         self._queue(FrameType.CONTROL, 0, 0, encode_control(message))
         if isinstance(message, Error):
-            self.state = SessionState.CLOSED
+            self._enter(SessionEvent.CLOSE)
+
+    def _enter(self, event: SessionEvent) -> None:
+        self.state = session_transition(self.state, event)
 
     def _enter_open(self) -> None:
-        self.state = SessionState.OPEN
+        self._enter(SessionEvent.ACCEPT)
         extra = self.connection_window - INITIAL_CONNECTION_WINDOW
         if extra:
             self._recv_conn_window += extra
@@ -532,14 +565,14 @@ class Session:
     def send_goaway(self, code: int = GoAwayCode.NO_ERROR, reason: str = "") -> None:
         """Start draining: no new streams (section 8). Idempotent."""
         if self.state in (SessionState.CLOSED, SessionState.HANDSHAKE):
-            self.state = SessionState.CLOSED
+            self._enter(SessionEvent.GOAWAY)
             return
         if self.local_goaway is not None:
             return
         last = self._next_stream_id - 2 if self.role is Role.SERVER else self._highest_remote
         self.local_goaway = (max(last, 0), int(code), reason)
         self._queue(FrameType.GOAWAY, 0, 0, encode_goaway(max(last, 0), code, reason))
-        self.state = SessionState.DRAINING
+        self._enter(SessionEvent.GOAWAY)
 
     def send_ping(self, now: float) -> None:
         """Queue a heartbeat PING stamped with ``now``."""
@@ -560,6 +593,11 @@ class Session:
             self.send_ping(now)
 
     @property
+    def closed(self) -> bool:
+        """True once the session is over (for callers that state checks would not narrow)."""
+        return self.state is SessionState.CLOSED
+
+    @property
     def is_idle(self) -> bool:
         """True when a draining session has no streams left (it may be closed)."""
         return self.state is SessionState.DRAINING and not self._streams
@@ -568,7 +606,7 @@ class Session:
         """Mark the session closed (transport gone); open streams are reported as reset."""
         if self.state is SessionState.CLOSED:
             return
-        self.state = SessionState.CLOSED
+        self._enter(SessionEvent.CLOSE)
         self.error = error
         self._drop_streams(ResetCode.INTERNAL_ERROR, "session closed")
 
@@ -583,7 +621,7 @@ class Session:
         if self.state is not SessionState.CLOSED:
             last = self._highest_remote if self.role is Role.CLIENT else max(self._next_stream_id - 2, 0)
             self._queue(FrameType.GOAWAY, 0, 0, encode_goaway(last, code, str(error)[:200]))
-        self.state = SessionState.CLOSED
+        self._enter(SessionEvent.CLOSE)
         self.error = error
         self._drop_streams(ResetCode.INTERNAL_ERROR, "session failed")
         self._events.append(ConnectionFailed(error))
@@ -738,7 +776,7 @@ class Session:
         last, code, reason = decode_goaway(payload)
         self.peer_goaway = (last, code, reason)
         if self.state is SessionState.OPEN:
-            self.state = SessionState.DRAINING
+            self._enter(SessionEvent.GOAWAY)
         if self.role is Role.SERVER:
             # Streams the client never saw were not processed: report them refused (retryable).
             for stream_id in [s for s in self._streams if s > last]:
@@ -746,14 +784,14 @@ class Session:
                 self._events.append(ResetReceived(stream_id, ResetCode.REFUSED, "peer going away"))
         self._events.append(GoAwayReceived(last, code, reason))
         if code not in (GoAwayCode.NO_ERROR, GoAwayCode.SHUTDOWN, GoAwayCode.REPLACED):
-            self.state = SessionState.CLOSED
+            self._enter(SessionEvent.CLOSE)
             self.error = SessionClosed(f"peer went away (code {code}): {reason}")
             self._drop_streams(ResetCode.INTERNAL_ERROR, "peer went away")
 
     def _recv_control(self, payload: memoryview) -> None:
         message = decode_control(payload)
         if isinstance(message, Error):
-            self.state = SessionState.CLOSED
+            self._enter(SessionEvent.CLOSE)
             self.error = SessionClosed(f"peer error {message.code}: {message.message}")
             self._drop_streams(ResetCode.INTERNAL_ERROR, "peer error")
             self._events.append(ControlReceived(message))

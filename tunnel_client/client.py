@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import ipaddress
 import logging
 import socket
@@ -37,6 +38,7 @@ from shared.heads import KIND_NAMES
 from shared.messages import SUPPORTED_VERSIONS, Error, Hello, Routes, RouteSpec, TcpSpec, Welcome
 from shared.mux import Role, Session
 from shared.procmetrics import register_process_metrics
+from shared.sizes import DEFAULT_MAX_FRAME, DEFAULT_STREAM_WINDOW
 from shared.version import version
 
 from .admin import ClientMetrics, admin_app
@@ -82,6 +84,16 @@ async def resolve(host: str) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+class LinkOutcome(enum.Enum):
+    """How one session attempt of a link ended; decides the next attempt's delay."""
+
+    ESTABLISHED = "established"  # registered, then ended: reconnect after a fresh backoff
+    FAILED = "failed"  # never registered (refused, unreachable): back off further
+    GOAWAY = "goaway"  # the server drains this session: connect a new one at once
+    KILLED = "killed"  # the kill switch withdrew the tunnel: wait until it is lifted
+    STOPPED = "stopped"  # the client is stopping
+
+
 class ServerLink:
     """Keeps one session to one exit server URL alive."""
 
@@ -116,23 +128,23 @@ class ServerLink:
             outcome = await self._one_session()
             if self.client.stopping:
                 break
-            if outcome == "killed":
+            if outcome is LinkOutcome.KILLED:
                 delays = backoff_delays(cfg.backoff_base, cfg.backoff_cap)
                 continue  # wait above until the kill switch is lifted, then connect at once
-            if outcome == "goaway":
+            if outcome is LinkOutcome.GOAWAY:
                 continue  # the old session drains in the background; connect a new one now
-            if outcome == "established":
+            if outcome is LinkOutcome.ESTABLISHED:
                 delays = backoff_delays(cfg.backoff_base, cfg.backoff_cap)
             delay = next(delays)
             log.info("link %s: reconnecting in %.2fs", self.url, delay)
             await self.client.sleep(delay)
         await self.finish()
 
-    async def _one_session(self) -> str:
+    async def _one_session(self) -> LinkOutcome:
         cfg = self.client.config
         headers = {"Authorization": f"Bearer {self.client.token}"}
         ssl_ctx = self.client.ssl_context if self.url.startswith("wss:") else None
-        options = ws_limits(256 * 1024)
+        options = ws_limits(DEFAULT_MAX_FRAME)
         if self.address:  # connect to this resolved address; TLS still checks the URL's name
             options["host"] = self.address
         try:
@@ -151,21 +163,21 @@ class ServerLink:
                 **options,
             )
             if ws is None:
-                return "stopped"  # a stop arrived while connecting: never register after it
+                return LinkOutcome.STOPPED  # a stop arrived while connecting: never register after it
         except InvalidStatus as exc:
             status = exc.response.status_code
             what = "token refused (401)" if status == 401 else f"HTTP {status}"
             log.error("link %s: %s", self.url, what)
             if status == 401 and cfg.exit_on_auth_failure and not self.ever_registered:
                 raise AuthError(f"link {self.url}: {what} at start; exiting (--exit-on-auth-failure)") from None
-            return "failed"
+            return LinkOutcome.FAILED
         except (OSError, InvalidHandshake, TimeoutError, ssl.SSLError) as exc:
             log.warning("link %s: connect failed: %s%s", self.url, exc, connect_hint(exc, cfg.ca_file))
-            return "failed"
+            return LinkOutcome.FAILED
         loop = asyncio.get_running_loop()
         session = Session(
             Role.CLIENT,
-            initial_window=256 * 1024,
+            initial_window=DEFAULT_STREAM_WINDOW,
             connection_window=16 << 20,
             max_streams=cfg.max_streams,
             heartbeat_timeout=cfg.heartbeat_timeout,
@@ -179,7 +191,7 @@ class ServerLink:
                 tcp=[TcpSpec(port=t.public_port) for t in self.client.config.tcp_targets],
                 labels=self.client.labels,
                 max_streams=cfg.max_streams,
-                initial_window=256 * 1024,
+                initial_window=DEFAULT_STREAM_WINDOW,
                 software=SOFTWARE,
             )
         )
@@ -231,12 +243,12 @@ class ServerLink:
         self.client._changed()
         if self.client.killswitch.engaged and not self.client.stopping:
             await self.withdraw(conn, run)
-            return "killed"
+            return LinkOutcome.KILLED
         if not run.done():
             log.info("link %s: server draining session %s; connecting a new session", self.url, self.session_id)
             self._draining.add(run)
             run.add_done_callback(self._draining.discard)
-            return "goaway"
+            return LinkOutcome.GOAWAY
         log.log(
             logging.INFO if self.client.stopping else logging.WARNING,
             "link %s: session %s ended: %s",
@@ -244,7 +256,7 @@ class ServerLink:
             self.session_id or "-",
             conn.close_reason or "closed",
         )
-        return "established" if established else "failed"
+        return LinkOutcome.ESTABLISHED if established else LinkOutcome.FAILED
 
     async def _connect_unless_stopped(self, url: str, **kwargs: Any) -> ClientConnection | None:
         """``connect()``, raced against the client's stop: a stop (SIGTERM) while the TCP, TLS or

@@ -45,7 +45,7 @@ from typing import Any
 
 import httptools
 
-from shared.errors import TunnelError
+from shared.errors import TunnelError, UpstreamError
 
 __all__ = [
     "DIRECT_BODY_MIN",
@@ -54,8 +54,8 @@ __all__ = [
     "MAX_RESPONSE_HEAD",
     "Origin",
     "UpstreamConnection",
-    "UpstreamError",
     "UpstreamPool",
+    "parse_response_head",
     "build_head",
 ]
 
@@ -80,38 +80,6 @@ Origin = tuple[str, str, int]
 _NO_BODY_STATUS = frozenset({204, 304})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached or broke the exchange.
-
-    Attributes:
-        connect: the connection could not be opened.
-        timeout: opening it took longer than the connect timeout.
-        before_head: no response head had arrived (the caller gets 502/504, not a cut body).
-        retriable: a pooled connection failed before any response byte: safe to send again
-            when the request body was not streamed.
-        head_too_large: the response head went past ``max_head`` bytes or ``max_fields``
-            fields (502 at once; the connection is dropped).
-    """
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        connect: bool = False,
-        timeout: bool = False,
-        before_head: bool = True,
-        retriable: bool = False,
-        head_too_large: bool = False,
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.head_too_large = head_too_large
-        self.connect = connect
-        self.timeout = timeout
-        self.before_head = before_head
-        self.retriable = retriable
 
 
 def build_head(
@@ -448,6 +416,40 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._complete = True
         self._wake_body()
+
+
+class _HeadOnly:
+    """httptools callbacks that keep a response head's status and fields."""
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[str, str]] = []
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def parse_response_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:
+    """Status and fields of one complete HTTP/1.x response head (the upgrade answer of a
+    WebSocket stream), parsed by llhttp like every other response.
+
+    Raises:
+        ValueError: ``raw`` is not one complete, well-formed response head.
+    """
+    callbacks = _HeadOnly()
+    parser = httptools.HttpResponseParser(callbacks)
+    try:
+        parser.feed_data(raw)
+    except httptools.HttpParserUpgrade:
+        pass  # a 101 with Upgrade: the head is complete, the rest is the new protocol
+    except httptools.HttpParserError as exc:
+        raise ValueError(f"malformed response head: {exc}") from None
+    if not callbacks.complete:
+        raise ValueError("incomplete response head")
+    return parser.get_status_code(), callbacks.headers
 
 
 class UpstreamPool:

@@ -13,9 +13,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from shared.aio.chunks import ChunkStream
 from shared.aio.connection import TunnelStream
-from shared.aio.pump import ChunkStream, Endpoint, pump, stream_endpoint
-from shared.errors import LocalProtocolError, TunnelError
+from shared.aio.pump import Endpoint, pump, stream_endpoint
+from shared.errors import LocalProtocolError, StreamReset, TunnelError, UpstreamError
 from shared.frames import ResetCode
 from shared.heads import KIND_NAMES, RequestHead, ResponseHead, StreamKind
 from shared.httputil import strip_hop_by_hop
@@ -29,13 +30,13 @@ from .http1 import (
     MAX_RESPONSE_FIELDS,
     MAX_RESPONSE_HEAD,
     UpstreamConnection,
-    UpstreamError,
     UpstreamPool,
     exchange,
+    parse_response_head,
 )
 from .killswitch import KillSwitch
 
-__all__ = ["Forwarder"]
+__all__ = ["Forwarder", "reset_for"]
 
 _T = TypeVar("_T")
 
@@ -103,27 +104,29 @@ class Forwarder:
             head.target.partition("?")[0],
             head.client_addr,
         )
-        stream.info["audit"] = record
         start = time.monotonic()
         try:
             await self._serve(stream, head, record)
         finally:
             record.duration_ms = (time.monotonic() - start) * 1000
             if record.reset is None and stream.error is not None:  # reset by the server, a pump, or the session
-                code = getattr(stream.error, "code", None)
-                record.reset = ResetCode(code).name if code in _CODES else type(stream.error).__name__
+                error = stream.error
+                if isinstance(error, StreamReset) and error.code in _CODES:
+                    record.reset = ResetCode(error.code).name
+                else:
+                    record.reset = type(error).__name__
             if self.audit is not None:
                 self.audit.write(record)
 
     async def _serve(self, stream: TunnelStream, head: RequestHead, record: AuditRecord) -> None:
         if self.killswitch is not None and self.killswitch.engaged:
-            _reset(stream, ResetCode.REFUSED, "tunnel withdrawn (kill switch)")
+            _reset(stream, record, ResetCode.REFUSED, "tunnel withdrawn (kill switch)")
             return
         if self.audit is not None and self.audit.refusing:  # --audit-failure closed: no unaudited stream
-            _reset(stream, ResetCode.REFUSED, "audit log cannot be written")
+            _reset(stream, record, ResetCode.REFUSED, "audit log cannot be written")
             return
         if head.kind is StreamKind.TCP:
-            await self._tcp(stream)
+            await self._tcp(stream, record)
             return
         try:
             path, query = self.guard.check_request(head)
@@ -131,7 +134,7 @@ class Forwarder:
             log.warning(
                 "session %s stream %d: refused by the guardrails: %s", stream.session_name, stream.id, exc.reason
             )
-            _reset(stream, exc.code, exc.reason)
+            _reset(stream, record, exc.code, exc.reason)
             return
         record.path = path
         upstream = self.match(head.authority, path)
@@ -139,35 +142,35 @@ class Forwarder:
             log.warning(
                 "session %s stream %d: no upstream for %r", stream.session_name, stream.id, head.authority[:100]
             )
-            _reset(stream, ResetCode.NO_UPSTREAM, "no upstream for this host")
+            _reset(stream, record, ResetCode.NO_UPSTREAM, "no upstream for this host")
             return
         record.upstream = upstream.host + ("" if upstream.path_prefix == "/" else upstream.path_prefix)
         try:
             self.guard.check_route(upstream.host, upstream.path_prefix, path)
         except Refused as exc:
             log.warning("session %s stream %d: %s: %s", stream.session_name, stream.id, record.upstream, exc.reason)
-            _reset(stream, exc.code, exc.reason)
+            _reset(stream, record, exc.code, exc.reason)
             return
         self.requests += 1
         target = upstream.base_path + path
         if head.kind is StreamKind.WEBSOCKET:
-            await self._websocket(stream, upstream, target + ("" if query is None else "?" + query))
+            await self._websocket(stream, record, upstream, target + ("" if query is None else "?" + query))
         else:
-            await self._proxy(stream, upstream, target + ("" if query is None else "?" + query))
+            await self._proxy(stream, record, upstream, target + ("" if query is None else "?" + query))
 
     async def _connect(
-        self, stream: TunnelStream, host: str, port: int, opener: Callable[[], Awaitable[_T]]
+        self, stream: TunnelStream, record: AuditRecord, host: str, port: int, opener: Callable[[], Awaitable[_T]]
     ) -> _T | None:
         """``opener()`` within the connect timeout; None (the stream reset) when it fails."""
         try:
             async with asyncio.timeout(self.connect_timeout):
                 return await opener()
         except (OSError, TimeoutError) as exc:
-            log.warning("stream %d: upstream %s:%d unreachable: %s", stream.id, host, port, exc)
-            _reset(stream, ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
+            log.warning("stream %d: upstream %s:%d unreachable: %s", stream.id, host, port, exc or "timeout")
+            _reset(stream, record, *reset_for(UpstreamError(str(exc), connect=True)))
             return None
 
-    async def _tcp(self, stream: TunnelStream) -> None:
+    async def _tcp(self, stream: TunnelStream, record: AuditRecord) -> None:
         head = stream.head
         assert head is not None
         try:
@@ -178,17 +181,21 @@ class Forwarder:
             log.warning(
                 "session %s stream %d: no TCP upstream for port %r", stream.session_name, stream.id, head.target[:20]
             )
-            _reset(stream, ResetCode.NO_UPSTREAM, "no TCP upstream for this port")
+            _reset(stream, record, ResetCode.NO_UPSTREAM, "no TCP upstream for this port")
             return
-        stream.info["audit"].upstream = f"tcp:{target.public_port}"
+        record.upstream = f"tcp:{target.public_port}"
         self.requests += 1
         loop = asyncio.get_running_loop()
         opened = await self._connect(
-            stream, target.host, target.port, lambda: loop.create_connection(ChunkStream, target.host, target.port)
+            stream,
+            record,
+            target.host,
+            target.port,
+            lambda: loop.create_connection(ChunkStream, target.host, target.port),
         )
         if opened is None:
             return
-        conn = opened[1]  # its own protocol, not asyncio streams: no copies (shared/aio/pump.py)
+        conn = opened[1]  # its own protocol, not asyncio streams: no copies (shared/aio/chunks.py)
         try:
             if self.proxy_protocol:
                 try:
@@ -196,12 +203,12 @@ class Forwarder:
                     conn.transport.write(proxy_v2_header(head.client_addr, head.authority))
                 except ValueError:
                     log.warning("stream %d: no PROXY header: unusable addresses", stream.id)
-            _reply(stream, ResponseHead(200))
-            await pump(stream, _counted(stream, conn.endpoint()))
+            _reply(stream, record, ResponseHead(200))
+            await pump(stream, _counted(record, conn.endpoint()))
         finally:
             conn.abort() if stream.error else conn.close()
 
-    async def _websocket(self, stream: TunnelStream, upstream: Upstream, target: str) -> None:
+    async def _websocket(self, stream: TunnelStream, record: AuditRecord, upstream: Upstream, target: str) -> None:
         """Relay a WebSocket upgrade byte for byte: the upstream's own handshake and frames
         reach the caller unchanged (fragments, pings, close codes, extensions)."""
         head = stream.head
@@ -209,6 +216,7 @@ class Forwarder:
         scheme, host, port = upstream.address
         conn = await self._connect(
             stream,
+            record,
             host,
             port,
             lambda: asyncio.open_connection(host, port, ssl=scheme == "https" or None, limit=1 << 20),
@@ -224,27 +232,26 @@ class Forwarder:
             try:
                 async with asyncio.timeout(self.connect_timeout * 6):
                     raw = await reader.readuntil(b"\r\n\r\n")
-                status, headers = _parse_response_head(raw)
+                status, headers = parse_response_head(raw)
             except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
-                _reset(stream, ResetCode.UPSTREAM_CONNECT, "bad upgrade response")
+                _reset(stream, record, ResetCode.UPSTREAM_CONNECT, "bad upgrade response")
                 return
             upgraded = status == 101
             kept = strip_hop_by_hop(headers, keep_upgrade=upgraded)
-            _reply(stream, ResponseHead(status, tuple(kept)))
+            _reply(stream, record, ResponseHead(status, tuple(kept)))
             if not upgraded:  # refused upgrade: relay its body and finish
                 length = next((int(v) for k, v in headers if k.lower() == "content-length" and v.isdigit()), None)
                 body = await (reader.readexactly(length) if length is not None else reader.read(1 << 20))
-                stream.info["audit"].bytes_out += len(body)
+                record.bytes_out += len(body)
                 await stream.write(body, end=True)
                 return
-            await pump(stream, _counted(stream, stream_endpoint(reader, writer)))
+            await pump(stream, _counted(record, stream_endpoint(reader, writer)))
         finally:
             writer.transport.abort() if stream.error else writer.close()
 
-    async def _proxy(self, stream: TunnelStream, upstream: Upstream, target: str) -> None:
+    async def _proxy(self, stream: TunnelStream, record: AuditRecord, upstream: Upstream, target: str) -> None:
         head = stream.head
         assert head is not None
-        record: AuditRecord = stream.info["audit"]
         headers = _routed(strip_hop_by_hop(head.headers), head.authority)
         body: bytes | None = None
         body_stream: AsyncIterator[bytes | memoryview] | None = None
@@ -264,7 +271,7 @@ class Forwarder:
                 pool, upstream.address, head.method, target, headers, head.authority, body, body_stream, framed
             )
             try:
-                _reply(stream, ResponseHead(conn.status, tuple(strip_hop_by_hop(conn.headers()))))
+                _reply(stream, record, ResponseHead(conn.status, tuple(strip_hop_by_hop(conn.headers()))))
             except LocalProtocolError as exc:  # a head the tunnel cannot carry (shared/heads.py)
                 log.warning(
                     "stream %d: upstream %s sent a response head the tunnel cannot carry (%s): 502",
@@ -272,7 +279,7 @@ class Forwarder:
                     upstream.origin,
                     exc,
                 )
-                _reset(stream, ResetCode.UPSTREAM_RESET, "bad upstream response head")
+                _reset(stream, record, ResetCode.UPSTREAM_RESET, "bad upstream response head")
                 return  # finally: the connection is discarded
             while True:
                 chunks = await conn.read()
@@ -293,58 +300,23 @@ class Forwarder:
             else:
                 pool.release(conn)
             conn = upload = None
+        except UpstreamError as exc:  # (before TunnelError: it is one)
+            exc.__traceback__ = None  # its frames hold this one (and the stream): no cycle
+            if exc.head_too_large:
+                why = f"response head too large: {exc.reason} (--max-response-head, --max-response-fields)"
+            elif exc.connect:
+                why = f"unreachable: {exc.reason}"
+            else:
+                why = f"failed {'before reply' if exc.before_head else 'mid-body'}: {exc.reason}"
+            log.warning("stream %d: upstream %s %s", stream.id, upstream.origin, why)
+            _reset(stream, record, *reset_for(exc))
         except TunnelError:
             return  # the server side is gone or reset the stream
-        except UpstreamError as exc:
-            exc.__traceback__ = None  # its frames hold this one (and the stream): no cycle
-            if exc.connect:
-                log.warning("stream %d: upstream %s unreachable: %s", stream.id, upstream.origin, exc.reason)
-                if exc.timeout:
-                    _reset(stream, ResetCode.UPSTREAM_TIMEOUT, "upstream connect timeout")
-                else:
-                    _reset(stream, ResetCode.UPSTREAM_CONNECT, "upstream unreachable")
-            elif exc.head_too_large:
-                log.warning(
-                    "stream %d: upstream %s response head too large: %s (502; --max-response-head, "
-                    "--max-response-fields)",
-                    stream.id,
-                    upstream.origin,
-                    exc.reason,
-                )
-                _reset(stream, ResetCode.UPSTREAM_RESET, "upstream response head too large")
-            else:
-                log.warning(
-                    "stream %d: upstream %s failed %s: %s",
-                    stream.id,
-                    upstream.origin,
-                    "before reply" if exc.before_head else "mid-body",
-                    exc.reason,
-                )
-                _reset(
-                    stream,
-                    ResetCode.UPSTREAM_CONNECT if exc.before_head else ResetCode.UPSTREAM_RESET,
-                    "upstream failed",
-                )
         finally:
             if upload is not None:
                 upload.cancel()
             if conn is not None:
                 pool.discard(conn)
-
-
-def _parse_response_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:
-    lines = raw.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
-        raise ValueError("not an HTTP/1.1 response")
-    headers = []
-    for line in lines[1:]:
-        if line:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise ValueError("bad header line")
-            headers.append((name.strip(), value.strip()))
-    return int(rest[:3]), headers
 
 
 async def _body(stream: TunnelStream, record: AuditRecord) -> AsyncIterator[bytes | memoryview]:
@@ -359,25 +331,36 @@ async def _body(stream: TunnelStream, record: AuditRecord) -> AsyncIterator[byte
 _CODES = frozenset(int(code) for code in ResetCode)
 
 
-def _reset(stream: TunnelStream, code: ResetCode, reason: str) -> None:
+def reset_for(error: UpstreamError) -> tuple[ResetCode, str]:
+    """The reset code and reason a stream gets for an upstream failure: the one place the
+    client maps its errors onto the wire (the exit server then maps codes to statuses,
+    exit_server/public.py ``RESET_STATUS``)."""
+    if error.connect:
+        if error.timeout:
+            return ResetCode.UPSTREAM_TIMEOUT, "upstream connect timeout"
+        return ResetCode.UPSTREAM_CONNECT, "upstream unreachable"
+    if error.head_too_large:
+        return ResetCode.UPSTREAM_RESET, "upstream response head too large"
+    if error.before_head:
+        return ResetCode.UPSTREAM_CONNECT, "upstream failed"
+    return ResetCode.UPSTREAM_RESET, "upstream failed"
+
+
+def _reset(stream: TunnelStream, record: AuditRecord, code: ResetCode, reason: str) -> None:
     """Reset a stream and note the code for the audit record."""
-    record: AuditRecord | None = stream.info.get("audit")
-    if record is not None and record.reset is None:
+    if record.reset is None:
         record.reset = code.name
     stream.reset(code, reason)
 
 
-def _reply(stream: TunnelStream, head: ResponseHead) -> None:
+def _reply(stream: TunnelStream, record: AuditRecord, head: ResponseHead) -> None:
     """Send the response head and note the status for the audit record."""
-    record: AuditRecord | None = stream.info.get("audit")
-    if record is not None:
-        record.status = head.status
+    record.status = head.status
     stream.send_reply(head)
 
 
-def _counted(stream: TunnelStream, endpoint: Endpoint) -> Endpoint:
+def _counted(record: AuditRecord, endpoint: Endpoint) -> Endpoint:
     """Wrap a pump endpoint to count bytes both ways into the stream's audit record."""
-    record: AuditRecord = stream.info["audit"]
 
     async def recv() -> bytes:
         data = await endpoint.recv()

@@ -1,15 +1,23 @@
 """One tunnel session over a websockets connection: the thin asyncio adapter around
 :class:`shared.mux.Session` (websockets ``asyncio/connection.py`` is the model).
 
-Received messages reach the session from the websockets protocol callback
-(:mod:`shared.aio.wsfast`: no reader task); ``flush()`` schedules one callback per loop
-iteration that writes ``data_to_send()`` (so frames queued in the same iteration share a
-WebSocket message), and waits in a task only while the socket's write buffer is over its limit;
-one heartbeat task drives ``tick()``. Streams are :class:`TunnelStream` objects with ``read``/
-``write`` that respect flow control. Nothing on the per-request path calls
-``asyncio.get_running_loop()``, ``asyncio.create_task()`` or ``asyncio.Event.wait()``: on
-Python 3.11 each of those makes a ``getpid()`` syscall (measured: 3 per request per process).
-Teardown cancels and awaits every task it started.
+Two classes with a small contract between them:
+
+* :class:`TunnelConnection` owns the session, the WebSocket and every task. What a stream may
+  ask of it is :class:`StreamOwner`: the loop, the session, ``flush()``, ``consumed()`` (the
+  application took bytes: maybe grant credit), ``wait_writable()`` (a future resolved when
+  credit comes back) and ``release()`` (forget a finished stream).
+* :class:`TunnelStream` is one stream's ``read``/``write``/``reset``. The connection feeds it
+  through four methods and nothing else: :meth:`~TunnelStream.on_data`,
+  :meth:`~TunnelStream.on_reply`, :meth:`~TunnelStream.on_writable` and
+  :meth:`~TunnelStream.on_error`.
+
+Messages reach the session from the websockets protocol callback (:mod:`shared.aio.wsfast`: no
+reader task); ``flush()`` schedules one callback per loop iteration, so frames queued in the
+same iteration share a WebSocket message. The hot-path rules this module keeps (no
+``get_running_loop()``, ``create_task()`` or ``Event.wait()`` per request; stored errors raised
+as fresh copies) are explained in docs/ARCHITECTURE.md. Teardown cancels and awaits every task
+it started.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from websockets.exceptions import ConnectionClosed
 
@@ -38,13 +46,12 @@ from ..frames import GoAwayCode, ResetCode
 from ..heads import RequestHead, ResponseHead
 from ..messages import Error, Hello, Routes, Welcome
 from ..mux import Session, SessionState
+from ..sizes import MAX_MESSAGE
 from .wsfast import TunnelWebSocket
 
-__all__ = ["TunnelConnection", "TunnelStream", "ws_limits"]
+__all__ = ["StreamOwner", "TunnelConnection", "TunnelStream", "ws_limits"]
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE = 256 * 1024
 
 #: websockets logs handshake headers (Authorization included) at DEBUG: its logger is kept at
 #: WARNING whatever the process log level, so a token never reaches a log.
@@ -68,40 +75,51 @@ def ws_limits(max_frame: int) -> dict[str, Any]:
     }
 
 
+class StreamOwner(Protocol):
+    """What a :class:`TunnelStream` needs from the connection that carries it."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def session(self) -> Session: ...
+
+    def flush(self) -> None: ...
+
+    def consumed(self, stream_id: int, n: int) -> None: ...
+
+    def wait_writable(self, stream: TunnelStream) -> asyncio.Future[None]: ...
+
+    def release(self, stream: TunnelStream) -> None: ...
+
+
 class TunnelStream:
     """The asyncio face of one stream."""
 
-    __slots__ = (
-        "_chunks",
-        "_conn",
-        "_eof",
-        "_error",
-        "_loop",
-        "_reply",
-        "_rwait",
-        "_task",
-        "_wwait",
-        "head",
-        "id",
-        "info",
-    )
+    __slots__ = ("_chunks", "_eof", "_error", "_loop", "_owner", "_reply", "_rwait", "_wwait", "handler", "head", "id")
 
-    def __init__(self, conn: TunnelConnection, stream_id: int, head: RequestHead | None = None) -> None:
+    def __init__(
+        self, owner: StreamOwner, stream_id: int, head: RequestHead | None = None, end_stream: bool = False
+    ) -> None:
         self.id = stream_id
         self.head = head
-        self.info: dict[str, Any] = {}
-        self._conn = conn
+        #: client side: the task serving this stream, cancelled when the server resets it
+        self.handler: asyncio.Task[None] | None = None
+        self._owner = owner
         self._chunks: deque[bytes | memoryview] = deque()
-        self._eof = False
+        self._eof = end_stream
         self._error: TunnelError | None = None
-        self._loop = conn._loop
+        self._loop = owner.loop
         self._rwait: asyncio.Future[None] | None = None  # read() waiting for data
         self._wwait: asyncio.Future[None] | None = None  # write() waiting for credit
         self._reply: asyncio.Future[ResponseHead] | None = None
-        self._task: asyncio.Task[None] | None = None  # client side: the handler to cancel on reset
 
-    # -- fed by the connection
-    def _feed(self, data: bytes | memoryview, end: bool) -> None:
+    # -- the connection side: the only calls the connection makes
+    def on_data(self, data: bytes | memoryview, end: bool) -> None:
+        """Bytes (and maybe the end of stream) arrived."""
         if data:
             self._chunks.append(data)
         if end:
@@ -112,30 +130,34 @@ class TunnelStream:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _writable(self) -> None:
+    def on_writable(self) -> None:
+        """Credit came back: a blocked write() goes on."""
         waiter = self._wwait
         if waiter is not None:
             self._wwait = None
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _fail(self, error: TunnelError) -> None:
+    def on_error(self, error: TunnelError) -> None:
+        """The stream ended abnormally: every waiter raises ``error`` (the first one kept)."""
         if self._error is None:
             self._error = error
-        self._feed(b"", False)
-        self._writable()
+        self.on_data(b"", False)
+        self.on_writable()
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(error)
             self._reply.exception()  # mark retrieved: nobody may be waiting any more
 
-    def _set_reply(self, head: ResponseHead, end: bool) -> None:
+    def on_reply(self, head: ResponseHead, end: bool) -> None:
+        """The peer's REPLY arrived (exit-server side)."""
         if self._reply is None:
             self._reply = self._loop.create_future()
         if not self._reply.done():
             self._reply.set_result(head)
         if end:
-            self._feed(b"", True)
+            self.on_data(b"", True)
 
+    # -- the application side
     @property
     def error(self) -> TunnelError | None:
         """The reset or session error that ended this stream, if any."""
@@ -144,7 +166,7 @@ class TunnelStream:
     @property
     def session_name(self) -> str:
         """The id of the session carrying this stream (for log lines and audit records)."""
-        return self._conn.name
+        return self._owner.name
 
     @property
     def at_eof(self) -> bool:
@@ -186,7 +208,7 @@ class TunnelStream:
         body = b"".join(self._chunks)
         self._chunks.clear()
         if body:
-            self._conn._consumed(self.id, len(body))
+            self._owner.consumed(self.id, len(body))
         return body
 
     async def read(self) -> bytes | memoryview:
@@ -199,7 +221,7 @@ class TunnelStream:
         while True:
             if self._chunks:
                 chunk = self._chunks.popleft()
-                self._conn._consumed(self.id, len(chunk))
+                self._owner.consumed(self.id, len(chunk))
                 return chunk
             if self._error is not None:
                 raise _fresh(self._error)
@@ -209,8 +231,13 @@ class TunnelStream:
             await waiter
 
     async def write(self, data: bytes | memoryview, end: bool = False) -> None:
-        """Send ``data`` (then END_STREAM if ``end``), waiting for credit as needed."""
-        session = self._conn.session
+        """Send ``data`` (then END_STREAM if ``end``), waiting for credit as needed.
+
+        Raises:
+            StreamReset / SessionClosed: the stream ended abnormally.
+        """
+        owner = self._owner
+        session = owner.session
         total = len(data)
         offset = 0
         view = memoryview(data) if total else None
@@ -223,12 +250,11 @@ class TunnelStream:
             if remaining == 0:
                 if end:
                     session.send_data(self.id, b"", True)
-                    self._conn.flush()
+                    owner.flush()
                 return
             window = session.send_window(self.id)
             if window <= 0:
-                self._conn._blocked.add(self)
-                self._wwait = waiter = self._loop.create_future()
+                self._wwait = waiter = owner.wait_writable(self)
                 await waiter
                 continue
             n = min(window, remaining)
@@ -237,31 +263,33 @@ class TunnelStream:
             chunk = data if (offset == 0 and last) else view[offset : offset + n]  # copied once, into the message
             session.send_data(self.id, chunk, end and last)
             offset += n
-            self._conn.flush()
+            owner.flush()
             if last:
                 return
 
     def end(self) -> None:
         """Half-close our side (no more DATA)."""
-        if self._error is None and self._conn.session.send_window(self.id) >= 0:
+        session = self._owner.session
+        if self._error is None and session.send_window(self.id) >= 0:
             with contextlib.suppress(TunnelError):
-                self._conn.session.send_data(self.id, b"", True)
-                self._conn.flush()
+                session.send_data(self.id, b"", True)
+                self._owner.flush()
 
     def reset(self, code: int = ResetCode.CANCEL, reason: str = "") -> None:
-        """Abort the stream in both directions (no-op once it is closed)."""
-        if self._conn.session.state is not SessionState.CLOSED:
-            self._conn.session.reset_stream(self.id, code, reason)
-            self._conn.flush()
-        self._fail(StreamReset(code, reason or "reset locally"))
-        self._conn._streams.pop(self.id, None)
+        """Abort the stream in both directions (no-op on the wire once it is closed)."""
+        owner = self._owner
+        if owner.session.state is not SessionState.CLOSED:
+            owner.session.reset_stream(self.id, code, reason)
+            owner.flush()
+        self.on_error(StreamReset(code, reason or "reset locally"))
+        owner.release(self)
 
     def send_reply(self, head: ResponseHead, end: bool = False) -> None:
         """Client side: send the response head."""
         if self._error is not None:
             raise _fresh(self._error)
-        self._conn.session.send_reply(self.id, head, end)
-        self._conn.flush()
+        self._owner.session.send_reply(self.id, head, end)
+        self._owner.flush()
 
 
 _E = TypeVar("_E", bound=BaseException)
@@ -285,6 +313,9 @@ def _expire(reply: asyncio.Future[ResponseHead]) -> None:
 
 
 StreamHandler = Callable[[TunnelStream], Awaitable[None]]
+#: How the reading side ended: None (the session closed itself), or a close code and reason
+#: for the WebSocket.
+_Ending = tuple[int, str] | None
 
 
 class TunnelConnection:
@@ -309,7 +340,9 @@ class TunnelConnection:
         on_control: Callable[[Hello | Welcome | Routes | Error], None] | None = None,
         on_goaway: Callable[[int, str], None] | None = None,
     ) -> None:
-        self.ws = ws
+        #: the WebSocket; None once run() has ended (an ended session must not keep it, and
+        #: its TLS buffers, alive: docs/RELIABILITY.md, "Findings")
+        self.ws: TunnelWebSocket | None = ws
         self.session = session
         self.name = name
         self._on_stream = on_stream
@@ -321,8 +354,9 @@ class TunnelConnection:
         self._drainer: asyncio.Task[None] | None = None  # waits while the socket buffer is full
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self._done: asyncio.Future[None] = self._loop.create_future()  # the reading side ended
+        self._idle: asyncio.Future[None] | None = None  # drain() waits on it for the streams to end
+        self.loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[_Ending] = self.loop.create_future()  # the reading side ended
         self.close_reason = ""
 
     # ------------------------------------------------------------------ API
@@ -340,13 +374,33 @@ class TunnelConnection:
         iteration go out together)."""
         if not self._flush_pending:
             self._flush_pending = True
-            self._loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
+
+    def consumed(self, stream_id: int, n: int) -> None:
+        """The application took ``n`` bytes of a stream: credit may go back to the peer."""
+        if self.session.consume(stream_id, n):
+            self.flush()
+
+    def wait_writable(self, stream: TunnelStream) -> asyncio.Future[None]:
+        """A future resolved (by :meth:`TunnelStream.on_writable`) when ``stream`` may get send
+        credit again, or when it fails."""
+        self._blocked.add(stream)
+        return self.loop.create_future()
+
+    def release(self, stream: TunnelStream) -> None:
+        """Forget a stream the application has finished with."""
+        self._streams.pop(stream.id, None)
+        self._blocked.discard(stream)
+        if not self._streams:
+            self._wake_idle()
+        self._check_idle()
 
     def open_stream(self, head: RequestHead, end_stream: bool = False) -> TunnelStream:
         """Exit-server side: open a stream.
 
         Raises:
             SessionClosed, TooManyStreams: the session cannot take a new stream.
+            LocalProtocolError: the head does not fit in one frame.
         """
         stream_id = self.session.open_stream(head, end_stream)
         stream = TunnelStream(self, stream_id, head)
@@ -369,10 +423,13 @@ class TunnelConnection:
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no stream is in flight (or ``timeout``); True when drained."""
+        if not self._streams or self.closed:
+            return True
+        if self._idle is None or self._idle.done():
+            self._idle = self.loop.create_future()
         try:
             async with asyncio.timeout(timeout):
-                while self._streams and not self.closed:
-                    await asyncio.sleep(0.05)
+                await asyncio.shield(self._idle)  # several callers may wait on it
         except TimeoutError:
             return False
         return True
@@ -381,7 +438,7 @@ class TunnelConnection:
         """Close the WebSocket after flushing what is queued."""
         self.close_reason = self.close_reason or reason
         await self._flush_now()
-        ws = getattr(self, "ws", None)  # None once run() has ended and released it
+        ws = self.ws
         if ws is None:
             return
         try:
@@ -392,18 +449,19 @@ class TunnelConnection:
 
     def abort(self) -> None:
         """Drop the transport at once (dead peer)."""
-        transport = getattr(getattr(self, "ws", None), "transport", None)
-        if transport is not None:
-            transport.abort()
+        if self.ws is not None:
+            self.ws.transport.abort()
 
     async def run(self) -> None:
         """Run until the session ends; then fail every stream and await every task."""
-        ticker = self._loop.create_task(self._ticker(), name=f"tunnel-heartbeat-{self.name}")
+        ws = self.ws
+        assert ws is not None, "run() once"
+        ticker = self.loop.create_task(self._ticker(), name=f"tunnel-heartbeat-{self.name}")
         self.flush()
         try:
-            await self._reader()
+            await self._reader(ws)
         finally:
-            self.ws.detach()
+            ws.detach()
             await self._flush_now()
             ticker.cancel()
             if self._drainer is not None:
@@ -415,19 +473,20 @@ class TunnelConnection:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            # An ended session must not keep its websocket (and TLS buffers, ~1 MiB under load)
-            # alive until the next full GC: the callbacks are closures over this connection, and
-            # streams failed with a stored error are in cycles through its traceback
-            # (docs/RELIABILITY.md, "Findings").
+            # The callbacks are closures over this connection, and streams failed with a stored
+            # error are in cycles through its traceback: drop them with the WebSocket.
             self._on_stream = self._on_control = self._on_goaway = None
             self._closed.set()
-            del self.ws
+            self._wake_idle()
+            self.ws = None
 
     # ------------------------------------------------------------------ internals
 
-    def _consumed(self, stream_id: int, n: int) -> None:
-        if self.session.consume(stream_id, n):
-            self.flush()
+    def _wake_idle(self) -> None:
+        """No stream in flight any more (or the session ended): drain() returns."""
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
 
     def _teardown(self) -> None:
         error = self.session.error
@@ -436,14 +495,13 @@ class TunnelConnection:
         if self.session.state is not SessionState.CLOSED:
             self.session.close(error)
         for stream in list(self._streams.values()):
-            stream._fail(error if isinstance(error, SessionClosed) else SessionClosed(str(error)))
+            stream.on_error(error if isinstance(error, SessionClosed) else SessionClosed(str(error)))
         self._streams.clear()
         self._blocked.clear()
 
-    async def _reader(self) -> None:
+    async def _reader(self, ws: TunnelWebSocket) -> None:
         """Attach to the websocket (messages arrive in :meth:`_on_message`) and wait until the
         session ends or the websocket closes."""
-        ws = self.ws
         ws.attach(self._on_message, self._on_bad_message)
         lost = asyncio.ensure_future(ws.wait_closed())
         try:
@@ -451,18 +509,18 @@ class TunnelConnection:
         finally:
             lost.cancel()
         if self._done.done():
-            reason = self._done.result() if not self._done.cancelled() else None
-            if isinstance(reason, tuple):
-                await self.close(*reason)
+            ending = None if self._done.cancelled() else self._done.result()
+            if ending is not None:
+                await self.close(*ending)
             return
-        rcvd = getattr(ws, "protocol", None) and ws.protocol.close_rcvd
+        rcvd = ws.protocol.close_rcvd
         why = rcvd.reason if rcvd else "no close frame"
         self.close_reason = self.close_reason or f"websocket closed: {why}"
 
     def _end(self, code: int | None = None, reason: str = "") -> None:
         """The reading side is over: run() closes the websocket (with ``code``) and tears down."""
         if not self._done.done():
-            self._done.set_result((code, reason) if code is not None else None)  # type: ignore[arg-type]
+            self._done.set_result((code, reason) if code is not None else None)
 
     def _on_message(self, message: bytes) -> None:
         """One binary WebSocket message, from the websockets protocol callback."""
@@ -470,7 +528,7 @@ class TunnelConnection:
         if self._done.done():
             return
         try:
-            session.receive(message, self._loop.time())
+            session.receive(message, self.loop.time())
             self._handle_events()
         except Exception:  # a bug here must not unwind into websockets' data_received
             log.exception("session %s: failed handling a message", self.name)
@@ -487,73 +545,68 @@ class TunnelConnection:
         self._end(1003, "binary frames only")
 
     def _handle_events(self) -> None:
+        streams = self._streams
         for event in self.session.events():
-            kind = type(event)
-            if kind is DataReceived:
-                stream = self._streams.get(event.stream_id)
+            # isinstance narrows the type; the order is by frequency on the hot path
+            if isinstance(event, DataReceived):
+                stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream._feed(event.data, event.end_stream)  # type: ignore[union-attr]
-            elif kind is WindowUpdated:
+                    stream.on_data(event.data, event.end_stream)
+            elif isinstance(event, WindowUpdated):
                 self._wake_writers(event.stream_id)
-            elif kind is ReplyReceived:
-                stream = self._streams.get(event.stream_id)
+            elif isinstance(event, ReplyReceived):
+                stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream._set_reply(event.head, event.end_stream)  # type: ignore[union-attr,arg-type]
-            elif kind is ResetReceived:
-                stream = self._streams.pop(event.stream_id, None)
+                    stream.on_reply(event.head, event.end_stream)
+            elif isinstance(event, StreamOpened):
+                self._start_stream(event)
+            elif isinstance(event, ResetReceived):
+                stream = streams.pop(event.stream_id, None)
                 if stream is not None:
-                    stream._fail(StreamReset(event.code, event.reason))  # type: ignore[union-attr]
+                    stream.on_error(StreamReset(event.code, event.reason))
                     self._blocked.discard(stream)
-                    if stream._task is not None:  # the server gave up: cancel the upstream call
-                        stream._task.cancel()
-            elif kind is StreamOpened:
-                self._start_stream(event)  # type: ignore[arg-type]
-            elif kind is ControlReceived:
+                    if stream.handler is not None:  # the server gave up: cancel the upstream call
+                        stream.handler.cancel()
+                    if not streams:
+                        self._wake_idle()
+            elif isinstance(event, ControlReceived):
                 if self._on_control is not None:
-                    self._on_control(event.message)  # type: ignore[union-attr]
-            elif kind is GoAwayReceived:
-                log.info("session %s: peer going away (code %s): %s", self.name, event.code, event.reason)  # type: ignore[union-attr]
+                    self._on_control(event.message)
+            elif isinstance(event, GoAwayReceived):
+                log.info("session %s: peer going away (code %s): %s", self.name, event.code, event.reason)
                 if self._on_goaway is not None:
-                    self._on_goaway(event.code, event.reason)  # type: ignore[union-attr]
-            elif kind is ConnectionFailed:
-                self.close_reason = str(event.error)  # type: ignore[union-attr]
-                log.warning("session %s failed: %s", self.name, event.error)  # type: ignore[union-attr]
+                    self._on_goaway(event.code, event.reason)
+            elif isinstance(event, ConnectionFailed):
+                self.close_reason = str(event.error)
+                log.warning("session %s failed: %s", self.name, event.error)
         self._check_idle()
 
     def _check_idle(self) -> None:
         if self.session.is_idle and not self._streams:
-            task = self._loop.create_task(self.close(1000, "drained"))
+            task = self.loop.create_task(self.close(1000, "drained"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    def release(self, stream: TunnelStream) -> None:
-        """Forget a stream the application has finished with."""
-        self._streams.pop(stream.id, None)
-        self._blocked.discard(stream)
-        self._check_idle()
 
     def _wake_writers(self, stream_id: int) -> None:
         if stream_id == 0:
             blocked = self._blocked
             self._blocked = set()
             for stream in blocked:
-                stream._writable()
+                stream.on_writable()
             return
         one = self._streams.get(stream_id)
         if one is not None and one in self._blocked:
             self._blocked.discard(one)
-            one._writable()
+            one.on_writable()
 
     def _start_stream(self, event: StreamOpened) -> None:
-        stream = TunnelStream(self, event.stream_id, event.head)
-        if event.end_stream:
-            stream._eof = True
+        stream = TunnelStream(self, event.stream_id, event.head, event.end_stream)
         self._streams[event.stream_id] = stream
         if self._on_stream is None:
             stream.reset(ResetCode.REFUSED, "no stream handler")
             return
-        task = self._loop.create_task(self._run_stream(stream))
-        stream._task = task
+        task = self.loop.create_task(self._run_stream(stream))
+        stream.handler = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -568,17 +621,17 @@ class TunnelConnection:
             stream.reset(ResetCode.INTERNAL_ERROR, "internal error")
         finally:
             self.release(stream)
-            stream._task = None  # a cancelled task keeps its CancelledError, whose traceback holds this frame
+            stream.handler = None  # a cancelled task keeps its CancelledError, whose traceback holds this frame
 
     def _flush(self) -> None:
         self._flush_pending = False
         if self._drainer is not None:
             return  # the socket buffer is full: the drainer flushes when it empties
-        ws = getattr(self, "ws", None)  # None once run() has ended and released it
+        ws = self.ws
         if ws is None or not ws.can_send:
             return
         if ws.paused:
-            self._drainer = self._loop.create_task(self._drain())
+            self._drainer = self.loop.create_task(self._drain(ws))
             return
         try:
             for message in self.session.messages_to_send(MAX_MESSAGE):
@@ -587,9 +640,9 @@ class TunnelConnection:
             self.close_reason = self.close_reason or f"send failed: {exc}"
             self.abort()
 
-    async def _drain(self) -> None:
+    async def _drain(self, ws: TunnelWebSocket) -> None:
         try:
-            await self.ws.drain()
+            await ws.drain()
         except (ConnectionClosed, OSError):
             return
         finally:
@@ -598,7 +651,7 @@ class TunnelConnection:
 
     async def _flush_now(self) -> None:
         """Write what is queued before closing (waiting for the socket buffer if need be)."""
-        ws = getattr(self, "ws", None)
+        ws = self.ws
         if ws is None:
             return
         if ws.paused:
@@ -617,14 +670,13 @@ class TunnelConnection:
         step = min(1.0, session.heartbeat_interval / 2)
         while session.state is not SessionState.CLOSED:
             await asyncio.sleep(step)
-            ws = getattr(self, "ws", None)
-            if ws is not None:
-                ws.release_idle_buffer()
-            session.tick(self._loop.time())
+            if self.ws is not None:
+                self.ws.release_idle_buffer()
+            session.tick(self.loop.time())
             self._handle_events()
             if session.has_output:
                 self.flush()
-            if session.state is SessionState.CLOSED:  # type: ignore[comparison-overlap]  # tick() closes it
+            if session.closed:  # tick() closes a session whose peer went silent
                 log.warning("session %s: %s", self.name, session.error)
                 self.close_reason = str(session.error)
                 await self._flush_now()

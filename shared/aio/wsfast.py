@@ -51,6 +51,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
+from ..sizes import MAX_MESSAGE
+
 try:
     from websockets.speedups import apply_mask  # type: ignore[attr-defined,import-not-found,unused-ignore]
 except ImportError:  # pragma: no cover (the C extension ships in websockets' wheels)
@@ -68,7 +70,7 @@ _U64 = struct.Struct("!Q")
 _OWN_SIZE = 1024 * 1024  # a connection's own buffer: several reads and the largest frame
 _SMALL_OWN = 128 * 1024  # ... while the partial frames are small
 _MIN_READ = 64 * 1024  # room offered to a read, at least
-_SCRATCH_SIZE = 256 * 1024 + 4096  # a read that parses completely needs no buffer of its own
+_SCRATCH_SIZE = MAX_MESSAGE + 4096  # a read that parses completely needs no buffer of its own
 _scratch_view: memoryview | None = None
 
 

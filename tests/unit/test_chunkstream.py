@@ -1,4 +1,4 @@
-"""shared.aio.pump.ChunkStream: received chunks go on as they are (small ones joined), reading
+"""shared.aio.chunks.ChunkStream: received chunks go on as they are (small ones joined), reading
 pauses and resumes around the marks, writes wait for the transport, EOF is a half-close and a
 broken connection is an error. The transport is a recording stand-in."""
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.aio.pump import ChunkStream
+from shared.aio.chunks import ChunkStream
 
 pytestmark = pytest.mark.asyncio
 

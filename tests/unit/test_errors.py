@@ -1,9 +1,14 @@
-"""shared.errors: the hierarchy of STYLE.md section 5 and the status hints."""
+"""shared.errors: the hierarchy of STYLE.md section 5, and the one table at each boundary."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
+from exit_server.public import status_of
+from shared import errors
 from shared.errors import (
     AuthError,
     ConfigError,
@@ -21,6 +26,8 @@ from shared.errors import (
     TunnelTimeout,
     UpstreamError,
 )
+from shared.frames import ResetCode
+from tunnel_client.upstream import reset_for
 
 PARENTS = {
     ProtocolError: TunnelError,
@@ -51,21 +58,55 @@ def test_timeouts_are_not_protocol_or_network_errors() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cls", "status"),
+    ("error", "status"),
     [
-        (TunnelError, 502),
-        (ProtocolError, 502),
-        (AuthError, 401),
-        (SessionClosed, 502),
-        (StreamReset, 502),
-        (NoTunnel, 503),
-        (TooManyStreams, 503),
-        (TunnelTimeout, 504),
-        (UpstreamError, 502),
+        (NoTunnel("gone"), 503),
+        (TooManyStreams("full"), 503),
+        (LocalProtocolError("head too large"), 431),
+        (SessionClosed("lost"), 502),
+        (TunnelTimeout(), 504),
+        (StreamReset(ResetCode.REFUSED), 503),
+        (StreamReset(ResetCode.FORBIDDEN), 403),
+        (StreamReset(ResetCode.TOO_LARGE), 413),
+        (StreamReset(ResetCode.UPSTREAM_TIMEOUT), 504),
+        (StreamReset(ResetCode.UPSTREAM_CONNECT), 502),
+        (StreamReset(999), 502),
+        (FrameTooLarge("x"), 502),
+        (TunnelError("x"), 502),
     ],
+    ids=repr,
 )
-def test_status_hints(cls: type[TunnelError], status: int) -> None:
-    assert cls.status_hint == status
+def test_the_exit_server_maps_errors_to_statuses_in_one_table(error: TunnelError, status: int) -> None:
+    assert status_of(error) == status
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (UpstreamError("refused", connect=True), ResetCode.UPSTREAM_CONNECT),
+        (UpstreamError("slow", connect=True, timeout=True), ResetCode.UPSTREAM_TIMEOUT),
+        (UpstreamError("big", head_too_large=True), ResetCode.UPSTREAM_RESET),
+        (UpstreamError("closed"), ResetCode.UPSTREAM_CONNECT),
+        (UpstreamError("cut", before_head=False), ResetCode.UPSTREAM_RESET),
+    ],
+    ids=repr,
+)
+def test_the_client_maps_upstream_errors_to_reset_codes_in_one_place(error: UpstreamError, code: ResetCode) -> None:
+    assert reset_for(error)[0] is code
+
+
+def test_every_error_is_raised_somewhere_and_defined_once() -> None:
+    """No error class is dead weight (each is constructed somewhere), and none is defined twice."""
+    root = Path(__file__).resolve().parents[2]
+    sources = [
+        path.read_text() for package in ("shared", "exit_server", "tunnel_client") for path in (root / package).rglob("*.py")
+    ]
+    code = "\n".join(sources)
+    for name in errors.__all__:
+        if name in ("TunnelError", "ProtocolError"):  # bases: caught, not raised
+            continue
+        assert re.search(rf"(?<!class )\b{name}\(", code), f"{name} is never raised"
+        assert len(re.findall(rf"^class {name}\(", code, re.M)) == 1, f"{name} is defined more than once"
 
 
 def test_invalid_state_names_state_and_event() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.httputil import HOP_BY_HOP, forwarded_headers, strip_hop_by_hop
+from shared.httputil import HOP_BY_HOP, strip_hop_by_hop
 
 
 def test_hop_by_hop_set() -> None:
@@ -45,33 +45,3 @@ def test_keep_upgrade_for_websocket_streams() -> None:
         ("Sec-WebSocket-Key", "k"),
     ]
     assert strip_hop_by_hop(headers) == [("Sec-WebSocket-Key", "k")]
-
-
-def test_forwarded_headers_added() -> None:
-    out = forwarded_headers([("Host", "a")], "203.0.113.9", "https", "app.example.com")
-    assert out == [
-        ("Host", "a"),
-        ("X-Forwarded-For", "203.0.113.9"),
-        ("X-Forwarded-Proto", "https"),
-        ("X-Forwarded-Host", "app.example.com"),
-    ]
-
-
-def test_forwarded_chain_extended_and_existing_kept() -> None:
-    headers = [
-        ("x-forwarded-for", " 198.51.100.1 "),
-        ("X-Forwarded-Proto", "http"),
-        ("X-Forwarded-For", "198.51.100.2"),
-        ("x-forwarded-host", "orig.example"),
-    ]
-    out = forwarded_headers(headers, "203.0.113.9", "https", "app.example.com")
-    assert out == [
-        ("X-Forwarded-Proto", "http"),
-        ("x-forwarded-host", "orig.example"),
-        ("X-Forwarded-For", "198.51.100.1, 198.51.100.2, 203.0.113.9"),
-    ]
-
-
-def test_forwarded_without_peer_or_host() -> None:
-    out = forwarded_headers([("X-Forwarded-For", "198.51.100.1")], "", "http", "")
-    assert out == [("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-Proto", "http")]

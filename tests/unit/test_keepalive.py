@@ -1,11 +1,11 @@
-"""shared/aio/pump.set_keepalive: relayed long-lived connections find a vanished peer in
+"""shared/aio/sockopts.set_keepalive: relayed long-lived connections find a vanished peer in
 minutes (the kernel default is 2 h 11 min)."""
 
 from __future__ import annotations
 
 import socket
 
-from shared.aio.pump import set_keepalive
+from shared.aio.sockopts import set_keepalive
 
 
 def test_keepalive_probes_a_vanished_peer_within_minutes() -> None:

@@ -1,0 +1,23 @@
+"""Socket options for long-lived relayed connections."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+__all__ = ["set_keepalive"]
+
+
+def set_keepalive(sock: socket.socket | None, idle: int = 60, interval: int = 15, count: int = 4) -> None:
+    """TCP keepalive on a long-lived relayed connection: a peer that vanished without a FIN
+    (power loss, a NAT that forgot the flow) is found after about ``idle + interval * count``
+    seconds of silence (2 minutes by default, against the kernel's 2 h 11 min), so its stream,
+    its socket and the upstream connection behind it are not held for ever."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+            option = getattr(socket, name, None)  # Linux names; other systems keep their defaults
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
