@@ -730,6 +730,18 @@ def note_of(r: Result | None) -> str:
     return "no data"
 
 
+#: Where the hand-written part of the report starts: everything from here to the end (A/B
+#: rounds, the performance log) is kept when the generated part is written again.
+HAND_WRITTEN = "## Hot path: before and after (hand-written, not generated)"
+
+
+def hand_written(doc: Path) -> str:
+    """The hand-written tail of an existing report ("" when there is none)."""
+    current = doc.read_text() if doc.exists() else ""
+    at = current.find(HAND_WRITTEN)
+    return "\n" + current[at:] if at >= 0 else ""
+
+
 def write_doc(
     args: argparse.Namespace,
     command: str,
@@ -1009,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in (f"bench-{stamp}.json", "bench-latest.json"):
         (bl.RESULTS / name).write_text(json.dumps(payload, indent=2, default=str))
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(write_doc(args, command, info, results, extra, started))
+    args.doc.write_text(write_doc(args, command, info, results, extra, started) + hand_written(args.doc))
     bl.log(f"wrote {args.doc.relative_to(bl.ROOT) if args.doc.is_relative_to(bl.ROOT) else args.doc}")
     for text, fig, m in evaluate(results):
         print(f"  {m.strip('*'):4}  {text}: {fig}")

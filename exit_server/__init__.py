@@ -1,6 +1,6 @@
 """Backhaul exit server: public HTTP ingress routed by Host over tunnel sessions."""
 
-from shared.version import version as _version
+from shared.runtime.version import version as _version
 
 from .config import ServerConfig
 from .server import ExitServer

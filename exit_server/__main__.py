@@ -10,11 +10,11 @@ import signal
 import sys
 from pathlib import Path
 
-from shared.aio.fdlimit import DescriptorAlarm, raise_nofile
-from shared.aio.runner import run_service
-from shared.cli import add_model_flags, announce, configure_logging, run_guarded, settings_from_args
 from shared.errors import ConfigError
-from shared.version import version
+from shared.runtime.cli import add_model_flags, announce, configure_logging, run_guarded, settings_from_args
+from shared.runtime.fdlimit import DescriptorAlarm, raise_nofile
+from shared.runtime.runner import run_service
+from shared.runtime.version import version
 
 from .config import ServerConfig
 from .token_cli import add_commands as add_token_commands

@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from shared.config import BaseConfig, is_loopback_host, optional_addr, parse_addr, split_list
 from shared.forwarding import parse_networks
+from shared.runtime.config import BaseConfig, is_loopback_host, optional_addr, parse_addr, split_list
 from shared.sizes import DEFAULT_STREAM_WINDOW
 
 __all__ = ["ServerConfig"]

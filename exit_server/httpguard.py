@@ -153,7 +153,7 @@ class GuardedRequestHandler(RequestHandler):
         manager = self._manager
         if isinstance(manager, GuardedServer) and manager.open_connections > manager.max_connections:
             # Past the descriptors left for callers: answer at once and free the descriptor,
-            # so the admin port and tunnel reconnects keep theirs (shared/aio/fdlimit.py).
+            # so the admin port and tunnel reconnects keep theirs (shared/runtime/fdlimit.py).
             manager.refused()
             typing.cast(asyncio.WriteTransport, transport).write(_BUSY_503)  # uvloop's are not subclasses
             self.force_close()

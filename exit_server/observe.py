@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shared.plainmetrics import PlainHistogram
+from shared.runtime.plainmetrics import PlainHistogram
 
 if TYPE_CHECKING:
     from .routes import Registry
@@ -119,7 +119,7 @@ class _RouteMetrics:
 
 class _ExchangeCollector(Collector):
     """The per-exchange metrics, made into metric families at scrape time from the plain
-    numbers :meth:`Metrics.finish` keeps (shared/plainmetrics.py says why)."""
+    numbers :meth:`Metrics.finish` keeps (shared/runtime/plainmetrics.py says why)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics

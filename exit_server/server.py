@@ -19,14 +19,14 @@ from aiohttp import web
 from websockets.asyncio.server import Server, serve
 
 from shared.aio.connection import ws_limits
-from shared.aio.fdlimit import public_connection_limit
 from shared.aio.tls import server_context
 from shared.aio.wsfast import TunnelServerConnection
-from shared.config import parse_addr, read_secret
 from shared.errors import ConfigError
 from shared.forwarding import TrustedProxies, parse_networks
 from shared.frames import GoAwayCode
-from shared.procmetrics import register_process_metrics
+from shared.runtime.config import parse_addr, read_secret
+from shared.runtime.fdlimit import public_connection_limit
+from shared.runtime.procmetrics import register_process_metrics
 from shared.sizes import DEFAULT_MAX_FRAME
 
 from .access import AccessRules

@@ -87,7 +87,7 @@ def main() -> int:
         print("usage: probe.py exit-server|tunnel-client ARGS...", file=sys.stderr)
         return 2
     path = os.environ.get("RELIABILITY_PROBE", "")
-    if os.environ.get("RELIABILITY_NO_UVLOOP") == "1":  # plain asyncio (shared/aio/runner.py falls back)
+    if os.environ.get("RELIABILITY_NO_UVLOOP") == "1":  # plain asyncio (shared/runtime/runner.py falls back)
         sys.modules["uvloop"] = None  # type: ignore[assignment]
     prog, argv = sys.argv[1], sys.argv[2:]
     if prog == "exit-server":

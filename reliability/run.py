@@ -154,7 +154,7 @@ collection (fixed in `shared/aio/connection.py`, `TunnelConnection.run`).**
   traceback holds a `TunnelStream.read`/`response` frame, that stream, and its connection. The
   connection holds the websocket, its SSL protocol, the `SSLObject` and its memory BIOs (about
   1 MiB after traffic). Only a full (generation 2) collection frees such cycles, and those are
-  rare, rarer still with `gc.set_threshold(50_000, 20, 20)` in `shared/aio/runner.py`.
+  rare, rarer still with `gc.set_threshold(50_000, 20, 20)` in `shared/runtime/runner.py`.
 - *Fix.* When `run()` ends, the connection drops its callbacks and its reference to the websocket
   (`close()`, `abort()` and `_flush_now()` accept it gone). The small `TunnelConnection`/`Session`
   objects of a session that ended abruptly may still wait for a collection; the websocket and TLS
@@ -173,7 +173,7 @@ collection (fixed in `shared/aio/connection.py`, `TunnelConnection.run`).**
   process (200 of them: exit server 56 -> 80 MiB, client 65 -> 88 MiB), growing with the bytes
   sent before the reset; a 504 left about 88 objects in the client, a refused upstream about
   100. Run with the default GC thresholds, the same 200 requests cost 6 MiB (exit server) and
-  3 MiB (client): `gc.set_threshold(50_000, 20, 20)` in `shared/aio/runner.py` lets about 70
+  3 MiB (client): `gc.set_threshold(50_000, 20, 20)` in `shared/runtime/runner.py` lets about 70
   times more garbage pile up between collections, and the heap does not shrink afterwards.
 - *Causes.* (a) `TunnelStream.read()`, `write()`, `response()` and `send_reply()` raised the
   stream's stored error object itself, so its traceback held the raising frames
@@ -193,7 +193,7 @@ collection (fixed in `shared/aio/connection.py`, `TunnelConnection.run`).**
 
 **Observations, not changed.**
 
-- `gc.set_threshold(50_000, 20, 20)` (`shared/aio/runner.py`, for the hot path) assumes
+- `gc.set_threshold(50_000, 20, 20)` (`shared/runtime/runner.py`, for the hot path) assumes
   per-request objects are acyclic; error paths and third-party code (aiohttp's connector,
   aiohappyeyeballs) still make cycles, which now live about 70 times longer and keep what they
   reference. Worth keeping in mind when changing error paths; the scenarios above count it.

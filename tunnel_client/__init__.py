@@ -1,6 +1,6 @@
 """Backhaul tunnel client: dials the exit server and serves local upstreams."""
 
-from shared.version import version as _version
+from shared.runtime.version import version as _version
 
 from .client import TunnelClient
 from .config import ClientConfig

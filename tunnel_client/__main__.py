@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import sys
 
-from shared.aio.fdlimit import DescriptorAlarm, raise_nofile
-from shared.aio.runner import run_service
-from shared.cli import add_model_flags, configure_logging, run_guarded, settings_from_args
-from shared.version import version
+from shared.runtime.cli import add_model_flags, configure_logging, run_guarded, settings_from_args
+from shared.runtime.fdlimit import DescriptorAlarm, raise_nofile
+from shared.runtime.runner import run_service
+from shared.runtime.version import version
 
 from .audit import add_audit_parser, audit_command
 from .config import DEFAULT_ADMIN_ADDR, ClientConfig
@@ -86,7 +86,7 @@ def healthcheck(admin_addr: str | None, timeout: float) -> int:
 async def serve(config: ClientConfig, stop: asyncio.Event) -> int:
     from .client import TunnelClient
 
-    raise_nofile()  # upstream connections and streams are descriptors too (shared/aio/fdlimit.py)
+    raise_nofile()  # upstream connections and streams are descriptors too (shared/runtime/fdlimit.py)
     client = TunnelClient(config)
     DescriptorAlarm().install(asyncio.get_running_loop())
     client.killswitch.install_signal_handler(asyncio.get_running_loop())  # SIGUSR1 toggles the kill switch

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shared.plainmetrics import PlainHistogram
+from shared.runtime.plainmetrics import PlainHistogram
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -63,7 +63,7 @@ class ClientMetrics:
         )
         r.register(_LinkCollector(client))
         r.register(_StreamCollector(self))
-        # plain numbers on the hot path, metric families at scrape time (shared/plainmetrics.py)
+        # plain numbers on the hot path, metric families at scrape time (shared/runtime/plainmetrics.py)
         self._streams: dict[tuple[str, str], int] = {}
         self._durations: dict[str, PlainHistogram] = {}
 

@@ -30,16 +30,16 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 from shared.aio.connection import TunnelConnection, TunnelStream, ws_limits
 from shared.aio.tls import client_context
 from shared.aio.wsfast import TunnelClientConnection
-from shared.backoff import backoff_delays
-from shared.config import parse_addr, read_secret
 from shared.errors import AuthError, ConfigError, StreamReset, TunnelError
 from shared.frames import GoAwayCode
 from shared.heads import KIND_NAMES
 from shared.messages import SUPPORTED_VERSIONS, Error, Hello, Routes, RouteSpec, TcpSpec, Welcome
 from shared.mux import Role, Session
-from shared.procmetrics import register_process_metrics
+from shared.runtime.backoff import backoff_delays
+from shared.runtime.config import parse_addr, read_secret
+from shared.runtime.procmetrics import register_process_metrics
+from shared.runtime.version import version
 from shared.sizes import DEFAULT_MAX_FRAME, DEFAULT_STREAM_WINDOW
-from shared.version import version
 
 from .admin import ClientMetrics, admin_app
 from .adminaddr import remove_run_file, write_run_file

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from shared.config import BaseConfig, is_loopback_host, optional_addr, split_list, url_port
 from shared.messages import MAX_ROUTES, MAX_TCP
+from shared.runtime.config import BaseConfig, is_loopback_host, optional_addr, split_list, url_port
 
 from .guard import parse_allow_paths
 

@@ -1,36 +1,24 @@
-"""The upstream leg of HTTP streams: a lean HTTP/1.1 client with a keep-alive pool.
+"""The upstream leg of HTTP streams: a lean HTTP/1.1 client with a keep-alive pool, on
+httptools (llhttp) from an :class:`asyncio.Protocol`; health checks and ECS metadata keep
+aiohttp. Why not aiohttp's ``ClientSession`` here, and the figures: docs/ARCHITECTURE.md.
 
-Why not aiohttp's ``ClientSession`` here: profiles of the benchmark showed the client spending
-most of its Python time in ``ClientSession._request`` (URL objects, header multidicts, tracing
-hooks, timers) for work that, in a proxy, is a byte copy: the head is already parsed and
-checked (:mod:`tunnel_client.guard`), and the answer goes back as raw status and headers. This
-module writes the request head in one ``transport.write`` and parses the answer with
-httptools (llhttp, the parser behind uvicorn and Node.js), straight from an
-:class:`asyncio.Protocol`. Everything else (health checks, ECS metadata) keeps using aiohttp.
+Semantics (docs/PROTOCOL.md section 12; failures are :class:`shared.errors.UpstreamError`,
+mapped to reset codes by ``tunnel_client/upstream.py`` ``reset_for``):
 
-Semantics kept from the aiohttp version (docs/PROTOCOL.md section 12):
-
-* connection refused / unreachable -> :class:`UpstreamError` ``connect=True`` (502);
-  connect timeout -> ``timeout=True`` (504);
-* the upstream closes or breaks before the response head -> 502; after it -> the body is
-  aborted (``before_head=False``), never presented as complete;
+* connection refused / unreachable -> ``connect=True``; connect timeout -> ``timeout=True``;
+* the upstream closes or breaks before the response head -> ``before_head``; after it -> the
+  body is aborted (``before_head=False``), never presented as complete;
 * a request whose connection came from the pool and failed before any response byte arrived
   is sent once more on a fresh connection (the upstream closed an idle keep-alive connection as
-  we reused it: the classic race) when that cannot run it twice: an idempotent method (RFC 9110
-  section 9.2.2) or an ``Idempotency-Key`` header, and a body that was not streamed;
+  we reused it) when that cannot run it twice: an idempotent method (RFC 9110 section 9.2.2) or
+  an ``Idempotency-Key`` header, and a body that was not streamed;
 * informational 1xx answers are skipped; HEAD, 204 and 304 answers have no body; a body with
   neither length nor chunking ends when the upstream closes.
 
-Back-pressure: body bytes are buffered up to ``HIGH_WATER`` then the upstream socket is paused
-until the tunnel has taken them; request bodies wait for ``resume_writing``.
-
-Large bodies framed by Content-Length skip the parser: once llhttp has parsed the head (fed
-alone when a read holds the head and more than ``DIRECT_BODY_MIN`` bytes), the rest of the
-body, when at least ``DIRECT_BODY_MIN`` bytes, is taken straight from ``data_received``: the
-received ``bytes`` objects themselves (a view past the head in the first read), with no
-per-chunk copy into a new ``bytes`` (llhttp's ``on_body`` copies every byte once; at 1 MiB
-responses that was 9 % of the client's CPU). The parser is replaced for the next exchange,
-since it still counts the body it never saw.
+Back-pressure: body bytes are buffered up to ``HIGH_WATER``, then the upstream socket is paused
+until the tunnel has taken them; request bodies wait for ``resume_writing``. A Content-Length
+body of at least ``DIRECT_BODY_MIN`` bytes past the head skips llhttp: the received ``bytes``
+go on as they are, and the parser is replaced for the next exchange.
 """
 
 from __future__ import annotations

@@ -1,41 +1,21 @@
 """websockets connection classes for the tunnel's hot path.
 
-websockets stays the transport: it does the opening handshake (TLS, the token check before the
-upgrade, pins), parses and unmasks every incoming frame, answers pings and runs the closing
-handshake. These things change for tunnel connections, each measured (docs/BENCHMARKS.md):
+websockets does the opening handshake (TLS, the token check before the upgrade, pins), control
+frames and the closing handshake. Whole unfragmented binary frames, the tunnel's data phase, are
+parsed and written here:
 
-* **Incoming messages are delivered in the protocol callback.** The stock connection puts each
-  message into a queue that a reader task awaits: one task wake-up (a loop iteration) per
-  message. Here a complete binary message goes straight to a *sink* (the session's
-  ``receive``) from ``data_received``; the session's own flow control (stream and connection
-  windows) bounds what is buffered, so websockets' receive queue has nothing left to bound.
-  Messages that arrive before the sink is attached are kept in order and replayed to it.
-* **Complete unfragmented binary frames are parsed here**, in the buffer the transport read
-  into (:meth:`DirectMessages.buffer_updated`): header, length and mask from a few slices, the
-  payload unmasked straight out of the buffer (its one copy) instead of websockets'
-  generator-based reader (a buffer append, a slice copy, an unmask copy, a Frame object per
-  message). The first byte that is anything else (a control frame such as close, a text or
-  fragmented frame, an oversized or wrongly masked frame) hands that byte and everything after
-  it to websockets for good, which then applies every rule of RFC 6455 as before; so does a
-  connection whose websockets reader still held a partial frame when the sink was attached.
-* **Reads land in our buffer** (``asyncio.BufferedProtocol``), so TLS decrypts straight into
-  it. A read that holds whole frames only goes to one scratch buffer shared by the process; a
-  frame that spans reads moves the connection to a buffer of its own (1 MiB while frames are
-  large), where the following reads land after it and the frame is parsed in place once
-  complete. That buffer is dropped, once empty, after a ticker period in which no frame
-  spanned reads (heartbeats and small messages do not keep it). Before this, uvloop joined the
-  TLS records of each read into one ``bytes`` and frames spanning reads were joined again:
-  8.8 % of the exit server's CPU at 1 MiB downloads. uvloop reads into the buffer only of a
-  protocol that is not an ``asyncio.Protocol``; a websockets connection is one, so at attach
-  the transport is given a stand-in (:class:`_BufferedReader`) that passes everything on.
-* **Outgoing binary messages are framed here** (:meth:`DirectMessages.send_message`):
-  the header and the (masked, on the client) payload are joined once and written, instead of
-  websockets' ``Frame.serialize`` (a BytesIO, a mask copy and a ``getvalue`` copy) and the
-  ``send()`` coroutine per message. Masking keys still come from ``os.urandom``, drawn 4 KiB at
-  a time rather than one ``getrandom`` syscall per message.
+* complete binary messages go to a *sink* (the session's ``receive``) from the protocol
+  callback, no reader task; messages that arrive before the sink is attached are replayed;
+* reads land in our buffer (``asyncio.BufferedProtocol``, through :class:`_BufferedReader`):
+  a process-wide scratch buffer while no frame spans reads, the connection's own while one
+  does (dropped once empty for a ticker period);
+* the first byte of any other frame (close, ping, text, fragmented, oversized, wrongly masked)
+  hands that byte and everything after it to websockets for good, which applies RFC 6455;
+* outgoing messages are framed here from their pieces, never joined (the client masks each
+  piece with the key rotated to its offset).
 
-Anything else the peer sends (text, fragmented messages) is a protocol violation on the tunnel:
-the *on_bad* callback closes with 1003.
+Text or fragmented messages are a protocol violation on the tunnel: *on_bad* closes with 1003.
+Why each of these, with figures, and the buffer-ownership rules: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.version import version
+from shared.runtime.version import version
 
 ROOT = Path(__file__).resolve().parents[2]
 

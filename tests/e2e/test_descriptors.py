@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from shared.aio.fdlimit import DescriptorAlarm, public_connection_limit
+from shared.runtime.fdlimit import DescriptorAlarm, public_connection_limit
 
 from ..waiting import wait_until
 from .helpers import TOKEN, Certs

@@ -200,7 +200,7 @@ async def test_process_build_and_certificate_metrics(certs: Certs, tmp_path: Pat
 
     from exit_server.control import SharedTokenAuth
     from exit_server.server import ExitServer
-    from shared.version import version
+    from shared.runtime.version import version
     from tunnel_client import TunnelClient
 
     from .helpers import client_config, server_config

@@ -8,7 +8,7 @@ that websockets documents as deviations may fail at all. docs/CONFORMANCE.md lis
 the figures and the documented deviations; run with ``-s`` to print the summary table.
 
 This is a plain test that drives its own event loop, on uvloop (what both command lines run on,
-shared/aio/runner.py) when installed: the suite takes tens of seconds, and running it again on
+shared/runtime/runner.py) when installed: the suite takes tens of seconds, and running it again on
 plain asyncio through the conftest's loop hook would double that for no extra coverage of the
 byte pump (test_websocket.py covers the passthrough on both loops).
 """

@@ -1,4 +1,4 @@
-"""shared.backoff: full-jitter reconnect delays (docs/PROTOCOL.md section 10), without sleeping."""
+"""shared.runtime.backoff: full-jitter reconnect delays (docs/PROTOCOL.md section 10), without sleeping."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.backoff import backoff_delays
+from shared.runtime.backoff import backoff_delays
 
 
 def ceilings(**kwargs: float) -> list[float]:

@@ -1,4 +1,4 @@
-"""shared.cli: flags generated from the settings model, one-line errors, logging setup."""
+"""shared.runtime.cli: flags generated from the settings model, one-line errors, logging setup."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from pydantic import Field, SecretStr
 
 from exit_server.config import ServerConfig
-from shared.cli import SECRET_FIELDS, add_model_flags, configure_logging, die, run_guarded, settings_from_args
-from shared.config import BaseConfig
 from shared.errors import ConfigError
+from shared.runtime.cli import SECRET_FIELDS, add_model_flags, configure_logging, die, run_guarded, settings_from_args
+from shared.runtime.config import BaseConfig
 
 
 class Sample(BaseConfig):

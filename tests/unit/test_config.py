@@ -1,4 +1,4 @@
-"""shared.config: flags > BACKHAUL_* environment > TOML file, and one-line errors naming the flag."""
+"""shared.runtime.config: flags > BACKHAUL_* environment > TOML file, and one-line errors naming the flag."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from exit_server.config import ServerConfig
-from shared.config import (
+from shared.errors import ConfigError
+from shared.runtime.config import (
     BaseConfig,
     describe_validation_error,
     is_loopback_host,
@@ -18,7 +19,6 @@ from shared.config import (
     read_secret,
     split_list,
 )
-from shared.errors import ConfigError
 from tunnel_client.config import ClientConfig
 
 PLAIN = {"insecure_plaintext": True}

@@ -99,7 +99,9 @@ def test_every_error_is_raised_somewhere_and_defined_once() -> None:
     """No error class is dead weight (each is constructed somewhere), and none is defined twice."""
     root = Path(__file__).resolve().parents[2]
     sources = [
-        path.read_text() for package in ("shared", "exit_server", "tunnel_client") for path in (root / package).rglob("*.py")
+        path.read_text()
+        for package in ("shared", "exit_server", "tunnel_client")
+        for path in (root / package).rglob("*.py")
     ]
     code = "\n".join(sources)
     for name in errors.__all__:

@@ -1,5 +1,5 @@
-"""Every shared module declares ``__all__``, and every name in it exists (websockets
-``tests/test_exports.py``)."""
+"""Every shared module declares ``__all__``, and every name in it exists (the idea of
+websockets' own export test)."""
 
 from __future__ import annotations
 

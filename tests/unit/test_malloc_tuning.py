@@ -1,4 +1,4 @@
-"""shared.aio.runner.tune_malloc: glibc's thresholds fixed, unless the environment sets them."""
+"""shared.runtime.runner.tune_malloc: glibc's thresholds fixed, unless the environment sets them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.aio.runner import tune_malloc
+from shared.runtime.runner import tune_malloc
 
-SNIPPET = "from shared.aio.runner import tune_malloc; print(tune_malloc())"
+SNIPPET = "from shared.runtime.runner import tune_malloc; print(tune_malloc())"
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -48,9 +48,11 @@ from shared.mux import (
     INITIAL_CONNECTION_WINDOW,
     Role,
     Session,
+    SessionEvent,
     SessionState,
     StreamEvent,
     StreamState,
+    session_transition,
     transition,
 )
 
@@ -1443,3 +1445,25 @@ def test_worked_example_bytes() -> None:
     client.receive(message, 13.0)
     assert client.events()[-1] == GoAwayReceived(1, GoAwayCode.SHUTDOWN, "bye")
     assert server.is_idle and client.is_idle
+
+
+SESSION_TABLE = {
+    (SessionState.HANDSHAKE, SessionEvent.ACCEPT): SessionState.OPEN,
+    (SessionState.HANDSHAKE, SessionEvent.GOAWAY): SessionState.CLOSED,
+    (SessionState.OPEN, SessionEvent.GOAWAY): SessionState.DRAINING,
+    (SessionState.DRAINING, SessionEvent.GOAWAY): SessionState.DRAINING,
+    (SessionState.CLOSED, SessionEvent.GOAWAY): SessionState.CLOSED,
+    **{(state, SessionEvent.CLOSE): SessionState.CLOSED for state in SessionState},
+}
+
+
+@pytest.mark.parametrize("state", list(SessionState))
+@pytest.mark.parametrize("event", list(SessionEvent))
+def test_session_transition_table(state: SessionState, event: SessionEvent) -> None:
+    """Every session transition is in one table; an accept anywhere but the handshake is illegal."""
+    expected = SESSION_TABLE.get((state, event))
+    if expected is None:
+        with pytest.raises(InvalidState):
+            session_transition(state, event)
+    else:
+        assert session_transition(state, event) is expected

@@ -1,4 +1,4 @@
-"""shared/plainmetrics.py: plain-number histograms give the same exposition as
+"""shared/runtime/plainmetrics.py: plain-number histograms give the same exposition as
 prometheus_client's own Histogram, and the exit server's and the client's collectors expose
 the series their prometheus_client metrics used to (names, labels, values)."""
 
@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from exit_server.observe import Exchange, Metrics
 from exit_server.routes import Registry
-from shared.plainmetrics import DEFAULT_BUCKETS, PlainHistogram
+from shared.runtime.plainmetrics import DEFAULT_BUCKETS, PlainHistogram
 
 BOUNDS = (0.001, 0.01, 0.1, 1.0, 10.0)
 

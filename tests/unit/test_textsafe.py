@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from shared.cli import EscapingFormatter
-from shared.textsafe import escape_controls
+from shared.runtime.cli import EscapingFormatter
+from shared.runtime.textsafe import escape_controls
 
 
 def test_plain_text_is_returned_as_is() -> None:

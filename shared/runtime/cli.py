@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic_settings import BaseSettings
 
+from ..errors import ConfigError, TunnelError
 from .config import load_settings
-from .errors import ConfigError, TunnelError
 from .textsafe import escape_controls
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""shared/aio/sockopts.set_keepalive: relayed long-lived connections find a vanished peer in
+"""shared.aio.sockopts.set_keepalive: relayed long-lived connections find a vanished peer in
 minutes (the kernel default is 2 h 11 min)."""
 
 from __future__ import annotations

@@ -86,7 +86,13 @@ async def pair(
     def server_control(message: Hello | Welcome | Routes | Error) -> None:
         if isinstance(message, Hello):
             ssession.accept(
-                Welcome(version=1, session_id="s-test", client_id="c", initial_window=window, heartbeat_interval=heartbeat[0])
+                Welcome(
+                    version=1,
+                    session_id="s-test",
+                    client_id="c",
+                    initial_window=window,
+                    heartbeat_interval=heartbeat[0],
+                )
             )
             server.flush()
 

@@ -1,5 +1,5 @@
 """shared.aio.pump: half-close both ways, the idle timeout, resets and broken endpoints, over
-two real connections (tests/unit/aio_pair.py) and a scripted endpoint."""
+two real connections (tests/unit/aio/aio_pair.py) and a scripted endpoint."""
 
 from __future__ import annotations
 

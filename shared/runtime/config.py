@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "url_port",

@@ -64,8 +64,10 @@ def test_mutual_tls_handshake(pki: dict[str, Path]) -> None:
     s, c = handshake(server, client_context(pki["ca"], pki["ccert"], pki["ckey"]), "tunnel.example")
     assert c.version() in ("TLSv1.2", "TLSv1.3")
     peer = s.getpeercert()
-    assert peer is not None and ("commonName", "client-1") in [pair for rdn in peer["subject"] for pair in rdn] or (
-        peer is not None and any("client-1" in str(v) for v in peer.get("subjectAltName", ()))
+    assert (
+        peer is not None
+        and ("commonName", "client-1") in [pair for rdn in peer["subject"] for pair in rdn]
+        or (peer is not None and any("client-1" in str(v) for v in peer.get("subjectAltName", ())))
     )
 
 

@@ -1,0 +1,175 @@
+"""The library internals the hot path relies on, each pinned by one small test that fails
+loudly, naming the file that depends on it, when an upgrade changes it. The dependency pins in
+pyproject.toml are the minor versions these tests passed on.
+
+Internals covered (docs/ARCHITECTURE.md, "Library internals"):
+
+* websockets: ``protocol.reader.buffer`` and ``protocol.state`` (shared/aio/wsfast.py attaches
+  its own parser only at a frame boundary), ``Connection.data_received``/``process_event``
+  (the hand-over), ``protocol.max_message_size`` and ``close_rcvd``.
+* asyncio/uvloop transports: ``set_protocol`` switches a reading transport's protocol
+  (shared/aio/wsfast.py), and uvloop reads into a ``BufferedProtocol``'s buffer.
+* aiohttp: ``RequestHandler``'s private state read by exit_server/httpguard.py, ``set_parser``
+  (exit_server/feeder.py), ``LineTooLong.args[1]`` (the limit: 414 against 431),
+  ``BaseRequest._cache`` (the reified version, exit_server/public.py) and ``site._server``
+  (the bound port of the admin listeners).
+* httptools: ``HttpParserUpgrade`` after a 101 head (tunnel_client/http1.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+from typing import Any
+
+import httptools
+import pytest
+from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.test_utils import make_mocked_request
+from aiohttp.web_protocol import RequestHandler
+from websockets.asyncio.connection import Connection
+from websockets.protocol import Protocol, Side, State
+
+from exit_server.feeder import RawFeeder
+from shared.aio.wsfast import DirectMessages
+
+
+def test_websockets_reader_buffer_and_state() -> None:
+    protocol = Protocol(Side.SERVER)
+    assert protocol.state is State.OPEN
+    assert isinstance(protocol.reader.buffer, bytearray) and not protocol.reader.buffer, "shared/aio/wsfast.py attach()"
+    assert protocol.max_message_size is not None
+    assert protocol.close_rcvd is None
+    protocol.receive_data(b"\x82")  # half a frame header: websockets' reader keeps it
+    next(iter(protocol.events_received()), None)
+    assert isinstance(protocol.reader.buffer, bytearray)
+
+
+def test_websockets_connection_hooks_exist() -> None:
+    for name in ("data_received", "process_event", "drain", "connection_made", "connection_lost"):
+        assert callable(getattr(Connection, name, None)), f"websockets Connection.{name} (shared/aio/wsfast.py)"
+    # the mixin overrides exactly these, and must come first in the MRO
+    assert set(vars(DirectMessages)) >= {"data_received", "process_event", "get_buffer", "buffer_updated"}
+
+
+@pytest.mark.asyncio
+async def test_transport_set_protocol_switches_a_reading_transport() -> None:
+    got: list[bytes] = []
+
+    class First(asyncio.Protocol):
+        pass
+
+    class Buffered(asyncio.BufferedProtocol):
+        def __init__(self) -> None:
+            self.buf = bytearray(64)
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            return memoryview(self.buf)
+
+        def buffer_updated(self, nbytes: int) -> None:
+            got.append(bytes(self.buf[:nbytes]))
+
+    a, b = socket.socketpair()
+    try:
+        transport, _ = await asyncio.get_running_loop().create_connection(First, sock=a)
+        transport.set_protocol(Buffered())  # shared/aio/wsfast.py DirectMessages.attach
+        b.send(b"after the switch")
+        async with asyncio.timeout(5):
+            while not got:
+                await asyncio.sleep(0)
+        assert b"".join(got) == b"after the switch"
+        transport.close()
+    finally:
+        b.close()
+
+
+@pytest.mark.asyncio
+async def test_aiohttp_request_handler_private_state() -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response()
+
+    server = web.Server(handler)
+    protocol: Any = server()
+    assert isinstance(protocol, RequestHandler)
+    for name in (
+        "_manager",
+        "_request_count",
+        "_request_in_progress",
+        "_messages",
+        "_payload_parser",
+        "_force_close",
+        "_loop",
+    ):
+        assert hasattr(protocol, name), f"aiohttp RequestHandler.{name} (exit_server/httpguard.py)"
+    assert hasattr(RequestHandler, "_upgraded") or "_upgraded" in getattr(RequestHandler, "__slots__", ()), (
+        "aiohttp RequestHandler._upgraded (exit_server/httpguard.py)"
+    )
+    assert callable(protocol.set_parser) and callable(protocol.force_close)
+    assert list(inspect.signature(RequestHandler.handle_error).parameters) == [
+        "self",
+        "request",
+        "status",
+        "exc",
+        "message",
+    ], "exit_server/httpguard.py GuardedRequestHandler.handle_error"
+    await server.shutdown(0)
+
+
+def test_aiohttp_parse_errors_carry_the_limit() -> None:
+    assert LineTooLong("x" * 10, 8190).args[1] == 8190, "exit_server/httpguard.py parse_error_status"
+    assert BadHttpMessage("Too many headers received").message.startswith("Too many headers")
+
+
+def test_aiohttp_request_version_is_reified_in_cache() -> None:
+    request = make_mocked_request("GET", "/", version=HttpVersion10)
+    assert request.version == HttpVersion10
+    request._cache["version"] = HttpVersion11  # exit_server/public.py: a 505 goes out as HTTP/1.1
+    assert request.version == HttpVersion11
+
+
+@pytest.mark.asyncio
+async def test_aiohttp_site_server_sockets() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        server: Any = site._server  # exit_server/server.py, tunnel_client/client.py: the bound port
+        assert server.sockets[0].getsockname()[1] > 0
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.asyncio
+async def test_aiohttp_set_parser_feeds_raw_bytes() -> None:
+    class Paused:
+        def pause_reading(self) -> None:
+            pass
+
+        def resume_reading(self) -> None:
+            pass
+
+    feeder = RawFeeder(Paused(), asyncio.get_running_loop())  # type: ignore[arg-type]
+    assert feeder.feed_data(b"raw") == (False, b"")  # the (eof, tail) pair RequestHandler expects
+    feeder.feed_eof()
+    assert await feeder.read() == b"raw" and await feeder.read() == b""
+
+
+def test_httptools_signals_an_upgrade_after_a_101_head() -> None:
+    class Callbacks:
+        headers: list[tuple[bytes, bytes]] = []
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers.append((name, value))
+
+    parser = httptools.HttpResponseParser(Callbacks())
+    with pytest.raises(httptools.HttpParserUpgrade):  # tunnel_client/http1.py parse_response_head
+        parser.feed_data(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    assert parser.get_status_code() == 101
