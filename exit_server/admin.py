@@ -58,6 +58,7 @@ class AdminApp:
         r.add_get("/api/tunnels", self.list_tunnels)
         r.add_delete("/api/tunnels/{id}", self.delete_tunnel)
         r.add_get("/api/stats", self.stats)
+        r.add_get("/api/certificates", self.certificates)
         r.add_get("/", self.dashboard)
 
     def _authorized(self, request: web.Request) -> web.Response | None:
@@ -113,6 +114,27 @@ class AdminApp:
                 "hosts": self.server.metrics.host_stats(),
                 "tunnels": [tunnel_view(t) for t in self.server.registry.tunnels.values()],
                 "in_flight": self.server.public.in_flight,
+            }
+        )
+
+    async def certificates(self, request: web.Request) -> web.Response:
+        """The public HTTPS listener's certificates: name, source, issuer, not-after."""
+        if (denied := self._authorized(request)) is not None:
+            return denied
+        certs = self.server.certs
+        served = certs.all() if certs is not None else []
+        return web.json_response(
+            {
+                "certificates": [
+                    {
+                        "name": c.name,
+                        "source": c.source,
+                        "issuer": c.issuer,
+                        "not_after": c.not_after.isoformat(),
+                        "seconds_left": round(c.not_after.timestamp() - time.time()),
+                    }
+                    for c in served
+                ]
             }
         )
 

@@ -28,6 +28,23 @@ class ServerConfig(BaseConfig):
     public_scheme: Literal["http", "https"] = Field(
         "http", description="scheme reported in X-Forwarded-Proto (https behind a TLS load balancer)"
     )
+    public_tls_addr: str | None = Field(
+        None, description="public HTTPS listener HOST:PORT, certificates chosen per SNI name (off by default)"
+    )
+    public_cert_dir: Path | None = Field(
+        None, description="directory of HOST.pem / HOST-key.pem pairs for the public HTTPS listener (*.DOMAIN allowed)"
+    )
+    control_hostname: str | None = Field(
+        None,
+        description="on the public TLS listener, send connections whose SNI is this name to the tunnel endpoint "
+        "(clients then need outbound 443 only)",
+    )
+    redirect_http: bool = Field(
+        False, description="answer plain-HTTP requests with 308 to https (needs --public-tls-addr)"
+    )
+    hsts: int = Field(
+        0, ge=0, description="Strict-Transport-Security max-age in seconds on HTTPS answers (0: no header)"
+    )
     upstream_timeout: float = Field(60.0, gt=0, description="seconds to wait for a response head (504)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
     shutdown_delay: float = Field(
@@ -103,6 +120,19 @@ class ServerConfig(BaseConfig):
         return value
 
     _admin_addr = field_validator("admin_addr")(optional_addr)
+    _public_tls_addr = field_validator("public_tls_addr")(optional_addr)
+
+    @field_validator("control_hostname")
+    @classmethod
+    def _hostname(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        name = value.strip().lower().rstrip(".")
+        if not all(label and len(label) <= 63 for label in name.split(".")):
+            raise ValueError(f"expected a host name, got {value!r}")
+        if any(not (c.isascii() and (c.isalnum() or c in "-.")) for c in name):
+            raise ValueError(f"expected a host name, got {value!r}")
+        return name
 
     _split = field_validator("trusted_proxies", mode="before")(split_list)
 
@@ -141,6 +171,15 @@ class ServerConfig(BaseConfig):
             raise ValueError("--heartbeat-timeout must exceed --heartbeat-interval")
         if self.tokens is not None and (self.token_file is not None or self.token is not None):
             raise ValueError("--tokens replaces the shared token: give either --tokens or --token-file/BACKHAUL_TOKEN")
+        if self.public_tls_addr is not None and self.public_cert_dir is None:
+            raise ValueError("--public-tls-addr needs --public-cert-dir (the certificates to serve)")
+        if self.control_hostname is not None:
+            if self.public_tls_addr is None:
+                raise ValueError("--control-hostname needs --public-tls-addr")
+            if self.insecure_plaintext:
+                raise ValueError("--control-hostname needs TLS on the control endpoint (not --insecure-plaintext)")
+        if (self.redirect_http or self.hsts) and self.public_tls_addr is None:
+            raise ValueError("--redirect-http and --hsts need --public-tls-addr")
         if self.client_ca is not None and self.insecure_plaintext:
             raise ValueError("--client-ca needs TLS (not --insecure-plaintext)")
         return self

@@ -40,7 +40,7 @@ class Edge(NamedTuple):
 
     rid: str  # X-Request-Id
     peer: str  # the address the request came from (a PROXY header's source when trusted)
-    proto: str  # --public-scheme
+    proto: str  # the caller's scheme: https on the public TLS listener, else --public-scheme
     host: str  # the authority the request was routed and checked on
     trusted: TrustedProxies | None = None  # set when ``peer`` is a trusted proxy
 

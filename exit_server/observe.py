@@ -94,6 +94,7 @@ class Exchange:
     continue_sent: bool = False  # "100 Continue" goes out once, even when the request is retried
     close_connection: bool = False  # answer with Connection: close (bytes after it are not HTTP)
     local_status: int | None = None  # the status this side decided before the reply (408: body idle)
+    scheme: str = "http"  # "https" on the public TLS listener (else --public-scheme)
 
     def mark_head(self) -> None:
         self.head_seconds = time.perf_counter() - self.started
@@ -206,6 +207,13 @@ class Metrics:
             registry=r,
         )
         self.registrations = Counter("backhaul_tunnel_registrations", "Tunnel sessions registered", registry=r)
+        self.tls_handshakes = Counter(
+            "backhaul_public_tls_handshakes",
+            "Connections to the public TLS port by outcome: ok, unknown_name, no_sni, not_tls, timeout "
+            "(no ClientHello in time), handshake_failed, busy (too many waiting for their ClientHello)",
+            ["result"],
+            registry=r,
+        )
         self.reconnects = Counter(
             "backhaul_tunnel_reconnects", "Registrations by a client instance that had a session before", registry=r
         )

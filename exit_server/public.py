@@ -123,21 +123,30 @@ class PublicHandler:
         self.requests = 0
         self._limit_log = LogThrottle()  # one stream-limit line per tunnel per 10 s
         self._per_caller: dict[str, int] = {}  # requests in flight per caller (source_key)
+        #: the public HTTPS port (set by the server; 0: none), for --redirect-http's Location
+        self.tls_port = 0
+        self._hsts = f"max-age={config.hsts}" if config.hsts else None
 
     _loop: asyncio.AbstractEventLoop
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: web.BaseRequest, scheme: str | None = None) -> web.StreamResponse:
+        """Serve one request; ``scheme`` is "https" on the public TLS listener, else the
+        configured ``--public-scheme``."""
         if not hasattr(self, "_loop"):
             self._loop = asyncio.get_running_loop()  # kept: each call is a getpid() on 3.11
         self.in_flight += 1
         self.requests += 1
         peer = self.peer_of(request)
         ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, "", request.path, peer)
+        ex.scheme = scheme if scheme is not None else self.config.public_scheme
         try:
             resp = await self._handle(request, ex, peer)
             ex.status = resp.status
-            if (self.draining or ex.close_connection) and not resp.prepared:
-                resp.force_close()
+            if not resp.prepared:
+                if self.draining or ex.close_connection:
+                    resp.force_close()
+                if self._hsts is not None and ex.scheme == "https":
+                    resp.headers["Strict-Transport-Security"] = self._hsts
             return resp
         except asyncio.CancelledError:
             ex.status = 499  # the caller went away (nginx's convention)
@@ -145,6 +154,16 @@ class PublicHandler:
         finally:
             self.in_flight -= 1
             self.metrics.finish(ex)
+
+    def _redirect(self, request: web.BaseRequest, ex: Exchange, host: str) -> web.Response:
+        """308 to the same target over HTTPS (--redirect-http): method and body are kept."""
+        ex.rejected = "redirected"
+        port = "" if self.tls_port in (0, 443) else f":{self.tls_port}"
+        location = f"https://{host}{port}{origin_form(request)}"
+        resp = web.Response(status=308, headers={"Server": SERVER, "Location": location})
+        if request.body_exists:  # the body is not read: the connection cannot be reused
+            resp.force_close()
+        return resp
 
     def _reject(self, ex: Exchange, reason: str, status: int, retry_after: int | None = None) -> web.Response:
         ex.rejected = reason
@@ -168,8 +187,10 @@ class PublicHandler:
                 request._cache["version"] = HttpVersion11
             return generic_response(problem)
         host = normalize_host(authority)
+        if ex.scheme == "http" and self.config.redirect_http:
+            return self._redirect(request, ex, host)
         trusted = self.trusted if self.trusted and self.trusted.contains(peer) else None
-        edge = Edge(ex.request_id, peer, self.config.public_scheme, authority, trusted)
+        edge = Edge(ex.request_id, peer, ex.scheme, authority, trusted)
         client = peer if trusted is None else trusted.client_of(request.headers.getall("X-Forwarded-For", ()), peer)
         if self.access is not None and (denied := await self.access.check(request, host, client)) is not None:
             ex.rejected = "access_denied"
@@ -354,7 +375,7 @@ class PublicHandler:
             request.method,
             origin_form(request),
             edge.host,
-            self.config.public_scheme,
+            edge.proto,
             edge.peer,
             upstream_headers(request.raw_headers, edge, websocket),
         )
@@ -426,6 +447,8 @@ class PublicHandler:
         resp = web.StreamResponse(status=status, headers=kept)  # keeps order and repeats (Set-Cookie)
         if "Server" not in resp.headers:
             resp.headers["Server"] = SERVER
+        if self._hsts is not None and ex.scheme == "https":
+            resp.headers["Strict-Transport-Security"] = self._hsts
         if self.draining or ex.close_connection:
             resp.force_close()  # the server is going away: the caller reconnects elsewhere
         transport = request.transport

@@ -1,6 +1,6 @@
-"""Hot reload of the exit server's files (``--tokens``, ``--access``): on SIGHUP and when a file
-changes (its mtime, size or inode, polled every second: no dependency, and atomic renames are
-seen as well as in-place edits)."""
+"""Hot reload of the exit server's files (``--tokens``, ``--access``, ``--public-cert-dir``): on
+SIGHUP and when a file changes (its mtime, size or inode, polled every second: no dependency,
+and atomic renames are seen as well as in-place edits; for a directory, each entry's)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,19 @@ class Reloadable(Protocol):
     def reload(self, strict: bool = False) -> bool: ...
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
+def _signature(path: Path) -> tuple[object, ...] | None:
+    """What changes when the file does; for a directory (--public-cert-dir), each entry's."""
     try:
         st = os.stat(path)
+        if not path.is_dir():
+            return (st.st_mtime_ns, st.st_size, st.st_ino)
+        entries = []
+        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+            est = entry.stat()
+            entries.append((entry.name, est.st_mtime_ns, est.st_size, est.st_ino))
+        return tuple(entries)
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class Reloader:

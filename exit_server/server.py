@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import resource
 import socket
+import ssl
 from collections.abc import Iterator
 
 from aiohttp import web
 from websockets.asyncio.server import Server, serve
+from websockets.server import ServerProtocol
 
-from shared.aio.connection import ws_limits
+from shared.aio.connection import WS_LOG, ws_limits
 from shared.aio.tls import server_context
 from shared.aio.wsfast import TunnelServerConnection
 from shared.errors import ConfigError
@@ -31,8 +34,11 @@ from shared.sizes import DEFAULT_MAX_FRAME
 
 from .access import AccessRules
 from .admin import AdminApp
+from .certstore import CertStore, PublicCertCollector
+from .clienthello import ClientHello
 from .config import ServerConfig
 from .control import Authenticator, ControlEndpoint, SharedTokenAuth
+from .frontdoor import FrontDoor, Route
 from .httpguard import GuardedServer
 from .observe import Metrics
 from .public import PublicHandler
@@ -68,9 +74,15 @@ class ExitServer:
         self.public = PublicHandler(config, self.registry, self.metrics)
         self.access = AccessRules(config.access) if config.access is not None else None
         self.public.access = self.access
+        #: certificates of the public HTTPS listener (None: no --public-tls-addr)
+        self.certs = CertStore(config.public_cert_dir) if config.public_cert_dir and config.public_tls_addr else None
+        if self.certs is not None:
+            self.metrics.registry.register(PublicCertCollector(self.certs))
         if config.trusted_proxies:
             self.public.trusted = TrustedProxies(parse_networks(config.trusted_proxies))
-        reloadable: list[Reloadable] = [x for x in (auth, self.access) if isinstance(x, TokenRegistry | AccessRules)]
+        reloadable: list[Reloadable] = [
+            x for x in (auth, self.access, self.certs) if isinstance(x, TokenRegistry | AccessRules | CertStore)
+        ]
         self.reloader = Reloader(reloadable, self._credentials_changed)
         self._reload_task: asyncio.Task[None] | None = None
         admin_token = None
@@ -82,7 +94,12 @@ class ExitServer:
         self._ws_server: Server | None = None
         self._runner: web.ServerRunner | None = None
         self._site: web.TCPSite | None = None
+        self._tls_runner: web.ServerRunner | None = None
+        self._front: FrontDoor | None = None
+        self._tls_public: Route | None = None
+        self._tls_control: Route | None = None
         self.public_port = 0
+        self.public_tls_port = 0
         self.control_port = 0
         self.stopping = False
         self._stopped = asyncio.Event()
@@ -106,9 +123,54 @@ class ExitServer:
             await self._admin_runner.cleanup()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._front is not None:
+            await self._front.close()
+        if self._tls_runner is not None:
+            await self._tls_runner.cleanup()
         if self._ws_server is not None:
             self._ws_server.close()
             await self._ws_server.wait_closed()
+
+    def _control_connection(self) -> TunnelServerConnection:
+        """A control connection for the public TLS port (--control-hostname): what the control
+        listener's own factory makes, on the same websockets server (its handshake, token check
+        and handler)."""
+        assert self._ws_server is not None
+        limits = ws_limits(DEFAULT_MAX_FRAME)
+        return TunnelServerConnection(
+            ServerProtocol(max_size=limits["max_size"], logger=WS_LOG),
+            self._ws_server,
+            ping_interval=None,
+            ping_timeout=None,
+            close_timeout=limits["close_timeout"],
+            max_queue=limits["max_queue"],
+            write_limit=limits["write_limit"],
+        )
+
+    def _tls_route(self, hello: ClientHello) -> Route | None:
+        """Where a ClientHello on the public TLS port goes: the control endpoint for
+        --control-hostname, the public listener for a name with a certificate, else nowhere."""
+        if hello.server_name == self.config.control_hostname:
+            return self._tls_control
+        if self.certs is not None and self.certs.lookup(hello.server_name) is not None:
+            return self._tls_public
+        return None
+
+    def _public_server(self, scheme: str | None) -> GuardedServer:
+        """An aiohttp server for a public listener (plain, or HTTPS with ``scheme="https"``):
+        414/431/408, generic error bodies, PROXY v2 from --trusted-proxies."""
+        cfg = self.config
+        handler = self.public if scheme is None else functools.partial(self.public.__call__, scheme=scheme)
+        return GuardedServer(
+            handler,
+            handler_cancellation=True,
+            access_log=None,
+            header_timeout=cfg.header_timeout,
+            keepalive_timeout=cfg.keepalive_timeout,  # aiohttp's own default is 3,630 s
+            trusted=self.public.trusted,
+            max_connections=public_connection_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
+            on_refused=self.metrics.descriptors.labels("reserve").inc,
+        )
 
     async def _start(self) -> None:
         cfg = self.config
@@ -126,17 +188,9 @@ class ExitServer:
                 **ws_limits(DEFAULT_MAX_FRAME),
             )
         self.control_port = _bound_port(self._ws_server.sockets)
-        server = GuardedServer(
-            self.public,
-            handler_cancellation=True,
-            access_log=None,
-            header_timeout=cfg.header_timeout,
-            keepalive_timeout=cfg.keepalive_timeout,  # aiohttp's own default is 3,630 s
-            trusted=self.public.trusted,
-            max_connections=public_connection_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
-            on_refused=self.metrics.descriptors.labels("reserve").inc,
-        )  # 414/431/408, generic error bodies, PROXY v2 from --trusted-proxies
-        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.drain_timeout)
+        self._runner = web.ServerRunner(
+            self._public_server(None), handle_signals=False, shutdown_timeout=cfg.drain_timeout
+        )
         await self._runner.setup()
         phost, pport = parse_addr(cfg.public_addr)
         self._site = web.TCPSite(self._runner, phost, pport, reuse_address=True, backlog=1024)
@@ -144,6 +198,8 @@ class ExitServer:
             await self._site.start()
         assert self._site._server is not None
         self.public_port = _bound_port(self._site._server.sockets)  # type: ignore[attr-defined]
+        if self.certs is not None and cfg.public_tls_addr:
+            await self._start_public_tls(cfg.public_tls_addr, ssl_ctx)
         if self.reloader.items:
             self._reload_task = asyncio.create_task(self.reloader.run(), name="reload-credentials")
         if cfg.admin_addr:
@@ -155,14 +211,42 @@ class ExitServer:
                 await admin_site.start()
             self.admin_port = _bound_port(admin_site._server.sockets)  # type: ignore[union-attr]
         log.info(
-            "exit server: public http://%s:%d, control %s://%s:%d, admin %s",
+            "exit server: public http://%s:%d%s, control %s://%s:%d, admin %s",
             phost,
             self.public_port,
+            f" and https://{cfg.public_tls_addr.rpartition(':')[0]}:{self.public_tls_port}"
+            if cfg.public_tls_addr
+            else "",
             "ws" if ssl_ctx is None else "wss",
             host,
             self.control_port,
             f"http://{cfg.admin_addr.rpartition(':')[0]}:{self.admin_port}" if cfg.admin_addr else "off",
         )
+
+    async def _start_public_tls(self, addr: str, control_ctx: ssl.SSLContext | None) -> None:
+        """The public TLS port: a front door that routes each ClientHello by SNI name."""
+        assert self.certs is not None
+        cfg = self.config
+        self.certs.reload(strict=True)
+        if not self.certs.all():
+            log.warning("public HTTPS: no certificate in %s yet: every handshake is refused", cfg.public_cert_dir)
+        server = self._public_server("https")
+        self._tls_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.drain_timeout)
+        await self._tls_runner.setup()
+        self._tls_public = Route(server, self.certs.listener_context(), "public")
+        if cfg.control_hostname is not None and control_ctx is not None:
+            self._tls_control = Route(self._control_connection, control_ctx, "control")
+        handshakes = self.metrics.tls_handshakes
+        self._front = FrontDoor(
+            self._tls_route,
+            hello_timeout=cfg.header_timeout,
+            handshake_timeout=cfg.header_timeout,
+            on_result=lambda result: handshakes.labels(result).inc(),
+        )
+        host, port = parse_addr(addr)
+        with _listen_errors("--public-tls-addr", addr):
+            self.public_tls_port = await self._front.start(host, port)
+        self.public.tls_port = self.public_tls_port
 
     def reload(self, why: str = "SIGHUP") -> bool:
         """Re-read ``--tokens`` and ``--access`` now; sessions whose credentials were revoked or
@@ -211,6 +295,8 @@ class ExitServer:
         self.control.draining = True
         if self._site is not None and self._site._server is not None:
             self._site._server.close()  # stop accepting public connections
+        if self._front is not None:
+            self._front.stop_accepting()
         self.tcp.stop_accepting()
         deadline = asyncio.get_running_loop().time() + timeout
         drained = await self._wait_drained(deadline)
@@ -223,8 +309,8 @@ class ExitServer:
             # by close(), as when the drain itself timed out.
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self._runner.cleanup()
-                self._runner = None
+                    await asyncio.gather(*(r.cleanup() for r in (self._runner, self._tls_runner) if r is not None))
+                self._runner = self._tls_runner = None
             except TimeoutError:
                 log.warning("exit server: drain timeout while closing public connections")
         for conn in list(self.control.connections):
@@ -280,10 +366,14 @@ class ExitServer:
             self._ws_server.close()
             await self._ws_server.wait_closed()
             self._ws_server = None
-        if self._runner is not None:
-            await self._runner.shutdown()
-            await self._runner.cleanup()
-            self._runner = None
+        if self._front is not None:
+            await self._front.close()
+            self._front = None
+        for runner in (self._runner, self._tls_runner):
+            if runner is not None:
+                await runner.shutdown()
+                await runner.cleanup()
+        self._runner = self._tls_runner = None
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None

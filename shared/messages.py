@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import RemoteProtocolError
+from .routing import HOST_PATTERN
 from .sizes import DEFAULT_MAX_FRAME, DEFAULT_STREAM_WINDOW
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 
-_HOST = r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*$|^default$"
+_HOST = HOST_PATTERN + "|^default$"
 
 
 #: Routes one session may announce (Hello and Routes messages): a client configured with more

@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
-__all__ = ["RouteTable", "normalize_host", "path_matches"]
+__all__ = ["HOST_PATTERN", "RouteTable", "normalize_host", "path_matches"]
+
+#: A lower-case host name, or ``*.`` and a domain (a wildcard covers one label).
+HOST_PATTERN = r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*$"
 
 T = TypeVar("T")
 

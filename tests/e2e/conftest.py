@@ -19,7 +19,10 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     for extra in cert.cert_chain_pems[1:]:
         with open(d / "cert.pem", "ab") as fh:
             fh.write(extra.bytes())
-    return Certs(d / "ca.pem", d / "cert.pem", d / "key.pem")
+    app = ca.issue_cert("app.localhost")
+    app.cert_chain_pems[0].write_to_path(str(d / "app.pem"))
+    app.private_key_pem.write_to_path(str(d / "app-key.pem"))
+    return Certs(d / "ca.pem", d / "cert.pem", d / "key.pem", d / "app.pem", d / "app-key.pem")
 
 
 @pytest.fixture

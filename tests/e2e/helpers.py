@@ -23,6 +23,8 @@ class Certs:
     ca: Path
     cert: Path
     key: Path
+    app_cert: Path = Path()  # app.localhost, from the same CA (a public HTTPS name)
+    app_key: Path = Path()
 
 
 @dataclass

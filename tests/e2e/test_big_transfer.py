@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ssl
 import subprocess
 import sys
 import time
@@ -176,3 +177,87 @@ async def test_one_gib_upload_streams_with_bounded_memory(tunnel_processes: tupl
         f"client {growth[1]:.1f} MiB"
     )
     assert growth[0] < 64 and growth[1] < 64
+
+
+@pytest.fixture(scope="module")
+def tls_processes(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[tuple[int, Proc, Proc]]:
+    """The public HTTPS listener with the tunnel on the same port (--control-hostname): the
+    client reaches nothing but the public TLS port."""
+    tmp = tmp_path_factory.mktemp("big-tls")
+    cert_dir = tmp / "public-certs"
+    cert_dir.mkdir()
+    (cert_dir / "app.localhost.pem").write_bytes(certs.app_cert.read_bytes())
+    (cert_dir / "app.localhost-key.pem").write_bytes(certs.app_key.read_bytes())
+    up_port, public, tls = free_port(), free_port(), free_port()
+    script = tmp / "up.py"
+    script.write_text(UPSTREAM.replace("PORT", str(up_port)))
+    up = subprocess.Popen([sys.executable, str(script)])
+    server = Proc(
+        [
+            "exit-server",
+            "run",
+            "--public-addr",
+            f"127.0.0.1:{public}",
+            "--control-addr",
+            "127.0.0.1:0",
+            "--public-tls-addr",
+            f"127.0.0.1:{tls}",
+            "--public-cert-dir",
+            str(cert_dir),
+            "--control-hostname",
+            "localhost",
+            "--tls-cert",
+            str(certs.cert),
+            "--tls-key",
+            str(certs.key),
+        ],
+        {"BACKHAUL_TOKEN": TOKEN},
+    )
+    client = Proc(
+        [
+            "tunnel-client",
+            "run",
+            "--server",
+            f"wss://localhost:{tls}",
+            "--ca-file",
+            str(certs.ca),
+            "--upstream",
+            f"default=http://127.0.0.1:{up_port}",
+        ],
+        {"BACKHAUL_TOKEN": TOKEN},
+    )
+    try:
+        wait_port(up_port)
+        wait_port(public)
+        wait_status(f"http://127.0.0.1:{public}/download?n=10", "x", 200)
+        yield tls, server, client
+    finally:
+        server.stop()
+        client.stop()
+        up.kill()
+        up.wait()
+
+
+async def test_one_gib_download_over_the_public_tls_listener(
+    tls_processes: tuple[int, Proc, Proc], certs: Certs
+) -> None:
+    tls, server, client = tls_processes
+    ctx = ssl.create_default_context(cafile=str(certs.ca))
+    h = hashlib.sha256()
+    total = 0
+    t0 = time.monotonic()
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=ctx)) as http:
+        async with http.get(
+            f"https://127.0.0.1:{tls}/download?n={GIB}",
+            headers={"Host": "app.localhost"},
+            server_hostname="app.localhost",
+        ) as r:
+            assert r.status == 200
+            async for chunk in r.content.iter_any():
+                h.update(chunk)
+                total += len(chunk)
+    elapsed = time.monotonic() - t0
+    assert total == GIB
+    assert h.hexdigest() == _expected_sha(GIB)
+    print(f"1 GiB download over public TLS (tunnel on the same port): {GIB / elapsed / 2**20:.0f} MiB/s")

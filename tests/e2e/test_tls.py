@@ -22,7 +22,8 @@ from .helpers import TOKEN, Certs, client_config, server_config, stack
 AEAD_MARKERS = ("_GCM_", "_CHACHA20_POLY1305_", "_CCM")
 
 
-def _scan(port: int) -> object:
+def scan_tls(port: int) -> object:
+    """An sslyze scan of 127.0.0.1:``port`` with SNI ``localhost``."""
     from sslyze import (
         ScanCommand,
         Scanner,
@@ -52,13 +53,10 @@ def _scan(port: int) -> object:
     return result.scan_result
 
 
-@pytest.mark.asyncio
-@pytest.mark.timeout(180)
-async def test_sslyze_scan_of_the_control_listener(certs: Certs) -> None:
+def assert_strict_tls(scan: object) -> None:
+    """TLS 1.2 and 1.3 only, AEAD suites with forward secrecy only, no compression,
+    Heartbleed, CCS injection, ROBOT or client renegotiation."""
     from sslyze import RobotScanResultEnum, ScanCommandAttemptStatusEnum
-
-    async with stack(certs) as s:
-        scan = await asyncio.to_thread(_scan, s.server.control_port)
 
     def result(name: str) -> object:
         attempt = getattr(scan, name)
@@ -81,6 +79,14 @@ async def test_sslyze_scan_of_the_control_listener(certs: Certs) -> None:
         RobotScanResultEnum.NOT_VULNERABLE_NO_ORACLE,
     )
     assert result("session_renegotiation").is_vulnerable_to_client_renegotiation_dos is False  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(180)
+async def test_sslyze_scan_of_the_control_listener(certs: Certs) -> None:
+    async with stack(certs) as s:
+        scan = await asyncio.to_thread(scan_tls, s.server.control_port)
+    assert_strict_tls(scan)
 
 
 def _leaf_der(cert_pem: Path) -> bytes:
