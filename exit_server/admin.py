@@ -118,7 +118,8 @@ class AdminApp:
         )
 
     async def certificates(self, request: web.Request) -> web.Response:
-        """The public HTTPS listener's certificates: name, source, issuer, not-after."""
+        """The public HTTPS listener's certificates (name, source, issuer, not-after) and, with
+        ACME on, each name's order or renewal state."""
         if (denied := self._authorized(request)) is not None:
             return denied
         certs = self.server.certs
@@ -134,7 +135,8 @@ class AdminApp:
                         "seconds_left": round(c.not_after.timestamp() - time.time()),
                     }
                     for c in served
-                ]
+                ],
+                "acme": self.server.acme.status() if self.server.acme is not None else None,
             }
         )
 

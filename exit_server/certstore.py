@@ -40,11 +40,12 @@ class Served:
     """One certificate the listener serves."""
 
     name: str  # the hostname (or *.domain) it is served for
-    source: str  # where it came from: "file" (--public-cert-dir)
+    source: str  # where it came from: "file" (--public-cert-dir) or "acme"
     issuer: str
     not_after: dt.datetime
     context: ssl.SSLContext
     files: tuple[str, ...] = ()
+    not_before: dt.datetime | None = None
 
 
 def public_context() -> ssl.SSLContext:
@@ -67,8 +68,8 @@ def _covers(cert: x509.Certificate, name: str) -> bool:
     return name in names
 
 
-def load_pair(name: str, chain: Path, key: Path, now: dt.datetime | None = None) -> Served:
-    """A context serving ``chain``/``key`` for ``name``.
+def load_pair(name: str, chain: Path, key: Path, now: dt.datetime | None = None, *, source: str = "file") -> Served:
+    """A context serving ``chain``/``key`` for ``name`` (``source``: "file" or "acme").
 
     Raises:
         ConfigError: unreadable, mismatched, expired, or not covering ``name``.
@@ -89,7 +90,9 @@ def load_pair(name: str, chain: Path, key: Path, now: dt.datetime | None = None)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"--public-cert-dir: cannot load {chain.name} with {key.name}: {exc}") from None
     issuer = cert.issuer.rfc4514_string()
-    return Served(name, "file", issuer, cert.not_valid_after_utc, ctx, (str(chain), str(key)))
+    return Served(
+        name, source, issuer, cert.not_valid_after_utc, ctx, (str(chain), str(key)), cert.not_valid_before_utc
+    )
 
 
 def _valid_name(name: str) -> bool:
@@ -100,12 +103,16 @@ def _valid_name(name: str) -> bool:
 
 
 class CertStore:
-    """The certificates of the public TLS listener, by hostname, from ``path`` (the
-    ``--public-cert-dir``)."""
+    """The certificates of the public TLS listener, by hostname: files from ``path`` (the
+    ``--public-cert-dir``, None: none) win over those another source adds with :meth:`put`
+    (ACME, exit_server/acme.py)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path | None) -> None:
+        #: what exit_server/reload.py watches (a path that never exists when there is none)
+        self.path = path if path is not None else Path("/nonexistent")
+        self._dir = path
         self._files: dict[str, Served] = {}
+        self._other: dict[str, Served] = {}
 
     # -- Reloadable (exit_server/reload.py)
     def reload(self, strict: bool = False) -> bool:
@@ -114,8 +121,10 @@ class CertStore:
         Raises:
             ConfigError: ``strict`` (start-up) and the directory cannot be listed.
         """
+        if self._dir is None:
+            return False
         try:
-            entries = sorted(p for p in self.path.iterdir() if p.name.endswith(".pem"))
+            entries = sorted(p for p in self._dir.iterdir() if p.name.endswith(".pem"))
         except OSError as exc:
             if strict:
                 raise ConfigError(f"--public-cert-dir: cannot list {self.path}: {exc}") from None
@@ -147,22 +156,33 @@ class CertStore:
             log.info("public certificates: %d loaded from %s", len(loaded), self.path)
         return changed
 
+    def put(self, served: Served) -> None:
+        """Serve a certificate from another source (ACME) for ``served.name``."""
+        self._other[served.name] = served
+
+    def has_file(self, name: str) -> bool:
+        """True when --public-cert-dir serves ``name`` (exactly or by wildcard): ACME stays out."""
+        served = self.lookup(name)
+        return served is not None and served.source == "file"
+
     def lookup(self, server_name: str | None) -> Served | None:
         """The certificate for an SNI name: the exact name, then the wildcard one label up."""
         if not server_name:
             return None
         name = server_name.lower().rstrip(".")
-        found = self._files.get(name)
+        found = self._files.get(name) or self._other.get(name)
         if found is not None:
             return found
         parent = name.partition(".")[2]
         if not parent:
             return None
-        return self._files.get("*." + parent)
+        return self._files.get("*." + parent) or self._other.get("*." + parent)
 
     def all(self) -> list[Served]:
         """Every certificate served, by name (for the admin API and metrics)."""
-        return sorted(self._files.values(), key=lambda s: s.name)
+        seen = dict(self._other)
+        seen.update(self._files)
+        return sorted(seen.values(), key=lambda s: s.name)
 
     def sni_callback(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
         """``SSLContext.sni_callback``: switch to the name's context, or refuse the handshake."""

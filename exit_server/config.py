@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -9,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from shared.forwarding import parse_networks
+from shared.routing import HOST_PATTERN
 from shared.runtime.config import BaseConfig, is_loopback_host, optional_addr, parse_addr, split_list
 from shared.sizes import DEFAULT_STREAM_WINDOW
 
@@ -34,6 +36,22 @@ class ServerConfig(BaseConfig):
     public_cert_dir: Path | None = Field(
         None, description="directory of HOST.pem / HOST-key.pem pairs for the public HTTPS listener (*.DOMAIN allowed)"
     )
+    acme_dir: Path | None = Field(
+        None, description="turns ACME on: account key and issued certificates are kept here (files 0600)"
+    )
+    acme_directory: str = Field(
+        "https://acme-v02.api.letsencrypt.org/directory", description="ACME directory URL (Let's Encrypt by default)"
+    )
+    acme_email: str | None = Field(None, description="contact address for the ACME account")
+    acme_domain: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="names (or *.DOMAIN patterns) ACME may issue for when a client registers them; with --tokens, "
+        "a client's grant admits its own names too",
+    )
+    acme_challenge: Literal["http-01", "tls-alpn-01"] = Field(
+        "http-01", description="ACME challenge: http-01 (public HTTP port 80) or tls-alpn-01 (public TLS port 443)"
+    )
+    acme_ca_file: Path | None = Field(None, description="CA bundle to trust for the ACME directory's own TLS")
     control_hostname: str | None = Field(
         None,
         description="on the public TLS listener, send connections whose SNI is this name to the tunnel endpoint "
@@ -134,7 +152,18 @@ class ServerConfig(BaseConfig):
             raise ValueError(f"expected a host name, got {value!r}")
         return name
 
-    _split = field_validator("trusted_proxies", mode="before")(split_list)
+    _split = field_validator("trusted_proxies", "acme_domain", mode="before")(split_list)
+
+    @field_validator("acme_domain")
+    @classmethod
+    def _acme_domains(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            name = item.strip().lower().rstrip(".")
+            if not re.match(HOST_PATTERN, name):
+                raise ValueError(f"expected host names or *.DOMAIN, got {item!r}")
+            out.append(name)
+        return out
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -171,8 +200,10 @@ class ServerConfig(BaseConfig):
             raise ValueError("--heartbeat-timeout must exceed --heartbeat-interval")
         if self.tokens is not None and (self.token_file is not None or self.token is not None):
             raise ValueError("--tokens replaces the shared token: give either --tokens or --token-file/BACKHAUL_TOKEN")
-        if self.public_tls_addr is not None and self.public_cert_dir is None:
-            raise ValueError("--public-tls-addr needs --public-cert-dir (the certificates to serve)")
+        if self.public_tls_addr is not None and self.public_cert_dir is None and self.acme_dir is None:
+            raise ValueError("--public-tls-addr needs --public-cert-dir or --acme-dir (the certificates to serve)")
+        if self.acme_dir is not None and self.public_tls_addr is None:
+            raise ValueError("--acme-dir needs --public-tls-addr (where the certificates are served)")
         if self.control_hostname is not None:
             if self.public_tls_addr is None:
                 raise ValueError("--control-hostname needs --public-tls-addr")

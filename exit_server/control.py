@@ -72,6 +72,8 @@ class ControlEndpoint:
         self.limiter = FailureLimiter()  # failed tokens per source: 10, then 1/s (429 beyond)
         self.gate = SourceGate()
         self.principals: dict[TunnelConnection, Principal] = {}
+        #: called after a session registered or changed its routes (ACME orders certificates)
+        self.on_routes: Callable[[Tunnel], None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
     async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -133,6 +135,10 @@ class ControlEndpoint:
                 for refusal in self.registry.set_routes(tunnel, list(message.routes)):
                     log.warning("session %s: route %s refused: %s", session_id, refusal.route, refusal.reason)
                 log.info("session %s: routes now %s", session_id, _route_names(tunnel))
+            else:
+                return
+            if self.on_routes is not None and tunnel is not None:
+                self.on_routes(tunnel)
 
         def on_goaway(code: int, reason: str) -> None:
             if tunnel is not None:

@@ -207,6 +207,12 @@ class Metrics:
             registry=r,
         )
         self.registrations = Counter("backhaul_tunnel_registrations", "Tunnel sessions registered", registry=r)
+        self.acme_orders = Counter(
+            "backhaul_acme_orders",
+            "ACME attempts (orders and renewals) by result: issued or failed",
+            ["result"],
+            registry=r,
+        )
         self.tls_handshakes = Counter(
             "backhaul_public_tls_handshakes",
             "Connections to the public TLS port by outcome: ok, unknown_name, no_sni, not_tls, timeout "

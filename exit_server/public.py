@@ -33,6 +33,7 @@ from shared.httputil import strip_hop_by_hop
 from shared.routing import normalize_host
 
 from .access import AccessRules
+from .acme import Challenges, is_challenge_path
 from .config import ServerConfig
 from .feeder import RawFeeder
 from .headers import Edge, has_token, is_websocket, origin_form, reply_headers, routed_authority, upstream_headers
@@ -112,6 +113,7 @@ class PublicHandler:
     """aiohttp low-level handler for every public request."""
 
     access: AccessRules | None = None  # --access rules, checked before a stream opens
+    acme: Challenges | None = None  # pending ACME HTTP-01 answers (--acme-dir)
     trusted: TrustedProxies | None = None  # --trusted-proxies
 
     def __init__(self, config: ServerConfig, registry: Registry, metrics: Metrics | None = None) -> None:
@@ -187,7 +189,10 @@ class PublicHandler:
                 request._cache["version"] = HttpVersion11
             return generic_response(problem)
         host = normalize_host(authority)
-        if ex.scheme == "http" and self.config.redirect_http:
+        if self.acme is not None and (answer := self.acme.http_answer(host, request.path)) is not None:
+            ex.route = "acme-challenge"
+            return web.Response(text=answer, headers={"Server": SERVER})
+        if ex.scheme == "http" and self.config.redirect_http and not is_challenge_path(request.path):
             return self._redirect(request, ex, host)
         trusted = self.trusted if self.trusted and self.trusted.contains(peer) else None
         edge = Edge(ex.request_id, peer, ex.scheme, authority, trusted)

@@ -33,6 +33,7 @@ from shared.runtime.procmetrics import register_process_metrics
 from shared.sizes import DEFAULT_MAX_FRAME
 
 from .access import AccessRules
+from .acme import ACME_TLS_ALPN, AcmeFiles, AcmeIssuer
 from .admin import AdminApp
 from .certstore import CertStore, PublicCertCollector
 from .clienthello import ClientHello
@@ -43,9 +44,9 @@ from .httpguard import GuardedServer
 from .observe import Metrics
 from .public import PublicHandler
 from .reload import Reloadable, Reloader
-from .routes import Registry
+from .routes import Registry, Tunnel
 from .tcp import TcpListeners
-from .tokens import TokenRegistry
+from .tokens import TokenRegistry, host_allowed
 
 __all__ = ["ExitServer"]
 
@@ -75,13 +76,29 @@ class ExitServer:
         self.access = AccessRules(config.access) if config.access is not None else None
         self.public.access = self.access
         #: certificates of the public HTTPS listener (None: no --public-tls-addr)
-        self.certs = CertStore(config.public_cert_dir) if config.public_cert_dir and config.public_tls_addr else None
+        self.certs = CertStore(config.public_cert_dir) if config.public_tls_addr else None
         if self.certs is not None:
             self.metrics.registry.register(PublicCertCollector(self.certs))
+        #: certificates from ACME (None: no --acme-dir)
+        self.acme: AcmeIssuer | None = None
+        if self.certs is not None and config.acme_dir is not None:
+            orders = self.metrics.acme_orders
+            self.acme = AcmeIssuer(
+                config.acme_directory,
+                AcmeFiles(config.acme_dir),
+                self.certs,
+                email=config.acme_email,
+                challenge=config.acme_challenge,
+                ca_file=config.acme_ca_file,
+                on_result=lambda result: orders.labels(result).inc(),
+            )
+            self.public.acme = self.acme.challenges
+            self.control.on_routes = self._routes_registered
         if config.trusted_proxies:
             self.public.trusted = TrustedProxies(parse_networks(config.trusted_proxies))
+        watched = self.certs if config.public_cert_dir is not None else None
         reloadable: list[Reloadable] = [
-            x for x in (auth, self.access, self.certs) if isinstance(x, TokenRegistry | AccessRules | CertStore)
+            x for x in (auth, self.access, watched) if isinstance(x, TokenRegistry | AccessRules | CertStore)
         ]
         self.reloader = Reloader(reloadable, self._credentials_changed)
         self._reload_task: asyncio.Task[None] | None = None
@@ -147,9 +164,25 @@ class ExitServer:
             write_limit=limits["write_limit"],
         )
 
+    def _routes_registered(self, tunnel: Tunnel) -> None:
+        """A session registered routes: ask ACME for the names it may issue. A name qualifies
+        when it matches --acme-domain, or when the client's token grant (--tokens) names it
+        by a pattern other than "*". A shared token or an any-host grant is no statement
+        about names, so it orders nothing by itself."""
+        assert self.acme is not None
+        grant = tunnel.policy.hosts if tunnel.policy is not None else None
+        patterns = [*self.config.acme_domain, *(p for p in grant or () if p != "*")]
+        for route in tunnel.routes:
+            if any(host_allowed(pattern, route.host) for pattern in patterns):
+                self.acme.want(route.host)
+
     def _tls_route(self, hello: ClientHello) -> Route | None:
-        """Where a ClientHello on the public TLS port goes: the control endpoint for
-        --control-hostname, the public listener for a name with a certificate, else nowhere."""
+        """Where a ClientHello on the public TLS port goes: an ACME TLS-ALPN-01 validation,
+        the control endpoint for --control-hostname, the public listener for a name with a
+        certificate, else nowhere."""
+        if ACME_TLS_ALPN in hello.alpn:
+            ctx = self.acme.challenges.alpn.get(hello.server_name or "") if self.acme is not None else None
+            return Route(_Validated, ctx, "acme") if ctx is not None else None
         if hello.server_name == self.config.control_hostname:
             return self._tls_control
         if self.certs is not None and self.certs.lookup(hello.server_name) is not None:
@@ -228,8 +261,10 @@ class ExitServer:
         assert self.certs is not None
         cfg = self.config
         self.certs.reload(strict=True)
+        if self.acme is not None:
+            self.acme.start()
         if not self.certs.all():
-            log.warning("public HTTPS: no certificate in %s yet: every handshake is refused", cfg.public_cert_dir)
+            log.warning("public HTTPS: no certificate yet: handshakes are refused until one is loaded or issued")
         server = self._public_server("https")
         self._tls_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.drain_timeout)
         await self._tls_runner.setup()
@@ -362,6 +397,8 @@ class ExitServer:
             self._reload_task = None
         await self._close_sessions(deadline)
         await self.tcp.close()
+        if self.acme is not None:
+            await self.acme.close()
         if self._ws_server is not None:
             self._ws_server.close()
             await self._ws_server.wait_closed()
@@ -382,6 +419,13 @@ class ExitServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+class _Validated(asyncio.Protocol):
+    """A TLS-ALPN-01 validation connection: the handshake was the whole point."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 
 #: Longest wait for tunnel peers to complete the WebSocket close handshake at shutdown.
