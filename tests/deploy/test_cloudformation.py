@@ -44,7 +44,7 @@ def test_cfn_lint_clean(path: Path) -> None:
 
 def test_cfn_lint_is_really_checking() -> None:
     original = EXIT_SERVER.read_text()
-    broken = original.replace("Protocol: TCP\n      DefaultActions", "Protocol: TCPX\n      DefaultActions")
+    broken = original.replace("Port: 8443\n      Protocol: TCP\n", "Port: 8443\n      Protocol: TCPX\n")
     broken = broken.replace("LaunchType: FARGATE", "LaunchType: EXTERNAL_ISH")
     assert broken.count("TCPX") == 1 and "EXTERNAL_ISH" in broken
     text = describe(lint(broken))
@@ -72,7 +72,9 @@ def test_exit_server_shape() -> None:
     listeners = _resources(t, "AWS::ElasticLoadBalancingV2::Listener")
     control = [lst for lst in listeners.values() if lst["Properties"]["Port"] == 8443]
     assert len(control) == 1 and control[0]["Properties"]["Protocol"] == "TCP", "control must be TCP pass-through"
-    assert len(listeners) == 2
+    assert len(listeners) == 3
+    (tls,) = [lst for lst in listeners.values() if lst.get("Condition") == "ExitServerTls"]
+    assert (tls["Properties"]["Port"], tls["Properties"]["Protocol"]) == (443, "TCP"), "exit-server TLS: pass-through"
 
     for name, tg in _resources(t, "AWS::ElasticLoadBalancingV2::TargetGroup").items():
         props = tg["Properties"]
@@ -87,16 +89,69 @@ def test_exit_server_shape() -> None:
     secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
     token_secrets = _resources(t, "AWS::SecretsManager::Secret")
     assert secrets["BACKHAUL_TOKEN"] == {"Ref": next(iter(token_secrets))}
-    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    env = {e["Name"]: e["Value"] for e in container["Environment"] if "Name" in e}
     assert env["BACKHAUL_CONTROL_ADDR"].endswith(":8443") and env["BACKHAUL_ADMIN_ADDR"] == "0.0.0.0:8690"
     assert "BACKHAUL_TOKEN" not in env and "--token " not in " ".join(container["Command"])
     assert container["StopTimeout"] > int(env["BACKHAUL_DRAIN_TIMEOUT"])
     (log_group,) = _resources(t, "AWS::Logs::LogGroup")
     assert container["LogConfiguration"]["Options"]["awslogs-group"] == {"Ref": log_group}
-    ports = {p["ContainerPort"] for p in container["PortMappings"]}
+    ports = {p["ContainerPort"] for p in container["PortMappings"] if "ContainerPort" in p}
     assert ports == {8080, 8443, 8690}
 
     (service,) = _resources(t, "AWS::ECS::Service").values()
     sprops = service["Properties"]
     assert sprops["LaunchType"] == "FARGATE" and sprops["DesiredCount"] == 1
-    assert {lb["ContainerPort"] for lb in sprops["LoadBalancers"]} == {8080, 8443}
+    assert {lb["ContainerPort"] for lb in sprops["LoadBalancers"] if "ContainerPort" in lb} == {8080, 8443}
+
+
+def _if(value: Any, condition: str) -> Any:
+    """The true branch of ``{"Fn::If": [condition, then, else]}``."""
+    assert isinstance(value, dict) and value["Fn::If"][0] == condition, value
+    return value["Fn::If"][1]
+
+
+def test_exit_server_tls_mode() -> None:
+    """PublicTls=exit-server: 80 and 443 passed through to the container, ACME state on a
+    retained, encrypted EFS volume mounted where BACKHAUL_ACME_DIR points, private to the
+    image's user, reachable only from the task; the NLB-TLS mode stays available."""
+    t = parse(EXIT_SERVER)
+    assert t["Parameters"]["PublicTls"]["AllowedValues"] == ["none", "load-balancer", "exit-server"]
+    assert {"LoadBalancerTlsNeedsACertificate", "ExitServerTlsNeedsNames"} <= set(t["Rules"])
+    tgs = _resources(t, "AWS::ElasticLoadBalancingV2::TargetGroup")
+    assert tgs["PublicTlsTargetGroup"]["Properties"]["Port"] == 8444
+    (taskdef,) = _resources(t, "AWS::ECS::TaskDefinition").values()
+    props = taskdef["Properties"]
+    (container,) = props["ContainerDefinitions"]
+    env = {}
+    for item in container["Environment"]:
+        if "Fn::If" in item:
+            item = item["Fn::If"][1]
+        env[item["Name"]] = item["Value"]
+    assert env["BACKHAUL_PUBLIC_TLS_ADDR"] == "0.0.0.0:8444" and env["BACKHAUL_REDIRECT_HTTP"] == "true"
+    assert env["BACKHAUL_ACME_DOMAIN"] == {"Ref": "AcmeDomains"}
+    (volume,) = _if(props["Volumes"], "ExitServerTls")
+    (mount,) = _if(container["MountPoints"], "ExitServerTls")
+    assert mount["SourceVolume"] == volume["Name"] and mount["ContainerPath"] == env["BACKHAUL_ACME_DIR"]
+    efs = volume["EFSVolumeConfiguration"]
+    assert efs["TransitEncryption"] == "ENABLED" and efs["AuthorizationConfig"]["IAM"] == "ENABLED"
+    fs = t["Resources"]["CertFileSystem"]
+    assert fs["DeletionPolicy"] == "Retain" and fs["Properties"]["Encrypted"] is True
+    ap = t["Resources"]["CertAccessPoint"]["Properties"]
+    dockerfile = (EXIT_SERVER.parents[1] / "docker" / "Dockerfile").read_text()
+    assert f"USER {ap['PosixUser']['Uid']}:{ap['PosixUser']['Gid']}" in dockerfile
+    assert ap["RootDirectory"]["CreationInfo"]["Permissions"] == "0700"
+    nfs = t["Resources"]["CertFileSystemSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert nfs == [
+        {
+            "Description": "NFS from the exit server task",
+            "IpProtocol": "tcp",
+            "FromPort": 2049,
+            "ToPort": 2049,
+            "SourceSecurityGroupId": {"Ref": "TaskSecurityGroup"},
+        }
+    ]
+    mounts = _resources(t, "AWS::EFS::MountTarget")
+    assert len(mounts) == 2
+    (service,) = _resources(t, "AWS::ECS::Service").values()
+    subnets = _if(service["Properties"]["NetworkConfiguration"]["AwsvpcConfiguration"]["Subnets"], "ExitServerTls")
+    assert sorted(str(m["Properties"]["SubnetId"]) for m in mounts.values()) == sorted(str(x) for x in subnets)

@@ -39,5 +39,9 @@ def test_guide_covers_the_whole_path() -> None:
         "Clock",
         "Proxies",
         "deploy/compose.yaml",
+        "PublicTls=exit-server",
+        "AcmeDomains",
+        "ControlHostname",
+        "308 Permanent Redirect",
     ):
         assert needle in text, f"the guide does not mention {needle!r}"
