@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -97,11 +98,12 @@ def wait_port(port: int, timeout: float = 15, proc: subprocess.Popen[bytes] | No
     raise RuntimeError(f"port {port} did not open within {timeout}s")
 
 
-def http_get(url: str, host: str | None = None, timeout: float = 5) -> tuple[int, bytes]:
+def http_get(url: str, host: str | None = None, timeout: float = 5, cafile: Path | None = None) -> tuple[int, bytes]:
     headers = {"Host": host} if host else {}
     req = urllib.request.Request(url, headers=headers)
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:  # noqa: S310 (loopback only)
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -115,11 +117,12 @@ def wait_http(
     status: int = 200,
     timeout: float = 20,
     procs: Sequence[subprocess.Popen[bytes]] = (),
+    cafile: Path | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout
     last = 0
     while time.monotonic() < deadline:
-        last, _ = http_get(url, host, timeout=2)
+        last, _ = http_get(url, host, timeout=2, cafile=cafile)
         if last == status:
             return
         for proc in procs:
@@ -496,7 +499,29 @@ http {{
             proxy_max_temp_file_size 0;
         }}
     }}
-}}
+{tls_block}}}
+"""
+
+# (e) nginx terminating TLS (the certificate Backhaul's public HTTPS listener serves), then the
+# same one-hop proxy to (a) as (b): the baseline for Backhaul's public HTTPS rows.
+NGINX_TLS_BLOCK = """
+    server {{
+        listen 127.0.0.1:{tls} ssl backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            proxy_pass http://direct_pool;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_buffering on;
+            proxy_buffer_size 64k;
+            proxy_buffers 16 64k;
+            proxy_busy_buffers_size 128k;
+            proxy_max_temp_file_size 0;
+        }}
+    }}
 """
 
 
@@ -505,6 +530,7 @@ class Nginx:
     proc: Proc
     direct: int
     proxy: int
+    tls: int = 0  # (e), when started with certificates
 
     def worker_pid(self) -> int:
         kids = children(self.proc.pid)
@@ -517,20 +543,24 @@ SMALL_FILE = "small.bin"  # 100 bytes
 BIG_FILE = "big.bin"  # 1 MiB
 
 
-def start_nginx(stack: Stack, cpu: int | None = None) -> Nginx:
+def start_nginx(stack: Stack, cpu: int | None = None, certs: Certs | None = None) -> Nginx:
     tmp = stack.workdir / "nginx"
     (tmp / "www").mkdir(parents=True, exist_ok=True)
     (tmp / "www" / SMALL_FILE).write_bytes(b"x" * 99 + b"\n")
     (tmp / "www" / BIG_FILE).write_bytes((bytes(range(256)) * 4096)[:MIB])
     direct, proxy = free_port(), free_port()
+    tls = free_port() if certs is not None else 0
+    tls_block = NGINX_TLS_BLOCK.format(tls=tls, cert=certs.cert, key=certs.key) if certs is not None else ""
     user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, direct=direct, proxy=proxy, user=user))
+    conf.write_text(NGINX_CONF.format(tmp=tmp, direct=direct, proxy=proxy, user=user, tls_block=tls_block))
     cmd = [nginx_path(), "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx-error.log")]
     proc = stack.add(spawn("nginx", cmd, stack.workdir / "logs", cpu=cpu))
     wait_port(direct, proc=proc.popen)
     wait_port(proxy, proc=proc.popen)
-    return Nginx(proc, direct, proxy)
+    if tls:
+        wait_port(tls, proc=proc.popen)
+    return Nginx(proc, direct, proxy, tls)
 
 
 @contextlib.contextmanager

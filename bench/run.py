@@ -10,9 +10,13 @@ Targets, all on 127.0.0.1, measured in the same run:
                      upstream = (a), routed by Host (``default=``)
     (d) TCP mode     ``tunnel-client run --tcp PORT=127.0.0.1:(a)`` + ``exit-server --tcp-port-range``;
                      "not available" when ``tunnel-client run --help`` has no ``--tcp``
+    (e) nginx TLS    the same nginx terminating TLS, one-hop proxy to (a) (the HTTPS baseline)
+    (f) HTTPS        (c) with the exit server terminating public TLS (``--public-tls-addr``)
 
 Workloads: 100 B GETs on 50 keep-alive connections, 1 MiB GETs on 50 connections, 100 B GETs on
-one connection (latency). Each wrk run is bounded by --duration (10 s; --quick: 3 s) after a
+one connection (latency); for (e) and (f), 100 B GETs on 50 keep-alive TLS connections and on
+50 connections that each carry one request (``Connection: close``: new TLS connections per
+second, a full handshake each). Each wrk run is bounded by --duration (10 s; --quick: 3 s) after a
 short warm-up that is not counted.
 
 Per run: req/s, p50/p99 latency, MiB/s (response bytes incl. headers / duration), CPU time per
@@ -67,6 +71,7 @@ class Workload:
     label: str
     path: str
     connections: int
+    close: bool = False  # one request per connection (Connection: close)
 
 
 WORKLOADS = [
@@ -74,13 +79,26 @@ WORKLOADS = [
     Workload("big50", "1 MiB GET, 50 conns", "/" + bl.BIG_FILE, 50),
     Workload("small1", "100 B GET, 1 conn", "/" + bl.SMALL_FILE, 1),
 ]
+#: The public HTTPS rows: keep-alive TLS, and a new TLS connection (full handshake) per request.
+TLS_WORKLOADS = [
+    WORKLOADS[0],
+    Workload("handshake50", "new TLS connection per 100 B GET, 50 conns", "/" + bl.SMALL_FILE, 50, close=True),
+]
 
 TARGETS = {
     "direct": "(a) nginx direct",
     "proxy": "(b) nginx one-hop proxy",
     "http": "(c) Backhaul HTTP mode (TLS tunnel)",
     "tcp": "(d) Backhaul TCP mode (TLS tunnel)",
+    "tls-proxy": "(e) nginx TLS termination + one-hop proxy",
+    "https": "(f) Backhaul public HTTPS (exit server terminates TLS)",
 }
+TLS_TARGETS = ("tls-proxy", "https")
+
+
+def workloads_of(target: str) -> list[Workload]:
+    return TLS_WORKLOADS if target in TLS_TARGETS else WORKLOADS
+
 
 # Targets of the performance issue.
 T_HTTP_CPU_US = 150.0
@@ -157,7 +175,9 @@ class Runner:
             bl.log(f"waited {waited:.0f} s for the machine to be quiet")
         return round(waited, 1)
 
-    def wrk(self, url: str, connections: int, duration: float, tag: str | None = None) -> tuple[dict[str, Any], str]:
+    def wrk(
+        self, url: str, connections: int, duration: float, tag: str | None = None, close: bool = False
+    ) -> tuple[dict[str, Any], str]:
         threads = max(1, min(self.threads, connections))
         duration = max(1, int(round(duration)))  # wrk takes whole seconds
         cmd = bl.pinned(
@@ -172,6 +192,7 @@ class Runner:
                 "--timeout",
                 "10s",
                 "--latency",
+                *(["-H", "Connection: close"] if close else []),
                 "-s",
                 str(LUA),
                 url,
@@ -215,10 +236,10 @@ class Runner:
         try:
             res.waited_s = self.wait_quiet()
             if self.args.warmup > 0:
-                self.wrk(url, wl.connections, self.args.warmup)
+                self.wrk(url, wl.connections, self.args.warmup, close=wl.close)
             before = {name: bl.cpu_seconds(pid) for name, pid in ours.items()}
             busy0, kids0 = bl.machine_busy_seconds(), bl.children_cpu_seconds()
-            data, cmd = self.wrk(url, wl.connections, self.args.duration, tag=f"{target}-{wl.key}")
+            data, cmd = self.wrk(url, wl.connections, self.args.duration, tag=f"{target}-{wl.key}", close=wl.close)
             busy1, kids1 = bl.machine_busy_seconds(), bl.children_cpu_seconds()
             after = {name: bl.cpu_seconds(pid) for name, pid in ours.items()}
         except Exception as exc:  # noqa: BLE001 (report, keep going)
@@ -262,13 +283,15 @@ class Runner:
 def run_nginx_targets(runner: Runner, nginx: bl.Nginx, targets: list[str]) -> list[Result]:
     out = []
     worker = nginx.worker_pid()
-    for target, port in (("direct", nginx.direct), ("proxy", nginx.proxy)):
+    for target, base in (
+        ("direct", f"http://127.0.0.1:{nginx.direct}"),
+        ("proxy", f"http://127.0.0.1:{nginx.proxy}"),
+        ("tls-proxy", f"https://localhost:{nginx.tls}"),
+    ):
         if target not in targets:
             continue
-        for wl in WORKLOADS:
-            out.append(
-                runner.measure(target, wl, f"http://127.0.0.1:{port}{wl.path}", {"nginx": worker}, {"nginx": worker})
-            )
+        for wl in workloads_of(target):
+            out.append(runner.measure(target, wl, base + wl.path, {"nginx": worker}, {"nginx": worker}))
     return out
 
 
@@ -287,6 +310,35 @@ def start_http_mode(stack: bl.Stack, certs: bl.Certs, nginx: bl.Nginx, cpu: int 
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}\nexit-server: {server.tail()}\ntunnel-client: {client.tail()}") from None
     return server, client, public
+
+
+def start_https_mode(
+    stack: bl.Stack, certs: bl.Certs, nginx: bl.Nginx, cpu: int | None
+) -> tuple[bl.Proc, bl.Proc, int]:
+    """(c) plus the public HTTPS listener, serving the certificate (e) serves (name localhost)."""
+    public, control, tls = bl.free_port(), bl.free_port(), bl.free_port()
+    cert_dir = stack.workdir / "public-certs"
+    cert_dir.mkdir(exist_ok=True)
+    shutil.copyfile(certs.cert, cert_dir / "localhost.pem")
+    shutil.copyfile(certs.key, cert_dir / "localhost-key.pem")
+    server = bl.start_exit_server(
+        stack,
+        certs,
+        public,
+        control,
+        cpu=cpu,
+        name="exit-server-https",
+        extra=["--public-tls-addr", f"127.0.0.1:{tls}", "--public-cert-dir", str(cert_dir)],
+    )
+    client = bl.start_tunnel_client(
+        stack, certs, control, [f"default=http://127.0.0.1:{nginx.direct}"], cpu=cpu, name="tunnel-client-https"
+    )
+    try:
+        bl.wait_port(tls, proc=server.popen)
+        bl.wait_http(f"https://localhost:{tls}/{bl.SMALL_FILE}", procs=[server.popen, client.popen], cafile=certs.ca)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}\nexit-server: {server.tail()}\ntunnel-client: {client.tail()}") from None
+    return server, client, tls
 
 
 def start_tcp_mode(stack: bl.Stack, certs: bl.Certs, nginx: bl.Nginx, cpu: int | None) -> tuple[bl.Proc, bl.Proc, int]:
@@ -333,13 +385,15 @@ def uses_uvloop(pid: int) -> bool:
 def run_backhaul_target(
     runner: Runner, stack: bl.Stack, certs: bl.Certs, nginx: bl.Nginx, target: str, info: dict[str, Any], profile: bool
 ) -> list[Result]:
-    starter = start_http_mode if target == "http" else start_tcp_mode
+    starter = {"http": start_http_mode, "tcp": start_tcp_mode, "https": start_https_mode}[target]
+    workloads = workloads_of(target)
+    base = "https://localhost:{}" if target == "https" else "http://127.0.0.1:{}"
     try:
         server, client, port = starter(stack, certs, nginx, runner.sut_cpu)
     except Exception as exc:  # noqa: BLE001
         note = f"failed to start: {str(exc).splitlines()[0]}"
         bl.log(f"{target}: {exc}")
-        return [Result(target, wl.key, ok=False, note=note) for wl in WORKLOADS]
+        return [Result(target, wl.key, ok=False, note=note) for wl in workloads]
     info.setdefault("uvloop_loaded", {})[target] = {
         "server": uses_uvloop(server.pid),
         "client": uses_uvloop(client.pid),
@@ -351,8 +405,8 @@ def run_backhaul_target(
     pids = backhaul_pids(server, client)
     results = []
     try:
-        for wl in WORKLOADS:
-            results.append(runner.measure(target, wl, f"http://127.0.0.1:{port}{wl.path}", pids, pids))
+        for wl in workloads:
+            results.append(runner.measure(target, wl, base.format(port) + wl.path, pids, pids))
             if not server.alive() or not client.alive():
                 bl.log(f"{target}: a process died\n{server.tail()}\n{client.tail()}")
                 break
@@ -364,7 +418,7 @@ def run_backhaul_target(
         stack.stop(server)
     done = {r.workload for r in results}
     results += [
-        Result(target, wl.key, ok=False, note="not run (process died)") for wl in WORKLOADS if wl.key not in done
+        Result(target, wl.key, ok=False, note="not run (process died)") for wl in workloads if wl.key not in done
     ]
     return results
 
@@ -810,6 +864,18 @@ def write_doc(
         "P=127.0.0.1:<(a)>`; wrk talks to port P. Marked *not available* when `tunnel-client run --help` "
         "does not list `--tcp`."
     )
+    out.append(
+        "- **(e) nginx TLS**: a third server block of the same nginx worker terminating TLS 1.2/1.3 with the "
+        "certificate (f) serves (ECDSA P-256 from `exit-server gen-certs`, name `localhost`), then the same "
+        "one-hop proxy to (a) as (b)."
+    )
+    out.append(
+        "- **(f) Backhaul public HTTPS**: (c) with `--public-tls-addr` and `--public-cert-dir` holding that "
+        "certificate: the exit server reads the ClientHello's SNI, terminates TLS and routes by Host. "
+        "Workloads for (e)/(f): 100 B GETs on 50 keep-alive TLS connections, and 100 B GETs with "
+        "`Connection: close` on 50 connections (each request a new TCP connection and full TLS handshake: "
+        "req/s = handshakes/s; wrk does not resume sessions)."
+    )
     threads = args.threads or (1 if args.pin else 2)
     out.append(
         f"- wrk 4.1 with `--latency`, {threads} thread{'s' if threads > 1 else ''}"
@@ -833,7 +899,7 @@ def write_doc(
     out.append("| target | workload | req/s | p50 | p99 | MiB/s | CPU/req | CPU/req split | RSS | notes |")
     out.append("|---|---|---:|---:|---:|---:|---:|---|---|---|")
     for t, tlabel in TARGETS.items():
-        for wl in WORKLOADS:
+        for wl in workloads_of(t):
             r = get.get((t, wl.key))
             if r is None:
                 continue
@@ -866,6 +932,19 @@ def write_doc(
             else:
                 cells.append("-")
         out.append(f"| {wl.label} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("### Public HTTPS against nginx terminating TLS, same run\n")
+    out.append("| workload | Backhaul HTTPS req/s | nginx TLS req/s | ratio | Backhaul CPU/req | nginx CPU/req |")
+    out.append("|---|---:|---:|---:|---:|---:|")
+    for wl in TLS_WORKLOADS:
+        r, n = get.get(("https", wl.key)), get.get(("tls-proxy", wl.key))
+        if r and r.ok and n and n.ok and n.rps:
+            out.append(
+                f"| {wl.label} | {r.rps:,.0f} | {n.rps:,.0f} | {r.rps / n.rps:.2f}x | "
+                f"{fmt_us(r.cpu_us_per_req)} | {fmt_us(n.cpu_us_per_req)} |"
+            )
+        else:
+            out.append(f"| {wl.label} | - | - | - | - | - |")
     out.append("")
     out.append("## Targets (performance issue)\n")
     out.append("| target | measured | |")
@@ -930,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="seconds of uncounted warm-up (default 2; quick 1)")
     parser.add_argument("--threads", type=int, default=0, help="wrk threads (default 1 with --pin, else 2)")
     parser.add_argument("--pin", action="store_true", help="wrk on CPU 0, everything under test on CPU 1")
-    parser.add_argument("--only", default="direct,proxy,http,tcp", help="comma list of targets (default all)")
+    parser.add_argument("--only", default=",".join(TARGETS), help="comma list of targets (default all)")
     parser.add_argument("--profile", action="store_true", help="py-spy the exit server and client (HTTP 100 B x50)")
     parser.add_argument(
         "--profile-duration", type=float, default=0, help="seconds per py-spy pass (default min(duration, 10))"
@@ -988,13 +1067,15 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="backhaul-bench-"))
     stack = bl.Stack(workdir)
     try:
-        nginx = bl.start_nginx(stack, cpu=runner.sut_cpu)
-        runner.nginx_worker = nginx.worker_pid()
         certs = bl.make_certs(workdir)
-        if "direct" in targets or "proxy" in targets:
+        nginx = bl.start_nginx(stack, cpu=runner.sut_cpu, certs=certs)
+        runner.nginx_worker = nginx.worker_pid()
+        if {"direct", "proxy", "tls-proxy"} & set(targets):
             results += run_nginx_targets(runner, nginx, targets)
         if "http" in targets:
             results += run_backhaul_target(runner, stack, certs, nginx, "http", extra, args.profile)
+        if "https" in targets:
+            results += run_backhaul_target(runner, stack, certs, nginx, "https", extra, False)
         if "tcp" in targets:
             if tcp_ok:
                 results += run_backhaul_target(runner, stack, certs, nginx, "tcp", extra, False)
