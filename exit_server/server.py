@@ -180,7 +180,7 @@ class ExitServer:
         """Where a ClientHello on the public TLS port goes: an ACME TLS-ALPN-01 validation,
         the control endpoint for --control-hostname, the public listener for a name with a
         certificate, else nowhere."""
-        if ACME_TLS_ALPN in hello.alpn:
+        if hello.alpn == (ACME_TLS_ALPN,):  # RFC 8737 section 3: offered alone
             ctx = self.acme.challenges.alpn.get(hello.server_name or "") if self.acme is not None else None
             return Route(_Validated, ctx, "acme") if ctx is not None else None
         if hello.server_name == self.config.control_hostname:

@@ -65,9 +65,10 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], log: Path, time
 
 
 @contextmanager
-def pebble(tmp: Path, http_port: int, tls_port: int) -> Iterator[Pebble]:
+def pebble(tmp: Path, http_port: int, tls_port: int, authz_reuse: int | None = None) -> Iterator[Pebble]:
     """pebble and its DNS on free loopback ports, validating against ``http_port`` and
-    ``tls_port`` on 127.0.0.1."""
+    ``tls_port`` on 127.0.0.1. ``authz_reuse``: the percentage of orders that get an
+    authorization already valid (pebble's default is 50)."""
     if shutil.which("pebble") is None or shutil.which("pebble-challtestsrv") is None:
         raise RuntimeError("pebble is not installed: run scripts/ci-deps.sh (Debian package pebble)")
     ca = trustme.CA()
@@ -118,6 +119,8 @@ def pebble(tmp: Path, http_port: int, tls_port: int) -> Iterator[Pebble]:
         stderr=subprocess.STDOUT,
     )
     env = dict(os.environ, PEBBLE_VA_NOSLEEP="1")
+    if authz_reuse is not None:
+        env["PEBBLE_AUTHZREUSE"] = str(authz_reuse)
     proc = subprocess.Popen(
         ["pebble", "-config", str(config), "-dnsserver", f"127.0.0.1:{dns}"],
         stdout=out,

@@ -41,10 +41,10 @@ async def hello_app() -> web.Application:
 
 @asynccontextmanager
 async def acme_stack(
-    certs: Certs, tmp_path: Path, challenge: str = "http-01", **overrides: Any
+    certs: Certs, tmp_path: Path, challenge: str = "http-01", authz_reuse: int | None = None, **overrides: Any
 ) -> AsyncIterator[tuple[Stack, Pebble]]:
     http_port, tls_port = free_port(), free_port()
-    with pebble(tmp_path, http_port, tls_port) as ca:
+    with pebble(tmp_path, http_port, tls_port, authz_reuse) as ca:
         settings: dict[str, Any] = {
             "public_addr": f"127.0.0.1:{http_port}",
             "public_tls_addr": f"127.0.0.1:{tls_port}",
@@ -118,7 +118,9 @@ async def test_issue_on_registration_and_serve(certs: Certs, tmp_path: Path, cha
 
 
 async def test_renewal_and_the_ca_down_during_renewal(certs: Certs, tmp_path: Path) -> None:
-    async with upstream(await hello_app()) as up, acme_stack(certs, tmp_path) as (s, ca):
+    # every renewal order comes with the authorization the first order validated: the issuer
+    # must skip it rather than answer it again
+    async with upstream(await hello_app()) as up, acme_stack(certs, tmp_path, authz_reuse=100) as (s, ca):
         await s.add_client([f"app.test={up.url}"])
         await issued(s, "app.test")
         root = tmp_path / "pebble-root.pem"
