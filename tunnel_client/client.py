@@ -15,6 +15,7 @@ import contextlib
 import enum
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import time
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.exceptions import InvalidHandshake, InvalidProxyStatus, InvalidStatus, ProxyError
 
 from shared.aio.connection import TunnelConnection, TunnelStream, ws_limits
 from shared.aio.tls import client_context
@@ -50,6 +51,7 @@ from .guard import Guard
 from .health import HealthChecker, parse_health_path
 from .killswitch import KillSwitch
 from .pinning import parse_pin, pinned_connection
+from .proxy import ProxyChoice, choose_proxy, with_credentials
 from .upstream import Forwarder
 
 __all__ = ["TunnelClient"]
@@ -57,6 +59,25 @@ __all__ = ["TunnelClient"]
 log = logging.getLogger(__name__)
 
 SOFTWARE = f"backhaul/{version()}"
+
+
+def proxy_failure(exc: ProxyError, proxy: ProxyChoice, server: str) -> str:
+    """One line for a proxy that would not carry the tunnel, with what to check."""
+    where = f"proxy {proxy.shown} (from {proxy.why})"
+    if isinstance(exc, InvalidProxyStatus):
+        status = exc.response.status_code
+        reason = exc.response.reason_phrase
+        if status == 407:
+            hint = "the proxy wants a login, or refused the one given: --proxy-auth-file (user:password)"
+        elif status == 403:
+            hint = f"the proxy's rules deny CONNECT to {server} (squid: http_access, SSL_ports)"
+        elif status in (502, 503, 504):
+            hint = f"the proxy could not reach {server} (DNS or firewall on the proxy's side)"
+        else:
+            hint = "see the proxy's own log"
+        return f"{where} answered CONNECT with {status} {reason}; hint: {hint}"
+    cause = exc.__cause__ or exc
+    return f"{where} failed: {cause}; hint: is it a proxy of the scheme given (http://, socks5://)?"
 
 
 def connect_hint(exc: BaseException, ca_file: Path | None) -> str:
@@ -102,6 +123,7 @@ class ServerLink:
         self.url = url
         self.address = address  # a resolved address of the URL's host, when it has several
         self.name = f"{url} ({address})" if address else url
+        self.proxy = client.proxy_for(url)
         self.conn: TunnelConnection | None = None
         self.session_id = ""
         self.registered = asyncio.Event()
@@ -117,6 +139,10 @@ class ServerLink:
         cfg = self.client.config
         delays = backoff_delays(cfg.backoff_base, cfg.backoff_cap)
         first = True
+        if self.address is None:
+            log.info(
+                "link %s: %s (%s)", self.url, "via " + self.proxy.shown if self.proxy.url else "direct", self.proxy.why
+            )
         while not self.client.stopping:
             if not first:
                 self.reconnects += 1
@@ -145,7 +171,10 @@ class ServerLink:
         headers = {"Authorization": f"Bearer {self.client.token}"}
         ssl_ctx = self.client.ssl_context if self.url.startswith("wss:") else None
         options = ws_limits(DEFAULT_MAX_FRAME)
-        if self.address:  # connect to this resolved address; TLS still checks the URL's name
+        proxy = self.proxy.url
+        if proxy is not None:
+            proxy = self.client.with_proxy_login(proxy)
+        elif self.address:  # connect to this resolved address; TLS still checks the URL's name
             options["host"] = self.address
         try:
             ws = await self._connect_unless_stopped(
@@ -154,7 +183,7 @@ class ServerLink:
                 additional_headers=headers,
                 open_timeout=cfg.connect_timeout,
                 user_agent_header=SOFTWARE,
-                proxy=None,
+                proxy=proxy,
                 create_connection=(
                     self.client.pinned
                     if ssl_ctx is not None and self.client.pinned is not None
@@ -171,8 +200,12 @@ class ServerLink:
             if status == 401 and cfg.exit_on_auth_failure and not self.ever_registered:
                 raise AuthError(f"link {self.url}: {what} at start; exiting (--exit-on-auth-failure)") from None
             return LinkOutcome.FAILED
+        except ProxyError as exc:
+            log.error("link %s: %s", self.url, proxy_failure(exc, self.proxy, urlsplit(self.url).netloc))
+            return LinkOutcome.FAILED
         except (OSError, InvalidHandshake, TimeoutError, ssl.SSLError) as exc:
-            log.warning("link %s: connect failed: %s%s", self.url, exc, connect_hint(exc, cfg.ca_file))
+            via = f" (through proxy {self.proxy.shown})" if self.proxy.url else ""
+            log.warning("link %s: connect failed%s: %s%s", self.url, via, exc, connect_hint(exc, cfg.ca_file))
             return LinkOutcome.FAILED
         loop = asyncio.get_running_loop()
         session = Session(
@@ -324,6 +357,16 @@ class TunnelClient:
     def __init__(self, config: ClientConfig, token: str | None = None) -> None:
         self.config = config
         self.token = token if token is not None else read_secret(config.token_file, config.token, "token")
+        self._proxy_login: tuple[str, str] | None = None
+        if config.proxy_auth_file is not None:
+            try:
+                line = config.proxy_auth_file.read_text().strip().partition("\n")[0].strip()
+            except OSError as exc:
+                raise ConfigError(f"--proxy-auth-file: cannot read {config.proxy_auth_file}: {exc.strerror}") from None
+            user, sep, password = line.partition(":")
+            if not sep or not user:
+                raise ConfigError(f"--proxy-auth-file: {config.proxy_auth_file} must hold user:password")
+            self._proxy_login = (user, password)
         self.ssl_context = (
             client_context(config.ca_file, config.client_cert, config.client_key)
             if any(u.startswith("wss:") for u in config.server)
@@ -363,6 +406,24 @@ class TunnelClient:
         self.stopping = False
         self._stop = asyncio.Event()
         self._state = asyncio.Condition()
+
+    def proxy_for(self, url: str) -> ProxyChoice:
+        """The proxy for one server URL (tunnel_client/proxy.py), read from the environment
+        when the link is made.
+
+        Raises:
+            ConfigError: a malformed proxy URL in the environment (--proxy is checked earlier).
+        """
+        try:
+            return choose_proxy(url, self.config.proxy, os.environ)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def with_proxy_login(self, proxy: str) -> str:
+        """``proxy`` carrying the --proxy-auth-file login, which wins over one in the URL."""
+        if self._proxy_login is None:
+            return proxy
+        return with_credentials(proxy, *self._proxy_login)
 
     @property
     def connected(self) -> bool:
@@ -419,6 +480,9 @@ class TunnelClient:
         links: list[ServerLink] = []
         for link in self.links:
             host = urlsplit(link.url).hostname or ""
+            if link.proxy.url is not None:  # the proxy resolves the name (it may not resolve here)
+                links.append(link)
+                continue
             try:
                 ipaddress.ip_address(host)
                 links.append(link)

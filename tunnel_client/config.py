@@ -113,6 +113,14 @@ class ClientConfig(BaseConfig):
         None, description="PEM client certificate for mutual TLS (--client-ca on the server)"
     )
     client_key: Path | None = Field(None, description="PEM key of --client-cert (default: in the same file)")
+    proxy: str | None = Field(
+        None,
+        description="reach the exit server through this proxy: http://, https://, socks5:// or socks5h:// "
+        "URL ('direct': ignore HTTPS_PROXY/ALL_PROXY); default: HTTPS_PROXY/ALL_PROXY unless NO_PROXY matches",
+    )
+    proxy_auth_file: Path | None = Field(
+        None, description="file holding the proxy login as user:password on one line (never logged)"
+    )
     upstream: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="route HOST[/PREFIX]=URL; HOST exact, *.example.com or default"
     )
@@ -177,6 +185,15 @@ class ClientConfig(BaseConfig):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     _split = field_validator("server", "upstream", "label", "tcp", "health_path", mode="before")(split_list)
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        from .proxy import DIRECT, parse_proxy_url
+
+        if value is None or value.strip().lower() == DIRECT:
+            return value
+        return parse_proxy_url(value.strip())
 
     @field_validator("health_path")
     @classmethod

@@ -261,3 +261,82 @@ async def test_one_gib_download_over_the_public_tls_listener(
     assert total == GIB
     assert h.hexdigest() == _expected_sha(GIB)
     print(f"1 GiB download over public TLS (tunnel on the same port): {GIB / elapsed / 2**20:.0f} MiB/s")
+
+
+@pytest.fixture(scope="module", params=["squid", "dante"])
+def proxied_processes(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, certs: Certs
+) -> Iterator[tuple[int, Proc, Proc]]:
+    """The tunnel-client process reaching its exit server through a real proxy, named the way
+    a site names it: HTTPS_PROXY in the environment (squid with its login in the URL, or
+    dante's socks5h://)."""
+    from tunnel_client.proxy import with_credentials
+
+    from .proxies import PROXY_PASSWORD, PROXY_USER, dante, squid
+
+    tmp = tmp_path_factory.mktemp(f"big-{request.param}")
+    up_port, public, control = free_port(), free_port(), free_port()
+    script = tmp / "up.py"
+    script.write_text(UPSTREAM.replace("PORT", str(up_port)))
+    up = subprocess.Popen([sys.executable, str(script)])
+    proxy_cm = squid([control], login=True) if request.param == "squid" else dante()
+    proxy = proxy_cm.__enter__()
+    url = with_credentials(proxy.url, PROXY_USER, PROXY_PASSWORD) if request.param == "squid" else proxy.url
+    server = Proc(
+        [
+            "exit-server",
+            "run",
+            "--public-addr",
+            f"127.0.0.1:{public}",
+            "--control-addr",
+            f"127.0.0.1:{control}",
+            "--tls-cert",
+            str(certs.cert),
+            "--tls-key",
+            str(certs.key),
+        ],
+        {"BACKHAUL_TOKEN": TOKEN},
+    )
+    client = Proc(
+        [
+            "tunnel-client",
+            "run",
+            "--server",
+            f"wss://localhost:{control}",
+            "--ca-file",
+            str(certs.ca),
+            "--upstream",
+            f"default=http://127.0.0.1:{up_port}",
+        ],
+        {"BACKHAUL_TOKEN": TOKEN, "HTTPS_PROXY": url, "NO_PROXY": "example.com"},
+    )
+    try:
+        wait_port(up_port)
+        wait_port(public)
+        wait_status(f"http://127.0.0.1:{public}/download?n=10", "x", 200)
+        yield public, server, client
+    finally:
+        server.stop()
+        output = client.stop()
+        assert f"via {proxy.url.partition('//')[0]}//" in output and "(HTTPS_PROXY)" in output, output[-2000:]
+        assert PROXY_PASSWORD not in output
+        proxy_cm.__exit__(None, None, None)
+        up.kill()
+        up.wait()
+
+
+async def test_one_gib_download_through_a_proxy(proxied_processes: tuple[int, Proc, Proc]) -> None:
+    public, server, client = proxied_processes
+    h = hashlib.sha256()
+    total = 0
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
+        async with http.get(f"http://127.0.0.1:{public}/download?n={GIB}", headers={"Host": "app.test"}) as r:
+            assert r.status == 200
+            async for chunk in r.content.iter_any():
+                h.update(chunk)
+                total += len(chunk)
+    elapsed = time.monotonic() - t0
+    assert total == GIB
+    assert h.hexdigest() == _expected_sha(GIB)
+    print(f"1 GiB download through the proxy: {GIB / elapsed / 2**20:.0f} MiB/s")
