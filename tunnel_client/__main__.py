@@ -1,4 +1,4 @@
-"""``tunnel-client`` command line: ``run``."""
+"""``tunnel-client`` command line: ``run``, ``doctor``, ``healthcheck``, ``audit``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
         "comes from --token-file or BACKHAUL_TOKEN, never from argv.",
     )
     add_model_flags(run, ClientConfig)
+    doctor = sub.add_parser(
+        "doctor",
+        help="check the path to each exit server and to the upstreams, step by step",
+        description="Take the same flags, environment and --config as run, and check in order: the "
+        "configuration; which proxy is used and why; DNS; TCP; the proxy's CONNECT or SOCKS answer; "
+        "the TLS handshake and certificate (interception, --pin); the WebSocket upgrade and the "
+        "token (no route is registered); clock skew; round-trip time; each upstream. Each check "
+        "prints a verdict and, on failure, a hint. Exit status 1 when any check fails.",
+    )
+    add_model_flags(doctor, ClientConfig)
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
     health = sub.add_parser(
         "healthcheck",
         help="exit 0 when the local client is connected and registered",
@@ -102,6 +113,25 @@ async def serve(config: ClientConfig, stop: asyncio.Event) -> int:
     return 0
 
 
+def doctor_command(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from shared.errors import ConfigError
+    from shared.runtime.config import read_secret
+
+    from .doctor import config_failure, diagnose, render
+
+    try:
+        config = settings_from_args(ClientConfig, args)
+        token = read_secret(config.token_file, config.token, "token")
+    except (ConfigError, ValidationError, ValueError) as exc:
+        render(config_failure(exc), args.json)
+        return 2
+    checks = asyncio.run(diagnose(config, token))
+    render(checks, args.json)
+    return 1 if any(c.failed for c in checks) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -110,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return healthcheck(args.admin_addr, args.timeout)
         if args.command == "audit":
             return audit_command(args)
+        if args.command == "doctor":
+            return doctor_command(args)
         config = settings_from_args(ClientConfig, args)
         configure_logging(config.log_level, config.log_format)
         from .client import TunnelClient
