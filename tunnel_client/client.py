@@ -11,11 +11,13 @@ with full-jitter backoff; streams are served by the :class:`Forwarder`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import ipaddress
 import logging
 import os
+import random
 import socket
 import ssl
 import time
@@ -105,12 +107,19 @@ async def resolve(host: str) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+#: Sessions of about the same age, cut in a row, that reveal a connection-age limit in the path.
+CUT_SAMPLES = 3
+#: Sessions shorter than this are ordinary failures, not an age limit.
+CUT_MIN_AGE = 1.0
+
+
 class LinkOutcome(enum.Enum):
     """How one session attempt of a link ended; decides the next attempt's delay."""
 
     ESTABLISHED = "established"  # registered, then ended: reconnect after a fresh backoff
     FAILED = "failed"  # never registered (refused, unreachable): back off further
     GOAWAY = "goaway"  # the server drains this session: connect a new one at once
+    ROLLOVER = "rollover"  # --max-connection-age: a new session first, then the old one drains
     KILLED = "killed"  # the kill switch withdrew the tunnel: wait until it is lifted
     STOPPED = "stopped"  # the client is stopping
 
@@ -130,6 +139,19 @@ class ServerLink:
         self.ever_registered = False  # --exit-on-auth-failure applies only before the first
         self.reconnects = 0
         self._draining: set[asyncio.Task[None]] = set()
+        #: --max-connection-age: sessions to drain once the next one registers
+        self._retiring: list[tuple[TunnelConnection, asyncio.Task[None]]] = []
+        self._generation = 0  # bumped per rollover: the old and new sessions overlap
+        self._cut_ages: collections.deque[float] = collections.deque(maxlen=CUT_SAMPLES)
+        self._cut_warned = False
+
+    @property
+    def instance_id(self) -> str:
+        """The id the exit server knows this link's sessions by. A reconnect keeps it (the
+        server then replaces a stale session at once); a rollover takes the next one, so that
+        the new session serves beside the old until the old has drained."""
+        base = self.client.config.instance_id
+        return base if self._generation == 0 else f"{base}.r{self._generation}"
 
     @property
     def connected(self) -> bool:
@@ -157,7 +179,7 @@ class ServerLink:
             if outcome is LinkOutcome.KILLED:
                 delays = backoff_delays(cfg.backoff_base, cfg.backoff_cap)
                 continue  # wait above until the kill switch is lifted, then connect at once
-            if outcome is LinkOutcome.GOAWAY:
+            if outcome in (LinkOutcome.GOAWAY, LinkOutcome.ROLLOVER):
                 continue  # the old session drains in the background; connect a new one now
             if outcome is LinkOutcome.ESTABLISHED:
                 delays = backoff_delays(cfg.backoff_base, cfg.backoff_cap)
@@ -195,7 +217,15 @@ class ServerLink:
                 return LinkOutcome.STOPPED  # a stop arrived while connecting: never register after it
         except InvalidStatus as exc:
             status = exc.response.status_code
-            what = "token refused (401)" if status == 401 else f"HTTP {status}"
+            if status == 401:
+                what = "token refused (401)"
+            else:
+                between = f"proxy {self.proxy.shown} or " if self.proxy.url else ""
+                what = (
+                    f"the WebSocket upgrade was answered HTTP {status} instead of 101: {between}something else "
+                    "between this client and the exit server does not pass WebSocket upgrades (a TLS-inspecting "
+                    "proxy?), or --server is not the exit server's control endpoint"
+                )
             log.error("link %s: %s", self.url, what)
             if status == 401 and cfg.exit_on_auth_failure and not self.ever_registered:
                 raise AuthError(f"link {self.url}: {what} at start; exiting (--exit-on-auth-failure)") from None
@@ -219,7 +249,7 @@ class ServerLink:
         session.send_hello(
             Hello(
                 versions=list(SUPPORTED_VERSIONS),
-                instance_id=cfg.instance_id,
+                instance_id=self.instance_id,
                 routes=self.client.routes,
                 tcp=[TcpSpec(port=t.public_port) for t in self.client.config.tcp_targets],
                 labels=self.client.labels,
@@ -251,6 +281,7 @@ class ServerLink:
                 self.registered.set()
                 self.ever_registered = True
                 self.client._changed()
+                self._retire_old()
             elif isinstance(message, Error):
                 log.error("link %s: server refused the session: %s %s", self.url, message.code, message.message)
 
@@ -266,14 +297,30 @@ class ServerLink:
         run = asyncio.create_task(conn.run(), name=f"link-{self.url}")
         waiter = asyncio.create_task(went_away.wait())
         killed = asyncio.create_task(self.client.killswitch.wait_engaged())
+        aged = asyncio.create_task(self._age_limit())
+        started = loop.time()
         try:
-            await asyncio.wait({run, waiter, killed}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({run, waiter, killed, aged}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
             killed.cancel()
+            aged.cancel()
+        if aged.done() and not aged.cancelled() and not run.done() and not self.client.stopping:
+            # keep serving on this session until the next one registers (_retire_old)
+            log.info(
+                "link %s: session %s reached --max-connection-age (%.0fs): opening its successor",
+                self.url,
+                self.session_id,
+                loop.time() - started,
+            )
+            self._retiring.append((conn, run))
+            self._generation += 1
+            return LinkOutcome.ROLLOVER
         established = self.registered.is_set()
         self.registered.clear()
         self.client._changed()
+        if established and run.done() and not self.client.stopping and not went_away.is_set():
+            self._note_cut(loop.time() - started)
         if self.client.killswitch.engaged and not self.client.stopping:
             await self.withdraw(conn, run)
             return LinkOutcome.KILLED
@@ -290,6 +337,56 @@ class ServerLink:
             conn.close_reason or "closed",
         )
         return LinkOutcome.ESTABLISHED if established else LinkOutcome.FAILED
+
+    async def _age_limit(self) -> None:
+        """Returns when this session should give way (--max-connection-age, less up to 10 %
+        so that a fleet's sessions do not all renew at once); never without the flag."""
+        age = self.client.config.max_connection_age
+        if not age:
+            await asyncio.Event().wait()
+        await self.registered.wait()
+        await asyncio.sleep(age * random.uniform(0.9, 1.0))
+
+    def _retire_old(self) -> None:
+        """The new session registered: the ones it succeeds go away (no new streams) and
+        close once their streams are done (at most --drain-timeout)."""
+        retiring, self._retiring = self._retiring, []
+        for conn, run in retiring:
+            if conn.closed:
+                continue
+            conn.goaway(GoAwayCode.NO_ERROR, "max connection age")
+            task = asyncio.get_running_loop().create_task(self._drain_retired(conn, run))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
+    async def _drain_retired(self, conn: TunnelConnection, run: asyncio.Task[None]) -> None:
+        if not await conn.drain(self.client.config.drain_timeout):
+            log.warning("link %s: retired session cut with %d streams in flight", self.url, conn.streams_in_flight)
+        await conn.close(1000, "max connection age")
+        await asyncio.gather(run, return_exceptions=True)
+
+    def _note_cut(self, age: float) -> None:
+        """A registered session ended without a go-away: when the last few all lasted about
+        as long, something in the path cuts connections at a fixed age; say so once."""
+        self._cut_ages.append(age)
+        if len(self._cut_ages) < CUT_SAMPLES or self._cut_warned:
+            return
+        low, high = min(self._cut_ages), max(self._cut_ages)
+        if low < CUT_MIN_AGE or high > low * 1.1 + 1.0:
+            return
+        self._cut_warned = True
+        suggest = max(1, int(low * 0.8))
+        where = f"proxy {self.proxy.shown}" if self.proxy.url else "a firewall or NAT"
+        log.warning(
+            "link %s: the last %d sessions were each cut after %.1f-%.1f s: %s in the path limits connection age; "
+            "--max-connection-age %d renews sessions before that without losing a request",
+            self.url,
+            CUT_SAMPLES,
+            low,
+            high,
+            where,
+            suggest,
+        )
 
     async def _connect_unless_stopped(self, url: str, **kwargs: Any) -> ClientConnection | None:
         """``connect()``, raced against the client's stop: a stop (SIGTERM) while the TCP, TLS or

@@ -163,6 +163,12 @@ class ClientConfig(BaseConfig):
         "registration, instead of retrying: fail fast in CI and containers",
     )
     connect_timeout: float = Field(10.0, gt=0, description="seconds to open the tunnel")
+    max_connection_age: float = Field(
+        0.0,
+        ge=0,
+        description="seconds after which a session is renewed (a new one first, then the old drains): set it "
+        "below a proxy's or firewall's connection-age limit; 0: never",
+    )
     upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to an upstream")
     max_streams: int = Field(10_000, ge=1, description="concurrent streams this client accepts")
     heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which the tunnel is dead")
