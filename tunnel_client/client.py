@@ -53,7 +53,8 @@ from .guard import Guard
 from .health import HealthChecker, parse_health_path
 from .killswitch import KillSwitch
 from .pinning import parse_pin, pinned_connection
-from .proxy import ProxyChoice, choose_proxy, with_credentials
+from .proxy import ProxyChoice, choose_proxy, credentials, with_credentials
+from .proxyconnect import ConnectRefused, open_tunnel, spnego_available
 from .upstream import Forwarder
 
 __all__ = ["TunnelClient"]
@@ -63,14 +64,20 @@ log = logging.getLogger(__name__)
 SOFTWARE = f"backhaul/{version()}"
 
 
-def proxy_failure(exc: ProxyError, proxy: ProxyChoice, server: str) -> str:
+def proxy_failure(exc: ProxyError | ConnectRefused, proxy: ProxyChoice, server: str) -> str:
     """One line for a proxy that would not carry the tunnel, with what to check."""
     where = f"proxy {proxy.shown} (from {proxy.why})"
-    if isinstance(exc, InvalidProxyStatus):
-        status = exc.response.status_code
-        reason = exc.response.reason_phrase
+    if isinstance(exc, InvalidProxyStatus | ConnectRefused):
+        if isinstance(exc, ConnectRefused):
+            status, reason, offered = exc.status, exc.reason, exc.offered
+        else:
+            status, reason, offered = exc.response.status_code, exc.response.reason_phrase, []
         if status == 407:
             hint = "the proxy wants a login, or refused the one given: --proxy-auth-file (user:password)"
+            if offered:
+                hint += f"; it offers {', '.join(offered)}"
+                if any(o in ("NTLM", "Negotiate") for o in offered) and not spnego_available():
+                    hint += " (NTLM and Negotiate need the ntlm extra: pip install 'backhaul[ntlm]')"
         elif status == 403:
             hint = f"the proxy's rules deny CONNECT to {server} (squid: http_access, SSL_ports)"
         elif status in (502, 503, 504):
@@ -196,6 +203,16 @@ class ServerLink:
         proxy = self.proxy.url
         if proxy is not None:
             proxy = self.client.with_proxy_login(proxy)
+            if proxy.startswith("http://"):  # CONNECT with any login rounds (proxyconnect.py)
+                try:
+                    options["sock"] = await self._open_proxy_tunnel(proxy)
+                except ConnectRefused as exc:
+                    log.error("link %s: %s", self.url, proxy_failure(exc, self.proxy, urlsplit(self.url).netloc))
+                    return LinkOutcome.FAILED
+                except (OSError, ValueError, TimeoutError) as exc:
+                    log.warning("link %s: proxy %s: %s", self.url, self.proxy.shown, exc)
+                    return LinkOutcome.FAILED
+                proxy = None
         elif self.address:  # connect to this resolved address; TLS still checks the URL's name
             options["host"] = self.address
         try:
@@ -337,6 +354,13 @@ class ServerLink:
             conn.close_reason or "closed",
         )
         return LinkOutcome.ESTABLISHED if established else LinkOutcome.FAILED
+
+    async def _open_proxy_tunnel(self, proxy: str) -> socket.socket:
+        parts = urlsplit(proxy)
+        server = urlsplit(self.url)
+        target = f"{server.hostname}:{server.port or 443}"
+        async with asyncio.timeout(self.client.config.connect_timeout):
+            return await open_tunnel(parts.hostname or "", parts.port or 1080, target, credentials(proxy), SOFTWARE)
 
     async def _age_limit(self) -> None:
         """Returns when this session should give way (--max-connection-age, less up to 10 %

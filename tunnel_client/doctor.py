@@ -24,7 +24,6 @@ by step 6 only: TLS inside TLS needs the asyncio path that ``run`` uses).
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import email.utils
 import json
@@ -46,6 +45,7 @@ from shared.errors import ConfigError
 from .config import ClientConfig
 from .pinning import parse_pin, spki_digest, spki_pin
 from .proxy import ProxyChoice, choose_proxy, credentials, with_credentials
+from .proxyconnect import ConnectHandshake, ConnectRefused, spnego_available
 
 __all__ = ["Check", "diagnose", "render"]
 
@@ -108,24 +108,32 @@ def _read_head(sock: socket.socket) -> bytes:
     return data
 
 
-def _http_connect(sock: socket.socket, target: str, login: tuple[str, str] | None) -> tuple[int, str, list[str]]:
-    """CONNECT ``target`` on ``sock``: the status, reason and the login schemes offered."""
-    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}", "User-Agent: backhaul-doctor"]
-    if login is not None:
-        token = base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
-        lines.append(f"Proxy-Authorization: Basic {token}")
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    head = _read_head(sock).decode("latin-1")
-    status_line, _, rest = head.partition("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[1].isdigit():
-        raise OSError(f"not an HTTP answer: {status_line[:80]!r}")
-    offered = [
-        line.partition(":")[2].strip().split(" ")[0]
-        for line in rest.split("\r\n")
-        if line.lower().startswith("proxy-authenticate:")
-    ]
-    return int(parts[1]), parts[2] if len(parts) > 2 else "", offered
+def _http_connect(
+    sock: socket.socket, target: str, login: tuple[str, str] | None, proxy: tuple[str, int]
+) -> tuple[socket.socket, int, str, str]:
+    """CONNECT ``target`` with any login rounds (tunnel_client/proxyconnect.py, as ``run``
+    does): the socket (a new one if the proxy closed between rounds), status, reason and
+    the scheme used.
+
+    Raises:
+        ConnectRefused: refused (with the schemes offered).
+        OSError, ValueError: the proxy closed, or its answer is not HTTP.
+    """
+    handshake = ConnectHandshake(target, login, proxy[0], "backhaul-doctor")
+    while True:
+        sock.sendall(handshake.request())
+        answer = None
+        while answer is None:
+            data = sock.recv(65536)
+            if not data:
+                raise OSError("the proxy closed the connection")
+            answer = handshake.receive(data)
+        if handshake.next_step(answer):
+            return sock, answer.status, answer.reason, handshake.scheme or "none"
+        if not answer.keep_alive:
+            sock.close()
+            sock = socket.create_connection(proxy, timeout=STEP_TIMEOUT)
+            handshake.restart()
 
 
 def _path_to_server(
@@ -164,21 +172,27 @@ def _path_to_server(
             return
         elif proxy.scheme == "http":
             try:
-                status, reason, offered = _http_connect(sock, f"{host}:{port}", login)
-            except OSError as exc:
+                sock, status, reason, scheme = _http_connect(sock, f"{host}:{port}", login, (hop_host, hop_port))
+            except ConnectRefused as exc:
+                hint = {
+                    407: "the proxy wants a login, or refused the one given: --proxy-auth-file (user:password)"
+                    + (f"; it offers {', '.join(exc.offered)}" if exc.offered else "")
+                    + (
+                        " (NTLM and Negotiate need the ntlm extra: pip install 'backhaul[ntlm]')"
+                        if {"NTLM", "Negotiate"} & set(exc.offered) and not spnego_available()
+                        else ""
+                    ),
+                    403: f"the proxy's rules deny CONNECT to {host}:{port} (squid: http_access, SSL_ports)",
+                }.get(exc.status, "see the proxy's own log")
+                steps.fail("proxy-connect", f"CONNECT {host}:{port}: {exc}", hint)
+                steps.skip("tls")
+                return
+            except (OSError, ValueError) as exc:
                 steps.fail("proxy-connect", f"CONNECT {host}:{port}: {exc}", "is it an HTTP proxy (http://)?")
                 steps.skip("tls")
                 return
-            if status != 200:
-                hint = {
-                    407: "the proxy wants a login, or refused the one given: --proxy-auth-file (user:password)"
-                    + (f"; it offers {', '.join(offered)}" if offered else ""),
-                    403: f"the proxy's rules deny CONNECT to {host}:{port} (squid: http_access, SSL_ports)",
-                }.get(status, "see the proxy's own log")
-                steps.fail("proxy-connect", f"CONNECT {host}:{port}: {status} {reason}".strip(), hint)
-                steps.skip("tls")
-                return
-            steps.ok("proxy-connect", f"CONNECT {host}:{port}: {status} {reason}".strip())
+            login_used = "" if scheme == "none" else f" (login: {scheme})"
+            steps.ok("proxy-connect", f"CONNECT {host}:{port}: {status} {reason}{login_used}".strip())
         else:  # socks5 / socks5h
             from python_socks import ProxyError as SocksError
             from python_socks import ProxyType
@@ -212,11 +226,8 @@ def _dial(url: str, choice: ProxyChoice, login: tuple[str, str] | None) -> socke
     if proxy is None:
         return socket.create_connection((host, port), timeout=STEP_TIMEOUT)
     if proxy.scheme == "http":
-        sock = socket.create_connection((proxy.hostname or "", proxy.port or 1080), timeout=STEP_TIMEOUT)
-        if _http_connect(sock, f"{host}:{port}", login)[0] != 200:
-            sock.close()
-            raise OSError("CONNECT refused")
-        return sock
+        hop = (proxy.hostname or "", proxy.port or 1080)
+        return _http_connect(socket.create_connection(hop, timeout=STEP_TIMEOUT), f"{host}:{port}", login, hop)[0]
     from python_socks import ProxyType
     from python_socks.sync import Proxy
 

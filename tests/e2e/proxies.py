@@ -106,9 +106,13 @@ http_access deny all
 
 
 @contextmanager
-def squid(server_ports: list[int], *, login: bool = False, deny: bool = False) -> Iterator[RunningProxy]:
+def squid(
+    server_ports: list[int], *, login: bool = False, deny: bool = False, ntlm: bool = False
+) -> Iterator[RunningProxy]:
     """squid as a CONNECT proxy to ``server_ports`` (squid's default ACL allows only 443);
-    ``login``: Basic with PROXY_USER / PROXY_PASSWORD; ``deny``: every CONNECT gets 403."""
+    ``login``: Basic with PROXY_USER / PROXY_PASSWORD; ``ntlm``: NTLM offered first (squid's
+    ``ntlm_fake_auth`` helper runs the real three-message exchange and accepts any user);
+    ``deny``: every CONNECT gets 403."""
     if shutil.which("squid") is None:
         raise RuntimeError("squid is not installed: run scripts/ci-deps.sh (Debian package squid)")
     directory = _private_dir("backhaul-squid-", "proxy")
@@ -124,6 +128,12 @@ def squid(server_ports: list[int], *, login: bool = False, deny: bool = False) -
             f"auth_param basic program /usr/lib/squid/basic_ncsa_auth {passwd}\n"
             "auth_param basic realm backhaul-test\n"
             "acl logged_in proxy_auth REQUIRED"
+        )
+        rules = "http_access allow CONNECT logged_in"
+    if ntlm:
+        auth = (
+            "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth\n"
+            "auth_param ntlm children 2\n" + (auth or "acl logged_in proxy_auth REQUIRED")
         )
         rules = "http_access allow CONNECT logged_in"
     if deny:

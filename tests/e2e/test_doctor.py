@@ -73,16 +73,20 @@ async def test_a_good_direct_path_passes_every_step(certs: Certs) -> None:
         assert step(checks, "upstream")["verdict"] == "ok"
 
 
-@pytest.mark.parametrize("kind", ["squid", "dante"])
+@pytest.mark.parametrize("kind", ["squid", "squid-ntlm", "dante"])
 async def test_through_a_proxy_from_the_environment(certs: Certs, kind: str) -> None:
     async with upstream(app()) as up, stack(certs) as s:
-        cm = squid([s.server.control_port], login=True) if kind == "squid" else dante()
+        port = s.server.control_port
+        cm = squid([port], login=True, ntlm=kind == "squid-ntlm") if kind.startswith("squid") else dante()
         with cm as proxy:
-            url = with_credentials(proxy.url, PROXY_USER, PROXY_PASSWORD) if kind == "squid" else proxy.url
+            url = with_credentials(proxy.url, PROXY_USER, PROXY_PASSWORD) if kind != "dante" else proxy.url
             rc, checks, _ = await doctor(s, up.url, env={"HTTPS_PROXY": url})
             assert rc == 0, checks
             assert "(HTTPS_PROXY)" in step(checks, "proxy")["detail"]
-            assert step(checks, "proxy-connect")["verdict"] == "ok"
+            connect = step(checks, "proxy-connect")
+            assert connect["verdict"] == "ok"
+            if kind.startswith("squid"):
+                assert f"(login: {'ntlm' if kind == 'squid-ntlm' else 'basic'})" in connect["detail"], connect
             assert PROXY_PASSWORD not in json.dumps(checks)
 
 

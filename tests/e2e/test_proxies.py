@@ -142,3 +142,26 @@ async def test_the_client_follows_https_proxy_and_no_proxy(
         assert await get(s) == (200, b"x" * 100)
         assert "direct (NO_PROXY entry 'localhost' matches localhost)" in caplog.text
         assert peer_port(client) == s.server.control_port
+
+
+async def test_ntlm_login_through_squid(certs: Certs) -> None:
+    """squid offering NTLM (its ntlm_fake_auth helper runs the real three-message exchange)
+    and Basic: the client answers NTLM, on one connection, and the tunnel serves."""
+    async with upstream(hello_app()) as up, stack(certs) as s:
+        with squid([s.server.control_port], login=True, ntlm=True) as proxy:
+            url = with_credentials(proxy.url, PROXY_USER, PROXY_PASSWORD)
+            client = await s.add_client([f"default={up.url}"], proxy=url)
+            assert await get(s) == (200, b"x" * 100)
+            assert peer_port(client) == proxy.port
+            await client.stop()
+            s.clients.remove(client)
+            # squid logs the tunnel when it closes, with the user NTLM authenticated
+            line = await wait_until(
+                lambda: next((x for x in proxy.connections().splitlines() if "TCP_TUNNEL/200" in x), None),
+                timeout=10,
+                what="squid's access log line",
+            )
+            # an authenticated user (ntlm_fake_auth reads NTLM's UTF-16 names as C strings: "s\\s")
+            assert "CONNECT localhost" in line and line.split()[7] != "-", line
+            denied = [x for x in proxy.connections().splitlines() if "TCP_DENIED/407" in x]
+            assert len(denied) == 2, denied  # no credentials, then NTLM's challenge: three requests in all
