@@ -131,9 +131,8 @@ def squid(
         )
         rules = "http_access allow CONNECT logged_in"
     if ntlm:
-        auth = (
-            "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth\n"
-            "auth_param ntlm children 2\n" + (auth or "acl logged_in proxy_auth REQUIRED")
+        auth = "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth\nauth_param ntlm children 2\n" + (
+            auth or "acl logged_in proxy_auth REQUIRED"
         )
         rules = "http_access allow CONNECT logged_in"
     if deny:
