@@ -6,6 +6,7 @@ TLS rules as the control listener (sslyze)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import ssl
@@ -243,3 +244,40 @@ async def test_certificates_in_the_admin_api_and_metrics(certs: Certs, pki: Publ
     assert 'backhaul_public_cert_expiry_seconds{host="app.test",source="file"}' in metrics
     assert 'backhaul_public_tls_handshakes_total{result="ok"} 1.0' in metrics
     assert 'backhaul_public_tls_handshakes_total{result="unknown_name"} 1.0' in metrics
+
+
+async def test_access_rules_limits_and_drain_over_tls(certs: Certs, pki: PublicPKI, tmp_path: Path) -> None:
+    """What the HTTP listener enforces holds over TLS: --access (401 then 200 with the
+    password), --max-body (413), and a shutdown that drains a request in flight on a TLS
+    connection before closing it."""
+    from exit_server.tokens import hash_secret
+
+    (tmp_path / "access.toml").write_text(
+        f'[[site]]\nhosts = ["app.test"]\nrealm = "r"\nbasic = ["alice:{hash_secret("pw-0123456789")}"]\n'
+    )
+
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(float(request.query.get("d", "0")))  # the upstream's own pace
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    overrides = tls_overrides(pki, access=tmp_path / "access.toml", max_body=1000)
+    async with upstream(app) as up, stack(certs, **overrides) as s:
+        await s.add_client([f"app.test={up.url}"])
+        port = s.server.public_tls_port
+        login = {"Authorization": "Basic " + base64.b64encode(b"alice:pw-0123456789").decode()}
+        url = f"https://127.0.0.1:{port}/"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=pki.client_context())) as http:
+            host = {"Host": "app.test"}
+            async with http.get(url, headers=host, server_hostname="app.test") as resp:
+                assert resp.status == 401 and "WWW-Authenticate" in resp.headers
+            async with http.post(url, data=b"x" * 5000, headers=host | login, server_hostname="app.test") as resp:
+                assert resp.status == 413
+            in_flight = asyncio.ensure_future(http.get(url + "?d=1", headers=host | login, server_hostname="app.test"))
+            await wait_until(lambda: s.server.public.in_flight >= 1, timeout=5, what="the request in flight")
+            await s.server.shutdown(drain_timeout=5)
+            resp = await in_flight
+            assert resp.status == 200 and await resp.text() == "done"
+            resp.release()
