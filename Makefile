@@ -20,6 +20,16 @@ $(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# mitmproxy (the TLS-intercepting proxy of tests/e2e/test_mitmproxy.py) in its own virtualenv:
+# it pins its own cryptography, which must not move the project's.
+MITM_VENV  ?= .venv-mitm
+MITM_STAMP := $(MITM_VENV)/.installed
+$(MITM_STAMP):
+	$(PYTHON) -m venv $(MITM_VENV)
+	$(MITM_VENV)/bin/pip install -q --upgrade pip
+	$(MITM_VENV)/bin/pip install -q 'mitmproxy==11.0.2'
+	touch $(MITM_STAMP)
+
 ## demo: exit server + demo upstream + tunnel client on loopback, one request, Ctrl-C stops
 demo: $(RUNTIME_STAMP)
 	$(BIN)/python scripts/demo.py
@@ -33,7 +43,7 @@ dist: $(STAMP)
 ## layer's own unit tests (tests/unit/aio) run first, with the coverage of shared/aio/ they
 ## reach reported and held at 90 % or more; then everything else.
 AIO_COVERAGE ?= 90
-test: $(STAMP) lint
+test: $(STAMP) $(MITM_STAMP) lint
 	bash scripts/ci-deps.sh
 	$(BIN)/python -m pytest tests/unit/aio --cov=shared/aio --cov-report=term-missing \
 		--cov-fail-under=$(AIO_COVERAGE)
@@ -91,4 +101,4 @@ reliability: | $(BIN)/exit-server
 	$(BIN)/python reliability/run.py $(RELIABILITY_ARGS)
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis dist build
+	rm -rf $(VENV) $(MITM_VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis dist build

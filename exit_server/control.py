@@ -10,12 +10,15 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from pathlib import Path
 
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from shared import challenge
 from shared.aio.connection import TunnelConnection
 from shared.aio.wsfast import TunnelServerConnection
+from shared.errors import ConfigError
 from shared.frames import GoAwayCode
 from shared.messages import PROTOCOL_VERSION, Error, Hello, Routes, Welcome
 from shared.mux import Role, Session, SessionState
@@ -28,7 +31,7 @@ from .routes import Registry, Tunnel
 from .tcp import TcpListeners
 from .tokens import Principal
 
-__all__ = ["Authenticator", "ControlEndpoint", "SharedTokenAuth"]
+__all__ = ["Authenticator", "ControlEndpoint", "SharedTokenAuth", "load_signing_key"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,34 @@ class SharedTokenAuth:
 
     def __call__(self, presented: str) -> str | None:
         return "default" if hmac.compare_digest(presented.encode(), self._token) else None
+
+    def challenge_keys(self, token_id: str) -> tuple[bytes, bytes, Principal] | None:
+        """StoredKey, ServerKey and the principal for challenge authentication (shared/challenge.py);
+        a shared token's id is ``-``."""
+        if token_id != challenge.SHARED_ID:
+            return None
+        keys = challenge.derive_keys(self._token.decode())
+        return keys.stored_key, keys.server_key, Principal("default")
+
+
+def load_signing_key(path: Path) -> challenge.SigningKey | None:
+    """The control TLS key, to sign challenge authentication (None: a key type it cannot use,
+    so challenge authentication is not offered).
+
+    Raises:
+        ConfigError: the key file cannot be read.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"--tls-key: cannot read {path}: {exc}") from None
+    if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        return key
+    log.warning("control: --tls-key is a %s key: challenge authentication is not offered", type(key).__name__)
+    return None
 
 
 def _bearer(request: Request) -> str:
@@ -75,6 +106,8 @@ class ControlEndpoint:
         #: called after a session registered or changed its routes (ACME orders certificates)
         self.on_routes: Callable[[Tunnel], None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        #: the control TLS key, which signs challenge authentication (None: not offered)
+        self.signer: challenge.SigningKey | None = None
 
     async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Authenticate before the upgrade: 401 for a missing or wrong token (never logged),
@@ -88,6 +121,9 @@ class ControlEndpoint:
             response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many requests\n")
             response.headers["Retry-After"] = str(retry)
             return response
+        offered = request.headers.get(challenge.HEADER)
+        if offered is not None:
+            return self._challenge(connection, remote, offered)
         token = _bearer(request)
         result = self.auth(token) if token else None
         if inspect.isawaitable(result):
@@ -108,9 +144,68 @@ class ControlEndpoint:
         connection.backhaul_principal = principal  # type: ignore[attr-defined]
         return None
 
+    def _challenge(self, connection: ServerConnection, remote: str, offered: str) -> Response | None:
+        """Step 2 of challenge authentication (shared/challenge.py): sign the transcript and
+        upgrade; the proof is checked on the first message (:meth:`_check_proof`)."""
+        lookup = getattr(self.auth, "challenge_keys", None)
+        try:
+            fields = challenge.parse_header(offered)
+            token_id, cnonce = fields.get("id"), fields.get("cnonce")
+            if not isinstance(token_id, str) or not isinstance(cnonce, bytes) or len(cnonce) != challenge.NONCE_BYTES:
+                raise ValueError("id and a 32-byte cnonce are required")
+        except ValueError as exc:
+            log.warning("control: malformed challenge authentication from %s: %s", remote, exc)
+            return connection.respond(HTTPStatus.BAD_REQUEST, "malformed Backhaul-Auth\n")
+        if self.signer is None or lookup is None:
+            self.metrics.auth_failures.inc()
+            log.warning("control: challenge authentication from %s, which this server does not offer", remote)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "challenge authentication not offered\n")
+        keys = lookup(token_id)  # None: unknown, revoked or without a verifier; fails at the proof
+        snonce = secrets.token_bytes(challenge.NONCE_BYTES)
+        spki = challenge.spki_of(self.signer)
+        t = challenge.transcript(token_id, cnonce, snonce, spki)
+        connection.backhaul_challenge = (t, keys)  # type: ignore[attr-defined]
+        connection.backhaul_challenge_answer = challenge.format_header(  # type: ignore[attr-defined]
+            snonce=snonce, key=spki, sig=challenge.sign(self.signer, t)
+        )
+        return None
+
+    def process_response(self, connection: ServerConnection, request: Request, response: Response) -> None:
+        """The 101 of a challenge authentication carries the server's signed answer."""
+        answer = getattr(connection, "backhaul_challenge_answer", None)
+        if answer is not None and response.status_code == HTTPStatus.SWITCHING_PROTOCOLS:
+            response.headers[challenge.HEADER] = answer
+
+    async def _check_proof(self, ws: ServerConnection, remote: str) -> bool:
+        """Steps 3 and 4: the client's proof as its first message; OK with the server's own
+        proof, or close 4401."""
+        t, keys = ws.backhaul_challenge  # type: ignore[attr-defined]
+        assert isinstance(ws, TunnelServerConnection)
+        try:
+            message = await ws.first_message(self.config.handshake_timeout)
+        except (TimeoutError, ConnectionError):
+            log.warning("control: no challenge proof from %s in time", remote)
+            await ws.close(4408, "no authentication in time")
+            return False
+        proof = message[len(challenge.PROOF_PREFIX) :] if message.startswith(challenge.PROOF_PREFIX) else b""
+        stored = keys[0] if keys is not None else secrets.token_bytes(32)
+        if not challenge.check_proof(stored, t, proof) or keys is None:
+            self.auth_failures += 1
+            self.metrics.auth_failures.inc()
+            log.warning("control: challenge authentication failed from %s", remote)
+            await ws.close(4401, "authentication failed")
+            return False
+        self.limiter.success(remote)
+        ws.send_message([challenge.OK_PREFIX + challenge.server_signature(keys[1], t)])
+        ws.backhaul_client_id = keys[2].client_id  # type: ignore[attr-defined]
+        ws.backhaul_principal = keys[2]  # type: ignore[attr-defined]
+        return True
+
     async def handle(self, ws: ServerConnection) -> None:
         """Run one tunnel session from hello to close."""
         cfg = self.config
+        if hasattr(ws, "backhaul_challenge") and not await self._check_proof(ws, _peer(ws)):
+            return
         client_id: str = getattr(ws, "backhaul_client_id", "default")
         session_id = secrets.token_hex(6)
         remote = _peer(ws)

@@ -38,7 +38,7 @@ from .admin import AdminApp
 from .certstore import CertStore, PublicCertCollector
 from .clienthello import ClientHello
 from .config import ServerConfig
-from .control import Authenticator, ControlEndpoint, SharedTokenAuth
+from .control import Authenticator, ControlEndpoint, SharedTokenAuth, load_signing_key
 from .frontdoor import FrontDoor, Route
 from .httpguard import GuardedServer
 from .observe import Metrics
@@ -72,6 +72,8 @@ class ExitServer:
         register_process_metrics(self.metrics.registry, "exit-server", {"control": config.tls_cert})
         self.tcp = TcpListeners(config, self.registry, parse_addr(config.public_addr)[0], self.metrics)
         self.control = ControlEndpoint(config, self.registry, auth, self.tcp, self.metrics)
+        if not config.insecure_plaintext and config.tls_key is not None:
+            self.control.signer = load_signing_key(config.tls_key)
         self.public = PublicHandler(config, self.registry, self.metrics)
         self.access = AccessRules(config.access) if config.access is not None else None
         self.public.access = self.access
@@ -216,6 +218,7 @@ class ExitServer:
                 port,
                 ssl=ssl_ctx,
                 process_request=self.control.process_request,
+                process_response=self.control.process_response,
                 server_header="backhaul",
                 create_connection=TunnelServerConnection,
                 **ws_limits(DEFAULT_MAX_FRAME),

@@ -21,6 +21,7 @@ file (``add``/``rotate`` print the new token once; writes are atomic, mode 0600)
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
@@ -33,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shared import challenge
 from shared.errors import ConfigError
 
 from .hashing import HashFormatError, hash_secret, parse_hash, verify_secret, waste_time
@@ -119,6 +121,16 @@ class TokenEntry:
     tcp_ports: list[int] = field(default_factory=list)
     created: str = ""
     revoked: bool = False
+    #: challenge authentication's verifier (shared/challenge.py): ``v1$STOREDKEY$SERVERKEY``,
+    #: base64; empty for tokens made before it existed (rotate them to use --auth challenge)
+    challenge: str = ""
+
+    def challenge_keys(self) -> tuple[bytes, bytes] | None:
+        version, _, rest = self.challenge.partition("$")
+        stored, _, server = rest.partition("$")
+        if version != "v1" or not stored or not server:
+            return None
+        return base64.b64decode(stored), base64.b64decode(server)
 
     def principal(self) -> Principal:
         digest = hashlib.sha256(
@@ -150,7 +162,7 @@ def _entry(client_id: str, raw: Any) -> TokenEntry:
         raise ValueError(f"bad client id {client_id!r} (letters, digits, . _ -; at most 64)")
     if not isinstance(raw, dict):
         raise ValueError(f"client {client_id}: expected a table")
-    unknown = set(raw) - {"token_id", "hash", "hosts", "tcp_ports", "created", "revoked"}
+    unknown = set(raw) - {"token_id", "hash", "hosts", "tcp_ports", "created", "revoked", "challenge"}
     if unknown:
         raise ValueError(f"client {client_id}: unknown keys {sorted(unknown)}")
     token_id = raw.get("token_id")
@@ -170,6 +182,11 @@ def _entry(client_id: str, raw: Any) -> TokenEntry:
     revoked = raw.get("revoked", False)
     if not isinstance(revoked, bool):
         raise ValueError(f"client {client_id}: revoked must be true or false")
+    verifier = raw.get("challenge", "")
+    if not isinstance(verifier, str) or (
+        verifier and not re.fullmatch(r"v1\$[A-Za-z0-9+/=]{44}\$[A-Za-z0-9+/=]{44}", verifier)
+    ):
+        raise ValueError(f"client {client_id}: challenge must be v1$STOREDKEY$SERVERKEY (base64)")
     return TokenEntry(
         client_id,
         token_id,
@@ -178,6 +195,7 @@ def _entry(client_id: str, raw: Any) -> TokenEntry:
         list(ports),
         str(raw.get("created", "")),
         revoked,
+        verifier,
     )
 
 
@@ -242,6 +260,7 @@ def render_entries(entries: dict[str, TokenEntry]) -> str:
             "tcp_ports = [" + ", ".join(str(p) for p in entry.tcp_ports) + "]",
             f"created = {_toml_str(entry.created)}",
             f"revoked = {'true' if entry.revoked else 'false'}",
+            *([f"challenge = {_toml_str(entry.challenge)}"] if entry.challenge else []),
             "",
         ]
     return "\n".join(lines)
@@ -272,10 +291,24 @@ def new_entry(client_id: str, hosts: list[str], ports: list[int]) -> tuple[Token
     """A new entry and its token (to be shown once)."""
     token_id, secret = new_secret()
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    token = format_token(token_id, secret)
     entry = TokenEntry(
-        client_id, token_id, hash_secret(secret), [validate_pattern(h) for h in hosts], sorted(set(ports)), created
+        client_id,
+        token_id,
+        hash_secret(secret),
+        [validate_pattern(h) for h in hosts],
+        sorted(set(ports)),
+        created,
+        challenge=challenge_verifier(token),
     )
-    return entry, format_token(token_id, secret)
+    return entry, token
+
+
+def challenge_verifier(token: str) -> str:
+    """What the tokens file keeps for challenge authentication: StoredKey and ServerKey, from
+    which the token cannot be recovered (shared/challenge.py)."""
+    keys = challenge.derive_keys(token)
+    return f"v1${base64.b64encode(keys.stored_key).decode()}${base64.b64encode(keys.server_key).decode()}"
 
 
 # ------------------------------------------------------------------------------ authenticator
@@ -345,6 +378,15 @@ class TokenRegistry:
             return None
         now = entry.principal()
         return now if now.version == principal.version else None
+
+    def challenge_keys(self, token_id: str) -> tuple[bytes, bytes, Principal] | None:
+        """StoredKey, ServerKey and the principal of a token id for challenge authentication;
+        None when unknown, revoked, or made before challenge verifiers existed."""
+        entry = self._by_token_id.get(token_id)
+        keys = entry.challenge_keys() if entry is not None and not entry.revoked else None
+        if entry is None or keys is None:
+            return None
+        return keys[0], keys[1], entry.principal()
 
     async def __call__(self, token: str) -> Principal | None:
         parts = parse_token(token)

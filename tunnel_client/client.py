@@ -11,13 +11,17 @@ with full-jitter backoff; streams are served by the :class:`Forwarder`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import enum
+import hashlib
+import hmac
 import ipaddress
 import logging
 import os
 import random
+import secrets
 import socket
 import ssl
 import time
@@ -30,6 +34,7 @@ from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidProxyStatus, InvalidStatus, ProxyError
 
+from shared import challenge
 from shared.aio.connection import TunnelConnection, TunnelStream, ws_limits
 from shared.aio.tls import client_context
 from shared.aio.wsfast import TunnelClientConnection
@@ -52,7 +57,7 @@ from .ecs import METADATA_ENV, discover_routes, fetch_metadata, labels_from_task
 from .guard import Guard
 from .health import HealthChecker, parse_health_path
 from .killswitch import KillSwitch
-from .pinning import parse_pin, pinned_connection
+from .pinning import parse_pin, pinned_connection, spki_digest
 from .proxy import ProxyChoice, choose_proxy, credentials, with_credentials
 from .proxyconnect import ConnectRefused, open_tunnel, spnego_available
 from .upstream import Forwarder
@@ -118,6 +123,46 @@ async def resolve(host: str) -> list[str]:
 CUT_SAMPLES = 3
 #: Sessions shorter than this are ordinary failures, not an age limit.
 CUT_MIN_AGE = 1.0
+
+
+async def prove_token(
+    ws: TunnelClientConnection, token: str, token_id: str, cnonce: bytes, pins: frozenset[bytes], timeout: float
+) -> tuple[str | None, bytes]:
+    """Challenge authentication, client side (shared/challenge.py, steps 2-4): the server's
+    signature by a pinned key first; only then the proof. Returns (None, the pinned key's
+    digest) on success, else (why, ...) with nothing derived from the token sent unless the
+    server's key checked out."""
+    assert ws.response is not None
+    answer = ws.response.headers.get(challenge.HEADER)
+    if answer is None:
+        return (
+            "the upgrade was answered without challenge authentication: the exit server predates it, or "
+            "something in between rewrote the upgrade; nothing derived from the token was sent",
+            b"",
+        )
+    try:
+        fields = challenge.parse_header(answer)
+        snonce, spki, sig = fields["snonce"], fields["key"], fields["sig"]
+        assert isinstance(snonce, bytes) and isinstance(spki, bytes) and isinstance(sig, bytes)
+    except (ValueError, KeyError, AssertionError):
+        return "a malformed challenge answer; nothing derived from the token was sent", b""
+    digest = hashlib.sha256(spki).digest()
+    t = challenge.transcript(token_id, cnonce, snonce, spki)
+    if digest not in pins or not challenge.verify(spki, t, sig):
+        return (
+            f"the key that answered (sha256:{base64.b64encode(digest).decode()}) is not a --pin key, or its "
+            "signature is wrong: a substituted server (TLS interception?); nothing derived from the token was sent",
+            digest,
+        )
+    keys = challenge.derive_keys(token)
+    ws.send_message([challenge.PROOF_PREFIX + challenge.client_proof(keys, t)])
+    try:
+        message = await ws.first_message(timeout)
+    except (TimeoutError, ConnectionError):
+        return f"challenge authentication refused ({ws.close_code} {ws.close_reason or ''})".rstrip(), digest
+    if not hmac.compare_digest(message, challenge.OK_PREFIX + challenge.server_signature(keys.server_key, t)):
+        return "the exit server's proof is wrong: it does not hold this token's verifier", digest
+    return None, digest
 
 
 class LinkOutcome(enum.Enum):
@@ -197,7 +242,12 @@ class ServerLink:
 
     async def _one_session(self) -> LinkOutcome:
         cfg = self.client.config
-        headers = {"Authorization": f"Bearer {self.client.token}"}
+        challenged = cfg.auth == "challenge"
+        cnonce = secrets.token_bytes(challenge.NONCE_BYTES)
+        if challenged:  # the token never leaves this host (shared/challenge.py)
+            headers = {challenge.HEADER: challenge.format_header(id=self.client.token_id, cnonce=cnonce)}
+        else:
+            headers = {"Authorization": f"Bearer {self.client.token}"}
         ssl_ctx = self.client.ssl_context if self.url.startswith("wss:") else None
         options = ws_limits(DEFAULT_MAX_FRAME)
         proxy = self.proxy.url
@@ -225,8 +275,8 @@ class ServerLink:
                 proxy=proxy,
                 create_connection=(
                     self.client.pinned
-                    if ssl_ctx is not None and self.client.pinned is not None
-                    else TunnelClientConnection
+                    if ssl_ctx is not None and self.client.pinned is not None and not challenged
+                    else TunnelClientConnection  # with --auth challenge the pin is checked inside
                 ),
                 **options,
             )
@@ -253,6 +303,11 @@ class ServerLink:
         except (OSError, InvalidHandshake, TimeoutError, ssl.SSLError) as exc:
             via = f" (through proxy {self.proxy.shown})" if self.proxy.url else ""
             log.warning("link %s: connect failed%s: %s%s", self.url, via, exc, connect_hint(exc, cfg.ca_file))
+            return LinkOutcome.FAILED
+        assert isinstance(ws, TunnelClientConnection)
+        if challenged and not await self._prove_token(ws, cnonce):
+            with contextlib.suppress(Exception):
+                await ws.close(1000, "authentication failed")
             return LinkOutcome.FAILED
         loop = asyncio.get_running_loop()
         session = Session(
@@ -306,7 +361,6 @@ class ServerLink:
             if code in (GoAwayCode.NO_ERROR, GoAwayCode.SHUTDOWN):
                 went_away.set()
 
-        assert isinstance(ws, TunnelClientConnection)
         conn = TunnelConnection(
             ws, session, name="-", on_stream=self.client.serve_stream, on_control=on_control, on_goaway=on_goaway
         )
@@ -354,6 +408,35 @@ class ServerLink:
             conn.close_reason or "closed",
         )
         return LinkOutcome.ESTABLISHED if established else LinkOutcome.FAILED
+
+    async def _prove_token(self, ws: TunnelClientConnection, cnonce: bytes) -> bool:
+        """Challenge authentication (:func:`prove_token`), logged for this link."""
+        client = self.client
+        failure, pinned = await prove_token(
+            ws, client.token, client.token_id, cnonce, client.pins, client.config.connect_timeout
+        )
+        if failure is not None:
+            log.error("link %s: %s", self.url, failure)
+            return False
+        self._note_interception(ws, pinned)
+        return True
+
+    def _note_interception(self, ws: TunnelClientConnection, pinned: bytes) -> None:
+        """Say so when the TLS certificate seen is not the exit server's (the key was proven
+        inside the WebSocket instead)."""
+        ssl_object = ws.transport.get_extra_info("ssl_object") if ws.transport is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der and spki_digest(der) != pinned:
+            from cryptography import x509
+
+            cert = x509.load_der_x509_certificate(der)
+            log.warning(
+                "link %s: TLS interception: the certificate seen is %s issued by %s; the exit server's key was "
+                "verified inside the WebSocket and the token was not sent",
+                self.url,
+                cert.subject.rfc4514_string(),
+                cert.issuer.rfc4514_string(),
+            )
 
     async def _open_proxy_tunnel(self, proxy: str) -> socket.socket:
         parts = urlsplit(proxy)
@@ -493,8 +576,11 @@ class TunnelClient:
             if any(u.startswith("wss:") for u in config.server)
             else None
         )
-        # --pin: checked after TLS, before the upgrade request carrying the token (pinning.py).
-        self.pinned = pinned_connection(frozenset(parse_pin(p) for p in config.pin)) if config.pin else None
+        # --pin: checked after TLS, before the upgrade request carrying the token (pinning.py);
+        # with --auth challenge, inside the WebSocket (shared/challenge.py).
+        self.pins = frozenset(parse_pin(p) for p in config.pin)
+        self.pinned = pinned_connection(self.pins) if config.pin else None
+        self.token_id = challenge.token_id_of(self.token)
         self.forwarder = Forwarder(
             config.upstreams,
             config.upstream_connect_timeout,

@@ -113,6 +113,12 @@ class ClientConfig(BaseConfig):
         None, description="PEM client certificate for mutual TLS (--client-ca on the server)"
     )
     client_key: Path | None = Field(None, description="PEM key of --client-cert (default: in the same file)")
+    auth: Literal["bearer", "challenge"] = Field(
+        "bearer",
+        description="bearer: the token in the upgrade request; challenge: never send the token, prove it "
+        "(challenge-response) after the exit server proves its --pin key inside the WebSocket: safe through "
+        "TLS-inspecting proxies (needs --pin)",
+    )
     proxy: str | None = Field(
         None,
         description="reach the exit server through this proxy: http://, https://, socks5:// or socks5h:// "
@@ -298,6 +304,8 @@ class ClientConfig(BaseConfig):
                     raise ValueError(f"{url}: ws:// needs --insecure-plaintext (and a loopback server)")
                 if not is_loopback_host(parts.hostname or ""):
                     raise ValueError(f"{url}: ws:// is only allowed to a loopback address")
+        if self.auth == "challenge" and not self.pin:
+            raise ValueError("--auth challenge needs --pin (the exit server's key it checks inside the WebSocket)")
         if self.backoff_cap < self.backoff_base:
             raise ValueError("--backoff-cap must be at least --backoff-base")
         return self

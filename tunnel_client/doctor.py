@@ -28,6 +28,7 @@ import dataclasses
 import email.utils
 import json
 import os
+import secrets
 import socket
 import ssl
 import time
@@ -39,7 +40,9 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidProxyStatus, InvalidStatus, ProxyError
 
+from shared import challenge
 from shared.aio.tls import client_context
+from shared.aio.wsfast import TunnelClientConnection
 from shared.errors import ConfigError
 
 from .config import ClientConfig
@@ -298,17 +301,27 @@ def _tls(
     steps.ok("tls", f"{version}, certificate {subject} issued by {issuer}" + (", pin matches" if pins else ""))
 
 
-async def _upgrade(steps: _Steps, url: str, token: str, ctx: ssl.SSLContext, proxy: str | None) -> None:
+async def _upgrade(
+    steps: _Steps, url: str, token: str, ctx: ssl.SSLContext, proxy: str | None, pins: frozenset[bytes] | None
+) -> None:
+    """The upgrade and the token: bearer, or with ``pins`` challenge authentication (as run)."""
     t0 = time.monotonic()
+    cnonce = secrets.token_bytes(challenge.NONCE_BYTES)
+    token_id = challenge.token_id_of(token)
+    if pins is None:
+        headers = {"Authorization": f"Bearer {token}"}
+    else:
+        headers = {challenge.HEADER: challenge.format_header(id=token_id, cnonce=cnonce)}
     try:
         async with asyncio.timeout(STEP_TIMEOUT):
             ws = await connect(
                 url,
                 ssl=ctx if url.startswith("wss:") else None,
-                additional_headers={"Authorization": f"Bearer {token}"},
+                additional_headers=headers,
                 user_agent_header="backhaul-doctor",
                 proxy=proxy,
                 open_timeout=STEP_TIMEOUT,
+                create_connection=TunnelClientConnection,
             )
     except InvalidStatus as exc:
         status = exc.response.status_code
@@ -333,7 +346,21 @@ async def _upgrade(steps: _Steps, url: str, token: str, ctx: ssl.SSLContext, pro
         return
     try:
         steps.ok("upgrade", f"101 in {_ms(time.monotonic() - t0)}")
-        steps.ok("auth", "the token was accepted (no route registered)")
+        if pins is not None:
+            from .client import prove_token
+
+            assert isinstance(ws, TunnelClientConnection)
+            failure, _ = await prove_token(ws, token, token_id, cnonce, pins, STEP_TIMEOUT)
+            if failure is not None:
+                steps.fail(
+                    "auth", failure, "--auth challenge: check --pin and that the token was made or rotated recently"
+                )
+                for step in ("clock", "rtt"):
+                    steps.skip(step)
+                return
+            steps.ok("auth", "challenge authentication: the server proved the --pin key, the token was proven")
+        else:
+            steps.ok("auth", "the token was accepted (no route registered)")
         assert ws.response is not None
         date = ws.response.headers.get("Date")
         if date:
@@ -407,12 +434,15 @@ async def diagnose(config: ClientConfig, token: str, environ: Mapping[str, str] 
         proxy_url = with_credentials(choice.url, *proxy_login) if choice.url and proxy_login else choice.url
         steps.ok("proxy", f"{'via ' + choice.shown if choice.url else 'direct'} ({choice.why})")
         if url.startswith("wss:"):
-            await asyncio.to_thread(_path_to_server, steps, url, choice, proxy_login, ctx, pins)
+            # with --auth challenge the pin is checked inside the WebSocket (the TLS key may be an
+            # inspecting proxy's), so the TLS step only reports
+            tls_pins = set() if config.auth == "challenge" else pins
+            await asyncio.to_thread(_path_to_server, steps, url, choice, proxy_login, ctx, tls_pins)
         if steps.broken:
             for step in ("upgrade", "auth", "clock", "rtt"):
                 steps.skip(step)
             continue
-        await _upgrade(steps, url, token, ctx, proxy_url)
+        await _upgrade(steps, url, token, ctx, proxy_url, frozenset(pins) if config.auth == "challenge" else None)
     for upstream in upstreams:
         scheme, host, port = upstream.address
         await asyncio.to_thread(_upstream, out, upstream.host + upstream.path_prefix.rstrip("/"), scheme, host, port)

@@ -126,6 +126,7 @@ class DirectMessages:
     _sink: Callable[[bytes], None] | None = None
     _on_bad: Callable[[str], None] | None = None
     _early: list[bytes] | None = None
+    _early_waiter: asyncio.Future[None] | None = None
     _masked = False  # client-to-server frames are masked (RFC 6455 section 5.3)
     _fast = False  # parse frames here (set at attach, cleared for good on the first odd byte)
     # The connection's own buffer, from the first frame that spans reads until a ticker period
@@ -154,6 +155,31 @@ class DirectMessages:
             self.transport.set_protocol(_BufferedReader(self))
         for message in early or ():
             sink(message)
+
+    async def first_message(self, timeout: float) -> bytes:
+        """The next binary message before :meth:`attach` (an authentication exchange that
+        precedes the tunnel protocol), taken off the replay list.
+
+        Raises:
+            TimeoutError: none within ``timeout``.
+            ConnectionError: the connection closed first.
+        """
+        async with asyncio.timeout(timeout):
+            while not self._early:
+                if self.protocol.state is not State.OPEN:
+                    raise ConnectionError("the connection closed during authentication")
+                self._early_waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._early_waiter
+                finally:
+                    self._early_waiter = None
+        return self._early.pop(0)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        waiter = self._early_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def detach(self) -> None:
         """Stop delivering (the session is over); drops the callbacks and what they hold."""
@@ -370,6 +396,9 @@ class DirectMessages:
                 if self._early is None:
                     self._early = []
                 self._early.append(event.data)  # type: ignore[arg-type]
+                waiter = self._early_waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
                 return
         elif event.opcode in (Opcode.TEXT, Opcode.CONT, Opcode.BINARY):
             on_bad = self._on_bad

@@ -73,6 +73,20 @@ async def test_a_good_direct_path_passes_every_step(certs: Certs) -> None:
         assert step(checks, "upstream")["verdict"] == "ok"
 
 
+async def test_challenge_authentication(certs: Certs) -> None:
+    from tunnel_client.pinning import spki_pin
+
+    from .test_tls import _leaf_der
+
+    async with upstream(app()) as up, stack(certs) as s:
+        pin = spki_pin(_leaf_der(certs.cert))
+        rc, checks, _ = await doctor(s, up.url, "--auth", "challenge", "--pin", pin)
+        assert rc == 0, checks
+        assert "challenge authentication" in step(checks, "auth")["detail"]
+        rc, checks, _ = await doctor(s, up.url, "--auth", "challenge", "--pin", pin, env={"BACKHAUL_TOKEN": "wrong"})
+        assert rc == 1 and "4401" in step(checks, "auth")["detail"]
+
+
 @pytest.mark.parametrize("kind", ["squid", "squid-ntlm", "dante"])
 async def test_through_a_proxy_from_the_environment(certs: Certs, kind: str) -> None:
     async with upstream(app()) as up, stack(certs) as s:

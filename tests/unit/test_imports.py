@@ -16,7 +16,19 @@ import pytest
 
 #: shared/'s top level is the wire protocol and the HTTP rules both sides apply; process
 #: plumbing lives in shared/runtime/ and the asyncio adapters in shared/aio/.
-SANS_IO = ["errors", "frames", "heads", "messages", "events", "mux", "sizes", "routing", "httputil", "forwarding"]
+SANS_IO = [
+    "errors",
+    "frames",
+    "heads",
+    "messages",
+    "events",
+    "mux",
+    "sizes",
+    "routing",
+    "httputil",
+    "forwarding",
+    "challenge",
+]
 TOP_LEVEL = {*SANS_IO, "proxyproto"}
 FORBIDDEN = ["asyncio", "websockets", "aiohttp", "socket"]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
