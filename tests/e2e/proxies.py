@@ -51,6 +51,9 @@ class RunningProxy:
     log: Path
     process: subprocess.Popen[bytes] | None = None
     starts: int = field(default=0)
+    stop_signal: int = signal.SIGKILL  # mitmdump: SIGINT, so that it writes out its flows
+    ca_file: Path | None = None  # an intercepting proxy's CA (the client's --ca-file)
+    ready_file: Path | None = None  # started when this exists too
 
     def start(self) -> None:
         with self.log.open("ab") as out:
@@ -59,13 +62,22 @@ class RunningProxy:
             )
         self.starts += 1
         _wait_listening(self.port, self.process, self.log)
+        deadline = time.monotonic() + 20
+        while self.ready_file is not None and not self.ready_file.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.kind}: {self.ready_file} not written")
+            time.sleep(0.05)  # polling a file the daemon writes at start
 
     def stop(self) -> None:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        os.killpg(process.pid, signal.SIGKILL)  # squid's and dante's children go with it
-        process.wait(10)
+        os.killpg(process.pid, self.stop_signal)  # squid's and dante's children go with it
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
 
     def restart(self) -> None:
         self.stop()
@@ -188,6 +200,53 @@ def dante() -> Iterator[RunningProxy]:
     conf.write_text(DANTE_CONF.format(port=port, dir=directory))
     command = ["danted", "-f", str(conf), "-p", str(directory / "danted.pid"), "-N", "1"]
     proxy = RunningProxy("dante", port, f"socks5h://127.0.0.1:{port}", directory, command, directory / "danted.out")
+    try:
+        proxy.start()
+        yield proxy
+    finally:
+        proxy.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+MITMDUMP = Path(os.environ.get("BACKHAUL_MITMDUMP", Path(__file__).resolve().parents[2] / ".venv-mitm/bin/mitmdump"))
+
+
+@contextmanager
+def mitmproxy(server_ca: Path) -> Iterator[RunningProxy]:
+    """mitmproxy (PyPI, installed by `make test` into .venv-mitm) as an HTTP proxy that
+    intercepts TLS with its own CA (``ca_file``), trusting ``server_ca`` upstream and
+    recording every flow to ``directory / "flows.mitm"`` (written out when it stops)."""
+    if not MITMDUMP.exists():
+        raise RuntimeError(f"mitmdump not found at {MITMDUMP}: `make test` installs it into .venv-mitm")
+    directory = Path(tempfile.mkdtemp(prefix="backhaul-mitm-"))
+    port = free_port()
+    command = [
+        str(MITMDUMP),
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(port),
+        "--set",
+        f"confdir={directory}",
+        "--set",
+        f"ssl_verify_upstream_trusted_ca={server_ca}",
+        "--set",
+        "connection_strategy=lazy",
+        "-w",
+        f"+{directory / 'flows.mitm'}",  # appended to across restarts
+    ]
+    ca = directory / "mitmproxy-ca-cert.pem"
+    proxy = RunningProxy(
+        "mitmproxy",
+        port,
+        f"http://127.0.0.1:{port}",
+        directory,
+        command,
+        directory / "mitmdump.out",
+        stop_signal=signal.SIGINT,
+        ca_file=ca,
+        ready_file=ca,
+    )
     try:
         proxy.start()
         yield proxy

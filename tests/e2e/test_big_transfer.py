@@ -263,25 +263,35 @@ async def test_one_gib_download_over_the_public_tls_listener(
     print(f"1 GiB download over public TLS (tunnel on the same port): {GIB / elapsed / 2**20:.0f} MiB/s")
 
 
-@pytest.fixture(scope="module", params=["squid", "dante"])
+@pytest.fixture(scope="module", params=["squid", "squid-ntlm", "dante", "mitmproxy"])
 def proxied_processes(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, certs: Certs
 ) -> Iterator[tuple[int, Proc, Proc]]:
     """The tunnel-client process reaching its exit server through a real proxy, named the way
-    a site names it: HTTPS_PROXY in the environment (squid with its login in the URL, or
-    dante's socks5h://)."""
+    a site names it: HTTPS_PROXY in the environment (squid with its login in the URL, Basic or
+    NTLM; dante's socks5h://; mitmproxy intercepting TLS, with --auth challenge)."""
+    from tunnel_client.pinning import spki_pin
     from tunnel_client.proxy import with_credentials
 
-    from .proxies import PROXY_PASSWORD, PROXY_USER, dante, squid
+    from .proxies import PROXY_PASSWORD, PROXY_USER, dante, mitmproxy, squid
+    from .test_tls import _leaf_der
 
     tmp = tmp_path_factory.mktemp(f"big-{request.param}")
     up_port, public, control = free_port(), free_port(), free_port()
     script = tmp / "up.py"
     script.write_text(UPSTREAM.replace("PORT", str(up_port)))
     up = subprocess.Popen([sys.executable, str(script)])
-    proxy_cm = squid([control], login=True) if request.param == "squid" else dante()
+    kind = request.param
+    if kind.startswith("squid"):
+        proxy_cm = squid([control], login=True, ntlm=kind == "squid-ntlm")
+    else:
+        proxy_cm = dante() if kind == "dante" else mitmproxy(certs.ca)
     proxy = proxy_cm.__enter__()
-    url = with_credentials(proxy.url, PROXY_USER, PROXY_PASSWORD) if request.param == "squid" else proxy.url
+    url = with_credentials(proxy.url, PROXY_USER, PROXY_PASSWORD) if kind.startswith("squid") else proxy.url
+    extra = []
+    if kind == "mitmproxy":
+        assert proxy.ca_file is not None
+        extra = ["--auth", "challenge", "--pin", spki_pin(_leaf_der(certs.cert))]
     server = Proc(
         [
             "exit-server",
@@ -304,9 +314,10 @@ def proxied_processes(
             "--server",
             f"wss://localhost:{control}",
             "--ca-file",
-            str(certs.ca),
+            str(proxy.ca_file or certs.ca),
             "--upstream",
             f"default=http://127.0.0.1:{up_port}",
+            *extra,
         ],
         {"BACKHAUL_TOKEN": TOKEN, "HTTPS_PROXY": url, "NO_PROXY": "example.com"},
     )

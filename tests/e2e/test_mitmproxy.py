@@ -1,19 +1,20 @@
 """The tunnel through mitmproxy (PyPI, installed by `make test` into .venv-mitm) intercepting
-TLS with its own CA, as a corporate inspecting proxy does: with --auth challenge the tunnel
-works and mitmproxy's recorded flows hold no token and no key derived from it; with a bearer
-token the same recording holds the token (which is why the mode exists, and proof that the
-check can see a secret when there is one)."""
+TLS with its own CA, as a corporate inspecting proxy does (tests/e2e/proxies.py). With
+--auth challenge the tunnel works, mitmproxy's recorded flows hold no token and no key derived
+from it, and replaying the handshake they recorded to the exit server is refused; with a
+bearer token the same recording holds the token (why the mode exists, and proof that the check
+can see a secret when there is one); a key that is not the pinned one gets no proof."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
-import signal
-import socket
+import ssl
 import subprocess
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,80 +24,41 @@ from shared import challenge
 from tunnel_client.pinning import spki_pin
 
 from ..waiting import wait_until
-from .helpers import TOKEN, Certs, stack, upstream
+from .helpers import TOKEN, Certs, Stack, stack, upstream
+from .proxies import MITMDUMP, mitmproxy
 from .test_tls import _leaf_der
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
-ROOT = Path(__file__).resolve().parents[2]
-MITMDUMP = Path(os.environ.get("BACKHAUL_MITMDUMP", ROOT / ".venv-mitm" / "bin" / "mitmdump"))
+#: Run by mitmproxy's own interpreter: the WebSocket flows of a flow file, as JSON.
+EXTRACT = """
+import json, sys
+from mitmproxy import io
+from mitmproxy.http import HTTPFlow
+out = []
+with open(sys.argv[1], "rb") as fh:
+    for flow in io.FlowReader(fh).stream():
+        if isinstance(flow, HTTPFlow) and flow.websocket is not None:
+            out.append({
+                "path": flow.request.path,
+                "headers": [[k, v] for k, v in flow.request.headers.items(multi=True)],
+                "from_client": [m.content.hex() for m in flow.websocket.messages if m.from_client],
+            })
+print(json.dumps(out))
+"""
 
 
-@dataclass
-class Mitm:
-    port: int
-    ca_file: Path
-    flows: Path
-    process: subprocess.Popen[bytes]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # mitmdump writes out its flows
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+def recorded_websockets(flows: Path) -> list[dict[str, Any]]:
+    python = MITMDUMP.parent / "python"
+    out = subprocess.run([str(python), "-c", EXTRACT, str(flows)], capture_output=True, text=True, check=True)
+    return list(json.loads(out.stdout))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def mitmdump(tmp_path: Path, server_ca: Path) -> AsyncIterator[Mitm]:
-    if not MITMDUMP.exists():
-        raise RuntimeError(f"mitmdump not found at {MITMDUMP}: `make test` installs it into .venv-mitm")
-    confdir = tmp_path / "mitm"
-    confdir.mkdir()
-    flows = tmp_path / "flows.mitm"
-    port = _free_port()
-    log = (tmp_path / "mitmdump.log").open("wb")
-    process = subprocess.Popen(
-        [
-            str(MITMDUMP),
-            "--listen-host",
-            "127.0.0.1",
-            "--listen-port",
-            str(port),
-            "--set",
-            f"confdir={confdir}",
-            "--set",
-            f"ssl_verify_upstream_trusted_ca={server_ca}",
-            "--set",
-            "connection_strategy=lazy",
-            "-w",
-            str(flows),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    mitm = Mitm(port, confdir / "mitmproxy-ca-cert.pem", flows, process)
-    try:
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"mitmdump exited: {(tmp_path / 'mitmdump.log').read_text()[-2000:]}")
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0 and mitm.ca_file.exists()
-
-        await wait_until(ready, timeout=30, what="mitmdump listening")
-        yield mitm
-    finally:
-        mitm.stop()
-        log.close()
+def masked_binary_frame(payload: bytes) -> bytes:
+    key = os.urandom(4)
+    n = len(payload)
+    head = bytes([0x82, 0x80 | n]) if n < 126 else bytes([0x82, 0x80 | 126]) + n.to_bytes(2, "big")
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def app() -> web.Application:
@@ -108,47 +70,71 @@ def app() -> web.Application:
     return application
 
 
+async def replay(s: Stack, certs: Certs, flow: dict[str, Any]) -> bytes:
+    """Send a recorded upgrade request and the client's first message to the exit server."""
+    ctx = ssl.create_default_context(cafile=str(certs.ca))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", s.server.control_port, ssl=ctx, server_hostname="localhost"
+    )
+    head = f"GET {flow['path']} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in flow["headers"]) + "\r\n"
+    writer.write(head.encode())
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.write(masked_binary_frame(bytes.fromhex(flow["from_client"][0])))
+    await writer.drain()
+    with contextlib.suppress(ConnectionError):
+        await asyncio.wait_for(reader.read(), 15)  # the server closes
+    writer.close()
+    return answer
+
+
 @pytest.mark.parametrize("auth", ["challenge", "bearer"])
-async def test_through_mitmproxy(certs: Certs, tmp_path: Path, auth: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_through_mitmproxy(certs: Certs, auth: str, caplog: pytest.LogCaptureFixture) -> None:
     pin = spki_pin(_leaf_der(certs.cert))
-    async with upstream(app()) as up, stack(certs) as s, mitmdump(tmp_path, certs.ca) as mitm:
-        options: dict[str, object] = {"pin": [pin], "auth": "challenge"} if auth == "challenge" else {}
-        client = await s.add_client(
-            [f"default={up.url}"], proxy=f"http://127.0.0.1:{mitm.port}", ca_file=mitm.ca_file, **options
-        )
-        async with aiohttp.ClientSession() as http, http.get(s.base + "/") as resp:
-            assert (resp.status, await resp.text()) == (200, "inspected")
-        await client.stop()
-        s.clients.remove(client)
-        mitm.stop()
-        recorded = mitm.flows.read_bytes()
-        assert b"localhost" in recorded  # mitmproxy did record the tunnel's flow
-        keys = challenge.derive_keys(TOKEN)
-        if auth == "challenge":
+    async with upstream(app()) as up, stack(certs) as s:
+        with mitmproxy(certs.ca) as mitm:
+            options: dict[str, object] = {"pin": [pin], "auth": "challenge"} if auth == "challenge" else {}
+            client = await s.add_client([f"default={up.url}"], proxy=mitm.url, ca_file=mitm.ca_file, **options)
+            async with aiohttp.ClientSession() as http, http.get(s.base + "/") as resp:
+                assert (resp.status, await resp.text()) == (200, "inspected")
+            await client.stop()
+            s.clients.remove(client)
+            mitm.stop()
+            flows = mitm.directory / "flows.mitm"
+            recorded = flows.read_bytes()
+            (flow,) = recorded_websockets(flows)  # mitmproxy did see the tunnel, and recorded it
+            keys = challenge.derive_keys(TOKEN)
+            if auth == "bearer":
+                assert TOKEN.encode() in recorded  # a bearer token is exposed to an inspecting proxy
+                return
             assert "TLS interception" in caplog.text and "mitmproxy" in caplog.text
-            assert b"Backhaul-Auth" in recorded
+            assert any(k.lower() == challenge.HEADER.lower() for k, _ in flow["headers"])
             for secret in (TOKEN.encode(), keys.client_key, keys.stored_key, keys.server_key):
                 assert secret not in recorded
-        else:
-            assert TOKEN.encode() in recorded  # a bearer token is exposed to an inspecting proxy
+            # what mitmproxy recorded, replayed: a new nonce, the old proof refused
+            failures = s.server.control.auth_failures
+            answer = await replay(s, certs, flow)
+            assert answer.startswith(b"HTTP/1.1 101")
+            await wait_until(
+                lambda: s.server.control.auth_failures == failures + 1, timeout=10, what="the replay refused"
+            )
+            assert not s.server.registry.tunnels
 
 
-async def test_mitmproxy_answering_for_the_server_gets_no_proof(
-    certs: Certs, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """mitmproxy passing the upgrade on but the exit server's key not the pinned one (the
-    client pins another key): the client refuses after the server's answer, before a proof."""
+async def test_a_key_that_is_not_the_pinned_one_gets_no_proof(certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
+    """Through mitmproxy, with the client pinning a key the exit server does not hold: the
+    client refuses after the server's answer, and no proof reaches the server."""
     other_pin = "sha256:" + "B" * 43 + "="
-    async with stack(certs) as s, mitmdump(tmp_path, certs.ca) as mitm:
-        failures = s.server.control.auth_failures
-        await s.add_client(
-            ["default=http://127.0.0.1:9"],
-            proxy=f"http://127.0.0.1:{mitm.port}",
-            ca_file=mitm.ca_file,
-            pin=[other_pin],
-            auth="challenge",
-            wait=False,
-        )
-        await wait_until(lambda: "is not a --pin key" in caplog.text, timeout=20, what="the refusal")
-        assert s.server.control.auth_failures == failures  # no proof reached the server
-        assert not s.server.registry.tunnels
+    async with stack(certs) as s:
+        with mitmproxy(certs.ca) as mitm:
+            failures = s.server.control.auth_failures
+            await s.add_client(
+                ["default=http://127.0.0.1:9"],
+                proxy=mitm.url,
+                ca_file=mitm.ca_file,
+                pin=[other_pin],
+                auth="challenge",
+                wait=False,
+            )
+            await wait_until(lambda: "is not a --pin key" in caplog.text, timeout=20, what="the refusal")
+            assert s.server.control.auth_failures == failures  # no proof reached the server
+            assert not s.server.registry.tunnels

@@ -8,16 +8,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from tunnel_client.pinning import spki_pin
 from tunnel_client.proxy import redact, with_credentials
 
 from ..waiting import wait_until
 from .helpers import Certs, RunningClient, Stack, stack, upstream
-from .proxies import PROXY_PASSWORD, PROXY_USER, RunningProxy, dante, squid
+from .proxies import PROXY_PASSWORD, PROXY_USER, RunningProxy, dante, mitmproxy, squid
+from .test_tls import _leaf_der
 from .test_websocket import ws_app
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
@@ -32,22 +35,33 @@ def hello_app() -> web.Application:
     return app
 
 
+#: Every proxy the client is tested through: squid with Basic, squid offering NTLM first,
+#: dante (SOCKS5), mitmproxy intercepting TLS (the client trusts its CA and uses --auth
+#: challenge, pinning the exit server's key).
+KINDS = ["squid", "squid-ntlm", "dante", "mitmproxy"]
+
+
 @contextmanager
-def proxy_of(kind: str, server_port: int) -> Iterator[tuple[RunningProxy, str]]:
-    """A running proxy and the --proxy URL a client gives it (credentials included)."""
-    if kind == "squid":
-        with squid([server_port], login=True) as p:
-            yield p, with_credentials(p.url, PROXY_USER, PROXY_PASSWORD)
-    else:
+def proxy_of(kind: str, certs: Certs, server_port: int) -> Iterator[tuple[RunningProxy, str, dict[str, Any]]]:
+    """A running proxy, the --proxy URL a client gives it (credentials included) and the
+    client's other options for it."""
+    if kind.startswith("squid"):
+        with squid([server_port], login=True, ntlm=kind == "squid-ntlm") as p:
+            yield p, with_credentials(p.url, PROXY_USER, PROXY_PASSWORD), {}
+    elif kind == "dante":
         with dante() as p:
-            yield p, p.url
+            yield p, p.url, {}
+    else:
+        with mitmproxy(certs.ca) as p:
+            assert p.ca_file is not None
+            yield p, p.url, {"ca_file": p.ca_file, "auth": "challenge", "pin": [spki_pin(_leaf_der(certs.cert))]}
 
 
 @asynccontextmanager
-async def proxied(certs: Certs, kind: str) -> AsyncIterator[tuple[Stack, RunningProxy, str, str]]:
+async def proxied(certs: Certs, kind: str) -> AsyncIterator[tuple[Stack, RunningProxy, str, str, dict[str, Any]]]:
     async with upstream(hello_app()) as up, stack(certs) as s:
-        with proxy_of(kind, s.server.control_port) as (proxy, url):
-            yield s, proxy, url, up.url
+        with proxy_of(kind, certs, s.server.control_port) as (proxy, url, options):
+            yield s, proxy, url, up.url, options
 
 
 def peer_port(client: RunningClient) -> int:
@@ -62,13 +76,13 @@ async def get(s: Stack, path: str = "/hello") -> tuple[int, bytes]:
             return resp.status, await resp.read()
 
 
-@pytest.mark.parametrize("kind", ["squid", "dante"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_register_serve_websocket_and_survive_a_proxy_restart(
     certs: Certs, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with proxied(certs, kind) as (s, proxy, url, up):
-        client = await s.add_client([f"default={up}"], proxy=url)
+    async with proxied(certs, kind) as (s, proxy, url, up, options):
+        client = await s.add_client([f"default={up}"], proxy=url, **options)
         assert await get(s) == (200, b"x" * 100)
         async with aiohttp.ClientSession() as http:
             async with http.ws_connect(f"{s.base}/ws") as ws:
@@ -128,8 +142,10 @@ async def test_the_client_follows_https_proxy_and_no_proxy(
     """Without --proxy the environment decides, as curl's does: HTTPS_PROXY is used, and
     NO_PROXY naming the server makes the tunnel direct (and says why)."""
     caplog.set_level(logging.INFO)
-    async with proxied(certs, "dante") as (s, proxy, url, up):
+    async with proxied(certs, "dante") as (s, proxy, url, up, _):
         monkeypatch.setenv("HTTPS_PROXY", url)
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # upstreams never use a proxy
+        monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
         client = await s.add_client([f"default={up}"])
         assert await get(s) == (200, b"x" * 100)
         assert "via socks5h://127.0.0.1" in caplog.text and "(HTTPS_PROXY)" in caplog.text
