@@ -140,7 +140,13 @@ def _http_connect(
 
 
 def _path_to_server(
-    steps: _Steps, url: str, choice: ProxyChoice, login: tuple[str, str] | None, ctx: ssl.SSLContext, pins: set[bytes]
+    steps: _Steps,
+    url: str,
+    choice: ProxyChoice,
+    login: tuple[str, str] | None,
+    ctx: ssl.SSLContext,
+    pins: set[bytes],
+    inside: bool = False,
 ) -> None:
     """Steps dns, tcp, proxy-connect and tls on a blocking socket (runs in a worker thread)."""
     parts = urlsplit(url)
@@ -217,7 +223,16 @@ def _path_to_server(
                 steps.skip("tls")
                 return
             steps.ok("proxy-connect", f"SOCKS5 to {host}:{port}: granted")
-        _tls(steps, sock, host, ctx, pins, behind_proxy=proxy is not None, again=lambda: _dial(url, choice, login))
+        _tls(
+            steps,
+            sock,
+            host,
+            ctx,
+            pins,
+            behind_proxy=proxy is not None,
+            again=lambda: _dial(url, choice, login),
+            inside=inside,
+        )
 
 
 def _dial(url: str, choice: ProxyChoice, login: tuple[str, str] | None) -> socket.socket:
@@ -266,6 +281,7 @@ def _tls(
     pins: set[bytes],
     behind_proxy: bool,
     again: Callable[[], socket.socket],
+    inside: bool = False,
 ) -> None:
     try:
         with ctx.wrap_socket(sock, server_hostname=host) as tls:
@@ -291,6 +307,13 @@ def _tls(
 
     cert = x509.load_der_x509_certificate(der)
     subject, issuer = cert.subject.rfc4514_string(), cert.issuer.rfc4514_string()
+    if pins and spki_digest(der) not in pins and inside:
+        steps.ok(
+            "tls",
+            f"{version}, certificate {subject} issued by {issuer}: not the --pin key, so TLS is intercepted; "
+            "--auth challenge checks the exit server's key inside the WebSocket (next steps)",
+        )
+        return
     if pins and spki_digest(der) not in pins:
         steps.fail(
             "tls",
@@ -435,9 +458,9 @@ async def diagnose(config: ClientConfig, token: str, environ: Mapping[str, str] 
         steps.ok("proxy", f"{'via ' + choice.shown if choice.url else 'direct'} ({choice.why})")
         if url.startswith("wss:"):
             # with --auth challenge the pin is checked inside the WebSocket (the TLS key may be an
-            # inspecting proxy's), so the TLS step only reports
-            tls_pins = set() if config.auth == "challenge" else pins
-            await asyncio.to_thread(_path_to_server, steps, url, choice, proxy_login, ctx, tls_pins)
+            # inspecting proxy's), so the TLS step reports interception instead of failing
+            inside = config.auth == "challenge"
+            await asyncio.to_thread(_path_to_server, steps, url, choice, proxy_login, ctx, pins, inside)
         if steps.broken:
             for step in ("upgrade", "auth", "clock", "rtt"):
                 steps.skip(step)

@@ -87,20 +87,35 @@ async def test_challenge_authentication(certs: Certs) -> None:
         assert rc == 1 and "4401" in step(checks, "auth")["detail"]
 
 
-@pytest.mark.parametrize("kind", ["squid", "squid-ntlm", "dante"])
+@pytest.mark.parametrize("kind", ["squid", "squid-ntlm", "dante", "mitmproxy"])
 async def test_through_a_proxy_from_the_environment(certs: Certs, kind: str) -> None:
+    from tunnel_client.pinning import spki_pin
+
+    from .proxies import mitmproxy
+    from .test_tls import _leaf_der
+
     async with upstream(app()) as up, stack(certs) as s:
         port = s.server.control_port
-        cm = squid([port], login=True, ntlm=kind == "squid-ntlm") if kind.startswith("squid") else dante()
+        if kind.startswith("squid"):
+            cm = squid([port], login=True, ntlm=kind == "squid-ntlm")
+        else:
+            cm = dante() if kind == "dante" else mitmproxy(certs.ca)
         with cm as proxy:
-            url = with_credentials(proxy.url, PROXY_USER, PROXY_PASSWORD) if kind != "dante" else proxy.url
-            rc, checks, _ = await doctor(s, up.url, env={"HTTPS_PROXY": url})
+            url = with_credentials(proxy.url, PROXY_USER, PROXY_PASSWORD) if kind.startswith("squid") else proxy.url
+            extra: list[str] = []
+            if kind == "mitmproxy":  # TLS intercepted: its CA trusted, the token proven inside
+                pin = spki_pin(_leaf_der(certs.cert))
+                extra = ["--ca-file", str(proxy.ca_file), "--auth", "challenge", "--pin", pin]
+            rc, checks, _ = await doctor(s, up.url, *extra, env={"HTTPS_PROXY": url})
             assert rc == 0, checks
             assert "(HTTPS_PROXY)" in step(checks, "proxy")["detail"]
             connect = step(checks, "proxy-connect")
             assert connect["verdict"] == "ok"
             if kind.startswith("squid"):
                 assert f"(login: {'ntlm' if kind == 'squid-ntlm' else 'basic'})" in connect["detail"], connect
+            if kind == "mitmproxy":
+                assert "TLS is intercepted" in step(checks, "tls")["detail"]
+                assert "challenge authentication" in step(checks, "auth")["detail"]
             assert PROXY_PASSWORD not in json.dumps(checks)
 
 

@@ -181,3 +181,31 @@ async def test_ntlm_login_through_squid(certs: Certs) -> None:
             assert "CONNECT localhost" in line and line.split()[7] != "-", line
             denied = [x for x in proxy.connections().splitlines() if "TCP_DENIED/407" in x]
             assert len(denied) == 2, denied  # no credentials, then NTLM's challenge: three requests in all
+
+
+async def test_several_servers_through_one_proxy(certs: Certs) -> None:
+    """Two --server (the HA set-up) through one squid: a session to each, both via the proxy,
+    and the public traffic of each exit server served."""
+    from exit_server import ExitServer
+
+    from .helpers import _token_auth, server_config
+
+    second = ExitServer(server_config(certs), auth=_token_auth())
+    await second.start()
+    try:
+        async with upstream(hello_app()) as up, stack(certs) as s:
+            ports = [s.server.control_port, second.control_port]
+            with squid(ports, login=True) as proxy:
+                url = with_credentials(proxy.url, PROXY_USER, PROXY_PASSWORD)
+                client = await s.add_client(
+                    [f"default={up.url}"], server=[f"wss://localhost:{p}" for p in ports], proxy=url
+                )
+                assert [link.proxy.url for link in client.client.links] == [url] * 2
+                for link in client.client.links:
+                    assert link.conn is not None and link.conn.ws is not None
+                    assert link.conn.ws.transport.get_extra_info("peername")[1] == proxy.port
+                for base in (s.base, f"http://127.0.0.1:{second.public_port}"):
+                    async with aiohttp.ClientSession() as http, http.get(base + "/hello") as resp:
+                        assert resp.status == 200
+    finally:
+        await second.close()
