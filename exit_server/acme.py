@@ -102,6 +102,8 @@ _RETRY = (60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 #: How often stored certificates are looked at for renewal, at most.
 _CHECK = 600.0
 _ORDER_DEADLINE = 90.0
+#: Orders tried in one attempt when the CA keeps rejecting nonces.
+_NONCE_TRIES = 3
 
 
 def retry_delay(failures: int, rate_limited: bool = False) -> float:
@@ -300,10 +302,13 @@ def is_challenge_path(path: str) -> bool:
 class _Failed(Exception):
     """One attempt failed; ``retry_after`` is what the CA asked for (seconds), if anything."""
 
-    def __init__(self, message: str, rate_limited: bool = False, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, rate_limited: bool = False, retry_after: float | None = None, bad_nonce: bool = False
+    ) -> None:
         super().__init__(message)
         self.rate_limited = rate_limited
         self.retry_after = retry_after
+        self.bad_nonce = bad_nonce
 
 
 @dataclass
@@ -450,9 +455,11 @@ class AcmeIssuer:
         loop = asyncio.get_running_loop()
         while True:
             due, wait = self._due()
+            worked = False
             for name in due:
                 if self.store.has_file(name):  # a file arrived meanwhile: it wins
                     self._wanted.discard(name)
+                    self._states.pop(name, None)
                     continue
                 hour_ago = self.clock() - 3600
                 self._started = [t for t in self._started if t > hour_ago]
@@ -462,6 +469,10 @@ class AcmeIssuer:
                     break
                 self._started.append(self.clock())
                 await self._attempt(loop, name)
+                worked = True
+            else:
+                if worked:
+                    continue  # what it did moved the schedule (a new certificate's renewal): look again
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(wait, _CHECK) * random.uniform(0.9, 1.0) if wait else 0.05):
@@ -527,6 +538,19 @@ class AcmeIssuer:
         return acme
 
     def _obtain(self, name: str) -> tuple[bytes, bytes]:
+        """:meth:`_obtain_once`, again at once after a ``badNonce`` that the acme package's own
+        single retry did not absorb (RFC 8555 section 6.5: the client should retry with a fresh
+        nonce; pebble rejects 5 % of nonces on purpose), up to :data:`_NONCE_TRIES` times."""
+        for attempt in range(1, _NONCE_TRIES + 1):
+            try:
+                return self._obtain_once(name)
+            except _Failed as exc:
+                if not exc.bad_nonce or attempt == _NONCE_TRIES:
+                    raise
+                log.info("acme: %s: %s; trying again with a fresh nonce", name, exc)
+        raise AssertionError("unreachable")
+
+    def _obtain_once(self, name: str) -> tuple[bytes, bytes]:
         """One order, start to finish (blocking: runs in the worker thread).
 
         Raises:
@@ -549,7 +573,10 @@ class AcmeIssuer:
         except messages.Error as exc:
             wait = retry_after_seconds(self._net.retry_after if self._net else None, time.time())
             raise _Failed(
-                f"{exc.typ}: {exc.detail}", rate_limited=exc.code == "rateLimited", retry_after=wait
+                f"{exc.typ}: {exc.detail}",
+                rate_limited=exc.code == "rateLimited",
+                retry_after=wait,
+                bad_nonce=exc.code == "badNonce",
             ) from None
         except errors.ValidationError as exc:
             problems = "; ".join(

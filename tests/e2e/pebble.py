@@ -65,10 +65,13 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], log: Path, time
 
 
 @contextmanager
-def pebble(tmp: Path, http_port: int, tls_port: int, authz_reuse: int | None = None) -> Iterator[Pebble]:
+def pebble(
+    tmp: Path, http_port: int, tls_port: int, authz_reuse: int | None = None, validity: int | None = None
+) -> Iterator[Pebble]:
     """pebble and its DNS on free loopback ports, validating against ``http_port`` and
     ``tls_port`` on 127.0.0.1. ``authz_reuse``: the percentage of orders that get an
-    authorization already valid (pebble's default is 50)."""
+    authorization already valid (pebble's default is 50); ``validity``: the certificates'
+    lifetime in seconds (pebble's ``certificateValidityPeriod``; its default is 5 years)."""
     if shutil.which("pebble") is None or shutil.which("pebble-challtestsrv") is None:
         raise RuntimeError("pebble is not installed: run scripts/ci-deps.sh (Debian package pebble)")
     ca = trustme.CA()
@@ -91,6 +94,7 @@ def pebble(tmp: Path, http_port: int, tls_port: int, authz_reuse: int | None = N
                     "tlsPort": tls_port,
                     "ocspResponderURL": "",
                     "externalAccountBindingRequired": False,
+                    **({"certificateValidityPeriod": validity} if validity else {}),
                 }
             }
         )

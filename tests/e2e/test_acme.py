@@ -41,10 +41,15 @@ async def hello_app() -> web.Application:
 
 @asynccontextmanager
 async def acme_stack(
-    certs: Certs, tmp_path: Path, challenge: str = "http-01", authz_reuse: int | None = None, **overrides: Any
+    certs: Certs,
+    tmp_path: Path,
+    challenge: str = "http-01",
+    authz_reuse: int | None = None,
+    validity: int | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[tuple[Stack, Pebble]]:
     http_port, tls_port = free_port(), free_port()
-    with pebble(tmp_path, http_port, tls_port, authz_reuse) as ca:
+    with pebble(tmp_path, http_port, tls_port, authz_reuse, validity) as ca:
         settings: dict[str, Any] = {
             "public_addr": f"127.0.0.1:{http_port}",
             "public_tls_addr": f"127.0.0.1:{tls_port}",
@@ -157,6 +162,30 @@ async def test_renewal_and_the_ca_down_during_renewal(certs: Certs, tmp_path: Pa
         assert await asyncio.to_thread(served_serial, port, "app.test", root) == second
         state = acme._states["app.test"]
         assert state.failures == 1 and state.next_try >= acme.clock() + 50  # backoff: about a minute
+
+
+async def test_short_lived_certificates_are_renewed_in_real_time(certs: Certs, tmp_path: Path) -> None:
+    """pebble issuing 15-second certificates: with no clock moved, each is renewed two
+    thirds into its life (10 s, less up to 5 % jitter) and the new one is served."""
+    async with upstream(await hello_app()) as up, acme_stack(certs, tmp_path, validity=15) as (s, ca):
+        await s.add_client([f"app.test={up.url}"])
+        await issued(s, "app.test")
+        root = tmp_path / "pebble-root.pem"
+        root.write_bytes(await asyncio.to_thread(ca.root))
+        port = s.server.public_tls_port
+        first = await asyncio.to_thread(served_serial, port, "app.test", root)
+        served = s.server.certs.lookup("app.test")  # type: ignore[union-attr]
+        assert served is not None and served.not_before is not None
+        lifetime = (served.not_after - served.not_before).total_seconds()
+        assert lifetime <= 16
+        # renewal is due at 2/3 of the lifetime: allow that plus the order itself
+        await wait_until(
+            lambda: asyncio.to_thread(lambda: served_serial(port, "app.test", root) != first),
+            timeout=lifetime,
+            what="a renewed certificate served before the first expired",
+        )
+        registry = s.server.metrics.registry
+        assert (registry.get_sample_value("backhaul_acme_orders_total", {"result": "issued"}) or 0) >= 2
 
 
 async def test_no_order_for_names_nobody_may_serve_or_random_sni(certs: Certs, tmp_path: Path) -> None:

@@ -206,3 +206,24 @@ async def test_orders_per_hour_are_capped(tmp_path: Path, monkeypatch: pytest.Mo
         await wait_until(lambda: len(attempted) == ORDERS_PER_HOUR + 5, timeout=10, what="the rest, an hour later")
     finally:
         await a.close()
+
+
+def test_a_rejected_nonce_is_retried_at_once_a_few_times(tmp_path: Path) -> None:
+    a = issuer(tmp_path, Clock(), [])
+    outcomes: list[object] = [_Failed("badNonce", bad_nonce=True), _Failed("badNonce", bad_nonce=True), (b"c", b"k")]
+
+    def once(name: str) -> tuple[bytes, bytes]:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, _Failed):
+            raise outcome
+        return outcome  # type: ignore[return-value]
+
+    a._obtain_once = once  # type: ignore[method-assign]
+    assert a._obtain("app.test") == (b"c", b"k")
+    outcomes[:] = [_Failed("badNonce", bad_nonce=True)] * 3
+    with pytest.raises(_Failed):
+        a._obtain("app.test")
+    outcomes[:] = [_Failed("malformed")]
+    with pytest.raises(_Failed, match="malformed"):
+        a._obtain("app.test")
+    a._executor.shutdown()
