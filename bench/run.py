@@ -31,7 +31,8 @@ tunnel-client) on CPU 1.
 bench/results/, and the top 15 frames by self time in the report.
 
 Writes docs/BENCHMARKS.md and bench/results/bench-*.json, then runs bench/scale.py (which adds
-its section to docs/BENCHMARKS.md) unless --skip-scale.
+its section to docs/BENCHMARKS.md) unless --skip-scale, and bench/startup.py (start time, idle
+RSS, import cost) unless --skip-startup.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ DOC = bl.ROOT / "docs" / "BENCHMARKS.md"
 LUA = bl.BENCH / "wrk_report.lua"
 SCALE_BEGIN = "<!-- scale:begin -->"
 SCALE_END = "<!-- scale:end -->"
+STARTUP_BEGIN = "<!-- startup:begin -->"
+STARTUP_END = "<!-- startup:end -->"
 PROFILE_BEGIN = "<!-- profile:begin -->"
 PROFILE_END = "<!-- profile:end -->"
 
@@ -968,9 +971,10 @@ def write_doc(
     out.append("## How to run\n")
     out.append(
         "- `make bench` = `bench/setup.sh` (nginx + wrk from Debian when missing, as root) then "
-        "`.venv/bin/python bench/run.py --pin`, which runs `bench/scale.py` at the end. "
+        "`.venv/bin/python bench/run.py --pin`, which runs `bench/scale.py` and `bench/startup.py` at the end. "
         "`make bench BENCH_ARGS='--pin --quick --profile'` passes other flags; `--skip-scale` leaves the "
-        "scale test out; `--only http,tcp` measures a subset (the report then lacks the baselines)."
+        "scale test out, `--skip-startup` the start-time one; `--only http,tcp` measures a subset (the report then "
+        "lacks the baselines)."
     )
     out.append(
         "- `--profile`: py-spy (installed into .venv when missing) on the exit server and the client during "
@@ -996,6 +1000,14 @@ def write_doc(
     else:
         out.append("Pending: `bench/scale.py` fills this section.\n")
     out.append(SCALE_END)
+    out.append("")
+    out.append(STARTUP_BEGIN)
+    out.append("## Start time, idle memory and imports\n")
+    if args.skip_startup:
+        out.append("Not run (`--skip-startup`). Run `.venv/bin/python bench/startup.py` to fill this section.\n")
+    else:
+        out.append("Pending: `bench/startup.py` fills this section.\n")
+    out.append(STARTUP_END)
     return "\n".join(out) + "\n"
 
 
@@ -1023,6 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second (default 250)")
     parser.add_argument("--profile-no-native", action="store_true", help="py-spy without --native (no C frames)")
     parser.add_argument("--skip-scale", action="store_true", help="do not run bench/scale.py")
+    parser.add_argument("--skip-startup", action="store_true", help="do not run bench/startup.py")
     parser.add_argument(
         "--retries", type=int, default=2, help="repeat a run up to N times when other load skewed it (default 2)"
     )
@@ -1121,6 +1134,17 @@ def main(argv: list[str] | None = None) -> int:
         rc = subprocess.run(scale_cmd, timeout=1800).returncode
         if rc != 0:
             bl.log(f"bench/scale.py exited with {rc}")
+    if not args.skip_startup:
+        startup_cmd = [sys.executable, str(bl.BENCH / "startup.py")]
+        if args.doc.resolve() != DOC.resolve():
+            startup_cmd += ["--doc", str(args.doc)]
+        if args.pin:
+            startup_cmd.append("--pin")
+        bl.log("running bench/startup.py")
+        startup_rc = subprocess.run(startup_cmd, timeout=900).returncode
+        if startup_rc != 0:
+            bl.log(f"bench/startup.py exited with {startup_rc}")
+            rc = rc or startup_rc
     return rc
 
 

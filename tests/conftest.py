@@ -1,4 +1,6 @@
-"""Every async test runs on both event loops: plain asyncio and uvloop (when installed).
+"""Every async test runs on both event loops: plain asyncio and uvloop (when installed), except
+those marked ``one_loop``: tests of separate processes, whose own loops do not depend on the
+test's, run once.
 
 No test may bind a default or fixed port (the defaults may be taken on the machine that runs the
 suite): every listen address a test leaves at its default comes from these variables, which the
@@ -23,5 +25,7 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> M
         import uvloop
     except ImportError:
         return factories
+    if item.get_closest_marker("one_loop") is not None:
+        return {"uvloop": uvloop.new_event_loop}
     factories["uvloop"] = uvloop.new_event_loop
     return factories

@@ -16,7 +16,7 @@ import pytest
 from .helpers import TOKEN, Certs
 from .test_cli import Proc, free_port, wait_port, wait_status
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.one_loop]  # real processes under test
 
 GIB = 1 << 30
 CHUNK = bytes(range(256)) * 4096  # 1 MiB pattern

@@ -63,21 +63,26 @@ async def age_cutter(target_port: int, cut_after: float) -> AsyncIterator[int]:
     tasks: set[asyncio.Task[None]] = set()
 
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        writers = [writer]
+        pipes: list[asyncio.Future[None]] = []
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+            writers.append(up_writer)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(OSError, asyncio.CancelledError):
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
 
-        pipes = [asyncio.ensure_future(pipe(reader, up_writer)), asyncio.ensure_future(pipe(up_reader, writer))]
-        await asyncio.wait(pipes, timeout=cut_after)
-        for p in pipes:
-            p.cancel()
-        for w in (writer, up_writer):
-            w.transport.abort()
-            w.close()
+            pipes = [asyncio.ensure_future(pipe(reader, up_writer)), asyncio.ensure_future(pipe(up_reader, writer))]
+            await asyncio.wait(pipes, timeout=cut_after)
+        finally:  # cut, also when the relay itself is cancelled at the end of the test
+            for p in pipes:
+                p.cancel()
+            for w in writers:
+                w.transport.abort()
+                w.close()
 
     def spawn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.ensure_future(relay(reader, writer))
