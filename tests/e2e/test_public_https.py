@@ -188,6 +188,13 @@ async def test_a_client_with_only_the_public_tls_port(certs: Certs, pki: PublicP
     async with upstream(await echo_app()) as up, stack(certs, **overrides) as s:
         port = s.server.public_tls_port
         await s.add_client([f"app.test={up.url}"], server=[f"wss://localhost:{port}"])
+        # --auth challenge on the shared port too (the 101's Backhaul-Auth comes from the same handshake)
+        from tunnel_client.pinning import spki_pin
+
+        from .test_tls import _leaf_der
+
+        pin = spki_pin(_leaf_der(certs.cert))
+        await s.add_client([f"app.test={up.url}"], server=[f"wss://localhost:{port}"], auth="challenge", pin=[pin])
         conn = aiohttp.TCPConnector(ssl=pki.client_context())
         async with aiohttp.ClientSession(connector=conn) as session:
             async with session.get(
