@@ -3,9 +3,10 @@ session is connected and registered) and ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import TYPE_CHECKING
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
     from .client import TunnelClient
 
-__all__ = ["ClientMetrics", "admin_app"]
+__all__ = ["AdminServer", "ClientMetrics"]
 
 
 class _LinkCollector(Collector):
@@ -98,23 +99,87 @@ class _StreamCollector(Collector):
         yield duration
 
 
-def admin_app(client: TunnelClient) -> web.Application:
-    """The aiohttp application of the client's admin listener."""
+#: Reason phrases of the statuses the admin listener answers.
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+#: A request head larger than this, or slower than :data:`_HEAD_TIMEOUT` seconds, is dropped.
+_MAX_HEAD = 8192
+_HEAD_TIMEOUT = 10.0
 
-    async def healthz(request: web.Request) -> web.Response:
-        audit = client.forwarder.audit
+
+class AdminServer:
+    """The client's admin listener on plain asyncio (no web framework: it answers two GETs,
+    and a sidecar in every task should not load one for that). One request per connection:
+    ``GET``/``HEAD`` of ``/healthz`` or ``/metrics``; other paths 404, other methods 405, a
+    malformed request line 400; a head over 8 KiB or not complete within 10 s is dropped."""
+
+    def __init__(self, client: TunnelClient) -> None:
+        self.client = client
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True, limit=_MAX_HEAD)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                async with asyncio.timeout(_HEAD_TIMEOUT):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                return
+            status, content_type, body, head_only = self.answer(head.split(b"\r\n", 1)[0])
+            lines = [
+                f"HTTP/1.1 {status} {_REASONS[status]}",
+                f"Content-Type: {content_type}",
+                f"Content-Length: {len(body)}",
+                "Connection: close",
+            ]
+            if status == 405:
+                lines.append("Allow: GET, HEAD")
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else body))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def answer(self, request_line: bytes) -> tuple[int, str, bytes, bool]:
+        """(status, content type, body, HEAD) for one request line (sans-I/O: tested alone)."""
+        parts = request_line.decode("latin-1").split(" ")
+        text = "text/plain; charset=utf-8"
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return 400, text, b"bad request\n", False
+        method, path = parts[0], parts[1].partition("?")[0]
+        head_only = method == "HEAD"
+        if path not in ("/healthz", "/metrics"):
+            return 404, text, b"not found\n", head_only
+        if method not in ("GET", "HEAD"):
+            return 405, text, b"method not allowed\n", False
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.client.metrics.registry), head_only
+        audit = self.client.forwarder.audit
         if audit is not None and audit.failing:
             what = "refusing streams" if audit.fail_closed else "streams served unaudited"
-            return web.Response(status=503, text=f"audit log cannot be written: {what}\n")
-        if any(link.connected for link in client.links):
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text="not connected\n")
-
-    async def metrics(request: web.Request) -> web.Response:
-        body = generate_latest(client.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    return app
+            return 503, text, f"audit log cannot be written: {what}\n".encode(), head_only
+        if any(link.connected for link in self.client.links):
+            return 200, text, b"ok\n", head_only
+        return 503, text, b"not connected\n", head_only

@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidProxyStatus, InvalidStatus, ProxyError
 
@@ -49,7 +47,7 @@ from shared.runtime.procmetrics import register_process_metrics
 from shared.runtime.version import version
 from shared.sizes import DEFAULT_MAX_FRAME, DEFAULT_STREAM_WINDOW
 
-from .admin import ClientMetrics, admin_app
+from .admin import AdminServer, ClientMetrics
 from .adminaddr import remove_run_file, write_run_file
 from .audit import AuditLog
 from .config import ClientConfig, parse_upstream
@@ -722,6 +720,12 @@ class TunnelClient:
 
     async def _discover_ecs(self) -> None:
         """Labels (and with --upstream-from-ecs, routes) from the ECS task metadata."""
+        if not os.environ.get(METADATA_ENV):
+            if self.config.upstream_from_ecs:
+                log.error("ecs: --upstream-from-ecs set but %s is not", METADATA_ENV)
+            return
+        import aiohttp  # only under ECS
+
         try:
             found = await fetch_metadata()
         except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
@@ -754,11 +758,10 @@ class TunnelClient:
         await self._expand_links()
         await self.health.initial()
         await self.forwarder.start()
-        admin: web.AppRunner | None = None
+        admin: AdminServer | None = None
         try:
             if self.config.admin_addr:
-                admin = web.AppRunner(admin_app(self), access_log=None, handle_signals=False)
-                await admin.setup()
+                admin = AdminServer(self)
                 self.admin_port = await self._start_admin(admin, self.config.admin_addr)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.killswitch.run(self._stop), name="kill-switch")
@@ -769,31 +772,28 @@ class TunnelClient:
             await self.forwarder.close()
             if admin is not None:
                 remove_run_file()
-                await admin.cleanup()
+                await admin.close()
 
-    async def _start_admin(self, admin: web.AppRunner, addr: str) -> int:
+    async def _start_admin(self, admin: AdminServer, addr: str) -> int:
         """Bind the admin listener and record where it is (tunnel_client/adminaddr.py). A busy
         *default* address falls back to a free port on the same host, since several clients with
         default settings share one network namespace in ECS host network mode; a busy explicit
         ``--admin-addr`` is a configuration error."""
         host, port = parse_addr(addr)
-        site = web.TCPSite(admin, host, port, reuse_address=True)
         try:
-            await site.start()
+            bound = await admin.start(host, port)
         except OSError as exc:
             if "admin_addr" in self.config.model_fields_set:
                 raise ConfigError(
                     f"--admin-addr {addr}: cannot listen: {exc.strerror}; give each client its own admin address"
                 ) from None
-            site = web.TCPSite(admin, host, 0, reuse_address=True)
-            await site.start()
+            bound = await admin.start(host, 0)
             log.warning(
                 "admin listener: the default %s is taken (%s); listening on a free port instead (%s)",
                 addr,
                 exc.strerror,
                 "see the run file for tunnel-client healthcheck",
             )
-        bound: int = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         actual = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         run_file = write_run_file(actual)
         log.info("admin listener on http://%s (run file %s)", actual, run_file or "not written")

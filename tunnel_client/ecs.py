@@ -10,8 +10,6 @@ import logging
 import os
 from typing import Any
 
-import aiohttp
-
 __all__ = ["METADATA_ENV", "discover_routes", "fetch_metadata", "labels_from_task"]
 
 log = logging.getLogger(__name__)
@@ -28,6 +26,8 @@ async def fetch_metadata(base: str | None = None, timeout: float = 3.0) -> tuple
     base = base if base is not None else os.environ.get(METADATA_ENV)
     if not base:
         return None
+    import aiohttp  # only under ECS: a client elsewhere never loads it
+
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
         async with http.get(base) as resp:
             resp.raise_for_status()

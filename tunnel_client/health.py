@@ -8,10 +8,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from .config import Upstream
+
+if TYPE_CHECKING:  # aiohttp is imported only when health checks are configured
+    import aiohttp
 
 __all__ = ["HealthChecker", "parse_health_path"]
 
@@ -79,6 +81,8 @@ class HealthChecker:
         return state is None or state.healthy
 
     async def _probe(self, http: aiohttp.ClientSession, state: _State) -> bool:
+        import aiohttp  # loaded already: run() and initial() made the session
+
         url = state.upstream.origin + state.upstream.base_path + state.path
         try:
             async with http.get(url, allow_redirects=False) as resp:
@@ -118,6 +122,8 @@ class HealthChecker:
         """Check every ``interval`` until ``stop`` is set."""
         if not self._states:
             return
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         async with aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()) as http:
             while not stop.is_set():
@@ -133,6 +139,8 @@ class HealthChecker:
         """The first round, before any session registers (so a dead upstream is not announced)."""
         if not self._states:
             return
+        import aiohttp
+
         async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout), cookie_jar=aiohttp.DummyCookieJar()
         ) as http:
