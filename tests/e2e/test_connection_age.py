@@ -94,20 +94,25 @@ async def age_cutter(target_port: int, cut_after: float) -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+        while tasks:  # a relay started while closing is cut too
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_sessions_cut_at_a_fixed_age_are_recognised(certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
-    async with upstream(slow_app()) as up, stack(certs) as s, age_cutter(s.server.control_port, 1.5) as port:
-        await s.add_client([f"default={up.url}"], server=[f"wss://localhost:{port}"], backoff_base=0.05)
-        line = await wait_until(
-            lambda: next((r.getMessage() for r in caplog.records if "were each cut after" in r.getMessage()), None),
-            timeout=30,
-            what="the age limit recognised",
-        )
-        assert "a firewall or NAT" in line and "--max-connection-age 1 " in line, line
+    async with upstream(slow_app()) as up, stack(certs) as s:
+        async with age_cutter(s.server.control_port, 1.5) as port:
+            client = await s.add_client([f"default={up.url}"], server=[f"wss://localhost:{port}"], backoff_base=0.05)
+            line = await wait_until(
+                lambda: next((r.getMessage() for r in caplog.records if "were each cut after" in r.getMessage()), None),
+                timeout=30,
+                what="the age limit recognised",
+            )
+            assert "a firewall or NAT" in line and "--max-connection-age 1 " in line, line
+            await client.stop()  # before the relay goes: no connection races its teardown
+            s.clients.remove(client)
 
 
 async def test_an_upgrade_answered_200_names_what_is_in_between(certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
