@@ -28,7 +28,7 @@ def free_port() -> int:
 def port_range(n: int = 20) -> tuple[int, str]:
     """A run of ports free right now for --tcp-port-range, starting at a port the kernel chose
     (never a fixed one: clamping it into a range made every run near the top use 60000)."""
-    for _ in range(50):
+    for _ in range(200):
         base = free_port()
         if base + n > 65535:
             continue
@@ -37,6 +37,9 @@ def port_range(n: int = 20) -> tuple[int, str]:
             for port in range(base, base + n + 1):
                 sock = socket.socket()
                 socks.append(sock)
+                # as the exit server's listeners do: a port whose old connections linger in
+                # TIME_WAIT (plenty after the suite's large transfers) is free for a listener
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("127.0.0.1", port))
         except OSError:
             continue
