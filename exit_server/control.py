@@ -302,7 +302,7 @@ class ControlEndpoint:
             log.warning("session %s: route %s refused: %s", session_id, refusal.route, refusal.reason)
         conn.session.accept(
             Welcome(
-                version=PROTOCOL_VERSION,
+                version=conn.session.version or PROTOCOL_VERSION,
                 session_id=session_id,
                 client_id=client_id,
                 routes=granted,

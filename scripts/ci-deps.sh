@@ -2,7 +2,7 @@
 # Debian packages that some tests drive, installed only when missing (as root; CI runs as root).
 # Each entry is BINARY:PACKAGE.
 set -euo pipefail
-DEPS=(redis-server:redis-server chromium:chromium haproxy:haproxy slowhttptest:slowhttptest pebble:pebble pebble-challtestsrv:pebble squid:squid danted:dante-server htpasswd:apache2-utils curl:curl ${BACKHAUL_SYSTEM_DEPS:-})
+DEPS=(redis-server:redis-server chromium:chromium haproxy:haproxy slowhttptest:slowhttptest pebble:pebble pebble-challtestsrv:pebble squid:squid danted:dante-server htpasswd:apache2-utils curl:curl h2load:nghttp2-client ${BACKHAUL_SYSTEM_DEPS:-})
 need=()
 for pair in "${DEPS[@]}"; do
   bin=${pair%%:*}; pkg=${pair##*:}

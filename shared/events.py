@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import TunnelError
-from .heads import RequestHead, ResponseHead
+from .heads import Headers, RequestHead, ResponseHead
 from .messages import Error, Hello, Routes, Welcome
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "ReplyReceived",
     "ResetReceived",
     "StreamOpened",
+    "TrailersReceived",
     "WindowUpdated",
 ]
 
@@ -95,8 +96,17 @@ class ConnectionFailed:
     stream_id: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class TrailersReceived:
+    """The peer's trailer fields arrived; they end its half of the stream (version 2)."""
+
+    stream_id: int
+    headers: Headers
+
+
 Event = (
     ControlReceived
+    | TrailersReceived
     | StreamOpened
     | ReplyReceived
     | DataReceived

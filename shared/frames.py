@@ -62,6 +62,7 @@ class FrameType(enum.IntEnum):
     PING = 0x5
     GOAWAY = 0x6
     CONTROL = 0x7
+    TRAILERS = 0x8  # protocol version 2: trailing header fields, ends the sender's half
 
 
 class Flags(enum.IntFlag):
@@ -82,11 +83,12 @@ ALLOWED_FLAGS: dict[int, int] = {
     FrameType.PING: Flags.ACK,
     FrameType.GOAWAY: 0,
     FrameType.CONTROL: 0,
+    FrameType.TRAILERS: 0,
 }
 
 #: Frame types that must travel on stream 0 (the connection), and those that must not.
 CONNECTION_TYPES = frozenset({FrameType.PING, FrameType.GOAWAY, FrameType.CONTROL})
-STREAM_TYPES = frozenset({FrameType.DATA, FrameType.OPEN, FrameType.REPLY, FrameType.RESET})
+STREAM_TYPES = frozenset({FrameType.DATA, FrameType.OPEN, FrameType.REPLY, FrameType.RESET, FrameType.TRAILERS})
 
 
 class ResetCode(enum.IntEnum):
@@ -103,6 +105,10 @@ class ResetCode(enum.IntEnum):
     INTERNAL_ERROR = 9
     FORBIDDEN = 10  # refused by the client's guardrails (403)
     TOO_LARGE = 11  # a body over a limit (413)
+    NO_TRAILERS = 12  # the request needs trailers or HTTP/2 the path cannot carry (502)
+    #: 0x100 + an HTTP/2 error code (RFC 9113 section 7): an HTTP/2 peer's RST_STREAM carried
+    #: through unchanged (protocol version 2). Only the base is named; 0x100..0x1FF are all valid.
+    H2_BASE = 0x100
 
 
 class GoAwayCode(enum.IntEnum):

@@ -8,6 +8,8 @@ length-prefixed byte string (u16 big-endian length), decoded as ISO-8859-1 like 
                             then header name, header value, ...
     REPLY payload = status (u16) | count (u16) | count x (len u16 | bytes)
                     fields: header name, header value, ...
+    TRAILERS payload = count (u16) | count x (len u16 | bytes)   (protocol version 2)
+                    fields: trailer name, trailer value, ...
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ __all__ = [
     "StreamKind",
     "decode_request_head",
     "decode_response_head",
+    "decode_trailers",
     "encode_request_head",
     "encode_response_head",
+    "encode_trailers",
 ]
 
 Headers = tuple[tuple[str, str], ...]
@@ -211,3 +215,28 @@ def decode_response_head(payload: memoryview | bytes) -> ResponseHead:
     if count % 2 or count > MAX_FIELDS:
         raise RemoteProtocolError(f"bad REPLY field count {count}")
     return ResponseHead(status, _unpack_fields(payload, _STATUS_COUNT.size, 0, count >> 1)[1])
+
+
+_COUNT = struct.Struct(">H")
+
+
+def encode_trailers(headers: Headers) -> bytes:
+    """Encode a TRAILERS payload (protocol version 2): the trailer fields, in order."""
+    values = _flatten([], headers)
+    if len(values) > MAX_FIELDS:
+        raise LocalProtocolError("too many trailer fields")
+    return _encode(_COUNT.pack(len(values)), values)
+
+
+def decode_trailers(payload: memoryview | bytes) -> Headers:
+    """Decode a TRAILERS payload.
+
+    Raises:
+        RemoteProtocolError: malformed payload or an odd field count.
+    """
+    if len(payload) < _COUNT.size:
+        raise RemoteProtocolError("TRAILERS payload too short")
+    (count,) = _COUNT.unpack_from(payload)
+    if count % 2 or count > MAX_FIELDS:
+        raise RemoteProtocolError(f"bad TRAILERS field count {count}")
+    return _unpack_fields(payload, _COUNT.size, 0, count >> 1)[1]

@@ -19,6 +19,7 @@ __all__ = [
     "MAX_TCP",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
+    "TRAILERS_VERSION",
     "ControlMessage",
     "Error",
     "Hello",
@@ -33,8 +34,12 @@ __all__ = [
 ]
 
 #: The protocol version this build speaks; bumped by any change to the wire format.
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+PROTOCOL_VERSION = 2
+#: 1: the original protocol; 2 adds TRAILERS frames and HTTP/2 reset codes (docs/PROTOCOL.md
+#: section 14.1). A version 1 peer is still served: requests that need trailers get 502.
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+#: The first version that carries TRAILERS.
+TRAILERS_VERSION = 2
 
 _HOST = HOST_PATTERN + "|^default$"
 

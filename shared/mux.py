@@ -31,6 +31,7 @@ from .events import (
     ReplyReceived,
     ResetReceived,
     StreamOpened,
+    TrailersReceived,
     WindowUpdated,
 )
 from .frames import (
@@ -49,15 +50,19 @@ from .frames import (
     encode_window,
 )
 from .heads import (
+    Headers,
     RequestHead,
     ResponseHead,
     decode_request_head,
     decode_response_head,
+    decode_trailers,
     encode_request_head,
     encode_response_head,
+    encode_trailers,
 )
 from .messages import (
     SUPPORTED_VERSIONS,
+    TRAILERS_VERSION,
     Error,
     Hello,
     Routes,
@@ -468,6 +473,28 @@ class Session:
         if end_stream:
             self._local_transition(stream_id, stream, StreamEvent.SEND_END)
 
+    @property
+    def carries_trailers(self) -> bool:
+        """True when the negotiated version has TRAILERS frames (section 14.1)."""
+        return self.version is not None and self.version >= TRAILERS_VERSION
+
+    def send_trailers(self, stream_id: int, headers: Headers) -> None:
+        """Send trailer fields; they end our half of the stream (section 3.2, version 2).
+
+        Raises:
+            LocalProtocolError: a version 1 session, no REPLY yet (client), or trailers the
+                peer's frame limit cannot carry.
+            InvalidState: the stream cannot send.
+        """
+        if not self.carries_trailers:
+            raise LocalProtocolError(f"protocol version {self.version} carries no trailers")
+        stream = self._sendable(stream_id, "send_trailers")
+        if self.role is Role.CLIENT and not stream.replied:
+            raise LocalProtocolError(f"stream {stream_id}: TRAILERS before REPLY")
+        payload = self._head_payload(encode_trailers(headers), "TRAILERS")
+        self._queue(FrameType.TRAILERS, 0, stream_id, payload)
+        self._local_transition(stream_id, stream, StreamEvent.SEND_END)
+
     def reset_stream(self, stream_id: int, code: int, reason: str = "") -> None:
         """Reset a stream; a no-op when it is already closed (section 7.3)."""
         stream = self._streams.get(stream_id)
@@ -670,6 +697,8 @@ class Session:
             self._recv_ping(flags, payload, now)
         elif ftype == FrameType.GOAWAY:
             self._recv_goaway(payload)
+        elif ftype == FrameType.TRAILERS:
+            self._recv_trailers(stream_id, payload)
         else:  # CONTROL; decode_frames has rejected unknown types
             self._recv_control(payload)
 
@@ -736,6 +765,21 @@ class Session:
         self._events.append(ReplyReceived(stream_id, head, end))
         if end:
             self._remote_transition(stream_id, stream, StreamEvent.RECV_END)
+
+    def _recv_trailers(self, stream_id: int, payload: memoryview) -> None:
+        if not self.carries_trailers:
+            raise RemoteProtocolError(f"TRAILERS in a version {self.version} session")
+        headers = decode_trailers(payload)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._unknown_stream(stream_id, "TRAILERS")
+            return
+        if stream.state not in _CAN_RECV:
+            raise InvalidState(f"stream {stream_id}", stream.state, "TRAILERS")
+        if self.role is Role.SERVER and not stream.replied:
+            raise RemoteProtocolError(f"stream {stream_id}: TRAILERS before REPLY")
+        self._events.append(TrailersReceived(stream_id, headers))
+        self._remote_transition(stream_id, stream, StreamEvent.RECV_END)
 
     def _recv_reset(self, stream_id: int, payload: memoryview) -> None:
         code, reason = decode_reset(payload)

@@ -40,10 +40,11 @@ from ..events import (
     ReplyReceived,
     ResetReceived,
     StreamOpened,
+    TrailersReceived,
     WindowUpdated,
 )
 from ..frames import GoAwayCode, ResetCode
-from ..heads import RequestHead, ResponseHead
+from ..heads import Headers, RequestHead, ResponseHead
 from ..messages import Error, Hello, Routes, Welcome
 from ..mux import Session, SessionState
 from ..sizes import MAX_MESSAGE
@@ -99,7 +100,20 @@ class StreamOwner(Protocol):
 class TunnelStream:
     """The asyncio face of one stream."""
 
-    __slots__ = ("_chunks", "_eof", "_error", "_loop", "_owner", "_reply", "_rwait", "_wwait", "handler", "head", "id")
+    __slots__ = (
+        "_chunks",
+        "_eof",
+        "_error",
+        "_loop",
+        "_owner",
+        "_reply",
+        "_rwait",
+        "_wwait",
+        "handler",
+        "head",
+        "id",
+        "trailers",
+    )
 
     def __init__(
         self, owner: StreamOwner, stream_id: int, head: RequestHead | None = None, end_stream: bool = False
@@ -116,6 +130,8 @@ class TunnelStream:
         self._rwait: asyncio.Future[None] | None = None  # read() waiting for data
         self._wwait: asyncio.Future[None] | None = None  # write() waiting for credit
         self._reply: asyncio.Future[ResponseHead] | None = None
+        #: the peer's trailer fields (protocol version 2), set when they end its half
+        self.trailers: Headers | None = None
 
     # -- the connection side: the only calls the connection makes
     def on_data(self, data: bytes | memoryview, end: bool) -> None:
@@ -129,6 +145,11 @@ class TunnelStream:
             self._rwait = None
             if not waiter.done():
                 waiter.set_result(None)
+
+    def on_trailers(self, headers: Headers) -> None:
+        """The peer's trailers arrived: they end its half of the stream."""
+        self.trailers = headers
+        self.on_data(b"", True)
 
     def on_writable(self) -> None:
         """Credit came back: a blocked write() goes on."""
@@ -266,6 +287,23 @@ class TunnelStream:
             owner.flush()
             if last:
                 return
+
+    @property
+    def carries_trailers(self) -> bool:
+        """True when this stream's session negotiated TRAILERS (protocol version 2)."""
+        return self._owner.session.carries_trailers
+
+    def send_trailers(self, headers: Headers) -> None:
+        """Send trailer fields, which half-close our side (after every write()).
+
+        Raises:
+            StreamReset / SessionClosed: the stream ended abnormally.
+            LocalProtocolError: a version 1 session (check :attr:`carries_trailers` first).
+        """
+        if self._error is not None:
+            raise _fresh(self._error)
+        self._owner.session.send_trailers(self.id, headers)
+        self._owner.flush()
 
     def end(self) -> None:
         """Half-close our side (no more DATA)."""
@@ -560,6 +598,10 @@ class TunnelConnection:
                     stream.on_reply(event.head, event.end_stream)
             elif isinstance(event, StreamOpened):
                 self._start_stream(event)
+            elif isinstance(event, TrailersReceived):
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.on_trailers(event.headers)
             elif isinstance(event, ResetReceived):
                 stream = streams.pop(event.stream_id, None)
                 if stream is not None:

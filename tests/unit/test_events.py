@@ -20,6 +20,7 @@ EXAMPLES = [
     events.DataReceived(1, b"x", False),
     events.ResetReceived(1, 2, "refused"),
     events.WindowUpdated(0),
+    events.TrailersReceived(1, (("grpc-status", "0"),)),
     events.GoAwayReceived(3, 0, ""),
     events.ConnectionFailed(SessionClosed("gone")),
 ]

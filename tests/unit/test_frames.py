@@ -53,6 +53,7 @@ def test_frame_type_wire_values() -> None:
         "PING": 5,
         "GOAWAY": 6,
         "CONTROL": 7,
+        "TRAILERS": 8,
     }
 
 
@@ -72,9 +73,10 @@ def test_allowed_flags_per_type() -> None:
         FrameType.PING: 1,
         FrameType.GOAWAY: 0,
         FrameType.CONTROL: 0,
+        FrameType.TRAILERS: 0,
     }
     assert CONNECTION_TYPES == {FrameType.PING, FrameType.GOAWAY, FrameType.CONTROL}
-    assert STREAM_TYPES == {FrameType.DATA, FrameType.OPEN, FrameType.REPLY, FrameType.RESET}
+    assert STREAM_TYPES == {FrameType.DATA, FrameType.OPEN, FrameType.REPLY, FrameType.RESET, FrameType.TRAILERS}
     # WINDOW is the only type legal on both stream 0 and a stream.
     assert set(FrameType) - CONNECTION_TYPES - STREAM_TYPES == {FrameType.WINDOW}
 
@@ -92,6 +94,8 @@ def test_reset_code_wire_values() -> None:
         "INTERNAL_ERROR": 9,
         "FORBIDDEN": 10,
         "TOO_LARGE": 11,
+        "NO_TRAILERS": 12,
+        "H2_BASE": 0x100,
     }
 
 
@@ -227,8 +231,8 @@ def test_frame_too_large_is_a_remote_protocol_error() -> None:
 
 
 def test_unknown_frame_type() -> None:
-    with pytest.raises(RemoteProtocolError, match="unknown frame type 0x8"):
-        list(decode_frames(bytes.fromhex("000000 08 00 00000001"), MAX))
+    with pytest.raises(RemoteProtocolError, match="unknown frame type 0x9"):
+        list(decode_frames(bytes.fromhex("000000 09 00 00000001"), MAX))
 
 
 @pytest.mark.parametrize("ftype", list(FrameType))

@@ -30,7 +30,7 @@ from shared.messages import (
 
 
 def test_version_constants() -> None:
-    assert PROTOCOL_VERSION == 1
+    assert PROTOCOL_VERSION == 2
     assert PROTOCOL_VERSION in SUPPORTED_VERSIONS
     assert max(SUPPORTED_VERSIONS) == PROTOCOL_VERSION
 

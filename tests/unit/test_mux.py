@@ -201,18 +201,18 @@ def test_no_common_version() -> None:
     to_client = pair.to_client()
     assert [f.type for f in frames(to_client)] == [FrameType.CONTROL]
     received = [e for e in pair.client_events if isinstance(e, ControlReceived)]
-    assert received == [ControlReceived(Error(code="unsupported_version", message="server speaks versions [1]"))]
+    assert received == [ControlReceived(Error(code="unsupported_version", message="server speaks versions [1, 2]"))]
     assert isinstance(failed(pair.client_events).error, SessionClosed)
     assert pair.client.state is SessionState.CLOSED
 
 
 def test_welcome_with_unsupported_version_fails_the_client() -> None:
-    pair = Pair(handshake=False, welcome={"version": 2})
+    pair = Pair(handshake=False, welcome={"version": 3})
     pair.client.send_hello(pair.hello())
     pair.to_server()
     pair.server.accept(pair.welcome())
     pair.to_client()
-    assert "unsupported version 2" in str(failed(pair.client_events).error)
+    assert "unsupported version 3" in str(failed(pair.client_events).error)
     assert goaway_of(pair.client.data_to_send())[1] == GoAwayCode.PROTOCOL_ERROR
 
 
