@@ -107,7 +107,9 @@ class CertStore:
     ``--public-cert-dir``, None: none) win over those another source adds with :meth:`put`
     (ACME, exit_server/acme.py)."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, http2: bool = False) -> None:
+        #: ALPN offered on every context served (h2 only when HTTP/2 is on: --no-http2)
+        self.alpn = ["h2", "http/1.1"] if http2 else ["http/1.1"]
         #: what exit_server/reload.py watches (a path that never exists when there is none)
         self.path = path if path is not None else Path("/nonexistent")
         self._dir = path
@@ -144,6 +146,7 @@ class CertStore:
                 continue
             try:
                 loaded[name] = load_pair(name, chain, key)
+                loaded[name].context.set_alpn_protocols(self.alpn)
             except ConfigError as exc:
                 log.error("public certificates: %s; skipped", exc)
         before = {n: (s.files, s.not_after) for n, s in self._files.items()}
@@ -158,6 +161,7 @@ class CertStore:
 
     def put(self, served: Served) -> None:
         """Serve a certificate from another source (ACME) for ``served.name``."""
+        served.context.set_alpn_protocols(self.alpn)
         self._other[served.name] = served
 
     def has_file(self, name: str) -> bool:
@@ -194,8 +198,10 @@ class CertStore:
 
     def listener_context(self) -> ssl.SSLContext:
         """The context the listener starts every handshake with: no certificate of its own,
-        only the SNI callback that picks one."""
+        only the SNI callback that picks one. The context switched to keeps the same ALPN:
+        OpenSSL selects the protocol with the context the SNI callback chose."""
         ctx = public_context()
+        ctx.set_alpn_protocols(self.alpn)
         ctx.sni_callback = self.sni_callback
         return ctx
 

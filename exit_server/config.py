@@ -63,6 +63,25 @@ class ServerConfig(BaseConfig):
     hsts: int = Field(
         0, ge=0, description="Strict-Transport-Security max-age in seconds on HTTPS answers (0: no header)"
     )
+    h2c: bool = Field(
+        False, description="accept HTTP/2 with prior knowledge (h2c) on the plain public listener, beside HTTP/1.1"
+    )
+    no_http2: bool = Field(False, description="offer only HTTP/1.1 by ALPN on the public TLS listener (no h2)")
+    h2_max_streams: int = Field(100, ge=1, le=10_000, description="concurrent HTTP/2 streams per public connection")
+    h2_max_header_list: int = Field(
+        64 * 1024, ge=4096, le=1 << 20, description="bytes of HTTP/2 header list per request (decoded, HPACK included)"
+    )
+    h2_max_requests: int = Field(
+        10_000, ge=1, description="HTTP/2 requests per public connection, then GOAWAY (the caller reconnects)"
+    )
+    h2_max_resets: int = Field(
+        100, ge=1, description="RST_STREAM a caller may send per second on one connection (Rapid Reset; then GOAWAY)"
+    )
+    h2_max_control_frames: int = Field(
+        500,
+        ge=10,
+        description="SETTINGS/PING/WINDOW_UPDATE/PRIORITY/empty DATA frames per second per connection (then GOAWAY)",
+    )
     upstream_timeout: float = Field(60.0, gt=0, description="seconds to wait for a response head (504)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")
     shutdown_delay: float = Field(

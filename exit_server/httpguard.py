@@ -27,13 +27,17 @@ import asyncio
 import logging
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from shared.forwarding import TrustedProxies
+from shared.h2map import PREFACE
+
+if TYPE_CHECKING:
+    from .h2public import H2Edge
 from shared.proxyproto import parse_proxy_v2
 
 __all__ = [
@@ -139,9 +143,19 @@ class GuardedRequestHandler(RequestHandler):
     proxied_peer: str | None = None
 
     def __init__(
-        self, manager: web.Server, *, header_timeout: float, trusted: TrustedProxies | None = None, **kwargs: Any
+        self,
+        manager: web.Server,
+        *,
+        header_timeout: float,
+        trusted: TrustedProxies | None = None,
+        h2: H2Edge | None = None,
+        scheme: str = "http",
+        **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
+        self._h2 = h2  # HTTP/2 on this listener: by ALPN (TLS) or by the h2c preface (plain)
+        self._scheme = scheme
+        self._sniff: bytes | None = None  # the first bytes, while they may be the h2c preface
         self._header_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started = False
@@ -149,6 +163,15 @@ class GuardedRequestHandler(RequestHandler):
         self._proxy_bytes: bytes | None = None  # collecting a possible PROXY v2 header
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._h2 is not None:
+            sslobj = transport.get_extra_info("ssl_object")
+            if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
+                protocol = self._h2.protocol(self._scheme, None)
+                typing.cast(asyncio.Transport, transport).set_protocol(protocol)
+                protocol.connection_made(transport)
+                return
+            if sslobj is None:
+                self._sniff = b""
         super().connection_made(transport)
         manager = self._manager
         if isinstance(manager, GuardedServer) and manager.open_connections > manager.max_connections:
@@ -173,6 +196,15 @@ class GuardedRequestHandler(RequestHandler):
             data = self._proxy_header(data)
             if not data:
                 return
+        if self._sniff is not None:
+            data = self._sniff + data
+            if len(data) < len(PREFACE) and PREFACE.startswith(data):
+                self._sniff = data  # maybe the h2c preface: wait for more
+                return
+            self._sniff = None
+            if data.startswith(PREFACE):
+                self._switch_to_h2(data)
+                return
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:
@@ -189,6 +221,20 @@ class GuardedRequestHandler(RequestHandler):
             and not self._force_close
         ):
             self._arm_head_timer(started=True)  # the first bytes of a new request head
+
+    def _switch_to_h2(self, data: bytes) -> None:
+        """The caller sent the HTTP/2 preface (h2c with prior knowledge): hand the connection to
+        the HTTP/2 protocol and leave aiohttp's bookkeeping without closing the transport."""
+        assert self._h2 is not None
+        transport = self.transport
+        assert transport is not None
+        self._cancel_head_timer()
+        protocol = self._h2.protocol(self._scheme, self.proxied_peer)
+        self.transport = None  # aiohttp's connection_lost closes the transport it still holds
+        super().connection_lost(None)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(data)
 
     def _proxy_header(self, data: bytes) -> bytes:
         """Take a PROXY v2 header off the first bytes from a trusted peer; what follows (or
@@ -259,6 +305,8 @@ class GuardedServer(web.Server):
         trusted: TrustedProxies | None = None,
         max_connections: int = 1 << 30,
         on_refused: Callable[[], None] | None = None,
+        h2: H2Edge | None = None,
+        scheme: str = "http",
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("max_line_size", REQUEST_LINE_LIMIT)
@@ -267,6 +315,8 @@ class GuardedServer(web.Server):
         super().__init__(handler, **kwargs)
         self._header_timeout = header_timeout
         self._trusted = trusted
+        self._h2 = h2
+        self._scheme = scheme
         self.max_connections = max_connections
         self._on_refused = on_refused
         self._refusal_log = 0.0
@@ -290,5 +340,11 @@ class GuardedServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return GuardedRequestHandler(
-            self, loop=self._loop, header_timeout=self._header_timeout, trusted=self._trusted, **self._kwargs
+            self,
+            loop=self._loop,
+            header_timeout=self._header_timeout,
+            trusted=self._trusted,
+            h2=self._h2,
+            scheme=self._scheme,
+            **self._kwargs,
         )

@@ -95,6 +95,8 @@ class Exchange:
     close_connection: bool = False  # answer with Connection: close (bytes after it are not HTTP)
     local_status: int | None = None  # the status this side decided before the reply (408: body idle)
     scheme: str = "http"  # "https" on the public TLS listener (else --public-scheme)
+    protocol: str = "HTTP/1.1"  # the caller's HTTP version: HTTP/1.1 (or 1.0) or HTTP/2
+    grpc_status: str | None = None  # a gRPC answer's grpc-status (trailers or Trailers-Only head)
 
     def mark_head(self) -> None:
         self.head_seconds = time.perf_counter() - self.started
@@ -155,7 +157,17 @@ class _ExchangeCollector(Collector):
         )
         for reason, n in sorted(self.metrics._rejected.items()):
             rejected.add_metric([reason], n)
-        yield from (requests, duration, head, body, rejected)
+        protocols = CounterMetricFamily(
+            "backhaul_http_requests_by_protocol", "Public requests by the caller's HTTP version", labels=["protocol"]
+        )
+        for protocol, n in sorted(self.metrics._protocols.items()):
+            protocols.add_metric([protocol], n)
+        grpc = CounterMetricFamily(
+            "backhaul_grpc_responses", "gRPC answers by grpc-status (trailers or Trailers-Only)", labels=["grpc_status"]
+        )
+        for code, n in sorted(self.metrics._grpc.items()):
+            grpc.add_metric([code], n)
+        yield from (requests, duration, head, body, rejected, protocols, grpc)
 
 
 class _TunnelCollector(Collector):
@@ -232,6 +244,8 @@ class Metrics:
         self._hosts: dict[str, list[float]] = {}
         self._routes: dict[str, _RouteMetrics] = {}
         self._rejected: dict[str, int] = {}
+        self._protocols: dict[str, int] = {}
+        self._grpc: dict[str, int] = {}
 
     def prune(self) -> None:
         """Drop the series of routes no session serves that saw no request for ``series_ttl``."""
@@ -291,6 +305,11 @@ class Metrics:
             route.bytes_out = (route.bytes_out or 0) + ex.bytes_out
         if ex.rejected:
             self._rejected[ex.rejected] = self._rejected.get(ex.rejected, 0) + 1
+        protocols = self._protocols
+        protocols[ex.protocol] = protocols.get(ex.protocol, 0) + 1
+        if ex.grpc_status is not None:
+            code = ex.grpc_status if ex.grpc_status.isdigit() and len(ex.grpc_status) <= 2 else "other"
+            self._grpc[code] = self._grpc.get(code, 0) + 1
         route.last = now
         totals = route.totals
         totals[0] += 1
@@ -298,12 +317,14 @@ class Metrics:
         totals[2] += total
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
-                '%s %s "%s %s" %d in=%d out=%d %.1fms tunnel=%s id=%s',
+                '%s %s "%s %s %s" %d%s in=%d out=%d %.1fms tunnel=%s id=%s',
                 ex.caller,
                 ex.host,
                 ex.method,
                 ex.path,
+                ex.protocol,
                 ex.status,
+                "" if ex.grpc_status is None else f" grpc-status={ex.grpc_status}",
                 ex.bytes_in,
                 ex.bytes_out,
                 total * 1000,
@@ -315,6 +336,8 @@ class Metrics:
                     "method": ex.method,
                     "path": ex.path,
                     "status": ex.status,
+                    "protocol": ex.protocol,
+                    "grpc_status": ex.grpc_status,
                     "bytes_in": ex.bytes_in,
                     "bytes_out": ex.bytes_out,
                     "duration_ms": round(total * 1000, 3),

@@ -141,6 +141,9 @@ class PublicHandler:
         peer = self.peer_of(request)
         ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, "", request.path, peer)
         ex.scheme = scheme if scheme is not None else self.config.public_scheme
+        version = request.version
+        if version != HttpVersion11:
+            ex.protocol = f"HTTP/{version.major}.{version.minor}"
         try:
             resp = await self._handle(request, ex, peer)
             ex.status = resp.status

@@ -40,6 +40,7 @@ from .clienthello import ClientHello
 from .config import ServerConfig
 from .control import Authenticator, ControlEndpoint, SharedTokenAuth, load_signing_key
 from .frontdoor import FrontDoor, Route
+from .h2public import H2Edge, H2Limits
 from .httpguard import GuardedServer
 from .observe import Metrics
 from .public import PublicHandler
@@ -75,10 +76,20 @@ class ExitServer:
         if not config.insecure_plaintext and config.tls_key is not None:
             self.control.signer = load_signing_key(config.tls_key)
         self.public = PublicHandler(config, self.registry, self.metrics)
+        self.h2 = H2Edge(
+            self.public,
+            H2Limits(
+                max_concurrent_streams=config.h2_max_streams,
+                max_header_list_size=config.h2_max_header_list,
+                max_requests=config.h2_max_requests,
+                max_resets_per_second=config.h2_max_resets,
+                max_control_per_second=config.h2_max_control_frames,
+            ),
+        )
         self.access = AccessRules(config.access) if config.access is not None else None
         self.public.access = self.access
         #: certificates of the public HTTPS listener (None: no --public-tls-addr)
-        self.certs = CertStore(config.public_cert_dir) if config.public_tls_addr else None
+        self.certs = CertStore(config.public_cert_dir, http2=not config.no_http2) if config.public_tls_addr else None
         if self.certs is not None:
             self.metrics.registry.register(PublicCertCollector(self.certs))
         #: certificates from ACME (None: no --acme-dir)
@@ -205,6 +216,8 @@ class ExitServer:
             trusted=self.public.trusted,
             max_connections=public_connection_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
             on_refused=self.metrics.descriptors.labels("reserve").inc,
+            h2=self.h2 if scheme is not None and not cfg.no_http2 or scheme is None and cfg.h2c else None,
+            scheme=scheme or cfg.public_scheme,
         )
 
     async def _start(self) -> None:
@@ -331,6 +344,7 @@ class ExitServer:
         log.info("exit server: draining (%d requests in flight, up to %.0fs)", self.public.in_flight, timeout)
         self.public.draining = True
         self.control.draining = True
+        self.h2.goaway_all()  # HTTP/2 callers: streams in flight finish, new ones go elsewhere
         if self._site is not None and self._site._server is not None:
             self._site._server.close()  # stop accepting public connections
         if self._front is not None:
@@ -399,6 +413,7 @@ class ExitServer:
             self._reload_task.cancel()
             self._reload_task = None
         await self._close_sessions(deadline)
+        self.h2.close_all()
         await self.tcp.close()
         if self.acme is not None:
             await self.acme.close()

@@ -586,6 +586,7 @@ class TunnelClient:
             config.proxy_protocol,
             max_response_head=config.max_response_head,
             max_response_fields=config.max_response_fields,
+            upstream_ca=config.upstream_ca,
         )
         self.killswitch = KillSwitch(config.kill_switch_file)
         self.forwarder.guard = Guard(config.allow_paths)

@@ -61,8 +61,8 @@ def parse_upstream(spec: str) -> Upstream:
     if host != "default" and (not set(host) <= _HOST_CHARS or bad_wildcard):
         raise ValueError(f"bad host pattern {host!r} (exact, *.example.com or default)")
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"bad upstream URL {url!r} (http:// or https:// with a host)")
+    if parts.scheme not in ("http", "https", "h2c") or not parts.netloc:
+        raise ValueError(f"bad upstream URL {url!r} (http://, https:// or h2c:// with a host)")
     url_port(url)
     return Upstream(host, prefix.rstrip("/") or "/", parts.scheme, parts.netloc, parts.path.rstrip("/"))
 
@@ -176,6 +176,9 @@ class ClientConfig(BaseConfig):
         "below a proxy's or firewall's connection-age limit; 0: never",
     )
     upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to an upstream")
+    upstream_ca: Path | None = Field(
+        None, description="PEM CA bundle that https:// upstreams are verified against (default: the system's)"
+    )
     max_streams: int = Field(10_000, ge=1, description="concurrent streams this client accepts")
     heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which the tunnel is dead")
     backoff_base: float = Field(1.0, gt=0, description="first reconnect delay ceiling, seconds")
@@ -308,6 +311,13 @@ class ClientConfig(BaseConfig):
             raise ValueError("--auth challenge needs --pin (the exit server's key it checks inside the WebSocket)")
         if self.backoff_cap < self.backoff_base:
             raise ValueError("--backoff-cap must be at least --backoff-base")
+        if self.health_path:
+            from .health import parse_health_path, route_key
+
+            h2c = {route_key(u) for u in self.upstreams if u.scheme == "h2c"}
+            for spec in self.health_path:
+                if parse_health_path(spec)[0] in h2c:
+                    raise ValueError(f"--health-path {spec}: h2c:// upstreams are not checked over HTTP/1.1")
         return self
 
     @property

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 from shared.aio.chunks import ChunkStream
@@ -18,6 +20,7 @@ from shared.aio.connection import TunnelStream
 from shared.aio.pump import Endpoint, pump, stream_endpoint
 from shared.errors import LocalProtocolError, StreamReset, TunnelError, UpstreamError
 from shared.frames import ResetCode
+from shared.h2map import CONNECTION_SPECIFIC, from_h2_reset, grpc_status_headers, is_grpc
 from shared.heads import KIND_NAMES, RequestHead, ResponseHead, StreamKind
 from shared.httputil import strip_hop_by_hop
 from shared.proxyproto import proxy_v2_header
@@ -34,6 +37,7 @@ from .http1 import (
     exchange,
     parse_response_head,
 )
+from .http2 import H2Pool, H2Stream, UpstreamReset
 from .killswitch import KillSwitch
 
 __all__ = ["Forwarder", "reset_for"]
@@ -59,6 +63,7 @@ class Forwarder:
         proxy_protocol: bool = False,
         max_response_head: int = MAX_RESPONSE_HEAD,
         max_response_fields: int = MAX_RESPONSE_FIELDS,
+        upstream_ca: Path | None = None,
     ) -> None:
         self.table: RouteTable[Upstream] = RouteTable()
         for up in upstreams:
@@ -67,6 +72,11 @@ class Forwarder:
         self.proxy_protocol = proxy_protocol
         self.connect_timeout = connect_timeout
         self._pool = UpstreamPool(connect_timeout, max_head=max_response_head, max_fields=max_response_fields)
+        if upstream_ca is not None:  # one context each: the HTTP/2 pool's offers ALPN h2
+            self._pool._tls = ssl.create_default_context(cafile=str(upstream_ca))
+        self._h2 = H2Pool(
+            connect_timeout, ssl.create_default_context(cafile=str(upstream_ca)) if upstream_ca is not None else None
+        )
         self.requests = 0
         self.guard = Guard()
         self.audit: AuditLog | None = None
@@ -79,6 +89,7 @@ class Forwarder:
 
     async def close(self) -> None:
         await self._pool.close()
+        await self._h2.close()
         if self.audit is not None:
             await self.audit.close()
 
@@ -152,11 +163,33 @@ class Forwarder:
             _reset(stream, record, exc.code, exc.reason)
             return
         self.requests += 1
-        target = upstream.base_path + path
+        target = upstream.base_path + path + ("" if query is None else "?" + query)
+        if upstream.scheme == "h2c" or upstream.scheme == "https" and head.kind is StreamKind.HTTP:
+            try:
+                h2 = upstream.scheme == "h2c" or await self._h2.speaks_h2(upstream.address)
+            except UpstreamError as exc:
+                log.warning("stream %d: upstream %s unreachable: %s", stream.id, upstream.origin, exc.reason)
+                _reset(stream, record, *reset_for(exc))
+                return
+            if h2 and head.kind is StreamKind.HTTP:
+                await self._proxy_h2(stream, record, upstream, target)
+                return
+            if h2:  # RFC 8441 WebSocket over HTTP/2 is not offered
+                log.warning("stream %d: WebSocket upgrade to an HTTP/2 upstream %s: 502", stream.id, upstream.origin)
+                _reset(stream, record, ResetCode.UPSTREAM_CONNECT, "WebSocket to an HTTP/2 upstream")
+                return
         if head.kind is StreamKind.WEBSOCKET:
-            await self._websocket(stream, record, upstream, target + ("" if query is None else "?" + query))
+            await self._websocket(stream, record, upstream, target)
+        elif is_grpc(head.headers):
+            # gRPC needs HTTP/2 to the upstream (trailers, full duplex): a clear status, not a
+            # request an HTTP/1.1 server would misread.
+            log.warning("stream %d: gRPC request for HTTP/1.1 upstream %s: UNAVAILABLE", stream.id, upstream.origin)
+            message = (
+                f"backhaul: upstream {upstream.origin} is HTTP/1.1; gRPC needs an h2c:// or https:// (h2) upstream"
+            )
+            _reply(stream, record, ResponseHead(200, grpc_status_headers(14, message)), end=True)
         else:
-            await self._proxy(stream, record, upstream, target + ("" if query is None else "?" + query))
+            await self._proxy(stream, record, upstream, target)
 
     async def _connect(
         self, stream: TunnelStream, record: AuditRecord, host: str, port: int, opener: Callable[[], Awaitable[_T]]
@@ -318,6 +351,97 @@ class Forwarder:
             if conn is not None:
                 pool.discard(conn)
 
+    async def _proxy_h2(self, stream: TunnelStream, record: AuditRecord, upstream: Upstream, target: str) -> None:
+        """One request on a multiplexed HTTP/2 upstream connection: trailers both ways, resets
+        both ways (a tunnel reset cancels this task, which resets the upstream stream)."""
+        head = stream.head
+        assert head is not None
+        scheme = "http" if upstream.scheme == "h2c" else "https"
+        fields = h2_request_fields(head.method, scheme, head.authority, target, head.headers)
+        body_now = stream.take_complete_body() if not stream.at_eof else None  # small bodies ride with the head
+        no_body = stream.at_eof and not body_now and stream.trailers is None
+        up: H2Stream | None = None
+        upload: asyncio.Task[None] | None = None
+        try:
+            conn = await self._h2.connection(upstream.address)
+            up = conn.start(fields, end_stream=no_body)
+            if not no_body:
+                upload = asyncio.get_running_loop().create_task(self._upload_h2(stream, up, record, body_now))
+            status, headers = await up.response()
+            try:
+                _reply(stream, record, ResponseHead(status, tuple(headers)))
+            except LocalProtocolError as exc:
+                log.warning(
+                    "stream %d: upstream %s sent a head the tunnel cannot carry (%s)", stream.id, upstream.origin, exc
+                )
+                _reset(stream, record, ResetCode.UPSTREAM_RESET, "bad upstream response head")
+                return
+            while True:
+                chunk = await up.read()
+                if not chunk:
+                    break
+                record.bytes_out += len(chunk)
+                await stream.write(chunk)
+            if up.trailers is not None and stream.carries_trailers:
+                stream.send_trailers(tuple(up.trailers))
+            else:
+                stream.end()
+        except UpstreamReset as exc:
+            code = from_h2_reset(exc.error_code, stream.carries_trailers)
+            log.info(
+                "stream %d: upstream %s reset the stream (HTTP/2 error %d)", stream.id, upstream.origin, exc.error_code
+            )
+            _reset(stream, record, code, exc.reason)
+        except UpstreamError as exc:
+            exc.__traceback__ = None
+            log.warning("stream %d: upstream %s failed: %s", stream.id, upstream.origin, exc.reason)
+            _reset(stream, record, *reset_for(exc))
+        except TunnelError:
+            return
+        finally:
+            if upload is not None and not upload.done():
+                upload.cancel()
+            if up is not None:
+                up.close()
+
+    async def _upload_h2(self, stream: TunnelStream, up: H2Stream, record: AuditRecord, first: bytes | None) -> None:
+        """The request body (then its trailers) from the tunnel to the upstream stream."""
+        try:
+            if first:
+                record.bytes_in += len(first)
+                await up.write(first)
+            while True:
+                chunk = await stream.read()
+                if not chunk:
+                    break
+                record.bytes_in += len(chunk)
+                await up.write(chunk)
+            up.finish(list(stream.trailers) if stream.trailers else None)
+        except (TunnelError, UpstreamError):
+            return  # the response side reports it
+
+
+def h2_request_fields(
+    method: str, scheme: str, authority: str, target: str, headers: tuple[tuple[str, str], ...]
+) -> list[tuple[bytes, bytes]]:
+    """An HTTP/2 request's header block: pseudo-headers from the routed head (never the
+    caller's Host), then the fields in order with names lower-cased and the ones HTTP/2 forbids
+    left out (``te`` only as ``trailers``, which gRPC servers require)."""
+    out = [
+        (b":method", method.encode("latin-1")),
+        (b":scheme", scheme.encode("latin-1")),
+        (b":authority", authority.encode("latin-1")),
+        (b":path", target.encode("latin-1")),
+    ]
+    for name, value in headers:
+        lower = name.lower()
+        if lower in CONNECTION_SPECIFIC:
+            if lower == "te" and value.strip().lower() == "trailers":
+                out.append((b"te", b"trailers"))
+            continue
+        out.append((lower.encode("latin-1"), value.encode("latin-1")))
+    return out
+
 
 async def _body(stream: TunnelStream, record: AuditRecord) -> AsyncIterator[bytes | memoryview]:
     while True:
@@ -346,17 +470,18 @@ def reset_for(error: UpstreamError) -> tuple[ResetCode, str]:
     return ResetCode.UPSTREAM_RESET, "upstream failed"
 
 
-def _reset(stream: TunnelStream, record: AuditRecord, code: ResetCode, reason: str) -> None:
-    """Reset a stream and note the code for the audit record."""
+def _reset(stream: TunnelStream, record: AuditRecord, code: int, reason: str) -> None:
+    """Reset a stream and note the code for the audit record (an HTTP/2 code carried through,
+    0x100 + code, is noted as ``H2_<code>``)."""
     if record.reset is None:
-        record.reset = code.name
+        record.reset = ResetCode(code).name if code in _CODES else f"H2_{code - ResetCode.H2_BASE}"
     stream.reset(code, reason)
 
 
-def _reply(stream: TunnelStream, record: AuditRecord, head: ResponseHead) -> None:
+def _reply(stream: TunnelStream, record: AuditRecord, head: ResponseHead, end: bool = False) -> None:
     """Send the response head and note the status for the audit record."""
     record.status = head.status
-    stream.send_reply(head)
+    stream.send_reply(head, end)
 
 
 def _counted(record: AuditRecord, endpoint: Endpoint) -> Endpoint:

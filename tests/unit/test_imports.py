@@ -28,6 +28,7 @@ SANS_IO = [
     "httputil",
     "forwarding",
     "challenge",
+    "h2map",
 ]
 TOP_LEVEL = {*SANS_IO, "proxyproto"}
 FORBIDDEN = ["asyncio", "websockets", "aiohttp", "socket"]
@@ -69,7 +70,9 @@ def probe(modules: list[str]) -> tuple[set[str], dict[str, str]]:
     return set(data["loaded"]), dict(data["importers"])
 
 
-@pytest.mark.parametrize("module", ["errors", "frames", "heads", "sizes", "routing", "httputil", "runtime.backoff"])
+@pytest.mark.parametrize(
+    "module", ["errors", "frames", "heads", "sizes", "routing", "httputil", "h2map", "runtime.backoff"]
+)
 def test_pure_modules_load_no_io_library_at_all(module: str) -> None:
     assert probe([module])[0] == set()
 
