@@ -80,7 +80,7 @@ class ServerConfig(BaseConfig):
     h2_max_control_frames: int = Field(
         500,
         ge=10,
-        description="SETTINGS/PING/WINDOW_UPDATE/PRIORITY/empty DATA frames per second per connection (then GOAWAY)",
+        description="SETTINGS/PING/PRIORITY/empty DATA frames per second per connection (then GOAWAY)",
     )
     upstream_timeout: float = Field(60.0, gt=0, description="seconds to wait for a response head (504)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds to finish in-flight requests on SIGTERM")

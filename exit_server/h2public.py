@@ -6,8 +6,8 @@ head, trailers both ways, RST_STREAM both ways.
 Limits (docs/SECURITY.md, "HTTP/2"): concurrent streams per connection, header list size and
 HPACK table size (advertised in SETTINGS and enforced by h2/hpack), requests per connection
 (then GOAWAY NO_ERROR), and per-second caps on RST_STREAM from the caller (Rapid Reset,
-CVE-2023-44487) and on control frames (SETTINGS, PING, WINDOW_UPDATE, PRIORITY, empty DATA):
-past a cap the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed. A caller that never
+CVE-2023-44487) and on control frames (SETTINGS, PING, PRIORITY, empty DATA), and WINDOW_UPDATE
+frames in proportion to the DATA frames sent and streams opened (after Envoy): past a cap the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed. A caller that never
 opens its flow-control window holds at most one window of each response (reading from the
 tunnel stops, so the upstream stops) and is dropped after ``--send-timeout``. Inbound DATA is
 acknowledged only when the tunnel took it, so a request body is bounded by the window we
@@ -58,6 +58,11 @@ _T = TypeVar("_T")
 #: Response fields HTTP/2 forbids (RFC 9113 section 8.2.2), dropped from upstream answers.
 _FORBIDDEN_OUT = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"})
 
+#: WINDOW_UPDATE frames a caller may send: this many, plus so many per DATA frame we sent and
+#: per stream it opened (gRPC raises each new stream's window at once).
+WINDOW_UPDATE_ALLOWANCE = 100
+WINDOW_UPDATES_PER_DATA = 10
+
 _TEXT = {
     403: b"forbidden\n",
     413: b"request body too large\n",
@@ -81,7 +86,7 @@ class H2Limits:
     connection_window: int = 1024 * 1024
     max_requests: int = 10_000  # then GOAWAY NO_ERROR: the caller opens a new connection
     max_resets_per_second: int = 100  # RST_STREAM from the caller (Rapid Reset)
-    max_control_per_second: int = 500  # SETTINGS, PING, WINDOW_UPDATE, PRIORITY, empty DATA
+    max_control_per_second: int = 500  # SETTINGS, PING, PRIORITY, empty DATA
 
 
 class _RateCap:
@@ -170,6 +175,8 @@ class H2PublicConnection(asyncio.Protocol):
     def __init__(self, edge: H2Edge, scheme: str, peer: str | None) -> None:
         self.edge = edge
         self.public = edge.public
+        if not hasattr(self.public, "_loop"):  # set by the first HTTP/1 request otherwise
+            self.public._loop = asyncio.get_running_loop()
         self.scheme = scheme
         self.proxied_peer = peer
         self.loop = asyncio.get_running_loop()
@@ -186,6 +193,8 @@ class H2PublicConnection(asyncio.Protocol):
         self._paused_write: asyncio.Future[None] | None = None
         self._resets = _RateCap(limits.max_resets_per_second)
         self._control = _RateCap(limits.max_control_per_second)
+        self._window_updates = 0
+        self._data_sent = 0
         self._idle: asyncio.TimerHandle | None = None
 
     # ----------------------------------------------------------------- asyncio.Protocol
@@ -354,8 +363,12 @@ class H2PublicConnection(asyncio.Protocol):
                 stream.body.ended = True
                 stream.body.wake()
         elif isinstance(event, h2.events.WindowUpdated):
-            if self._control.hit(now):
-                self._abuse("control_flood", "WINDOW_UPDATE frames")
+            # Envoy's rule: WINDOW_UPDATE frames in proportion to the DATA frames we sent (a
+            # busy gRPC stream acknowledges every message; a flood acknowledges nothing).
+            self._window_updates += 1
+            earned = WINDOW_UPDATES_PER_DATA * (self._data_sent + self.requests)
+            if self._window_updates > WINDOW_UPDATE_ALLOWANCE + earned:
+                self._abuse("window_update_flood", f"{self._window_updates} WINDOW_UPDATE for {self._data_sent} DATA")
                 return
             if event.stream_id == 0:
                 for one in self.streams.values():
@@ -729,6 +742,7 @@ class H2PublicConnection(asyncio.Protocol):
                 self.h2.send_data(stream.id, bytes(view[:n]))
             except h2.exceptions.ProtocolError:
                 raise _Gone from None
+            self._data_sent += 1
             self._flush()
             ex.bytes_out += n
             view = view[n:]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import typing
 from collections import deque
 from typing import Any
 
@@ -179,8 +180,7 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         h = self.h2
         h.local_settings = h2.settings.Settings(
             client=True,
