@@ -4,14 +4,15 @@ stream carrying the request's semantics (docs/PROTOCOL.md section 14.1): pseudo-
 head, trailers both ways, RST_STREAM both ways.
 
 Limits (docs/SECURITY.md, "HTTP/2"): concurrent streams per connection, header list size and
-HPACK table size (advertised in SETTINGS and enforced by h2/hpack), requests per connection
-(then GOAWAY NO_ERROR), and per-second caps on RST_STREAM from the caller (Rapid Reset,
-CVE-2023-44487) and on control frames (SETTINGS, PING, PRIORITY, empty DATA), and WINDOW_UPDATE
-frames in proportion to the DATA frames sent and streams opened (after Envoy): past a cap the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed. A caller that never
+HPACK table size (advertised in SETTINGS and enforced by h2/hpack from the first frame),
+requests per connection (then GOAWAY NO_ERROR), per-second caps on RST_STREAM from the caller
+(Rapid Reset, CVE-2023-44487) and on SETTINGS, PING, PRIORITY and empty DATA frames, and
+WINDOW_UPDATE frames in proportion to the DATA frames sent and streams opened (after Envoy):
+past a cap the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed. A caller that never
 opens its flow-control window holds at most one window of each response (reading from the
 tunnel stops, so the upstream stops) and is dropped after ``--send-timeout``. Inbound DATA is
 acknowledged only when the tunnel took it, so a request body is bounded by the window we
-advertise.
+advertise. While the caller does not read what we send, we read nothing from it.
 """
 
 from __future__ import annotations

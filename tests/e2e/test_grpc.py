@@ -85,8 +85,7 @@ def echo_handlers(seen: Observed) -> grpc.GenericRpcHandler:
         return f"{count}:{total}".encode()
 
     def bidi(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        for message in requests:
-            yield message
+        yield from requests
 
     return grpc.method_handlers_generic_handler(
         SERVICE,
