@@ -31,6 +31,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 from multidict import CIMultiDict
 
 from shared.aio.connection import TunnelStream
@@ -236,8 +237,18 @@ class H2PublicConnection(asyncio.Protocol):
             self._abuse("header_list", f"{exc}")
             return
         except h2.exceptions.ProtocolError as exc:
+            # A connection error (RFC 9113 section 5.4.1), such as more streams than we
+            # advertised: the HPACK state cannot be trusted any more, so GOAWAY and close.
             log.info("public h2 %s: protocol error: %s", self.peer, _printable(str(exc)))
+            goaways = self.edge.goaways
+            goaways["protocol_error"] = goaways.get("protocol_error", 0) + 1
+            code = getattr(exc, "error_code", None) or H2Error.PROTOCOL_ERROR
+            try:
+                self.h2.close_connection(error_code=code)
+            except h2.exceptions.ProtocolError:
+                pass
             self._flush()
+            self._close_soon()
             self._shut()
             return
         now = self.loop.time()
@@ -267,14 +278,20 @@ class H2PublicConnection(asyncio.Protocol):
 
     # ----------------------------------------------------------------- control
     def goaway(self, code: int, reason: str = "") -> None:
+        """A graceful GOAWAY: streams up to the last one received finish, later ones are
+        refused (REFUSED_STREAM: the caller retries them elsewhere), then the connection closes.
+        The frame is written by hand: h2's ``close_connection`` ends its state machine, and the
+        streams in flight could not answer."""
         if self.closed or self.going_away:
             return
         self.going_away = True
-        try:
-            self.h2.close_connection(error_code=code, additional_data=reason.encode()[:64] or None)
-        except h2.exceptions.ProtocolError:
-            pass
         self._flush()
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = self.h2.highest_inbound_stream_id
+        frame.error_code = code
+        frame.additional_data = reason.encode()[:64]
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame.serialize())
         if not self.streams:
             self._close_soon()
 

@@ -99,9 +99,10 @@ async def test_h2c_is_off_by_default(certs: Certs) -> None:
 
 async def test_curl_http2_by_alpn_on_the_tls_listener(certs: Certs, public_pki: tuple[Path, Path]) -> None:
     ca_file, cert_dir = public_pki
-    async with upstream(await echo_app()) as up, stack(
-        certs, public_tls_addr="127.0.0.1:0", public_cert_dir=cert_dir, hsts=600
-    ) as s:
+    async with (
+        upstream(await echo_app()) as up,
+        stack(certs, public_tls_addr="127.0.0.1:0", public_cert_dir=cert_dir, hsts=600) as s,
+    ):
         await s.add_client([f"app.test={up.url}"])
         port = s.server.public_tls_port
         url = f"https://app.test:{port}/tls"
@@ -121,9 +122,10 @@ async def test_curl_http2_by_alpn_on_the_tls_listener(certs: Certs, public_pki: 
 
 async def test_no_http2_offers_only_http1(certs: Certs, public_pki: tuple[Path, Path]) -> None:
     ca_file, cert_dir = public_pki
-    async with upstream(await echo_app()) as up, stack(
-        certs, public_tls_addr="127.0.0.1:0", public_cert_dir=cert_dir, no_http2=True
-    ) as s:
+    async with (
+        upstream(await echo_app()) as up,
+        stack(certs, public_tls_addr="127.0.0.1:0", public_cert_dir=cert_dir, no_http2=True) as s,
+    ):
         await s.add_client([f"app.test={up.url}"])
         port = s.server.public_tls_port
         code, out, err = await curl(
@@ -286,4 +288,3 @@ async def test_access_log_and_metrics_name_the_protocol(
         async with session.get(f"http://127.0.0.1:{s.server.admin_port}/metrics") as resp:
             text = await resp.text()
     assert 'backhaul_http_requests_by_protocol_total{protocol="HTTP/2"}' in text
-
