@@ -64,7 +64,8 @@ lint: $(STAMP)
 $(BIN)/exit-server:
 	$(MAKE) $(STAMP)
 
-## bench: wrk against nginx baselines, Backhaul HTTP and TCP mode, then the scale test; writes
+## bench: wrk against nginx baselines, Backhaul HTTP and TCP mode, then the scale test, HTTP/2 and
+## gRPC (h2load, grpcio) and start time; writes
 ## docs/BENCHMARKS.md (installs nginx and wrk from Debian if missing: needs root).
 ## BENCH_ARGS="--quick --profile --skip-scale" etc. (see bench/run.py --help)
 BENCH_ARGS ?= --pin

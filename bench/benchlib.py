@@ -525,12 +525,31 @@ NGINX_TLS_BLOCK = """
 """
 
 
+# HTTP/2 with prior knowledge (h2c), then the same one-hop proxy to (a): the baseline for
+# Backhaul's public HTTP/2 rows (bench/h2.py). Cleartext on both sides, as Backhaul's --h2c row.
+NGINX_H2C_BLOCK = """
+    server {{
+        listen 127.0.0.1:{h2c} http2 backlog=4096;
+        http2_max_concurrent_streams 128;
+        location / {{
+            proxy_pass http://direct_pool;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_buffering on;
+            proxy_max_temp_file_size 0;
+        }}
+    }}
+"""
+
+
 @dataclass
 class Nginx:
     proc: Proc
     direct: int
     proxy: int
     tls: int = 0  # (e), when started with certificates
+    h2c: int = 0  # the h2c one-hop proxy, when asked for
 
     def worker_pid(self) -> int:
         kids = children(self.proc.pid)
@@ -543,7 +562,7 @@ SMALL_FILE = "small.bin"  # 100 bytes
 BIG_FILE = "big.bin"  # 1 MiB
 
 
-def start_nginx(stack: Stack, cpu: int | None = None, certs: Certs | None = None) -> Nginx:
+def start_nginx(stack: Stack, cpu: int | None = None, certs: Certs | None = None, h2c: bool = False) -> Nginx:
     tmp = stack.workdir / "nginx"
     (tmp / "www").mkdir(parents=True, exist_ok=True)
     (tmp / "www" / SMALL_FILE).write_bytes(b"x" * 99 + b"\n")
@@ -551,6 +570,9 @@ def start_nginx(stack: Stack, cpu: int | None = None, certs: Certs | None = None
     direct, proxy = free_port(), free_port()
     tls = free_port() if certs is not None else 0
     tls_block = NGINX_TLS_BLOCK.format(tls=tls, cert=certs.cert, key=certs.key) if certs is not None else ""
+    h2c_port = free_port() if h2c else 0
+    if h2c:
+        tls_block += NGINX_H2C_BLOCK.format(h2c=h2c_port)
     user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, direct=direct, proxy=proxy, user=user, tls_block=tls_block))
@@ -560,7 +582,22 @@ def start_nginx(stack: Stack, cpu: int | None = None, certs: Certs | None = None
     wait_port(proxy, proc=proc.popen)
     if tls:
         wait_port(tls, proc=proc.popen)
-    return Nginx(proc, direct, proxy, tls)
+    if h2c_port:
+        wait_port(h2c_port, proc=proc.popen)
+    return Nginx(proc, direct, proxy, tls, h2c_port)
+
+
+def update_section(doc: Path, begin: str, end: str, text: str) -> None:
+    """Replace the ``begin``..``end`` block of ``doc`` with ``text`` (appended when absent)."""
+    block = f"{begin}\n{text}\n{end}"
+    current = doc.read_text() if doc.exists() else "# Backhaul benchmarks\n"
+    if begin in current and end in current:
+        head, _, rest = current.partition(begin)
+        _, _, tail = rest.partition(end)
+        current = head + block + tail
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(current)
 
 
 @contextlib.contextmanager

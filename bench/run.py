@@ -31,7 +31,8 @@ tunnel-client) on CPU 1.
 bench/results/, and the top 15 frames by self time in the report.
 
 Writes docs/BENCHMARKS.md and bench/results/bench-*.json, then runs bench/scale.py (which adds
-its section to docs/BENCHMARKS.md) unless --skip-scale, and bench/startup.py (start time, idle
+its section to docs/BENCHMARKS.md) unless --skip-scale, bench/h2.py (HTTP/2 with h2load beside
+nginx, gRPC unary calls beside direct) unless --skip-h2, and bench/startup.py (start time, idle
 RSS, import cost) unless --skip-startup.
 """
 
@@ -62,6 +63,8 @@ DOC = bl.ROOT / "docs" / "BENCHMARKS.md"
 LUA = bl.BENCH / "wrk_report.lua"
 SCALE_BEGIN = "<!-- scale:begin -->"
 SCALE_END = "<!-- scale:end -->"
+H2_BEGIN = "<!-- h2:begin -->"
+H2_END = "<!-- h2:end -->"
 STARTUP_BEGIN = "<!-- startup:begin -->"
 STARTUP_END = "<!-- startup:end -->"
 PROFILE_BEGIN = "<!-- profile:begin -->"
@@ -1001,6 +1004,14 @@ def write_doc(
         out.append("Pending: `bench/scale.py` fills this section.\n")
     out.append(SCALE_END)
     out.append("")
+    out.append(H2_BEGIN)
+    out.append("## HTTP/2 and gRPC\n")
+    if args.skip_h2:
+        out.append("Not run (`--skip-h2`). Run `.venv/bin/python bench/h2.py` to fill this section.\n")
+    else:
+        out.append("Pending: `bench/h2.py` fills this section.\n")
+    out.append(H2_END)
+    out.append("")
     out.append(STARTUP_BEGIN)
     out.append("## Start time, idle memory and imports\n")
     if args.skip_startup:
@@ -1036,6 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-no-native", action="store_true", help="py-spy without --native (no C frames)")
     parser.add_argument("--skip-scale", action="store_true", help="do not run bench/scale.py")
     parser.add_argument("--skip-startup", action="store_true", help="do not run bench/startup.py")
+    parser.add_argument("--skip-h2", action="store_true", help="do not run bench/h2.py (HTTP/2 and gRPC)")
     parser.add_argument(
         "--retries", type=int, default=2, help="repeat a run up to N times when other load skewed it (default 2)"
     )
@@ -1134,6 +1146,16 @@ def main(argv: list[str] | None = None) -> int:
         rc = subprocess.run(scale_cmd, timeout=1800).returncode
         if rc != 0:
             bl.log(f"bench/scale.py exited with {rc}")
+    if not args.skip_h2:
+        h2_cmd = [sys.executable, str(bl.BENCH / "h2.py")]
+        if args.doc.resolve() != DOC.resolve():
+            h2_cmd += ["--doc", str(args.doc)]
+        h2_cmd += [flag for flag, on in (("--quick", args.quick), ("--pin", args.pin)) if on]
+        bl.log("running bench/h2.py")
+        h2_rc = subprocess.run(h2_cmd, timeout=1800).returncode
+        if h2_rc != 0:
+            bl.log(f"bench/h2.py exited with {h2_rc}")
+            rc = rc or h2_rc
     if not args.skip_startup:
         startup_cmd = [sys.executable, str(bl.BENCH / "startup.py")]
         if args.doc.resolve() != DOC.resolve():

@@ -388,15 +388,7 @@ def section(args: argparse.Namespace, slow: dict[str, Any], idle: dict[str, Any]
 
 
 def update_doc(doc: Path, text: str) -> None:
-    block = f"{SCALE_BEGIN}\n{text}\n{SCALE_END}"
-    current = doc.read_text() if doc.exists() else "# Backhaul benchmarks\n"
-    if SCALE_BEGIN in current and SCALE_END in current:
-        head, _, rest = current.partition(SCALE_BEGIN)
-        _, _, tail = rest.partition(SCALE_END)
-        current = head + block + tail
-    else:
-        current = current.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(current)
+    bl.update_section(doc, SCALE_BEGIN, SCALE_END, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what `make bench` needs from Debian: nginx (light build is enough) and wrk.
+# Install what `make bench` needs from Debian: nginx (light build is enough: it has http_v2),
+# wrk, and h2load (nghttp2-client) for the HTTP/2 rows.
 # Idempotent: does nothing when both are on PATH. Needs root (or sudo).
 set -euo pipefail
 
@@ -7,6 +8,7 @@ missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

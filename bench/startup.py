@@ -199,15 +199,7 @@ def section(result: dict[str, Any]) -> str:
 
 
 def update_doc(doc: Path, text: str) -> None:
-    block = f"{BEGIN}\n{text}\n{END}"
-    current = doc.read_text() if doc.exists() else "# Backhaul benchmarks\n"
-    if BEGIN in current and END in current:
-        head, _, rest = current.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        current = head + block + tail
-    else:
-        current = current.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(current)
+    bl.update_section(doc, BEGIN, END, text)
 
 
 def main(argv: list[str] | None = None) -> int:

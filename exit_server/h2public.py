@@ -32,9 +32,11 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hyperframe.frame
+from hpack import NeverIndexedHeaderTuple
 from multidict import CIMultiDict
 
 from shared.aio.connection import TunnelStream
+from shared.aio.sockopts import set_nodelay
 from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError
 from shared.frames import ResetCode
 from shared.h2map import PREFACE, H2Error, grpc_timeout, is_grpc, split_pseudo, to_h2_reset, wants_trailers
@@ -184,7 +186,16 @@ class H2PublicConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         limits = edge.limits
         self.limits = limits
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
+        # Inbound fields are validated by h2 (the caller is untrusted); outbound ones are built
+        # here already lower-cased and without connection-specific fields, so h2's second pass
+        # over them (a fifth of the CPU per request) is skipped.
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = h2.connection.H2Connection(config=config)
         self.transport: asyncio.Transport | None = None
         self.peer = ""
@@ -198,6 +209,7 @@ class H2PublicConnection(asyncio.Protocol):
         self._window_updates = 0
         self._data_sent = 0
         self._idle: asyncio.TimerHandle | None = None
+        self._flush_due = False
 
     # ----------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -205,6 +217,7 @@ class H2PublicConnection(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         self.peer = self.proxied_peer or (str(peername[0]) if peername else "")
         self.edge.connections.add(self)
+        set_nodelay(transport.get_extra_info("socket"))
         limits = self.limits
         h = self.h2
         h.local_settings = h2.settings.Settings(
@@ -247,7 +260,7 @@ class H2PublicConnection(asyncio.Protocol):
                 self.h2.close_connection(error_code=code)
             except h2.exceptions.ProtocolError:
                 pass
-            self._flush()
+            self._write_now()
             self._close_soon()
             self._shut()
             return
@@ -285,7 +298,7 @@ class H2PublicConnection(asyncio.Protocol):
         if self.closed or self.going_away:
             return
         self.going_away = True
-        self._flush()
+        self._write_now()  # what h2 queued goes before the GOAWAY
         frame = hyperframe.frame.GoAwayFrame(0)
         frame.last_stream_id = self.h2.highest_inbound_stream_id
         frame.error_code = code
@@ -309,7 +322,7 @@ class H2PublicConnection(asyncio.Protocol):
             self.h2.close_connection(error_code=H2Error.ENHANCE_YOUR_CALM, additional_data=what.encode())
         except h2.exceptions.ProtocolError:
             pass
-        self._flush()
+        self._write_now()
         if self.transport is not None:
             self.transport.close()
         self._shut()
@@ -349,6 +362,14 @@ class H2PublicConnection(asyncio.Protocol):
         self._close_soon()
 
     def _flush(self) -> None:
+        """Write what h2 queued, once per loop turn: the frames of every stream that moved in
+        this turn go out in one write (one syscall, not one per frame)."""
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._write_now)
+
+    def _write_now(self) -> None:
+        self._flush_due = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -696,7 +717,9 @@ class H2PublicConnection(asyncio.Protocol):
             out.append((lower.encode("latin-1"), value.encode("latin-1")))
         if not server:
             out.append((b"server", SERVER.encode()))
-        out.append((b"x-request-id", ex.request_id.encode()))
+        # Unique per request: kept out of the HPACK dynamic table, which it would only churn
+        # (every later field's table search walks the churned entries).
+        out.append(NeverIndexedHeaderTuple(b"x-request-id", ex.request_id.encode()))
         if self.public._hsts is not None and ex.scheme == "https":
             out.append((b"strict-transport-security", self.public._hsts.encode()))
         ex.status = status

@@ -24,6 +24,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from shared.aio.sockopts import set_nodelay
 from shared.errors import UpstreamError
 from shared.h2map import H2Error, split_pseudo
 
@@ -168,7 +169,11 @@ class H2UpstreamConnection(asyncio.Protocol):
     def __init__(self, origin: Origin, on_idle: Any = None) -> None:
         self.origin = origin
         self.loop = asyncio.get_running_loop()
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        # The request fields are built lower-cased and filtered (upstream.h2_request_fields):
+        # h2's outbound validation pass is skipped; what the upstream sends is still checked.
+        config = h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
         self.h2 = h2.connection.H2Connection(config=config)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
@@ -177,10 +182,12 @@ class H2UpstreamConnection(asyncio.Protocol):
         self._paused: asyncio.Future[None] | None = None
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self._on_idle = on_idle
+        self._flush_due = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        set_nodelay(transport.get_extra_info("socket"))
         h = self.h2
         h.local_settings = h2.settings.Settings(
             client=True,
@@ -295,7 +302,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             try:
                 self.h2.close_connection()
-                self._flush()
+                self._write_now()
             except h2.exceptions.ProtocolError:
                 pass
             self.transport.close()
@@ -303,6 +310,14 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     # -- internals
     def _flush(self) -> None:
+        """Write what h2 queued, once per loop turn: the frames of every stream that moved in
+        this turn go out in one write (one syscall, not one per frame)."""
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._write_now)
+
+    def _write_now(self) -> None:
+        self._flush_due = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)

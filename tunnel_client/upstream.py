@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from hpack import NeverIndexedHeaderTuple
+
 from shared.aio.chunks import ChunkStream
 from shared.aio.connection import TunnelStream
 from shared.aio.pump import Endpoint, pump, stream_endpoint
@@ -439,8 +441,15 @@ def h2_request_fields(
             if lower == "te" and value.strip().lower() == "trailers":
                 out.append((b"te", b"trailers"))
             continue
-        out.append((lower.encode("latin-1"), value.encode("latin-1")))
+        if lower in _UNIQUE:  # different on every request: never into the HPACK dynamic table
+            out.append(NeverIndexedHeaderTuple(lower.encode("latin-1"), value.encode("latin-1")))
+        else:
+            out.append((lower.encode("latin-1"), value.encode("latin-1")))
     return out
+
+
+#: Request fields the edge makes unique per request.
+_UNIQUE = frozenset({"x-request-id"})
 
 
 async def _body(stream: TunnelStream, record: AuditRecord) -> AsyncIterator[bytes | memoryview]:

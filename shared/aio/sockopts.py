@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 
-__all__ = ["set_keepalive"]
+__all__ = ["set_keepalive", "set_nodelay"]
 
 
 def set_keepalive(sock: socket.socket | None, idle: int = 60, interval: int = 15, count: int = 4) -> None:
@@ -21,3 +21,12 @@ def set_keepalive(sock: socket.socket | None, idle: int = 60, interval: int = 15
             option = getattr(socket, name, None)  # Linux names; other systems keep their defaults
             if option is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """TCP_NODELAY: small frames (HTTP/2 HEADERS, WINDOW_UPDATE) go out at once instead of
+    waiting for the peer's delayed ACK (Nagle)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
