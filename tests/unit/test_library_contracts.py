@@ -14,6 +14,8 @@ Internals covered (docs/ARCHITECTURE.md, "Library internals"):
   ``BaseRequest._cache`` (the reified version, exit_server/public.py) and ``site._server``
   (the bound port of the admin listeners).
 * httptools: ``HttpParserUpgrade`` after a 101 head (tunnel_client/http1.py).
+* h2: settings set before ``initiate_connection``, the HPACK decoder limits and
+  ``highest_inbound_stream_id`` (exit_server/h2public.py, tunnel_client/http2.py).
 """
 
 from __future__ import annotations
@@ -173,3 +175,24 @@ def test_httptools_signals_an_upgrade_after_a_101_head() -> None:
     with pytest.raises(httptools.HttpParserUpgrade):  # tunnel_client/http1.py parse_response_head
         parser.feed_data(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
     assert parser.get_status_code() == 101
+
+
+def test_h2_internals_exit_server_h2public_relies_on() -> None:
+    """exit_server/h2public.py and tunnel_client/http2.py: settings replaced before
+    initiate_connection take effect at once, the HPACK decoder's limits are settable, and
+    ``highest_inbound_stream_id`` exists for the hand-written graceful GOAWAY."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 7}
+    )
+    conn.initiate_connection()
+    assert conn.local_settings.max_concurrent_streams == 7
+    conn.decoder.max_header_list_size = 1234
+    conn.decoder.max_allowed_table_size = 4096
+    assert conn.decoder.max_header_list_size == 1234
+    assert conn.highest_inbound_stream_id == 0
+    assert "remote_settings" in vars(conn)

@@ -32,6 +32,12 @@ def test_trailers_payload_round_trip() -> None:
     assert decode_trailers(encode_trailers(())) == ()
 
 
+def test_protocol_md_trailers_example() -> None:
+    """docs/PROTOCOL.md section 4.3."""
+    frame = encode_frame(FrameType.TRAILERS, 0, 1, encode_trailers((("grpc-status", "0"),)))
+    assert frame.hex(" ") == ("00 00 12 08 00 00 00 00 01 00 02 00 0b 67 72 70 63 2d 73 74 61 74 75 73 00 01 30")
+
+
 @pytest.mark.parametrize("payload", [b"", b"\x00", b"\x00\x01\x00\x00", b"\x00\x02\x00\x01a", b"\x00\x00x"])
 def test_bad_trailers_payload(payload: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
