@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -146,34 +147,37 @@ def main(argv: list[str] | None = None) -> int:
 
     (n, n_cpu), (b, b_cpu) = median("nginx"), median("backhaul")
     failed = sum(r["failed"] for rs in rows.values() for r, _ in rs)
+    h2load_version = bl.tool_version(["h2load", "--version"], r"nghttp2/[\d.]+")
     lines = [
         "## HTTP/2 and gRPC\n",
         f"Run {started} by `{' '.join(['.venv/bin/python', 'bench/h2.py', *(argv or sys.argv[1:])])}` "
-        f"(`make bench` runs it after the HTTP rows). h2load {bl.tool_version(['h2load', '--version'])}, "
+        f"(`make bench` runs it after the HTTP rows); {h2load_version}, "
         f"{rounds} alternating rounds of {requests:,} requests each, the median round shown.\n",
-        "| h2c GET 100 B, 10 connections x 5 streams | req/s | CPU ms / 1k req | failed |",
+        "| h2c GET 100 B, 10 connections x 5 streams | req/s | CPU per request | failed |",
         "|---|---:|---:|---:|",
-        f"| nginx http2 one-hop proxy | {n['rate']:,.0f} | {n_cpu / requests * 1e6:.0f} | {n['failed']} |",
-        f"| Backhaul `--h2c` (exit server + tunnel client) | {b['rate']:,.0f} | {b_cpu / requests * 1e6:.0f} "
+        f"| nginx http2 one-hop proxy | {n['rate']:,.0f} | {n_cpu / requests * 1e6:.0f} us | {n['failed']} |",
+        f"| Backhaul `--h2c` (exit server + tunnel client) | {b['rate']:,.0f} | {b_cpu / requests * 1e6:.0f} us "
         f"| {b['failed']} |",
         f"| **ratio Backhaul / nginx** | **{b['rate'] / n['rate']:.2f}** | {b_cpu / max(n_cpu, 1e-9):.1f}x | |",
         "",
         f"Failed requests over all rounds: {failed}.",
         "",
-        f"| gRPC unary, 100 B, 50 concurrent calls, {grpc_seconds:.0f} s | calls/s | p50 | CPU ms / 1k calls |",
+        f"| gRPC unary, 100 B, 50 concurrent calls, {grpc_seconds:.0f} s | calls/s | p50 | CPU per call |",
         "|---|---:|---:|---:|",
     ]
     for name, label in (("direct", "caller -> grpcio server (direct)"), ("backhaul", "caller -> Backhaul -> server")):
         r = grpc[name]
         per = grpc_cpu[name] / max(r["calls"], 1) * 1e6
         who = "server" if name == "direct" else "exit server + client"
-        lines.append(f"| {label} | {r['rate']:,.0f} | {r['p50_ms']:.2f} ms | {per:.0f} ({who}) |")
+        lines.append(f"| {label} | {r['rate']:,.0f} | {r['p50_ms']:.2f} ms | {per:.0f} us ({who}) |")
     lines += [
         f"| **ratio through Backhaul / direct** | **{grpc['backhaul']['rate'] / grpc['direct']['rate']:.2f}** | | |",
         "",
         f"RSS after the run: exit server {rss['exit-server'] / 1024:.1f} MiB, tunnel client "
         f"{rss['tunnel-client'] / 1024:.1f} MiB. The gRPC caller is one Python process (grpc.aio): "
-        "both rows share its ceiling, so the ratio says what the tunnel adds to one such caller.",
+        "both rows share its ceiling, so the ratio says what the tunnel adds to one such caller. On a "
+        f"{os.cpu_count()}-CPU machine the caller, the gRPC server, the exit server and the client share "
+        "the CPUs: CPU per call is the figure that carries over to a larger one.",
     ]
     text = "\n".join(lines)
     bl.update_section(args.doc, BEGIN, END, text)

@@ -505,6 +505,10 @@ class H2PublicConnection(asyncio.Protocol):
             for _, flow in stream.body.chunks:  # never taken: the connection window comes back
                 self._ack(stream.id, flow)
             stream.body.chunks.clear()
+            if not stream.body.ended and not stream.reset_by_caller:
+                # Answered before the whole request arrived (RFC 9113 section 8.1): ask the
+                # caller to stop sending, without error.
+                self._reset_id(stream.id, H2Error.NO_ERROR)
             if self.streams.pop(stream.id, None) is not None:
                 self._stream_gone()
             self._flush()

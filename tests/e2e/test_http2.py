@@ -288,3 +288,36 @@ async def test_access_log_and_metrics_name_the_protocol(
         async with session.get(f"http://127.0.0.1:{s.server.admin_port}/metrics") as resp:
             text = await resp.text()
     assert 'backhaul_http_requests_by_protocol_total{protocol="HTTP/2"}' in text
+
+
+async def test_drain_lets_an_http2_stream_finish_and_sends_goaway(
+    certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """h2 (this caller's library) stops reading at a GOAWAY, so the stream's 200 is checked
+    in the access log: it was served in full during the drain."""
+    caplog.set_level(logging.INFO, logger="backhaul.access")
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="finished")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    async with upstream(app) as up, stack(certs, h2c=True) as s:
+        await s.add_client([f"app.test={up.url}"])
+        caller = await H2Caller.open(s.server.public_port)
+        try:
+            sid = caller.start(get("app.test", "/slow"))
+            await wait_until(lambda: s.server.public.in_flight == 1, what="request in flight")
+            shutdown = asyncio.create_task(s.server.shutdown(drain_timeout=10))
+            await wait_until(lambda: s.server.public.draining, what="draining")
+            pumping = asyncio.create_task(caller.pump())  # the GOAWAY arrives while the stream runs
+            await asyncio.wait_for(pumping, 5)
+            assert caller.goaway is not None and caller.goaway.error_code == 0
+            assert caller.goaway.last_stream_id == sid
+            release.set()
+            await shutdown
+        finally:
+            await caller.close()
+    assert any('"GET /slow HTTP/2" 200' in r.getMessage() for r in caplog.records)
