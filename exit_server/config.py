@@ -63,6 +63,19 @@ class ServerConfig(BaseConfig):
     hsts: int = Field(
         0, ge=0, description="Strict-Transport-Security max-age in seconds on HTTPS answers (0: no header)"
     )
+    aws_server_id: str | None = Field(
+        None,
+        description="turn on AWS IAM authentication of tunnel clients (--auth aws-iam): the id clients sign "
+        "into their request (default on the client: the --server host name); needs --tokens with aws_roles",
+    )
+    aws_sts_endpoint: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="STS endpoint URL a signed request may name (repeatable; default: https://sts.amazonaws.com/ "
+        "and every https://sts.REGION.amazonaws.com/)",
+    )
+    aws_max_age: float = Field(
+        300.0, ge=10, le=3600, description="seconds a client's signed AWS request stays acceptable (either side of now)"
+    )
     h2c: bool = Field(
         False, description="accept HTTP/2 with prior knowledge (h2c) on the plain public listener, beside HTTP/1.1"
     )
@@ -171,7 +184,7 @@ class ServerConfig(BaseConfig):
             raise ValueError(f"expected a host name, got {value!r}")
         return name
 
-    _split = field_validator("trusted_proxies", "acme_domain", mode="before")(split_list)
+    _split = field_validator("trusted_proxies", "acme_domain", "aws_sts_endpoint", mode="before")(split_list)
 
     @field_validator("acme_domain")
     @classmethod
@@ -219,6 +232,13 @@ class ServerConfig(BaseConfig):
             raise ValueError("--heartbeat-timeout must exceed --heartbeat-interval")
         if self.tokens is not None and (self.token_file is not None or self.token is not None):
             raise ValueError("--tokens replaces the shared token: give either --tokens or --token-file/BACKHAUL_TOKEN")
+        if self.aws_server_id is not None and self.tokens is None:
+            raise ValueError("--aws-server-id needs --tokens (its aws_roles map IAM roles to clients)")
+        if self.aws_server_id is not None and not re.fullmatch(r"[\x21-\x7e]{1,256}", self.aws_server_id):
+            raise ValueError("--aws-server-id must be 1-256 printable ASCII characters")
+        for url in self.aws_sts_endpoint:
+            if not re.fullmatch(r"https?://[^/\s]+/?", url):
+                raise ValueError(f"--aws-sts-endpoint {url!r}: expected http(s)://HOST[:PORT]/")
         if self.public_tls_addr is not None and self.public_cert_dir is None and self.acme_dir is None:
             raise ValueError("--public-tls-addr needs --public-cert-dir or --acme-dir (the certificates to serve)")
         if self.acme_dir is not None and self.public_tls_addr is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from shared import challenge
+from shared import awsiam, challenge
 from shared.aio.connection import TunnelConnection
 from shared.aio.wsfast import TunnelServerConnection
 from shared.errors import ConfigError
@@ -25,6 +25,7 @@ from shared.mux import Role, Session, SessionState
 from shared.sizes import DEFAULT_MAX_FRAME
 
 from .config import ServerConfig
+from .iamauth import IamVerifier, StsUnavailable
 from .limits import FailureLimiter, SourceGate
 from .observe import Metrics
 from .routes import Registry, Tunnel
@@ -108,6 +109,8 @@ class ControlEndpoint:
         self._closing: set[asyncio.Task[None]] = set()
         #: the control TLS key, which signs challenge authentication (None: not offered)
         self.signer: challenge.SigningKey | None = None
+        #: AWS IAM authentication (--aws-server-id; None: not offered)
+        self.iam: IamVerifier | None = None
 
     async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Authenticate before the upgrade: 401 for a missing or wrong token (never logged),
@@ -124,6 +127,9 @@ class ControlEndpoint:
         offered = request.headers.get(challenge.HEADER)
         if offered is not None:
             return self._challenge(connection, remote, offered)
+        signed = request.headers.get(awsiam.ENVELOPE_HEADER)
+        if signed is not None:
+            return await self._aws_iam(connection, remote, signed)
         token = _bearer(request)
         result = self.auth(token) if token else None
         if inspect.isawaitable(result):
@@ -141,6 +147,40 @@ class ControlEndpoint:
             )
             return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
         connection.backhaul_client_id = client_id  # type: ignore[attr-defined]
+        connection.backhaul_principal = principal  # type: ignore[attr-defined]
+        return None
+
+    async def _aws_iam(self, connection: ServerConnection, remote: str, signed: str) -> Response | None:
+        """AWS IAM authentication (shared/awsiam.py): check the signed GetCallerIdentity,
+        have STS name the caller, and map its role to a client of the tokens file."""
+        lookup = getattr(self.auth, "for_role", None)
+        if self.iam is None or lookup is None:
+            self.metrics.auth_failures.inc()
+            log.warning("control: AWS IAM authentication from %s, which this server does not offer", remote)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "aws-iam authentication not offered\n")
+        try:
+            async with self.gate.hold(remote):
+                arn = await self.iam.verify(signed)
+        except StsUnavailable as exc:
+            self.limiter.success(remote)  # not the caller's fault: no penalty
+            log.error("control: AWS IAM authentication from %s not possible now: %s (503)", remote, exc)
+            response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "identity service unavailable\n")
+            response.headers["Retry-After"] = "5"
+            return response
+        except awsiam.IamRefused as exc:
+            self.auth_failures += 1
+            self.metrics.auth_failures.inc()
+            log.warning("control: AWS IAM authentication refused from %s: %s", remote, exc)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+        principal = lookup(arn)
+        if principal is None:
+            self.auth_failures += 1
+            self.metrics.auth_failures.inc()
+            log.warning("control: %s (from %s) is not a client in --tokens (no aws_roles match)", arn, remote)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+        self.limiter.success(remote)
+        log.info("control: %s authenticated as client %s by AWS IAM", arn, principal.client_id)
+        connection.backhaul_client_id = principal.client_id  # type: ignore[attr-defined]
         connection.backhaul_principal = principal  # type: ignore[attr-defined]
         return None
 

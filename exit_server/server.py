@@ -42,6 +42,7 @@ from .control import Authenticator, ControlEndpoint, SharedTokenAuth, load_signi
 from .frontdoor import FrontDoor, Route
 from .h2public import H2Edge, H2Limits
 from .httpguard import GuardedServer
+from .iamauth import IamVerifier
 from .observe import Metrics
 from .public import PublicHandler
 from .reload import Reloadable, Reloader
@@ -75,6 +76,10 @@ class ExitServer:
         self.control = ControlEndpoint(config, self.registry, auth, self.tcp, self.metrics)
         if not config.insecure_plaintext and config.tls_key is not None:
             self.control.signer = load_signing_key(config.tls_key)
+        if config.aws_server_id is not None:
+            self.control.iam = IamVerifier(
+                config.aws_server_id, tuple(config.aws_sts_endpoint) or None, max_age=config.aws_max_age
+            )
         self.public = PublicHandler(config, self.registry, self.metrics)
         self.h2 = H2Edge(
             self.public,
@@ -414,6 +419,8 @@ class ExitServer:
             self._reload_task = None
         await self._close_sessions(deadline)
         self.h2.close_all()
+        if self.control.iam is not None:
+            await self.control.iam.close()
         await self.tcp.close()
         if self.acme is not None:
             await self.acme.close()

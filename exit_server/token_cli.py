@@ -55,6 +55,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                 metavar="PORT",
                 help="public TCP port the client may ask for (repeatable)",
             )
+            p.add_argument(
+                "--aws-role",
+                action="append",
+                default=[],
+                metavar="ARN_PATTERN",
+                help="IAM role (arn:aws:iam::ACCOUNT:role/NAME, * and ? allowed) that authenticates as this client "
+                "with `tunnel-client run --auth aws-iam`; the client then gets no token unless --with-token "
+                "(repeatable)",
+            )
+            p.add_argument(
+                "--with-token", action="store_true", help="with --aws-role: print a token as well (both work)"
+            )
     pw = sub.add_parser(
         "hash-password",
         help="hash a password or bearer token for --access (reads stdin)",
@@ -80,9 +92,10 @@ def run_command(args: argparse.Namespace) -> int:
             state = "revoked" if e.revoked else "active"
             host_list = ",".join(e.hosts) or "-"
             port_list = ",".join(map(str, e.tcp_ports)) or "-"
+            roles = f"\taws_roles={','.join(e.aws_roles)}" if e.aws_roles else ""
             print(
-                f"{e.client_id}\t{state}\ttoken_id={e.token_id}\thosts={host_list}\ttcp_ports={port_list}\t"
-                f"created={e.created or '-'}"
+                f"{e.client_id}\t{state}\ttoken_id={e.token_id or '-'}\thosts={host_list}\ttcp_ports={port_list}\t"
+                f"created={e.created or '-'}{roles}"
             )
         return 0
     client = args.client
@@ -99,7 +112,22 @@ def run_command(args: argparse.Namespace) -> int:
             raise ConfigError("--host or --tcp-port: a client must be allowed at least one hostname or port")
         if any(not 1 <= p <= 65535 for p in args.tcp_port):
             raise ConfigError("--tcp-port: ports are 1-65535")
-        entry, token = new_entry(client, hosts, args.tcp_port)
+        if args.with_token and not args.aws_role:
+            raise ConfigError("--with-token: only with --aws-role (a client without one always gets a token)")
+        try:
+            entry, token = new_entry(
+                client, hosts, args.tcp_port, args.aws_role, token=not args.aws_role or args.with_token
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--aws-role: {exc}") from None
+        if not token:
+            entries[client] = entry
+            save_entries(path, entries)
+            print(
+                f"added client {client}, authenticated by AWS IAM as {', '.join(args.aws_role)} (no token)",
+                file=sys.stderr,
+            )
+            return 0
     else:
         if client not in entries:
             raise ConfigError(f"--client: no client {client} in {path}")
@@ -112,7 +140,9 @@ def run_command(args: argparse.Namespace) -> int:
                 f"revoked client {client}; a running exit server closes its sessions within a second", file=sys.stderr
             )
             return 0
-        entry, token = new_entry(client, old.hosts, old.tcp_ports)
+        if not old.has_token:
+            raise ConfigError(f"--client: {client} authenticates by AWS IAM only: there is no token to rotate")
+        entry, token = new_entry(client, old.hosts, old.tcp_ports, old.aws_roles)
     entries[client] = entry
     save_entries(path, entries)
     print(

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import challenge
+from shared.awsiam import role_matches
 from shared.errors import ConfigError
 
 from .hashing import HashFormatError, hash_secret, parse_hash, verify_secret, waste_time
@@ -124,6 +125,13 @@ class TokenEntry:
     #: challenge authentication's verifier (shared/challenge.py): ``v1$STOREDKEY$SERVERKEY``,
     #: base64; empty for tokens made before it existed (rotate them to use --auth challenge)
     challenge: str = ""
+    #: IAM role ARN patterns (``*``, ``?``) that authenticate as this client with --auth aws-iam
+    #: (shared/awsiam.py); an entry with roles may have no token (token_id and hash empty)
+    aws_roles: list[str] = field(default_factory=list)
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self.token_id)
 
     def challenge_keys(self) -> tuple[bytes, bytes] | None:
         version, _, rest = self.challenge.partition("$")
@@ -134,7 +142,9 @@ class TokenEntry:
 
     def principal(self) -> Principal:
         digest = hashlib.sha256(
-            repr((self.token_id, self.hash, sorted(self.hosts), sorted(self.tcp_ports), self.revoked)).encode()
+            repr(
+                (self.token_id, self.hash, sorted(self.hosts), sorted(self.tcp_ports), self.revoked, self.aws_roles)
+            ).encode()
         ).hexdigest()[:16]
         return Principal(self.client_id, tuple(self.hosts), frozenset(self.tcp_ports), digest)
 
@@ -162,17 +172,23 @@ def _entry(client_id: str, raw: Any) -> TokenEntry:
         raise ValueError(f"bad client id {client_id!r} (letters, digits, . _ -; at most 64)")
     if not isinstance(raw, dict):
         raise ValueError(f"client {client_id}: expected a table")
-    unknown = set(raw) - {"token_id", "hash", "hosts", "tcp_ports", "created", "revoked", "challenge"}
+    unknown = set(raw) - {"token_id", "hash", "hosts", "tcp_ports", "created", "revoked", "challenge", "aws_roles"}
     if unknown:
         raise ValueError(f"client {client_id}: unknown keys {sorted(unknown)}")
-    token_id = raw.get("token_id")
-    if not isinstance(token_id, str) or not re.fullmatch(r"[0-9a-f]{12}", token_id):
-        raise ValueError(f"client {client_id}: token_id must be 12 hex digits")
-    digest = raw.get("hash")
-    try:
-        parse_hash(digest if isinstance(digest, str) else "")
-    except HashFormatError:
-        raise ValueError(f"client {client_id}: hash is not scrypt$ln=N,r=R,p=P$SALT$HASH") from None
+    roles = raw.get("aws_roles", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) and _ROLE_PATTERN.match(r) for r in roles):
+        raise ValueError(f"client {client_id}: aws_roles must be IAM ARN patterns (arn:aws:iam::ACCOUNT:role/NAME)")
+    token_id = raw.get("token_id", "")
+    digest = raw.get("hash", "")
+    if roles and not token_id and not digest:
+        pass  # an IAM-only client
+    else:
+        if not isinstance(token_id, str) or not re.fullmatch(r"[0-9a-f]{12}", token_id):
+            raise ValueError(f"client {client_id}: token_id must be 12 hex digits")
+        try:
+            parse_hash(digest if isinstance(digest, str) else "")
+        except HashFormatError:
+            raise ValueError(f"client {client_id}: hash is not scrypt$ln=N,r=R,p=P$SALT$HASH") from None
     hosts = raw.get("hosts", [])
     ports = raw.get("tcp_ports", [])
     if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
@@ -196,7 +212,13 @@ def _entry(client_id: str, raw: Any) -> TokenEntry:
         str(raw.get("created", "")),
         revoked,
         verifier,
+        list(roles),
     )
+
+
+#: An IAM ARN or ARN pattern: ``arn:PARTITION:iam::ACCOUNT:role/NAME`` (or sts assumed-role),
+#: account and name may use ``*``/``?``; printable ASCII only.
+_ROLE_PATTERN = re.compile(r"^arn:[a-z*?-]+:(iam|sts)::[0-9*?]{1,12}:[\x21-\x7e]{1,512}$")
 
 
 def load_entries(path: Path) -> dict[str, TokenEntry]:
@@ -230,7 +252,7 @@ def load_entries(path: Path) -> dict[str, TokenEntry]:
             entry = _entry(client_id, raw)
         except ValueError as exc:
             raise ConfigError(f"--tokens: {path}: {exc}") from None
-        if entry.token_id in seen:
+        if entry.token_id and entry.token_id in seen:
             raise ConfigError(f"--tokens: {path}: token_id of client {client_id} is used twice")
         seen.add(entry.token_id)
         entries[client_id] = entry
@@ -254,13 +276,17 @@ def render_entries(entries: dict[str, TokenEntry]) -> str:
     for entry in sorted(entries.values(), key=lambda e: e.client_id):
         lines += [
             f"[clients.{_toml_str(entry.client_id)}]",
-            f"token_id = {_toml_str(entry.token_id)}",
-            f"hash = {_toml_str(entry.hash)}",
+            *(
+                [f"token_id = {_toml_str(entry.token_id)}", f"hash = {_toml_str(entry.hash)}"]
+                if entry.has_token
+                else []
+            ),
             "hosts = [" + ", ".join(_toml_str(h) for h in entry.hosts) + "]",
             "tcp_ports = [" + ", ".join(str(p) for p in entry.tcp_ports) + "]",
             f"created = {_toml_str(entry.created)}",
             f"revoked = {'true' if entry.revoked else 'false'}",
             *([f"challenge = {_toml_str(entry.challenge)}"] if entry.challenge else []),
+            *(["aws_roles = [" + ", ".join(_toml_str(r) for r in entry.aws_roles) + "]"] if entry.aws_roles else []),
             "",
         ]
     return "\n".join(lines)
@@ -287,21 +313,38 @@ def save_entries(path: Path, entries: dict[str, TokenEntry]) -> None:
         os.close(dir_fd)
 
 
-def new_entry(client_id: str, hosts: list[str], ports: list[int]) -> tuple[TokenEntry, str]:
-    """A new entry and its token (to be shown once)."""
-    token_id, secret = new_secret()
+def new_entry(
+    client_id: str,
+    hosts: list[str],
+    ports: list[int],
+    aws_roles: tuple[str, ...] | list[str] = (),
+    token: bool = True,
+) -> tuple[TokenEntry, str]:
+    """A new entry and its token (to be shown once; "" for an IAM-only client).
+
+    Raises:
+        ValueError: a bad host pattern or role pattern.
+    """
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    token = format_token(token_id, secret)
+    for role in aws_roles:
+        if not _ROLE_PATTERN.match(role):
+            raise ValueError(f"bad IAM role pattern {role!r} (arn:aws:iam::ACCOUNT:role/NAME, * and ? allowed)")
+    patterns = [validate_pattern(h) for h in hosts]
+    if not token:
+        return TokenEntry(client_id, "", "", patterns, sorted(set(ports)), created, aws_roles=list(aws_roles)), ""
+    token_id, secret = new_secret()
+    text = format_token(token_id, secret)
     entry = TokenEntry(
         client_id,
         token_id,
         hash_secret(secret),
-        [validate_pattern(h) for h in hosts],
+        patterns,
         sorted(set(ports)),
         created,
-        challenge=challenge_verifier(token),
+        challenge=challenge_verifier(text),
+        aws_roles=list(aws_roles),
     )
-    return entry, token
+    return entry, text
 
 
 def challenge_verifier(token: str) -> str:
@@ -360,7 +403,7 @@ class TokenRegistry:
                 )
         changed = {k: v.principal() for k, v in entries.items()} != {k: v.principal() for k, v in self._entries.items()}
         self._entries = entries
-        self._by_token_id = {e.token_id: e for e in entries.values()}
+        self._by_token_id = {e.token_id: e for e in entries.values() if e.has_token}
         self._cache.clear()
         if changed and not strict:
             log.info(
@@ -387,6 +430,20 @@ class TokenRegistry:
         if entry is None or keys is None:
             return None
         return keys[0], keys[1], entry.principal()
+
+    def for_role(self, arn: str) -> Principal | None:
+        """The principal an IAM identity authenticates as (--auth aws-iam): the one client
+        whose ``aws_roles`` match the ARN's role. None when none does, or when several do (an
+        ambiguous file is refused and logged, never resolved by order)."""
+        found = [e for e in self._entries.values() if not e.revoked and any(role_matches(p, arn) for p in e.aws_roles)]
+        if len(found) > 1:
+            log.error(
+                "tokens: %s matches the aws_roles of several clients (%s): refused",
+                arn,
+                ", ".join(sorted(e.client_id for e in found)),
+            )
+            return None
+        return found[0].principal() if found else None
 
     async def __call__(self, token: str) -> Principal | None:
         parts = parse_token(token)

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidProxyStatus, InvalidStatus, ProxyError
 
-from shared import challenge
+from shared import awsiam, challenge
 from shared.aio.connection import TunnelConnection, TunnelStream, ws_limits
 from shared.aio.tls import client_context
 from shared.aio.wsfast import TunnelClientConnection
@@ -50,6 +50,7 @@ from shared.sizes import DEFAULT_MAX_FRAME, DEFAULT_STREAM_WINDOW
 from .admin import AdminServer, ClientMetrics
 from .adminaddr import remove_run_file, write_run_file
 from .audit import AuditLog
+from .awsiam import AwsSigner, require_botocore
 from .config import ClientConfig, parse_upstream
 from .ecs import METADATA_ENV, discover_routes, fetch_metadata, labels_from_task
 from .guard import Guard
@@ -244,6 +245,13 @@ class ServerLink:
         cnonce = secrets.token_bytes(challenge.NONCE_BYTES)
         if challenged:  # the token never leaves this host (shared/challenge.py)
             headers = {challenge.HEADER: challenge.format_header(id=self.client.token_id, cnonce=cnonce)}
+        elif self.client.aws is not None:  # no token at all: the AWS identity (shared/awsiam.py)
+            server_id = cfg.aws_server_id or urlsplit(self.url).hostname or ""
+            try:
+                headers = {awsiam.ENVELOPE_HEADER: await self.client.aws.envelope(server_id)}
+            except Exception as exc:  # botocore's credential chain raises many kinds
+                log.error("link %s: cannot sign the AWS identity request: %s", self.url, exc)
+                return LinkOutcome.FAILED
         else:
             headers = {"Authorization": f"Bearer {self.client.token}"}
         ssl_ctx = self.client.ssl_context if self.url.startswith("wss:") else None
@@ -283,7 +291,9 @@ class ServerLink:
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 401:
-                what = "token refused (401)"
+                what = "AWS identity refused (401)" if self.client.aws is not None else "token refused (401)"
+            elif status == 503:
+                what = "the exit server cannot take sessions now (503: draining, or its identity service is down)"
             else:
                 between = f"proxy {self.proxy.shown} or " if self.proxy.url else ""
                 what = (
@@ -558,7 +568,14 @@ class TunnelClient:
 
     def __init__(self, config: ClientConfig, token: str | None = None) -> None:
         self.config = config
-        self.token = token if token is not None else read_secret(config.token_file, config.token, "token")
+        #: --auth aws-iam: signs the AWS identity request (None: a token authenticates)
+        self.aws: AwsSigner | None = None
+        if config.auth == "aws-iam":
+            require_botocore()
+            self.aws = AwsSigner(config.aws_sts_endpoint, config.aws_region)
+            self.token = token or ""
+        else:
+            self.token = token if token is not None else read_secret(config.token_file, config.token, "token")
         self._proxy_login: tuple[str, str] | None = None
         if config.proxy_auth_file is not None:
             try:

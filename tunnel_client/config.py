@@ -113,12 +113,20 @@ class ClientConfig(BaseConfig):
         None, description="PEM client certificate for mutual TLS (--client-ca on the server)"
     )
     client_key: Path | None = Field(None, description="PEM key of --client-cert (default: in the same file)")
-    auth: Literal["bearer", "challenge"] = Field(
+    auth: Literal["bearer", "challenge", "aws-iam"] = Field(
         "bearer",
         description="bearer: the token in the upgrade request; challenge: never send the token, prove it "
         "(challenge-response) after the exit server proves its --pin key inside the WebSocket: safe through "
-        "TLS-inspecting proxies (needs --pin)",
+        "TLS-inspecting proxies (needs --pin); aws-iam: no token, the AWS identity of the task or instance "
+        "(a signed sts:GetCallerIdentity the exit server has STS check; the aws extra)",
     )
+    aws_server_id: str | None = Field(
+        None, description="with --auth aws-iam: the exit server's --aws-server-id (default: the --server host name)"
+    )
+    aws_sts_endpoint: str | None = Field(
+        None, description="with --auth aws-iam: the STS endpoint to sign for (default: the region's, else global)"
+    )
+    aws_region: str | None = Field(None, description="with --auth aws-iam: the region (default: botocore's)")
     proxy: str | None = Field(
         None,
         description="reach the exit server through this proxy: http://, https://, socks5:// or socks5h:// "
