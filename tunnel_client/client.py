@@ -51,7 +51,8 @@ from .admin import AdminServer, ClientMetrics
 from .adminaddr import remove_run_file, write_run_file
 from .audit import AuditLog
 from .awsiam import AwsSigner, require_botocore
-from .config import ClientConfig, parse_upstream
+from .config import ClientConfig, Upstream, parse_upstream
+from .daemon import HostDiscovery
 from .ecs import METADATA_ENV, discover_routes, fetch_metadata, labels_from_task
 from .guard import Guard
 from .health import HealthChecker, parse_health_path
@@ -612,6 +613,19 @@ class TunnelClient:
             AuditLog(config.audit_log, fail_closed=config.audit_failure == "closed") if config.audit_log else None
         )
         self.upstreams = list(config.upstreams)
+        #: daemon mode (--upstream-from-host): routes of every labelled task on this host
+        self.discovery: HostDiscovery | None = None
+        if config.upstream_from_host:
+            self.discovery = HostDiscovery(
+                config.ecs_agent_uri,
+                config.docker_host,
+                add=self._daemon_add,
+                withdraw=self._daemon_withdraw,
+                remove=self.forwarder.remove_upstream,
+                announce=self._routes_changed,
+                interval=config.discovery_interval,
+                drain=config.discovery_drain,
+            )
         self.health = HealthChecker(
             self.upstreams,
             dict(parse_health_path(p) for p in config.health_path),
@@ -736,6 +750,18 @@ class TunnelClient:
             outcome = "ok" if error is None else ("reset" if isinstance(error, StreamReset) else "closed")
             self.metrics.stream_done(kind, outcome, time.perf_counter() - started)
 
+    def _daemon_add(self, upstream: Upstream) -> None:
+        self.forwarder.add_upstream(upstream)
+        self.upstreams.append(upstream)
+
+    def _daemon_withdraw(self, upstream: Upstream) -> None:
+        """No longer announced; still served for the drain, unless another upstream now has
+        the same route (a task replaced): then new requests go there at once."""
+        if upstream in self.upstreams:
+            self.upstreams.remove(upstream)
+        if any(u.host == upstream.host and u.path_prefix == upstream.path_prefix for u in self.upstreams):
+            self.forwarder.remove_upstream(upstream)
+
     async def _discover_ecs(self) -> None:
         """Labels (and with --upstream-from-ecs, routes) from the ECS task metadata."""
         if not os.environ.get(METADATA_ENV):
@@ -782,6 +808,8 @@ class TunnelClient:
                 admin = AdminServer(self)
                 self.admin_port = await self._start_admin(admin, self.config.admin_addr)
             async with asyncio.TaskGroup() as group:
+                if self.discovery is not None:
+                    group.create_task(self.discovery.run(self._stop), name="daemon-discovery")
                 group.create_task(self.killswitch.run(self._stop), name="kill-switch")
                 group.create_task(self.health.run(self._stop), name="health-checks")
                 for link in self.links:

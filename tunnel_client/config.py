@@ -199,6 +199,19 @@ class ClientConfig(BaseConfig):
     health_rise: int = Field(2, ge=1, description="good checks before an unhealthy route comes back")
     health_fall: int = Field(3, ge=1, description="bad checks before a route is withdrawn")
     upstream_from_ecs: bool = Field(False, description="add routes from sibling ECS containers' backhaul.* labels")
+    upstream_from_host: bool = Field(
+        False,
+        description="daemon mode: publish every task on this host whose containers carry backhaul.* labels "
+        "(ECS agent introspection and Docker APIs), following tasks as they start, move and stop",
+    )
+    ecs_agent_uri: str = Field("http://127.0.0.1:51678", description="the ECS agent's introspection API (daemon mode)")
+    docker_host: str = Field(
+        "unix:///var/run/docker.sock", description="the Docker Engine API, unix:// or tcp:// (daemon mode)"
+    )
+    discovery_interval: float = Field(1.0, gt=0, le=60, description="seconds between daemon-mode polls")
+    discovery_drain: float = Field(
+        10.0, ge=0, description="seconds a withdrawn daemon-mode route still serves requests already sent to it"
+    )
     admin_addr: str | None = Field(
         DEFAULT_ADMIN_ADDR,
         description="admin listener HOST:PORT (/healthz, /metrics; when the default is taken, a free port); "
@@ -306,8 +319,10 @@ class ClientConfig(BaseConfig):
     def _check(self) -> ClientConfig:
         if not self.server:
             raise ValueError("at least one --server is required")
-        if not self.upstream and not self.tcp and not self.upstream_from_ecs:
-            raise ValueError("at least one --upstream, --tcp or --upstream-from-ecs is required")
+        if not self.upstream and not self.tcp and not self.upstream_from_ecs and not self.upstream_from_host:
+            raise ValueError("at least one --upstream, --tcp, --upstream-from-ecs or --upstream-from-host is required")
+        if not self.docker_host.startswith(("unix:///", "tcp://", "http://")):
+            raise ValueError(f"--docker-host {self.docker_host!r}: expected unix:///PATH or tcp://HOST:PORT")
         for url in self.server:
             parts = urlsplit(url)
             if parts.scheme == "ws":

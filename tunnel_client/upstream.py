@@ -99,6 +99,10 @@ class Forwarder:
         """Serve one more route (ECS discovery adds its routes before the first session)."""
         self.table.add(upstream.host, upstream.path_prefix, upstream)
 
+    def remove_upstream(self, upstream: Upstream) -> None:
+        """Stop serving one route (daemon mode, after its drain); streams under way keep it."""
+        self.table.remove(upstream.host, upstream.path_prefix, upstream)
+
     def match(self, authority: str, path: str) -> Upstream | None:
         found = self.table.lookup(normalize_host(authority), path)
         return found[0] if found else None

@@ -281,9 +281,16 @@ def _sidecar_rules(taskdef: dict[str, Any], containers: list[dict[str, Any]], mo
     hc = " ".join(client.get("healthCheck", {}).get("command", []))
     if "tunnel-client healthcheck" not in hc:
         errors.append("tunnel-client: healthCheck must run `tunnel-client healthcheck`")
-    if not any(s.get("name") == "BACKHAUL_TOKEN" for s in client.get("secrets", [])):
-        errors.append("tunnel-client: BACKHAUL_TOKEN must be injected from secrets")
     env = {e.get("name"): e.get("value", "") for e in client.get("environment", [])}
+    if env.get("BACKHAUL_AUTH") == "aws-iam":  # the task role is the credential: no token at all
+        if not taskdef.get("taskRoleArn"):
+            errors.append("tunnel-client: --auth aws-iam needs a taskRoleArn (the identity it signs with)")
+        if any(s.get("name") == "BACKHAUL_TOKEN" for s in client.get("secrets", [])):
+            errors.append("tunnel-client: --auth aws-iam sends no token: drop the BACKHAUL_TOKEN secret")
+    elif not any(s.get("name") == "BACKHAUL_TOKEN" for s in client.get("secrets", [])):
+        errors.append("tunnel-client: BACKHAUL_TOKEN must be injected from secrets")
+    if env.get("BACKHAUL_UPSTREAM_FROM_HOST") == "true":
+        return errors + _daemon_rules(taskdef, client, env, mode)
     if not env.get("BACKHAUL_SERVER", "").startswith("wss://"):
         errors.append("tunnel-client: BACKHAUL_SERVER must be a wss:// URL")
     healthy_deps = [d["containerName"] for d in client.get("dependsOn", []) if d.get("condition") == "HEALTHY"]
@@ -306,6 +313,27 @@ def _sidecar_rules(taskdef: dict[str, Any], containers: list[dict[str, Any]], mo
             errors.append(f"tunnel-client: in bridge mode upstream {url!r} must use a links alias ({sorted(links)})")
         if mode == "host" and host not in ("127.0.0.1", "localhost", "[::1]"):
             errors.append(f"tunnel-client: in host mode upstream {url!r} must be on 127.0.0.1")
+    return errors
+
+
+def _daemon_rules(taskdef: dict[str, Any], client: dict[str, Any], env: dict[str, str], mode: str) -> list[str]:
+    """Daemon mode: host networking (the agent's introspection API listens on the host's
+    127.0.0.1:51678), Docker's socket mounted read-only, a drain longer than the stop timeout."""
+    errors: list[str] = []
+    if mode != "host":
+        errors.append("daemon mode: networkMode must be host (the ECS agent API is on the host's loopback)")
+    if not env.get("BACKHAUL_SERVER", "").startswith("wss://"):
+        errors.append("tunnel-client: BACKHAUL_SERVER must be a wss:// URL")
+    sockets = {
+        v.get("name")
+        for v in taskdef.get("volumes", [])
+        if v.get("host", {}).get("sourcePath") == "/var/run/docker.sock"
+    }
+    mounted = [m for m in client.get("mountPoints", []) if m.get("sourceVolume") in sockets]
+    if not mounted or not all(m.get("readOnly") for m in mounted):
+        errors.append("daemon mode: mount /var/run/docker.sock read-only")
+    if (client.get("stopTimeout") or 30) <= 30:
+        errors.append("tunnel-client: stopTimeout must exceed the 30 s drain timeout")
     return errors
 
 

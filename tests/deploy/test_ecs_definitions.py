@@ -46,6 +46,7 @@ def load(path: Path) -> dict[str, Any]:
 def test_expected_files_exist() -> None:
     names = {p.name for p in FILES}
     assert {"taskdef-bridge.json", "taskdef-host.json", "taskdef-firelens.json", "service.json"} <= names
+    assert {"taskdef-daemon.json", "service-daemon.json"} <= names  # daemon mode, IAM identity
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -80,6 +81,10 @@ def test_variants_cover_bridge_host_and_firelens() -> None:
     others = [c for c in firelens["containerDefinitions"] if c is not routers[0]]
     assert all(c["logConfiguration"]["logDriver"] == "awsfirelens" for c in others)
     valid_from = {"ssm", "secretsmanager"}
+    daemon = docs["taskdef-daemon.json"]
+    env = {e["name"]: e["value"] for e in daemon["containerDefinitions"][0]["environment"]}
+    assert env["BACKHAUL_AUTH"] == "aws-iam" and env["BACKHAUL_UPSTREAM_FROM_HOST"] == "true"
+    assert daemon["networkMode"] == "host" and daemon["taskRoleArn"]
     seen = {
         c["secrets"][0]["valueFrom"].split(":")[2]
         for d in docs.values()
