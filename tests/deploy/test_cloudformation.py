@@ -86,9 +86,14 @@ def test_exit_server_shape() -> None:
     assert props["RequiresCompatibilities"] == ["FARGATE"] and props["NetworkMode"] == "awsvpc"
     assert "ExecutionRoleArn" in props and "TaskRoleArn" in props
     (container,) = props["ContainerDefinitions"]
-    secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
+    secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"] if "Name" in s}
     token_secrets = _resources(t, "AWS::SecretsManager::Secret")
-    assert secrets["BACKHAUL_TOKEN"] == {"Ref": next(iter(token_secrets))}
+    # the shared token, unless TokensSecretArn gives a tokens file (per-client tokens, aws_roles)
+    (choice,) = [s["Fn::If"] for s in container["Secrets"] if "Fn::If" in s]
+    assert choice[0] == "HasTokensFile"
+    assert choice[1] == {"Name": "TOKENS_TOML", "ValueFrom": {"Ref": "TokensSecretArn"}}
+    assert choice[2] == {"Name": "BACKHAUL_TOKEN", "ValueFrom": {"Ref": next(iter(token_secrets))}}
+    assert set(secrets) == {"TLS_CERT_PEM", "TLS_KEY_PEM"}
     env = {e["Name"]: e["Value"] for e in container["Environment"] if "Name" in e}
     assert env["BACKHAUL_CONTROL_ADDR"].endswith(":8443") and env["BACKHAUL_ADMIN_ADDR"] == "0.0.0.0:8690"
     assert "BACKHAUL_TOKEN" not in env and "--token " not in " ".join(container["Command"])
