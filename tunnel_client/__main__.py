@@ -123,7 +123,7 @@ def doctor_command(args: argparse.Namespace) -> int:
 
     try:
         config = settings_from_args(ClientConfig, args)
-        token = read_secret(config.token_file, config.token, "token")
+        token = "" if config.auth == "aws-iam" else read_secret(config.token_file, config.token, "token")
     except (ConfigError, ValidationError, ValueError) as exc:
         render(config_failure(exc), args.json)
         return 2

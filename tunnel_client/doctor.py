@@ -325,13 +325,35 @@ def _tls(
 
 
 async def _upgrade(
-    steps: _Steps, url: str, token: str, ctx: ssl.SSLContext, proxy: str | None, pins: frozenset[bytes] | None
+    steps: _Steps,
+    url: str,
+    token: str,
+    ctx: ssl.SSLContext,
+    proxy: str | None,
+    pins: frozenset[bytes] | None,
+    aws: ClientConfig | None = None,
 ) -> None:
-    """The upgrade and the token: bearer, or with ``pins`` challenge authentication (as run)."""
+    """The upgrade and the token: bearer, or with ``pins`` challenge authentication, or with
+    ``aws`` (the configuration of --auth aws-iam) the signed AWS identity (as run)."""
     t0 = time.monotonic()
     cnonce = secrets.token_bytes(challenge.NONCE_BYTES)
     token_id = challenge.token_id_of(token)
-    if pins is None:
+    if aws is not None:
+        from shared.awsiam import ENVELOPE_HEADER
+
+        from .awsiam import AwsSigner, require_botocore
+
+        try:
+            require_botocore()
+            signer = AwsSigner(aws.aws_sts_endpoint, aws.aws_region)
+            server_id = aws.aws_server_id or urlsplit(url).hostname or ""
+            headers = {ENVELOPE_HEADER: await signer.envelope(server_id)}
+        except Exception as exc:  # botocore's credential chain raises many kinds
+            steps.fail("upgrade", f"cannot sign the AWS identity request: {exc}", "check the task or instance role")
+            for step in ("auth", "clock", "rtt"):
+                steps.skip(step)
+            return
+    elif pins is None:
         headers = {"Authorization": f"Bearer {token}"}
     else:
         headers = {challenge.HEADER: challenge.format_header(id=token_id, cnonce=cnonce)}
@@ -348,7 +370,18 @@ async def _upgrade(
             )
     except InvalidStatus as exc:
         status = exc.response.status_code
-        if status == 401:
+        if status == 401 and aws is not None:
+            steps.ok("upgrade", "the exit server answered the WebSocket upgrade")
+            steps.fail(
+                "auth",
+                "401: the AWS identity was refused",
+                "the role must match one client's aws_roles in the exit server's --tokens, and --aws-server-id "
+                "must be what this client signs (its --server host name unless --aws-server-id)",
+            )
+        elif status == 503 and aws is not None:
+            steps.ok("upgrade", "the exit server answered the WebSocket upgrade")
+            steps.fail("auth", "503: the exit server cannot reach STS now (or is draining)", "retry; check its egress")
+        elif status == 401:
             steps.ok("upgrade", "the exit server answered the WebSocket upgrade")
             steps.fail("auth", "401: the token was refused", "check --token-file / BACKHAUL_TOKEN and its revocation")
         else:
@@ -465,7 +498,15 @@ async def diagnose(config: ClientConfig, token: str, environ: Mapping[str, str] 
             for step in ("upgrade", "auth", "clock", "rtt"):
                 steps.skip(step)
             continue
-        await _upgrade(steps, url, token, ctx, proxy_url, frozenset(pins) if config.auth == "challenge" else None)
+        await _upgrade(
+            steps,
+            url,
+            token,
+            ctx,
+            proxy_url,
+            frozenset(pins) if config.auth == "challenge" else None,
+            config if config.auth == "aws-iam" else None,
+        )
     for upstream in upstreams:
         scheme, host, port = upstream.address
         await asyncio.to_thread(_upstream, out, upstream.host + upstream.path_prefix.rstrip("/"), scheme, host, port)

@@ -231,3 +231,24 @@ async def test_sts_down_refuses_new_sessions_and_keeps_existing(
         assert await upgrade_status(iam_stack, fresh) == 503
         assert first.client.connected
         assert await get(iam_stack.base + "/still", "app.test") == 200
+
+
+@pytest.mark.parametrize(("role", "ok"), [("backhaul-edge", True), ("someone-else", False)])
+async def test_doctor_checks_the_aws_identity(
+    iam_stack: IamStack, monkeypatch: pytest.MonkeyPatch, role: str, ok: bool
+) -> None:
+    from tunnel_client.doctor import diagnose
+
+    iam_stack.sts.use(monkeypatch, role)
+    config = client_config(
+        iam_stack.certs,
+        iam_stack.server,
+        ["app.test=http://127.0.0.1:9"],
+        auth="aws-iam",
+        aws_server_id=SERVER_ID,
+        aws_sts_endpoint=iam_stack.sts.url,
+    )
+    checks = {c.step: c for c in await diagnose(config, "") if c.target.startswith("wss://")}
+    assert checks["auth"].failed is not ok
+    if not ok:
+        assert "AWS identity was refused" in checks["auth"].detail
