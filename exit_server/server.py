@@ -16,6 +16,7 @@ import resource
 import socket
 import ssl
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from websockets.asyncio.server import Server, serve
@@ -40,7 +41,6 @@ from .clienthello import ClientHello
 from .config import ServerConfig
 from .control import Authenticator, ControlEndpoint, SharedTokenAuth, load_signing_key
 from .frontdoor import FrontDoor, Route
-from .h2public import H2Edge, H2Limits
 from .httpguard import GuardedServer
 from .iamauth import IamVerifier
 from .observe import Metrics
@@ -49,6 +49,9 @@ from .reload import Reloadable, Reloader
 from .routes import Registry, Tunnel
 from .tcp import TcpListeners
 from .tokens import TokenRegistry, host_allowed
+
+if TYPE_CHECKING:
+    from .h2public import H2Edge
 
 __all__ = ["ExitServer"]
 
@@ -81,16 +84,8 @@ class ExitServer:
                 config.aws_server_id, tuple(config.aws_sts_endpoint) or None, max_age=config.aws_max_age
             )
         self.public = PublicHandler(config, self.registry, self.metrics)
-        self.h2 = H2Edge(
-            self.public,
-            H2Limits(
-                max_concurrent_streams=config.h2_max_streams,
-                max_header_list_size=config.h2_max_header_list,
-                max_requests=config.h2_max_requests,
-                max_resets_per_second=config.h2_max_resets,
-                max_control_per_second=config.h2_max_control_frames,
-            ),
-        )
+        #: the public HTTP/2 side, made (and h2 imported) when a listener offers HTTP/2
+        self.h2: H2Edge | None = None
         self.access = AccessRules(config.access) if config.access is not None else None
         self.public.access = self.access
         #: certificates of the public HTTPS listener (None: no --public-tls-addr)
@@ -207,6 +202,23 @@ class ExitServer:
             return self._tls_public
         return None
 
+    def _h2_edge(self) -> H2Edge:
+        if self.h2 is None:
+            from .h2public import H2Edge, H2Limits
+
+            cfg = self.config
+            self.h2 = H2Edge(
+                self.public,
+                H2Limits(
+                    max_concurrent_streams=cfg.h2_max_streams,
+                    max_header_list_size=cfg.h2_max_header_list,
+                    max_requests=cfg.h2_max_requests,
+                    max_resets_per_second=cfg.h2_max_resets,
+                    max_control_per_second=cfg.h2_max_control_frames,
+                ),
+            )
+        return self.h2
+
     def _public_server(self, scheme: str | None) -> GuardedServer:
         """An aiohttp server for a public listener (plain, or HTTPS with ``scheme="https"``):
         414/431/408, generic error bodies, PROXY v2 from --trusted-proxies."""
@@ -221,7 +233,7 @@ class ExitServer:
             trusted=self.public.trusted,
             max_connections=public_connection_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
             on_refused=self.metrics.descriptors.labels("reserve").inc,
-            h2=self.h2 if scheme is not None and not cfg.no_http2 or scheme is None and cfg.h2c else None,
+            h2=self._h2_edge() if scheme is not None and not cfg.no_http2 or scheme is None and cfg.h2c else None,
             scheme=scheme or cfg.public_scheme,
         )
 
@@ -349,7 +361,8 @@ class ExitServer:
         log.info("exit server: draining (%d requests in flight, up to %.0fs)", self.public.in_flight, timeout)
         self.public.draining = True
         self.control.draining = True
-        self.h2.goaway_all()  # HTTP/2 callers: streams in flight finish, new ones go elsewhere
+        if self.h2 is not None:
+            self.h2.goaway_all()  # HTTP/2 callers: streams in flight finish, new ones go elsewhere
         if self._site is not None and self._site._server is not None:
             self._site._server.close()  # stop accepting public connections
         if self._front is not None:
@@ -418,7 +431,8 @@ class ExitServer:
             self._reload_task.cancel()
             self._reload_task = None
         await self._close_sessions(deadline)
-        self.h2.close_all()
+        if self.h2 is not None:
+            self.h2.close_all()
         if self.control.iam is not None:
             await self.control.iam.close()
         await self.tcp.close()

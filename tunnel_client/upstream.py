@@ -13,9 +13,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
-
-from hpack import NeverIndexedHeaderTuple
+from typing import TYPE_CHECKING, TypeVar
 
 from shared.aio.chunks import ChunkStream
 from shared.aio.connection import TunnelStream
@@ -39,8 +37,10 @@ from .http1 import (
     exchange,
     parse_response_head,
 )
-from .http2 import H2Pool, H2Stream, UpstreamReset
 from .killswitch import KillSwitch
+
+if TYPE_CHECKING:  # h2 is imported on first use of an HTTP/2 upstream (36 ms of start time)
+    from .http2 import H2Pool, H2Stream
 
 __all__ = ["Forwarder", "reset_for"]
 
@@ -76,9 +76,8 @@ class Forwarder:
         self._pool = UpstreamPool(connect_timeout, max_head=max_response_head, max_fields=max_response_fields)
         if upstream_ca is not None:  # one context each: the HTTP/2 pool's offers ALPN h2
             self._pool._tls = ssl.create_default_context(cafile=str(upstream_ca))
-        self._h2 = H2Pool(
-            connect_timeout, ssl.create_default_context(cafile=str(upstream_ca)) if upstream_ca is not None else None
-        )
+        self._upstream_ca = upstream_ca
+        self._h2_pool: H2Pool | None = None  # made (and h2 imported) on first use
         self.requests = 0
         self.guard = Guard()
         self.audit: AuditLog | None = None
@@ -91,13 +90,26 @@ class Forwarder:
 
     async def close(self) -> None:
         await self._pool.close()
-        await self._h2.close()
+        if self._h2_pool is not None:
+            await self._h2_pool.close()
         if self.audit is not None:
             await self.audit.close()
 
     def add_upstream(self, upstream: Upstream) -> None:
         """Serve one more route (ECS discovery adds its routes before the first session)."""
         self.table.add(upstream.host, upstream.path_prefix, upstream)
+
+    @property
+    def _h2(self) -> H2Pool:
+        """The HTTP/2 upstream pool, made on first use (h2 is not imported before)."""
+        if self._h2_pool is None:
+            from .http2 import H2Pool
+
+            ca = self._upstream_ca
+            self._h2_pool = H2Pool(
+                self.connect_timeout, ssl.create_default_context(cafile=str(ca)) if ca is not None else None
+            )
+        return self._h2_pool
 
     def remove_upstream(self, upstream: Upstream) -> None:
         """Stop serving one route (daemon mode, after its drain); streams under way keep it."""
@@ -360,6 +372,8 @@ class Forwarder:
     async def _proxy_h2(self, stream: TunnelStream, record: AuditRecord, upstream: Upstream, target: str) -> None:
         """One request on a multiplexed HTTP/2 upstream connection: trailers both ways, resets
         both ways (a tunnel reset cancels this task, which resets the upstream stream)."""
+        from .http2 import UpstreamReset  # loaded with the pool
+
         head = stream.head
         assert head is not None
         scheme = "http" if upstream.scheme == "h2c" else "https"
@@ -446,6 +460,8 @@ def h2_request_fields(
                 out.append((b"te", b"trailers"))
             continue
         if lower in _UNIQUE:  # different on every request: never into the HPACK dynamic table
+            from hpack import NeverIndexedHeaderTuple
+
             out.append(NeverIndexedHeaderTuple(lower.encode("latin-1"), value.encode("latin-1")))
         else:
             out.append((lower.encode("latin-1"), value.encode("latin-1")))

@@ -73,7 +73,7 @@ async def test_rapid_reset_gets_goaway_and_spares_the_upstream(edge: tuple[Stack
         await caller.close()
     assert len(hits) <= 101  # at most the resets allowed in one second reached the upstream
     await still_serving(s)
-    assert s.server.h2.goaways.get("rapid_reset") == 1
+    assert s.server.h2 is not None and s.server.h2.goaways.get("rapid_reset") == 1
 
 
 async def test_more_streams_than_advertised_is_a_connection_error(edge: tuple[Stack, Any, list[str]]) -> None:

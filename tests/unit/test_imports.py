@@ -29,6 +29,7 @@ SANS_IO = [
     "forwarding",
     "challenge",
     "h2map",
+    "awsiam",
 ]
 TOP_LEVEL = {*SANS_IO, "proxyproto"}
 FORBIDDEN = ["asyncio", "websockets", "aiohttp", "socket"]
@@ -118,3 +119,18 @@ def test_no_io_import_statement_in_shared(path: Path) -> None:
 def test_every_sans_io_module_is_checked() -> None:
     """And nothing else sits at shared/'s top level: it reads as the protocol."""
     assert {p.stem for p in SHARED.glob("*.py")} == TOP_LEVEL
+
+
+@pytest.mark.parametrize(
+    ("module", "absent"),
+    [
+        ("tunnel_client.client", ["aiohttp", "h2", "hpack", "botocore"]),
+        ("exit_server.server", ["h2", "hpack", "botocore"]),
+    ],
+)
+def test_optional_libraries_load_only_when_used(module: str, absent: list[str]) -> None:
+    """Start time: HTTP/2 (h2) loads with the first HTTP/2 listener or upstream, botocore only
+    with --auth aws-iam, aiohttp in the client only for health checks or ECS metadata."""
+    code = f"import sys, {module}; print([m for m in {absent!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
