@@ -63,6 +63,18 @@ class ServerConfig(BaseConfig):
     hsts: int = Field(
         0, ge=0, description="Strict-Transport-Security max-age in seconds on HTTPS answers (0: no header)"
     )
+    state: str | None = Field(
+        None,
+        description="fleet state on Redis, redis://HOST:PORT/DB or rediss:// (TLS): the credentials every exit "
+        "server shares, replacing --tokens (`exit-server token ... --state` changes them); no password in the URL",
+    )
+    state_password_file: Path | None = Field(
+        None, description="file holding the state store's password (or BACKHAUL_STATE_PASSWORD)"
+    )
+    state_password: SecretStr | None = Field(None, description="the state store's password (environment/TOML only)")
+    state_resync: float = Field(
+        5.0, gt=0, le=300, description="seconds between full re-reads of the state (a lost change message is repaired)"
+    )
     aws_server_id: str | None = Field(
         None,
         description="turn on AWS IAM authentication of tunnel clients (--auth aws-iam): the id clients sign "
@@ -232,8 +244,13 @@ class ServerConfig(BaseConfig):
             raise ValueError("--heartbeat-timeout must exceed --heartbeat-interval")
         if self.tokens is not None and (self.token_file is not None or self.token is not None):
             raise ValueError("--tokens replaces the shared token: give either --tokens or --token-file/BACKHAUL_TOKEN")
-        if self.aws_server_id is not None and self.tokens is None:
-            raise ValueError("--aws-server-id needs --tokens (its aws_roles map IAM roles to clients)")
+        if self.state is not None:
+            if not re.fullmatch(r"rediss?://[^/@\s]+(/\d{1,2})?", self.state):
+                raise ValueError("--state: expected redis://HOST:PORT[/DB] or rediss://... (no password in the URL)")
+            if self.tokens is not None or self.token_file is not None or self.token is not None:
+                raise ValueError("--state holds the credentials: not with --tokens, --token-file or BACKHAUL_TOKEN")
+        if self.aws_server_id is not None and self.tokens is None and self.state is None:
+            raise ValueError("--aws-server-id needs --tokens or --state (their aws_roles map IAM roles to clients)")
         if self.aws_server_id is not None and not re.fullmatch(r"[\x21-\x7e]{1,256}", self.aws_server_id):
             raise ValueError("--aws-server-id must be 1-256 printable ASCII characters")
         for url in self.aws_sts_endpoint:

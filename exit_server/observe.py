@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -219,6 +219,11 @@ class Metrics:
             registry=r,
         )
         self.registrations = Counter("backhaul_tunnel_registrations", "Tunnel sessions registered", registry=r)
+        self.state_store_up = Gauge(
+            "backhaul_state_store_up",
+            "1 while the fleet state store (--state) answers, 0 while this server serves its last known state",
+            registry=r,
+        )
         self.acme_orders = Counter(
             "backhaul_acme_orders",
             "ACME attempts (orders and renewals) by result: issued or failed",

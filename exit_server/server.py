@@ -52,6 +52,7 @@ from .tokens import TokenRegistry, host_allowed
 
 if TYPE_CHECKING:
     from .h2public import H2Edge
+    from .state import StateFollower
 
 __all__ = ["ExitServer"]
 
@@ -69,11 +70,34 @@ class ExitServer:
     def __init__(self, config: ServerConfig, auth: Authenticator | None = None) -> None:
         self.config = config
         self.registry = Registry(config.tcp_ports, config.max_routes_per_client)
-        if auth is None and config.tokens is not None:
+        #: --state: the credentials follow the fleet's store (exit_server/state.py)
+        self.state: StateFollower | None = None
+        if auth is None and config.state is not None:
+            auth = TokenRegistry(None)  # empty until the store is read at start
+        elif auth is None and config.tokens is not None:
             auth = TokenRegistry(config.tokens)  # per-client credentials replace the shared token
         elif auth is None:
             auth = SharedTokenAuth(read_secret(config.token_file, config.token, "token"))
         self.metrics = Metrics(self.registry)
+        if config.state is not None and isinstance(auth, TokenRegistry):
+            try:
+                import redis  # noqa: F401
+            except ImportError:
+                raise ConfigError("--state needs redis: pip install 'backhaul[fleet]'") from None
+            from .state import StateFollower
+
+            password = None
+            if config.state_password_file is not None or config.state_password is not None:
+                password = read_secret(config.state_password_file, config.state_password, "state-password")
+            store_up = self.metrics.state_store_up
+            self.state = StateFollower(
+                config.state,
+                password,
+                auth,
+                on_change=self._credentials_changed,
+                on_up=lambda up: store_up.set(1 if up else 0),
+                resync=config.state_resync,
+            )
         register_process_metrics(self.metrics.registry, "exit-server", {"control": config.tls_cert})
         self.tcp = TcpListeners(config, self.registry, parse_addr(config.public_addr)[0], self.metrics)
         self.control = ControlEndpoint(config, self.registry, auth, self.tcp, self.metrics)
@@ -115,6 +139,8 @@ class ExitServer:
         ]
         self.reloader = Reloader(reloadable, self._credentials_changed)
         self._reload_task: asyncio.Task[None] | None = None
+        self._state_task: asyncio.Task[None] | None = None
+        self._state_stop = asyncio.Event()
         admin_token = None
         if config.admin_token_file is not None or config.admin_token is not None:
             admin_token = read_secret(config.admin_token_file, config.admin_token, "admin-token")
@@ -239,6 +265,8 @@ class ExitServer:
 
     async def _start(self) -> None:
         cfg = self.config
+        if self.state is not None:
+            await self.state.start()  # the credentials before the first client
         ssl_ctx = None if cfg.insecure_plaintext else server_context(cfg.tls_cert, cfg.tls_key, cfg.client_ca)  # type: ignore[arg-type]
         host, port = parse_addr(cfg.control_addr)
         with _listen_errors("--control-addr", cfg.control_addr):
@@ -268,6 +296,8 @@ class ExitServer:
             await self._start_public_tls(cfg.public_tls_addr, ssl_ctx)
         if self.reloader.items:
             self._reload_task = asyncio.create_task(self.reloader.run(), name="reload-credentials")
+        if self.state is not None:
+            self._state_task = asyncio.create_task(self.state.run(self._state_stop), name="fleet-state")
         if cfg.admin_addr:
             self._admin_runner = web.AppRunner(self.admin.app, access_log=None, handle_signals=False)
             await self._admin_runner.setup()
@@ -430,6 +460,13 @@ class ExitServer:
         if self._reload_task is not None:
             self._reload_task.cancel()
             self._reload_task = None
+        if self._state_task is not None:
+            self._state_stop.set()
+            self._state_task.cancel()
+            await asyncio.gather(self._state_task, return_exceptions=True)
+            self._state_task = None
+        if self.state is not None:
+            await self.state.close()
         await self._close_sessions(deadline)
         if self.h2 is not None:
             self.h2.close_all()

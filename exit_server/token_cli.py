@@ -15,7 +15,7 @@ from pathlib import Path
 from shared.errors import ConfigError
 
 from .hashing import hash_secret
-from .tokens import CLIENT_ID, load_entries, new_entry, save_entries, validate_pattern
+from .tokens import CLIENT_ID, TokenEntry, load_entries, new_entry, save_entries, validate_pattern
 
 __all__ = ["add_commands", "run_command"]
 
@@ -36,7 +36,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         ("list", "list clients (never tokens or hashes)"),
     ):
         p = actions.add_parser(name, help=text, description=text)
-        p.add_argument("--tokens", type=Path, required=True, metavar="FILE", help="the tokens file")
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--tokens", type=Path, metavar="FILE", help="the tokens file")
+        where.add_argument(
+            "--state",
+            metavar="URL",
+            help="the fleet's state store, redis://HOST:PORT[/DB] or rediss://: the change reaches every exit "
+            "server within a second (password: --state-password-file or BACKHAUL_STATE_PASSWORD)",
+        )
+        p.add_argument("--state-password-file", type=Path, metavar="FILE", help="file holding the store's password")
         if name != "list":
             p.add_argument("--client", required=True, help="client id (letters, digits, . _ -)")
         if name == "add":
@@ -84,23 +92,61 @@ def run_command(args: argparse.Namespace) -> int:
     """
     if args.command == "hash-password":
         return _hash_password(args.user)
+    if args.state is not None:
+        return _state_command(args)
     path: Path = args.tokens
     action = args.token_action
     entries = load_entries(path) if path.exists() else {}
     if action == "list":
-        for e in sorted(entries.values(), key=lambda e: e.client_id):
-            state = "revoked" if e.revoked else "active"
-            host_list = ",".join(e.hosts) or "-"
-            port_list = ",".join(map(str, e.tcp_ports)) or "-"
-            roles = f"\taws_roles={','.join(e.aws_roles)}" if e.aws_roles else ""
-            print(
-                f"{e.client_id}\t{state}\ttoken_id={e.token_id or '-'}\thosts={host_list}\ttcp_ports={port_list}\t"
-                f"created={e.created or '-'}{roles}"
-            )
+        _print_list(entries)
         return 0
     client = args.client
     if not CLIENT_ID.match(client):
         raise ConfigError(f"--client: bad client id {client!r} (letters, digits, . _ -; at most 64)")
+    if action != "add" and client not in entries:
+        raise ConfigError(f"--client: no client {client} in {path}")
+    entry, token = _changed_entry(args, entries, client, action)
+    entries[client] = entry
+    save_entries(path, entries)
+    if action == "revoke":
+        print(f"revoked client {client}; a running exit server closes its sessions within a second", file=sys.stderr)
+        return 0
+    if not token:
+        print(
+            f"added client {client}, authenticated by AWS IAM as {', '.join(entry.aws_roles)} (no token)",
+            file=sys.stderr,
+        )
+        return 0
+    print(
+        f"{'added' if action == 'add' else 'rotated'} client {client} (token_id {entry.token_id}); "
+        "the token is printed once below, store it now",
+        file=sys.stderr,
+    )
+    print(token, flush=True)
+    return 0
+
+
+def _print_list(entries: dict[str, TokenEntry]) -> None:
+    for e in sorted(entries.values(), key=lambda e: e.client_id):
+        state = "revoked" if e.revoked else "active"
+        host_list = ",".join(e.hosts) or "-"
+        port_list = ",".join(map(str, e.tcp_ports)) or "-"
+        roles = f"\taws_roles={','.join(e.aws_roles)}" if e.aws_roles else ""
+        print(
+            f"{e.client_id}\t{state}\ttoken_id={e.token_id or '-'}\thosts={host_list}\ttcp_ports={port_list}\t"
+            f"created={e.created or '-'}{roles}"
+        )
+
+
+def _changed_entry(
+    args: argparse.Namespace, entries: dict[str, TokenEntry], client: str, action: str
+) -> tuple[TokenEntry, str]:
+    """The entry ``action`` makes for ``client`` and its new token ("" for none).
+
+    Raises:
+        ConfigError: the action does not apply (an existing client added, an unknown one
+            rotated or revoked, an IAM-only client rotated) or a bad argument.
+    """
     if action == "add":
         if client in entries and not entries[client].revoked:
             raise ConfigError(f"--client: {client} exists already (use rotate for a new token)")
@@ -115,43 +161,18 @@ def run_command(args: argparse.Namespace) -> int:
         if args.with_token and not args.aws_role:
             raise ConfigError("--with-token: only with --aws-role (a client without one always gets a token)")
         try:
-            entry, token = new_entry(
-                client, hosts, args.tcp_port, args.aws_role, token=not args.aws_role or args.with_token
-            )
+            return new_entry(client, hosts, args.tcp_port, args.aws_role, token=not args.aws_role or args.with_token)
         except ValueError as exc:
             raise ConfigError(f"--aws-role: {exc}") from None
-        if not token:
-            entries[client] = entry
-            save_entries(path, entries)
-            print(
-                f"added client {client}, authenticated by AWS IAM as {', '.join(args.aws_role)} (no token)",
-                file=sys.stderr,
-            )
-            return 0
-    else:
-        if client not in entries:
-            raise ConfigError(f"--client: no client {client} in {path}")
-        old = entries[client]
-        if action == "revoke":
-            old.revoked = True
-            entries[client] = old
-            save_entries(path, entries)
-            print(
-                f"revoked client {client}; a running exit server closes its sessions within a second", file=sys.stderr
-            )
-            return 0
-        if not old.has_token:
-            raise ConfigError(f"--client: {client} authenticates by AWS IAM only: there is no token to rotate")
-        entry, token = new_entry(client, old.hosts, old.tcp_ports, old.aws_roles)
-    entries[client] = entry
-    save_entries(path, entries)
-    print(
-        f"{'added' if action == 'add' else 'rotated'} client {client} (token_id {entry.token_id}); "
-        "the token is printed once below, store it now",
-        file=sys.stderr,
-    )
-    print(token, flush=True)
-    return 0
+    old = entries.get(client)
+    if old is None:
+        raise ConfigError(f"--client: no client {client}")
+    if action == "revoke":
+        old.revoked = True
+        return old, ""
+    if not old.has_token:
+        raise ConfigError(f"--client: {client} authenticates by AWS IAM only: there is no token to rotate")
+    return new_entry(client, old.hosts, old.tcp_ports, old.aws_roles)
 
 
 def _hash_password(user: str | None) -> int:
@@ -167,4 +188,49 @@ def _hash_password(user: str | None) -> int:
         raise ConfigError("--user: a user name cannot be empty or contain ':'")
     hashed = hash_secret(secret)
     print(f"{user}:{hashed}" if user is not None else hashed)
+    return 0
+
+
+def _state_command(args: argparse.Namespace) -> int:
+    """``token ... --state URL``: the same actions on the fleet's store, each one atomic and
+    acknowledged only once Redis has it (exit_server/state.py)."""
+    import os
+
+    from pydantic import SecretStr
+
+    from shared.runtime.config import read_secret
+
+    from .state import read_state, update
+
+    url: str = args.state
+    if not url.startswith(("redis://", "rediss://")) or "@" in url:
+        raise ConfigError("--state: expected redis://HOST:PORT[/DB] or rediss://... (no password in the URL)")
+    password = None
+    if args.state_password_file is not None or os.environ.get("BACKHAUL_STATE_PASSWORD"):
+        env = os.environ.get("BACKHAUL_STATE_PASSWORD")
+        password = read_secret(args.state_password_file, SecretStr(env) if env else None, "state-password")
+    action = args.token_action
+    if action == "list":
+        entries, version = read_state(url, password)
+        _print_list(entries)
+        print(f"state version {version}", file=sys.stderr)
+        return 0
+    client = args.client
+    if not CLIENT_ID.match(client):
+        raise ConfigError(f"--client: bad client id {client!r} (letters, digits, . _ -; at most 64)")
+    made: dict[str, str] = {}
+
+    def change(entries: dict[str, TokenEntry]) -> dict[str, TokenEntry]:
+        entry, token = _changed_entry(args, entries, client, action)
+        entries[client] = entry
+        made["token"] = token
+        made["token_id"] = entry.token_id
+        return entries
+
+    version = update(url, password, change)
+    verb = {"add": "added", "rotate": "rotated", "revoke": "revoked"}[action]
+    print(f"{verb} client {client} (state version {version}; every exit server within a second)", file=sys.stderr)
+    if made.get("token"):
+        print("the token is printed once below, store it now", file=sys.stderr)
+        print(made["token"], flush=True)
     return 0

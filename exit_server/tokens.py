@@ -228,9 +228,20 @@ def load_entries(path: Path) -> dict[str, TokenEntry]:
         ConfigError: unreadable, not TOML, or an invalid entry (the message never holds a hash).
     """
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"--tokens: cannot read {path}: {exc.strerror}") from None
+    return parse_entries(text, str(path))
+
+
+def parse_entries(text: str, path: str = "the state store") -> dict[str, TokenEntry]:
+    """Validate the text of a tokens file (from a file or the state store).
+
+    Raises:
+        ConfigError: not TOML, or an invalid entry.
+    """
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--tokens: {path} is not valid TOML: {exc}") from None
     unknown = set(data) - {"clients"}
@@ -366,14 +377,19 @@ class TokenRegistry:
     #: scrypt verifications running at once (each takes ~0.1 s of CPU and 16 MiB).
     CONCURRENCY = 2
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, text: str | None = None) -> None:
+        #: the file (None: the entries come from the state store, exit_server/state.py)
+        self.path = path if path is not None else Path("/nonexistent")
+        self._file = path
         self._key = secrets.token_bytes(32)
         self._entries: dict[str, TokenEntry] = {}
         self._by_token_id: dict[str, TokenEntry] = {}
         self._cache: dict[bytes, Principal] = {}
         self._limit: asyncio.Semaphore | None = None
-        self.reload(strict=True)
+        if path is not None:
+            self.reload(strict=True)
+        else:
+            self.load_text(text or "[clients]\n", strict=True)
 
     @property
     def clients(self) -> dict[str, TokenEntry]:
@@ -386,8 +402,10 @@ class TokenRegistry:
         Raises:
             ConfigError: ``strict`` and the file is unreadable or invalid.
         """
+        if self._file is None:
+            return False
         try:
-            entries = load_entries(self.path)
+            entries = load_entries(self._file)
         except ConfigError as exc:
             if strict:
                 raise
@@ -401,6 +419,25 @@ class TokenRegistry:
                     self.path,
                     self.path.stat().st_mode & 0o777,
                 )
+        return self._apply(entries, strict)
+
+    def load_text(self, text: str, strict: bool = False) -> bool:
+        """Take the entries from a tokens file's text (the state store's copy). A broken text
+        keeps the previous credentials (logged), unless ``strict``.
+
+        Raises:
+            ConfigError: ``strict`` and the text is invalid.
+        """
+        try:
+            entries = parse_entries(text)
+        except ConfigError as exc:
+            if strict:
+                raise
+            log.error("tokens: the state store's copy is invalid, keeping the previous credentials: %s", exc)
+            return False
+        return self._apply(entries, strict)
+
+    def _apply(self, entries: dict[str, TokenEntry], strict: bool) -> bool:
         changed = {k: v.principal() for k, v in entries.items()} != {k: v.principal() for k, v in self._entries.items()}
         self._entries = entries
         self._by_token_id = {e.token_id: e for e in entries.values() if e.has_token}

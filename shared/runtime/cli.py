@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: Settings never accepted on argv (LESSONS 8: secrets visible in ps).
-SECRET_FIELDS = frozenset({"token", "admin_token"})
+SECRET_FIELDS = frozenset({"token", "admin_token", "state_password"})
 
 
 def _is_list(annotation: Any) -> bool:
