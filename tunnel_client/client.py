@@ -751,6 +751,7 @@ class TunnelClient:
             self.metrics.stream_done(kind, outcome, time.perf_counter() - started)
 
     def _daemon_add(self, upstream: Upstream) -> None:
+        self.forwarder.remove_upstream(upstream)  # the same route back while draining: one copy
         self.forwarder.add_upstream(upstream)
         self.upstreams.append(upstream)
 
