@@ -45,7 +45,7 @@ def test_flags_follow_the_model() -> None:
     parser = parser_for(Sample)
     flags = {a.dest: a for a in parser._actions if a.dest != "help"}
     assert set(flags) == {"config", "name", "count", "items", "maybe", "numbers", "path", "enabled"}
-    assert SECRET_FIELDS == {"token", "admin_token"}  # never on argv (visible in ps)
+    assert SECRET_FIELDS == {"token", "admin_token", "state_password"}  # never on argv (visible in ps)
     assert flags["items"].option_strings == ["--items"]
     assert isinstance(flags["items"], argparse._AppendAction)
     assert isinstance(flags["maybe"], argparse._AppendAction)
