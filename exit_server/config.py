@@ -75,6 +75,11 @@ class ServerConfig(BaseConfig):
     state_resync: float = Field(
         5.0, gt=0, le=300, description="seconds between full re-reads of the state (a lost change message is repaired)"
     )
+    peer_url: str | None = Field(
+        None,
+        description="with --state: the URL of this server's public listener as the fleet's other exit servers "
+        "reach it (http://PRIVATE-IP:PORT); they relay requests here for hostnames only this server has sessions for",
+    )
     aws_server_id: str | None = Field(
         None,
         description="turn on AWS IAM authentication of tunnel clients (--auth aws-iam): the id clients sign "
@@ -249,6 +254,8 @@ class ServerConfig(BaseConfig):
                 raise ValueError("--state: expected redis://HOST:PORT[/DB] or rediss://... (no password in the URL)")
             if self.tokens is not None or self.token_file is not None or self.token is not None:
                 raise ValueError("--state holds the credentials: not with --tokens, --token-file or BACKHAUL_TOKEN")
+        if self.peer_url is not None and (self.state is None or not re.fullmatch(r"https?://[^/\s]+/?", self.peer_url)):
+            raise ValueError("--peer-url: needs --state, and is http(s)://HOST:PORT")
         if self.aws_server_id is not None and self.tokens is None and self.state is None:
             raise ValueError("--aws-server-id needs --tokens or --state (their aws_roles map IAM roles to clients)")
         if self.aws_server_id is not None and not re.fullmatch(r"[\x21-\x7e]{1,256}", self.aws_server_id):

@@ -97,6 +97,7 @@ class Exchange:
     scheme: str = "http"  # "https" on the public TLS listener (else --public-scheme)
     protocol: str = "HTTP/1.1"  # the caller's HTTP version: HTTP/1.1 (or 1.0) or HTTP/2
     grpc_status: str | None = None  # a gRPC answer's grpc-status (trailers or Trailers-Only head)
+    relayed_by: str | None = None  # the peer that relayed it here (exit_server/peers.py); "-": badly signed
 
     def mark_head(self) -> None:
         self.head_seconds = time.perf_counter() - self.started

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import HttpVersion11, web
 
@@ -29,9 +29,10 @@ from shared.errors import (
 from shared.forwarding import TrustedProxies
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
-from shared.httputil import strip_hop_by_hop
+from shared.httputil import HOP_BY_HOP, strip_hop_by_hop
 from shared.routing import normalize_host
 
+from . import peers as peers_mod
 from .access import AccessRules
 from .acme import Challenges, is_challenge_path
 from .config import ServerConfig
@@ -42,7 +43,13 @@ from .limits import source_key
 from .observe import Exchange, LogThrottle, Metrics, request_id
 from .routes import Registry, Tunnel
 
+if TYPE_CHECKING:
+    from .peers import PeerDirectory
+
 __all__ = ["ERROR_STATUS", "RESET_STATUS", "PublicHandler", "status_of"]
+
+#: The fields of a relayed request (exit_server/peers.py), as aiohttp's CIMultiDict keys.
+_PEER_FIELDS = frozenset({"Backhaul-Relayed", "Backhaul-Peer-Auth", "Backhaul-Peer-Client", "Backhaul-Peer-Proto"})
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +120,7 @@ class PublicHandler:
     """aiohttp low-level handler for every public request."""
 
     access: AccessRules | None = None  # --access rules, checked before a stream opens
+    peers: PeerDirectory | None = None  # --state: relaying to the fleet's other exit servers
     acme: Challenges | None = None  # pending ACME HTTP-01 answers (--acme-dir)
     trusted: TrustedProxies | None = None  # --trusted-proxies
 
@@ -128,6 +136,7 @@ class PublicHandler:
         #: the public HTTPS port (set by the server; 0: none), for --redirect-http's Location
         self.tls_port = 0
         self._hsts = f"max-age={config.hsts}" if config.hsts else None
+        self._relay_session: Any = None
 
     _loop: asyncio.AbstractEventLoop
 
@@ -139,8 +148,12 @@ class PublicHandler:
         self.in_flight += 1
         self.requests += 1
         peer = self.peer_of(request)
+        relayed_by = None
+        if _PEER_FIELDS & request.headers.keys():  # rare: a request relayed by a peer (peers.py)
+            relayed_by, peer, scheme = self._peer_fields(request, peer, scheme)
         ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, "", request.path, peer)
         ex.scheme = scheme if scheme is not None else self.config.public_scheme
+        ex.relayed_by = relayed_by
         version = request.version
         if version != HttpVersion11:
             ex.protocol = f"HTTP/{version.major}.{version.minor}"
@@ -159,6 +172,23 @@ class PublicHandler:
         finally:
             self.in_flight -= 1
             self.metrics.finish(ex)
+
+    def _peer_fields(
+        self, request: web.BaseRequest, peer: str, scheme: str | None
+    ) -> tuple[str | None, str, str | None]:
+        """(relaying server, caller, scheme) of a correctly signed relayed request; for any
+        other request carrying these fields, ("-", the socket peer, scheme): refused by _handle."""
+        h = request.headers
+        relayed_by = h.get(peers_mod.RELAYED, "")
+        client = h.get(peers_mod.CLIENT, "")
+        proto = h.get(peers_mod.PROTO, "")
+        key = self.peers.key if self.peers is not None else None
+        if relayed_by and proto in ("http", "https") and peers_mod.verify(
+            key, h.get(peers_mod.AUTH, ""), relayed_by, request.method, origin_form(request), routed_authority(request),
+            client, proto,
+        ):  # fmt: skip
+            return relayed_by, client, proto
+        return "-", peer, scheme
 
     def _redirect(self, request: web.BaseRequest, ex: Exchange, host: str) -> web.Response:
         """308 to the same target over HTTPS (--redirect-http): method and body are kept."""
@@ -183,6 +213,9 @@ class PublicHandler:
     async def _handle(self, request: web.BaseRequest, ex: Exchange, peer: str) -> web.StreamResponse:
         authority = routed_authority(request)
         ex.host = authority
+        if ex.relayed_by == "-":  # relay fields without the fleet's signature
+            log.warning("public: unsigned or stale relay fields from %s (403)", peer)
+            return self._reject(ex, "bad_relay", 403)
         problem = head_problem(request)  # version, header size, transfer codings (exit_server/httpguard.py)
         if problem is not None:
             ex.rejected = "bad_request"
@@ -206,6 +239,10 @@ class PublicHandler:
         ex.route, tunnel = self.registry.pick_route(host, request.path)
         if tunnel is None:
             ex.route = ex.route or "unrouted"
+            if self.peers is not None and self.peers.key is not None and ex.relayed_by is None:  # relayed once only
+                url = self.peers.peer_for(host, request.path)
+                if url is not None:
+                    return await self._relay(request, ex, url, client)
             return self._reject(ex, "no_tunnel", ERROR_STATUS[NoTunnel])
         max_body = self.config.max_body
         length = request.content_length
@@ -262,6 +299,64 @@ class PublicHandler:
             )
             tunnel = result
         raise AssertionError("unreachable")
+
+    async def _relay(self, request: web.BaseRequest, ex: Exchange, url: str, client: str) -> web.StreamResponse:
+        """Send the request once to a peer that has a session for its host (peers.py) and
+        stream the answer back; 503 when the peer cannot be reached."""
+        import aiohttp
+
+        peers = self.peers
+        assert peers is not None and peers.key is not None
+        if self._relay_session is None:
+            self._relay_session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=self.config.upstream_timeout),
+                auto_decompress=False,
+            )
+        target = origin_form(request)
+        authority = routed_authority(request)
+        headers = [
+            (k, v)
+            for k, v in request.headers.items()
+            if k.lower() not in HOP_BY_HOP and not k.lower().startswith("backhaul-")
+        ]
+        headers += [
+            (peers_mod.RELAYED, peers.server_id),
+            (peers_mod.CLIENT, client),
+            (peers_mod.PROTO, ex.scheme),
+            (
+                peers_mod.AUTH,
+                peers_mod.sign(peers.key, peers.server_id, request.method, target, authority, client, ex.scheme),
+            ),
+        ]
+        ex.tunnel_id = "relay"
+        try:
+            upstream = await self._relay_session.request(
+                request.method,
+                url + target,
+                headers=headers,
+                data=request.content if request.body_exists else None,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            peers.relayed["failed"] = peers.relayed.get("failed", 0) + 1
+            log.warning("public: relaying %s to %s failed: %s (503)", authority[:100], url, exc)
+            return self._reject(ex, "relay_failed", 503, retry_after=1)
+        peers.relayed["ok"] = peers.relayed.get("ok", 0) + 1
+        try:
+            resp = web.StreamResponse(status=upstream.status)
+            resp.headers.extend(strip_hop_by_hop(upstream.headers.items()))
+            await resp.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                ex.bytes_out += len(chunk)
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            log.info("public: relayed answer from %s aborted: %s", url, exc)
+            _abort(request)
+            return resp
+        finally:
+            upstream.release()
 
     def _retry_target(
         self, request: web.BaseRequest, ex: Exchange, tunnel: Tunnel, host: str, error: TunnelError

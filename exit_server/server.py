@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import resource
+import secrets
 import socket
 import ssl
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ from .tokens import TokenRegistry, host_allowed
 
 if TYPE_CHECKING:
     from .h2public import H2Edge
+    from .peers import PeerDirectory
     from .state import StateFollower
 
 __all__ = ["ExitServer"]
@@ -72,6 +74,7 @@ class ExitServer:
         self.registry = Registry(config.tcp_ports, config.max_routes_per_client)
         #: --state: the credentials follow the fleet's store (exit_server/state.py)
         self.state: StateFollower | None = None
+        self.peers: PeerDirectory | None = None  # with --state: relaying to peers (exit_server/peers.py)
         if auth is None and config.state is not None:
             auth = TokenRegistry(None)  # empty until the store is read at start
         elif auth is None and config.tokens is not None:
@@ -90,6 +93,10 @@ class ExitServer:
             if config.state_password_file is not None or config.state_password is not None:
                 password = read_secret(config.state_password_file, config.state_password, "state-password")
             store_up = self.metrics.state_store_up
+            from .peers import PeerDirectory, RelayCollector
+
+            self.peers = PeerDirectory(config.state, password, secrets.token_hex(6), config.peer_url, self.registry)
+            self.metrics.registry.register(RelayCollector(self.peers))
             self.state = StateFollower(
                 config.state,
                 password,
@@ -108,6 +115,7 @@ class ExitServer:
                 config.aws_server_id, tuple(config.aws_sts_endpoint) or None, max_age=config.aws_max_age
             )
         self.public = PublicHandler(config, self.registry, self.metrics)
+        self.public.peers = self.peers
         #: the public HTTP/2 side, made (and h2 imported) when a listener offers HTTP/2
         self.h2: H2Edge | None = None
         self.access = AccessRules(config.access) if config.access is not None else None
@@ -140,6 +148,7 @@ class ExitServer:
         self.reloader = Reloader(reloadable, self._credentials_changed)
         self._reload_task: asyncio.Task[None] | None = None
         self._state_task: asyncio.Task[None] | None = None
+        self._peers_task: asyncio.Task[None] | None = None
         self._state_stop = asyncio.Event()
         admin_token = None
         if config.admin_token_file is not None or config.admin_token is not None:
@@ -298,6 +307,8 @@ class ExitServer:
             self._reload_task = asyncio.create_task(self.reloader.run(), name="reload-credentials")
         if self.state is not None:
             self._state_task = asyncio.create_task(self.state.run(self._state_stop), name="fleet-state")
+        if self.peers is not None:
+            self._peers_task = asyncio.create_task(self.peers.run(self._state_stop), name="fleet-peers")
         if cfg.admin_addr:
             self._admin_runner = web.AppRunner(self.admin.app, access_log=None, handle_signals=False)
             await self._admin_runner.setup()
@@ -467,6 +478,15 @@ class ExitServer:
             self._state_task = None
         if self.state is not None:
             await self.state.close()
+        if self._peers_task is not None:
+            self._state_stop.set()
+            await asyncio.gather(self._peers_task, return_exceptions=True)
+            self._peers_task = None
+        if self.peers is not None:
+            await self.peers.close()
+        if self.public._relay_session is not None:
+            await self.public._relay_session.close()
+            self.public._relay_session = None
         await self._close_sessions(deadline)
         if self.h2 is not None:
             self.h2.close_all()

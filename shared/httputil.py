@@ -37,6 +37,11 @@ EDGE_OWNED = frozenset(
         "x-url-scheme",
         "x-real-ip",
         "forwarded",
+        # a relayed request's signed fields (exit_server/peers.py): read by the edge, never forwarded
+        "backhaul-relayed",
+        "backhaul-peer-auth",
+        "backhaul-peer-client",
+        "backhaul-peer-proto",
     }
 )
 _UPGRADE = frozenset({"upgrade", "connection"})
