@@ -13,11 +13,17 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from ..waiting import wait_until
 from .helpers import Certs, stack, upstream
 
 pytestmark = pytest.mark.asyncio
 
 HOST = {"Host": "app.example.com"}
+
+
+def _records(log_file: Path) -> int:
+    """Complete lines written so far (a stream's record lands when the stream has ended)."""
+    return log_file.read_bytes().count(b"\n") if log_file.exists() else 0
 
 
 def app() -> web.Application:
@@ -106,7 +112,7 @@ async def test_websocket_streams_are_logged(certs: Certs, tmp_path: Path) -> Non
             async with http.ws_connect(s.base + "/ws", headers=HOST) as ws:
                 await ws.send_str("hello")
                 assert (await ws.receive()).data == "hello"
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: _records(log_file), 10, what="the stream's audit record")
         await running.stop()
     (record,) = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert (record["kind"], record["method"], record["path"], record["status"]) == ("websocket", "GET", "/ws", 101)
@@ -136,7 +142,7 @@ async def test_tcp_streams_are_logged(certs: Certs, tmp_path: Path) -> None:
             writer.write_eof()
             assert await asyncio.wait_for(reader.read(), 5) == b"got:" + b"x" * 500
             writer.close()
-            await asyncio.sleep(0.2)
+            await wait_until(lambda: _records(log_file), 10, what="the stream's audit record")
             await running.stop()
     finally:
         echo.close()
@@ -164,7 +170,6 @@ async def test_audit_log_that_cannot_be_written_refuses_streams_then_resumes(cer
     import resource
     from functools import partial
 
-    from ..waiting import wait_until
     from .helpers import TOKEN
     from .test_cli import free_port
 
