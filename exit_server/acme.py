@@ -39,7 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import requests
 from acme import challenges, client, crypto_util, errors, messages
@@ -50,10 +50,13 @@ from cryptography.x509.oid import NameOID, ObjectIdentifier
 from josepy.jwa import ES256
 from josepy.jwk import JWK, JWKEC
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, TunnelError
 from shared.runtime.version import version
 
 from .certstore import CertStore, Served, load_pair, public_context
+
+if TYPE_CHECKING:
+    from .acmefleet import FleetAcmeFiles
 
 __all__ = [
     "ACME_TLS_ALPN",
@@ -188,6 +191,8 @@ def _write_private(path: Path, data: bytes) -> None:
 class AcmeFiles:
     """What ``--acme-dir`` holds."""
 
+    fleet = False  # True: exit_server/acmefleet.py's store-backed subclass
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.certs = root / "certs"
@@ -299,6 +304,10 @@ def is_challenge_path(path: str) -> bool:
     return path.startswith(_CHALLENGE_PATH)
 
 
+class _PeerOrdering(Exception):
+    """Another server of the fleet holds this name's order lock."""
+
+
 class _Failed(Exception):
     """One attempt failed; ``retry_after`` is what the CA asked for (seconds), if anything."""
 
@@ -363,6 +372,12 @@ class AcmeIssuer:
         self._key: JWKEC | None = None
         self._started: list[float] = []  # order start times within the last hour
         self.attempts = 0
+        #: the fleet's store (--state): one order per name, challenge answers on every server
+        self.fleet = cast("FleetAcmeFiles", files) if files.fleet else None
+        self._stop = asyncio.Event()
+        self._follower: asyncio.Task[None] | None = None
+        self._adopting: set[asyncio.Task[None]] = set()
+        self._shared: set[str] = set()  # names whose challenge answers the fleet holds
 
     # ------------------------------------------------------------------ control
 
@@ -377,14 +392,21 @@ class AcmeIssuer:
                 self._wanted.add(name)
                 continue
             self._serve(served)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="acme")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="acme")
+        if self.fleet is not None:
+            self._follower = loop.create_task(self.fleet.follow(self._on_fleet, self._stop), name="acme-fleet")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._stop.set()
+        for task in (self._task, self._follower, *self._adopting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.fleet is not None:
+            self.fleet.close()
 
     def want(self, name: str) -> None:
         """A route for ``name`` was registered by a client allowed to serve it: obtain a
@@ -422,6 +444,51 @@ class AcmeIssuer:
                 }
             )
         return out
+
+    # ------------------------------------------------------------------ the fleet
+
+    def _on_fleet(self, message: dict[str, Any]) -> None:
+        """A message from the fleet's ACME channel (exit_server/acmefleet.py)."""
+        kind, name = message.get("kind"), str(message.get("name", ""))
+        if kind == "http":
+            self.challenges.http[str(message["token"])] = (name, str(message["validation"]))
+        elif kind == "alpn":
+            self.challenges.alpn[name] = tls_alpn_context(name, str(message["validation"]))
+        elif kind == "done":
+            self.challenges.http = {t: v for t, v in self.challenges.http.items() if v[0] != name}
+            self.challenges.alpn.pop(name, None)
+        elif kind in ("cert", "resync"):
+            task = asyncio.get_running_loop().create_task(self._adopt(name if kind == "cert" else None))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, name: str | None) -> None:
+        """Serve what a peer stored for ``name`` (None: every stored name) when it is not what
+        this server serves already."""
+        assert self.fleet is not None
+        fleet = self.fleet
+        try:
+            names = [name] if name is not None and await asyncio.to_thread(fleet.fetch, name) else []
+            if name is None:
+                names = await asyncio.to_thread(fleet.stored)
+        except TunnelError as exc:
+            log.warning("%s", exc)
+            return
+        for one in names:
+            if self.store.has_file(one):
+                continue
+            try:
+                served = load_pair(one, *self.files.paths(one), source="acme")
+            except ConfigError as exc:
+                log.warning("acme: the fleet's certificate for %s not served: %s", one, exc)
+                continue
+            current = self.store.lookup(one)
+            if current is not None and current.source == "acme" and current.not_after >= served.not_after:
+                continue
+            self._wanted.discard(one)
+            self._serve(served)
+            self._wake.set()  # the schedule moved
+            log.info("acme: serving the fleet's certificate for %s, valid until %s", one, f"{served.not_after:%F}")
 
     # ------------------------------------------------------------------ the task
 
@@ -483,11 +550,19 @@ class AcmeIssuer:
         renewal = name not in self._wanted
         self.attempts += 1
         log.info("acme: %s a certificate for %s (%s)", "renewing" if renewal else "ordering", name, self.challenge)
+        ordered = True
         try:
-            chain_pem, key_pem = await loop.run_in_executor(self._executor, self._obtain, name)
-            self.files.save_cert(name, chain_pem, key_pem)
+            ordered = await loop.run_in_executor(self._executor, self._order, name)
             served = load_pair(name, *self.files.paths(name), source="acme")
-        except (_Failed, ConfigError, OSError) as exc:
+        except _PeerOrdering:
+            # another server of the fleet holds the name's lock: its certificate arrives through
+            # the store (_adopt); look again in a few seconds in case that server died
+            ordered = False  # and the answers held for the name are that server's: keep them
+            self.attempts -= 1
+            state.next_try = self.clock() + random.uniform(5.0, 10.0)
+            log.info("acme: a peer is ordering %s; waiting for its certificate", name)
+            return
+        except (_Failed, ConfigError, OSError, TunnelError) as exc:
             state.failures += 1
             delay = retry_delay(state.failures, getattr(exc, "rate_limited", False))
             delay = max(delay, getattr(exc, "retry_after", None) or 0.0)
@@ -504,10 +579,17 @@ class AcmeIssuer:
             )
             return
         finally:
-            self.challenges.http = {t: v for t, v in self.challenges.http.items() if v[0] != name}
-            self.challenges.alpn.pop(name, None)
+            if ordered:
+                self.challenges.http = {t: v for t, v in self.challenges.http.items() if v[0] != name}
+                self.challenges.alpn.pop(name, None)
+            if self.fleet is not None and name in self._shared:
+                self._shared.discard(name)
+                await loop.run_in_executor(self._executor, self.fleet.withdraw, name)
         self._wanted.discard(name)
         self._serve(served)
+        if not ordered:
+            log.info("acme: serving the certificate a peer stored for %s", name)
+            return
         self._on_result("issued")
         log.info("acme: certificate for %s issued by %s, valid until %s", name, served.issuer, f"{served.not_after:%F}")
 
@@ -536,6 +618,30 @@ class AcmeIssuer:
             log.info("acme: account %s at %s", regr.uri, self.directory)
         self._client = acme
         return acme
+
+    def _order(self, name: str) -> bool:
+        """Obtain and store a certificate for ``name``; False when none was ordered because a
+        peer of the fleet had stored a fresh one (served instead).
+
+        Raises:
+            _PeerOrdering: a peer holds the name's order lock.
+            _Failed: the order failed.
+            TunnelError: the fleet's store is unreachable.
+        """
+        fleet = self.fleet
+        if fleet is None:
+            self.files.save_cert(name, *self._obtain(name))
+            return True
+        lock = fleet.lock(name)
+        if lock is None:
+            raise _PeerOrdering(name)
+        try:
+            if fleet.fresh(name, self.clock()):
+                return False
+            self.files.save_cert(name, *self._obtain(name))
+            return True
+        finally:
+            fleet.unlock(name, lock)
 
     def _obtain(self, name: str) -> tuple[bytes, bytes]:
         """:meth:`_obtain_once`, again at once after a ``badNonce`` that the acme package's own
@@ -599,11 +705,19 @@ class AcmeIssuer:
             if self.challenge == "http-01" and isinstance(chall, challenges.HTTP01):
                 response, validation = chall.response_and_validation(self._key)
                 self.challenges.http[chall.encode("token")] = (name, validation)
+                if self.fleet is not None:  # the CA may reach any server of the fleet
+                    self._shared.add(name)
+                    self.fleet.share(
+                        {"kind": "http", "token": chall.encode("token"), "name": name, "validation": validation}
+                    )
                 acme.answer_challenge(challb, response)
                 return
             if self.challenge == "tls-alpn-01" and isinstance(chall, TLSALPN01):
                 response, validation = chall.response_and_validation(self._key)
                 self.challenges.alpn[name] = tls_alpn_context(name, validation)
+                if self.fleet is not None:
+                    self._shared.add(name)
+                    self.fleet.share({"kind": "alpn", "name": name, "validation": validation})
                 acme.answer_challenge(challb, response)
                 return
         offered = ", ".join(str(c.chall.to_partial_json().get("type")) for c in authz.body.challenges)

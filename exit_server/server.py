@@ -75,6 +75,8 @@ class ExitServer:
         #: --state: the credentials follow the fleet's store (exit_server/state.py)
         self.state: StateFollower | None = None
         self.peers: PeerDirectory | None = None  # with --state: relaying to peers (exit_server/peers.py)
+        self.server_id = secrets.token_hex(6)  # this process among the fleet's (peers, ACME locks)
+        self._state_password: str | None = None
         if auth is None and config.state is not None:
             auth = TokenRegistry(None)  # empty until the store is read at start
         elif auth is None and config.tokens is not None:
@@ -95,8 +97,9 @@ class ExitServer:
             store_up = self.metrics.state_store_up
             from .peers import PeerDirectory, RelayCollector
 
-            self.peers = PeerDirectory(config.state, password, secrets.token_hex(6), config.peer_url, self.registry)
+            self.peers = PeerDirectory(config.state, password, self.server_id, config.peer_url, self.registry)
             self.metrics.registry.register(RelayCollector(self.peers))
+            self._state_password = password
             self.state = StateFollower(
                 config.state,
                 password,
@@ -128,9 +131,15 @@ class ExitServer:
         self.acme: AcmeIssuer | None = None
         if self.certs is not None and config.acme_dir is not None:
             orders = self.metrics.acme_orders
+            files = AcmeFiles(config.acme_dir)
+            if self.state is not None and config.state is not None:
+                # the fleet orders once per name and every server serves it (exit_server/acmefleet.py)
+                from .acmefleet import FleetAcmeFiles
+
+                files = FleetAcmeFiles(config.acme_dir, config.state, self._state_password, self.server_id)
             self.acme = AcmeIssuer(
                 config.acme_directory,
-                AcmeFiles(config.acme_dir),
+                files,
                 self.certs,
                 email=config.acme_email,
                 challenge=config.acme_challenge,

@@ -1,0 +1,127 @@
+"""ACME for a fleet (exit_server/acmefleet.py): three exit servers sharing a real
+``redis-server`` behind a real HAProxy, against a real pebble validating through the balancer
+(so the CA's validation reaches any of the three, not necessarily the one that ordered). One
+client registers three names on all three servers at once: each name is ordered once, and all
+three servers serve that same certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from exit_server.server import ExitServer
+from tests.waiting import wait_until
+from tunnel_client.client import TunnelClient
+
+from .haproxy import haproxy
+from .helpers import Certs, RunningClient, client_config, server_config, upstream
+from .pebble import free_port, pebble
+from .test_acme import served_serial
+from .test_fleet_state import Redis, add_client, redis_server  # noqa: F401 (the fixture)
+
+pytestmark = [
+    pytest.mark.asyncio,
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed (scripts/ci-deps.sh)"),
+    pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed (scripts/ci-deps.sh)"),
+]
+
+NAMES = ["app.test", "b.apps.test", "c.apps.test"]
+
+
+def hello() -> web.Application:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=f"hello from {request.host}")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    return app
+
+
+def total(servers: list[ExitServer], result: str) -> float:
+    return sum(
+        s.metrics.registry.get_sample_value("backhaul_acme_orders_total", {"result": result}) or 0.0 for s in servers
+    )
+
+
+@pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
+async def test_three_servers_order_once_per_name_and_all_serve_it(
+    certs: Certs,
+    redis_server: Redis,  # noqa: F811
+    tmp_path: Path,
+    challenge: str,
+) -> None:
+    token = add_client(redis_server.url, "acme", NAMES)
+    http_front, tls_front = free_port(), free_port()  # where pebble validates: the balancer
+    with pebble(tmp_path, http_front, tls_front) as ca:
+        servers = [
+            ExitServer(
+                server_config(
+                    certs,
+                    public_tls_addr="127.0.0.1:0",
+                    acme_dir=tmp_path / f"acme{i}",
+                    acme_directory=ca.directory,
+                    acme_ca_file=ca.ca_file,
+                    acme_challenge=challenge,
+                    acme_domain=["app.test", "*.apps.test"],
+                    state=redis_server.url,
+                )
+            )
+            for i in range(3)
+        ]
+        for server in servers:
+            await server.start()
+        running: RunningClient | None = None
+        try:
+            backends = [(s.public_port, s.admin_port) for s in servers]
+            tls_ports = [s.public_tls_port for s in servers]
+            async with (
+                haproxy(tmp_path, backends, front=http_front, also={tls_front: tls_ports}),
+                upstream(hello()) as up,
+            ):
+                client = TunnelClient(
+                    client_config(certs, servers, [f"{name}={up.url}" for name in NAMES]), token=token
+                )
+                running = RunningClient(client, asyncio.create_task(client.run()))
+                # the three servers want the three names at the same moment
+
+                def all_served() -> bool:
+                    for server in servers:
+                        assert server.certs is not None
+                        for name in NAMES:
+                            served = server.certs.lookup(name)
+                            if served is None or served.source != "acme":
+                                return False
+                    return True
+
+                await wait_until(all_served, timeout=90, what="every server serves every name")
+                # (a peer may serve a certificate before its orderer has counted it)
+                await wait_until(lambda: total(servers, "issued") >= len(NAMES), what="the orders counted")
+                assert total(servers, "issued") == len(NAMES)  # one order per hostname
+                assert total(servers, "failed") == 0  # validation reached whichever server it reached
+                root = tmp_path / "pebble-root.pem"
+                root.write_bytes(await asyncio.to_thread(ca.root))
+                for name in NAMES:
+                    serials = {await asyncio.to_thread(served_serial, s.public_tls_port, name, root) for s in servers}
+                    assert len(serials) == 1, f"{name}: {serials}"  # the same certificate on all three
+                    curl = await asyncio.to_thread(
+                        subprocess.run,
+                        ["curl", "-sS", "--cacert", str(root), "--resolve", f"{name}:{tls_front}:127.0.0.1",
+                         f"https://{name}:{tls_front}/x"],
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                    )  # fmt: skip
+                    assert curl.returncode == 0 and curl.stdout == f"hello from {name}:{tls_front}", curl.stderr
+        finally:
+            if running is not None:
+                with contextlib.suppress(Exception):
+                    await running.stop()
+            for server in servers:
+                await server.close()
