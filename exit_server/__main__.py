@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def command() -> int:
-        if args.command in ("token", "hash-password"):
+        if args.command in ("token", "hash-password", "access"):
             return run_token_command(args)
         if args.command == "status":
             from .status import print_status

@@ -143,9 +143,20 @@ def load_sites(path: Path) -> list[Site]:
         ConfigError: unreadable, not TOML, or an invalid site (never echoes a hash).
     """
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"--access: cannot read {path}: {exc.strerror}") from None
+    return parse_sites(text, path)
+
+
+def parse_sites(text: str, path: Path | str = "the state store's access rules") -> list[Site]:
+    """Validate an access file's text (``path`` names it in errors).
+
+    Raises:
+        ConfigError: not TOML, or an invalid site (never echoes a hash).
+    """
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--access: {path} is not valid TOML: {exc}") from None
     if set(data) - {"site"}:
@@ -184,8 +195,10 @@ class AccessRules:
 
     CONCURRENCY = 2
 
-    def __init__(self, path: Path, limiter: FailureLimiter | None = None) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, limiter: FailureLimiter | None = None) -> None:
+        """``path`` None: the rules come from the fleet's store (:meth:`load_text`); none until then."""
+        self.path = path if path is not None else Path("/nonexistent")
+        self._file = path
         self.limiter = limiter or FailureLimiter()
         self.gate = SourceGate()
         self._key = secrets.token_bytes(32)
@@ -195,7 +208,8 @@ class AccessRules:
         self._cache: set[bytes] = set()
         self._limit: asyncio.Semaphore | None = None
         self.denied = 0
-        self.reload(strict=True)
+        if path is not None:
+            self.reload(strict=True)
 
     def reload(self, strict: bool = False) -> bool:
         """Re-read the file (True when it changed); a broken file keeps the previous rules.
@@ -203,13 +217,34 @@ class AccessRules:
         Raises:
             ConfigError: ``strict`` (start-up) and the file is invalid.
         """
+        if self._file is None:
+            return False
         try:
-            sites = load_sites(self.path)
+            sites = load_sites(self._file)
         except ConfigError as exc:
             if strict:
                 raise
             log.error("access: reload failed, keeping the previous rules: %s", exc)
             return False
+        return self._apply(sites, strict, str(self._file))
+
+    def load_text(self, text: str, strict: bool = False) -> bool:
+        """Take the rules from an access file's text (the fleet's store); a broken text keeps
+        the previous rules (logged) unless ``strict``.
+
+        Raises:
+            ConfigError: ``strict`` and the text is invalid.
+        """
+        try:
+            sites = parse_sites(text)
+        except ConfigError as exc:
+            if strict:
+                raise
+            log.error("access: the state store's rules are invalid, keeping the previous rules: %s", exc)
+            return False
+        return self._apply(sites, strict, "the state store")
+
+    def _apply(self, sites: list[Site], strict: bool, where: str) -> bool:
         exact: dict[str, Site] = {}
         wild: dict[str, Site] = {}
         anyone: Site | None = None
@@ -225,7 +260,7 @@ class AccessRules:
         self._exact, self._wild, self._any = exact, wild, anyone
         self._cache.clear()
         if changed and not strict:
-            log.info("access: reloaded %s (%d sites)", self.path, len(sites))
+            log.info("access: reloaded %s (%d sites)", where, len(sites))
         return changed
 
     def site_for(self, host: str) -> Site | None:

@@ -254,6 +254,8 @@ class ServerConfig(BaseConfig):
                 raise ValueError("--state: expected redis://HOST:PORT[/DB] or rediss://... (no password in the URL)")
             if self.tokens is not None or self.token_file is not None or self.token is not None:
                 raise ValueError("--state holds the credentials: not with --tokens, --token-file or BACKHAUL_TOKEN")
+            if self.access is not None:
+                raise ValueError("--state holds the access rules: not with --access (exit-server access push --state)")
         if self.peer_url is not None and (self.state is None or not re.fullmatch(r"https?://[^/\s]+/?", self.peer_url)):
             raise ValueError("--peer-url: needs --state, and is http(s)://HOST:PORT")
         if self.aws_server_id is not None and self.tokens is None and self.state is None:

@@ -122,6 +122,8 @@ class ExitServer:
         #: the public HTTP/2 side, made (and h2 imported) when a listener offers HTTP/2
         self.h2: H2Edge | None = None
         self.access = AccessRules(config.access) if config.access is not None else None
+        if self.state is not None:  # the fleet's access rules, from the store (exit-server access push)
+            self.access = self.state.access = AccessRules(None)
         self.public.access = self.access
         #: certificates of the public HTTPS listener (None: no --public-tls-addr)
         self.certs = CertStore(config.public_cert_dir, http2=not config.no_http2) if config.public_tls_addr else None

@@ -6,6 +6,9 @@ Layout (``PREFIX`` is ``backhaul:``):
 * ``PREFIX tokens``: the text of a tokens file (exit_server/tokens.py, the same TOML a
   ``--tokens`` file holds: hashes and grants, never a token);
 * ``PREFIX tokens:version``: an integer, incremented by every change;
+* ``PREFIX access`` and ``PREFIX access:version``: the text of an ``--access`` file (access
+  rules for public hostnames, exit_server/access.py) and its version
+  (``exit-server access push --state``);
 * channel ``PREFIX changes``: the new version is published after every change.
 
 Changes go through :func:`update` (``exit-server token ... --state``): a compare-and-set on the
@@ -24,13 +27,16 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import TunnelError
 
 from .tokens import TokenEntry, TokenRegistry, parse_entries, render_entries
 
-__all__ = ["PREFIX", "StateFollower", "StateUnavailable", "read_state", "update"]
+if TYPE_CHECKING:
+    from .access import AccessRules
+
+__all__ = ["PREFIX", "StateFollower", "StateUnavailable", "push_access", "read_access", "read_state", "update"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,8 @@ PREFIX = "backhaul:"
 TOKENS = PREFIX + "tokens"
 VERSION = PREFIX + "tokens:version"
 CHANNEL = PREFIX + "changes"
+ACCESS = PREFIX + "access"
+ACCESS_VERSION = PREFIX + "access:version"
 
 
 class StateUnavailable(TunnelError):
@@ -102,6 +110,53 @@ def update(url: str, password: str | None, change: Callable[[dict[str, TokenEntr
         client.close()
 
 
+def read_access(url: str, password: str | None) -> tuple[str | None, int]:
+    """The access rules' text in the store (None, 0: none pushed yet).
+
+    Raises:
+        StateUnavailable: Redis cannot be reached.
+    """
+    import redis
+
+    client = _sync_client(url, password)
+    try:
+        text, version = client.mget(ACCESS, ACCESS_VERSION)
+    except redis.RedisError as exc:
+        raise StateUnavailable(f"state store {redact(url)} unreachable: {exc} (nothing changed)") from None
+    finally:
+        client.close()
+    return (text.decode() if text else None), int(version or 0)
+
+
+def push_access(url: str, password: str | None, text: str) -> int:
+    """Replace the fleet's access rules with ``text`` (validated first) and publish; returns
+    the new version.
+
+    Raises:
+        ConfigError: ``text`` is not a valid access file (nothing changed).
+        StateUnavailable: Redis cannot be reached.
+    """
+    import redis
+
+    from .access import parse_sites
+
+    parse_sites(text, "the access file")
+    client = _sync_client(url, password)
+    try:
+        with client.pipeline() as pipe:
+            pipe.multi()
+            pipe.set(ACCESS, text)
+            pipe.incr(ACCESS_VERSION)
+            pipe.execute()
+        version = int(client.get(ACCESS_VERSION) or 0)
+        client.publish(CHANNEL, f"access:{version}")
+        return version
+    except redis.RedisError as exc:
+        raise StateUnavailable(f"state store {redact(url)} unreachable: {exc} (nothing changed)") from None
+    finally:
+        client.close()
+
+
 def redact(url: str) -> str:
     """``url`` without any userinfo (a password never reaches a log line)."""
     scheme, sep, rest = url.partition("://")
@@ -136,6 +191,9 @@ class StateFollower:
         self.syncs = 0
         self._behind = -1  # the store's version while it is behind ours (logged once)
         self._client: Any = None
+        #: the access rules that follow the store (``PREFIX access``), and their version
+        self.access: AccessRules | None = None
+        self.access_version = 0
 
     def _connect(self) -> Any:
         import redis.asyncio
@@ -171,9 +229,11 @@ class StateFollower:
         """Read the version (and the text when it moved); True when the credentials changed."""
         if self._client is None:
             self._client = self._connect()
-        text, version = await self._client.mget(TOKENS, VERSION)
+        text, version, access_version = await self._client.mget(TOKENS, VERSION, ACCESS_VERSION)
         self._set_up(True)
         self.syncs += 1
+        if self.access is not None and int(access_version or 0) > self.access_version:
+            await self._sync_access(int(access_version))
         version = int(version or 0)
         if version == self.version:
             return False
@@ -199,6 +259,17 @@ class StateFollower:
         if changed:
             self.on_change()
         return changed
+
+    async def _sync_access(self, version: int) -> None:
+        assert self.access is not None
+        text = await self._client.get(ACCESS)
+        if text is None:
+            return
+        first = self.access_version == 0
+        self.access.load_text(text.decode(), strict=first)  # invalid at start: refuse to start open
+        self.access_version = version
+        if not first:
+            log.info("state: access rules version %d from %s", version, redact(self.url))
 
     def _set_up(self, up: bool) -> None:
         if up != self.up:

@@ -75,6 +75,22 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
             p.add_argument(
                 "--with-token", action="store_true", help="with --aws-role: print a token as well (both work)"
             )
+    access = sub.add_parser(
+        "access",
+        help="the fleet's access rules in the state store (--state)",
+        description="Push or show the access rules (the TOML of an --access file) that every exit server of a "
+        "fleet sharing --state enforces; a push is validated first and in force everywhere within a second.",
+    )
+    access_actions = access.add_subparsers(dest="access_action", required=True)
+    for name, text in (
+        ("push", "validate an access file and make it the fleet's rules"),
+        ("show", "print the fleet's access rules"),
+    ):
+        p = access_actions.add_parser(name, help=text, description=text)
+        p.add_argument("--state", required=True, metavar="URL", help="the fleet's state store, redis:// or rediss://")
+        p.add_argument("--state-password-file", type=Path, metavar="FILE", help="file holding the store's password")
+        if name == "push":
+            p.add_argument("file", type=Path, metavar="FILE", help="the access file (TOML, see --access)")
     pw = sub.add_parser(
         "hash-password",
         help="hash a password or bearer token for --access (reads stdin)",
@@ -92,6 +108,8 @@ def run_command(args: argparse.Namespace) -> int:
     """
     if args.command == "hash-password":
         return _hash_password(args.user)
+    if args.command == "access":
+        return _access_command(args)
     if args.state is not None:
         return _state_command(args)
     path: Path = args.tokens
@@ -191,16 +209,17 @@ def _hash_password(user: str | None) -> int:
     return 0
 
 
-def _state_command(args: argparse.Namespace) -> int:
-    """``token ... --state URL``: the same actions on the fleet's store, each one atomic and
-    acknowledged only once Redis has it (exit_server/state.py)."""
+def _store(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The ``--state`` URL and the store's password (file or BACKHAUL_STATE_PASSWORD).
+
+    Raises:
+        ConfigError: a malformed URL, or a password in it.
+    """
     import os
 
     from pydantic import SecretStr
 
     from shared.runtime.config import read_secret
-
-    from .state import read_state, update
 
     url: str = args.state
     if not url.startswith(("redis://", "rediss://")) or "@" in url:
@@ -209,6 +228,38 @@ def _state_command(args: argparse.Namespace) -> int:
     if args.state_password_file is not None or os.environ.get("BACKHAUL_STATE_PASSWORD"):
         env = os.environ.get("BACKHAUL_STATE_PASSWORD")
         password = read_secret(args.state_password_file, SecretStr(env) if env else None, "state-password")
+    return url, password
+
+
+def _access_command(args: argparse.Namespace) -> int:
+    """``access push|show --state URL``: the fleet's access rules (exit_server/state.py)."""
+    from .state import push_access, read_access
+
+    url, password = _store(args)
+    if args.access_action == "show":
+        text, version = read_access(url, password)
+        if text is None:
+            print("no access rules in the store (every public hostname is open)", file=sys.stderr)
+            return 0
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        print(f"access rules version {version}", file=sys.stderr)
+        return 0
+    path: Path = args.file
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"FILE: cannot read {path}: {exc.strerror}") from None
+    version = push_access(url, password, text)
+    print(f"pushed {path} (access rules version {version}; every exit server within a second)", file=sys.stderr)
+    return 0
+
+
+def _state_command(args: argparse.Namespace) -> int:
+    """``token ... --state URL``: the same actions on the fleet's store, each one atomic and
+    acknowledged only once Redis has it (exit_server/state.py)."""
+    from .state import read_state, update
+
+    url, password = _store(args)
     action = args.token_action
     if action == "list":
         entries, version = read_state(url, password)

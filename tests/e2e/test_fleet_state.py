@@ -252,3 +252,47 @@ async def test_token_cli_against_the_store(redis_server: Redis, capsys: pytest.C
     with pytest.raises(SystemExit) as exited:
         main(["token", "add", "--state", "redis://user:pw@127.0.0.1:1/0", "--client", "x", "--host", "x.test"])
     assert exited.value.code == 2
+
+
+async def test_access_rules_pushed_to_the_store_apply_on_every_server(
+    fleet: Fleet, redis_server: Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``exit-server access push --state``: validated, then enforced by all three within a
+    second; a broken file changes nothing; ``--access`` beside ``--state`` is refused."""
+    from exit_server.__main__ import main
+    from exit_server.config import ServerConfig
+
+    token = add_client(redis_server.url, "acme", ["app.test"])
+    async with upstream(echo_app()) as up:
+        await fleet.add_client(token, [f"app.test={up.url}"])
+        await wait_until(lambda: all(registered(s, "acme") for s in fleet.servers), what="registered")
+        for server in fleet.servers:
+            assert await status(server, "app.test") == 200
+        rules = tmp_path / "access.toml"
+        rules.write_text('[[site]]\nhosts = ["app.test"]\nallow_ips = ["192.0.2.0/24"]\n')
+        started = time.monotonic()
+        assert main(["access", "push", "--state", redis_server.url, str(rules)]) == 0
+        assert "access rules version 1" in capsys.readouterr().err
+
+        async def all_forbidden() -> bool:
+            return all([await status(s, "app.test") == 403 for s in fleet.servers])
+
+        await wait_until(all_forbidden, timeout=1.0, interval=0.01, what="403 on all three within a second")
+        assert time.monotonic() - started < 1.0
+        broken = tmp_path / "broken.toml"
+        broken.write_text('[[site]]\nhosts = ["app.test"]\nallow_ips = ["not-a-network"]\n')
+        with pytest.raises(SystemExit) as refused:
+            main(["access", "push", "--state", redis_server.url, str(broken)])
+        assert refused.value.code == 2
+        assert "allow_ips" in capsys.readouterr().err
+        assert main(["access", "show", "--state", redis_server.url]) == 0
+        assert "192.0.2.0/24" in capsys.readouterr().out  # the broken push changed nothing
+        rules.write_text('[[site]]\nhosts = ["app.test"]\nallow_ips = ["127.0.0.0/8"]\n')
+        assert main(["access", "push", "--state", redis_server.url, str(rules)]) == 0
+
+        async def all_open() -> bool:
+            return all([await status(s, "app.test") == 200 for s in fleet.servers])
+
+        await wait_until(all_open, timeout=1.0, interval=0.01, what="200 again on all three")
+    with pytest.raises(ValueError, match="--state holds the access rules"):
+        ServerConfig(state=redis_server.url, access=rules, tls_cert=fleet.certs.cert, tls_key=fleet.certs.key)
