@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 #: Response fields HTTP/2 forbids (RFC 9113 section 8.2.2), dropped from upstream answers.
+#: Fields of a peer's relayed answer this server writes itself.
+_PEER_OWN = frozenset({"x-request-id", "strict-transport-security"})
 _FORBIDDEN_OUT = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"})
 
 #: WINDOW_UPDATE frames a caller may send: this many, plus so many per DATA frame we sent and
@@ -553,6 +555,14 @@ class H2PublicConnection(asyncio.Protocol):
         ex.route, tunnel = public.registry.pick_route(host, path.partition("?")[0])
         if tunnel is None:
             ex.route = ex.route or "unrouted"
+            peers = public.peers
+            # a peer of the fleet with a session for the host (exit_server/peers.py), over
+            # HTTP/1.1: not for a request that needs trailers (gRPC), which that cannot carry
+            if peers is not None and peers.key is not None and not wants_trailers(regular):
+                url = peers.peer_for(host, path.partition("?")[0])
+                if url is not None:
+                    await self._relay_to_peer(stream, ex, url, method, path, authority, regular, client)
+                    return
             ex.rejected = "no_tunnel"
             await self._respond(stream, ex, 503, retry_after=1)
             return
@@ -702,6 +712,96 @@ class H2PublicConnection(asyncio.Protocol):
         except TunnelError:
             pass  # the reply side reports it
 
+    async def _relay_to_peer(
+        self,
+        stream: _H2Stream,
+        ex: Exchange,
+        url: str,
+        method: str,
+        path: str,
+        authority: str,
+        regular: list[tuple[str, str]],
+        client: str,
+    ) -> None:
+        """Send the request once to a peer with a session for its host, signed as
+        exit_server/public.py's relay is, and stream the answer back; 503 when the peer
+        cannot be reached."""
+        import aiohttp
+
+        from . import peers as peers_mod
+
+        public = self.public
+        peers = public.peers
+        assert peers is not None and peers.key is not None
+        headers = [(n, v) for n, v in regular if not n.startswith("backhaul-") and n != "x-request-id"]
+        headers += [
+            ("host", authority),
+            ("x-request-id", ex.request_id),  # one id in both servers' logs
+            (peers_mod.RELAYED, peers.server_id),
+            (peers_mod.CLIENT, client),
+            (peers_mod.PROTO, ex.scheme),
+            (peers_mod.AUTH, peers_mod.sign(peers.key, peers.server_id, method, path, authority, client, ex.scheme)),
+        ]
+        has_body = not (stream.body.ended and not stream.body.chunks)
+        ex.tunnel_id = "relay"
+        try:
+            answer = await public.relay_session().request(
+                method,
+                url + path,
+                headers=headers,
+                data=self._body(stream, ex) if has_body else None,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError, _Gone) as exc:
+            peers.relayed["failed"] = peers.relayed.get("failed", 0) + 1
+            log.warning("public h2: relaying %s to %s failed: %s (503)", _printable(authority[:100]), url, exc)
+            if ex.local_status:
+                await self._respond(stream, ex, ex.local_status)
+            else:
+                ex.rejected = "relay_failed"
+                await self._respond(stream, ex, 503, retry_after=1)
+            return
+        peers.relayed["ok"] = peers.relayed.get("ok", 0) + 1
+        try:
+            relayed = tuple((n, v) for n, v in answer.headers.items() if n.lower() not in _PEER_OWN)
+            fields = self._answer_fields(ex, answer.status, relayed)
+            if not self._send_headers(stream.id, fields, end=False):
+                return
+            async for chunk in answer.content.iter_any():
+                await self._send(stream, chunk, ex)
+            self._end(stream.id)
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            log.info("public h2 stream %d: relayed answer from %s aborted: %s", stream.id, url, exc)
+            self._reset(stream, H2Error.INTERNAL_ERROR)
+        except _Gone:
+            pass
+        finally:
+            answer.release()
+
+    async def _body(self, stream: _H2Stream, ex: Exchange) -> typing.AsyncIterator[bytes]:
+        """The request body as it arrives, each chunk acknowledged once taken (the relay)."""
+        config = self.public.config
+        body = stream.body
+        while True:
+            if body.chunks:
+                data, flow = body.chunks.popleft()
+                ex.bytes_in += len(data)
+                if config.max_body is not None and ex.bytes_in > config.max_body:
+                    ex.rejected = "body_too_large"
+                    ex.local_status = 413
+                    self._ack(stream.id, flow)
+                    raise _Gone
+                if data:
+                    yield data
+                self._ack(stream.id, flow)
+                continue
+            if body.ended:
+                return
+            if stream.reset_by_caller or self.closed:
+                raise _Gone
+            body.waiter = self.loop.create_future()
+            await self._within(body.waiter, config.body_timeout)
+
     def _ack(self, stream_id: int, flow: int) -> None:
         if flow and not self.closed:
             self.h2.acknowledge_received_data(flow, stream_id)
@@ -711,22 +811,7 @@ class H2PublicConnection(asyncio.Protocol):
         self, stream: _H2Stream, tstream: TunnelStream, ex: Exchange, status: int, headers: tuple[tuple[str, str], ...]
     ) -> None:
         """The response head, body and trailers from the tunnel to the caller."""
-        out: list[tuple[bytes, bytes]] = [(b":status", str(status).encode())]
-        server = False
-        for name, value in headers:
-            lower = name.lower()
-            if lower in _FORBIDDEN_OUT:
-                continue
-            server = server or lower == "server"
-            out.append((lower.encode("latin-1"), value.encode("latin-1")))
-        if not server:
-            out.append((b"server", SERVER.encode()))
-        # Unique per request: kept out of the HPACK dynamic table, which it would only churn
-        # (every later field's table search walks the churned entries).
-        out.append(NeverIndexedHeaderTuple(b"x-request-id", ex.request_id.encode()))
-        if self.public._hsts is not None and ex.scheme == "https":
-            out.append((b"strict-transport-security", self.public._hsts.encode()))
-        ex.status = status
+        out = self._answer_fields(ex, status, headers)
         ex.grpc_status = _grpc_status(headers)
         first = tstream.take_complete_body() if ex.method != "HEAD" else None
         done = first is not None and tstream.trailers is None and not first
@@ -765,6 +850,28 @@ class H2PublicConnection(asyncio.Protocol):
             self._send_headers(stream.id, fields, end=True)
         else:
             self._end(stream.id)
+
+    def _answer_fields(
+        self, ex: Exchange, status: int, headers: tuple[tuple[str, str], ...]
+    ) -> list[tuple[bytes, bytes]]:
+        """An answer's HTTP/2 head: the upstream's fields less those HTTP/2 forbids, ours added."""
+        out: list[tuple[bytes, bytes]] = [(b":status", str(status).encode())]
+        server = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower in _FORBIDDEN_OUT:
+                continue
+            server = server or lower == "server"
+            out.append((lower.encode("latin-1"), value.encode("latin-1")))
+        if not server:
+            out.append((b"server", SERVER.encode()))
+        # Unique per request: kept out of the HPACK dynamic table, which it would only churn
+        # (every later field's table search walks the churned entries).
+        out.append(NeverIndexedHeaderTuple(b"x-request-id", ex.request_id.encode()))
+        if self.public._hsts is not None and ex.scheme == "https":
+            out.append((b"strict-transport-security", self.public._hsts.encode()))
+        ex.status = status
+        return out
 
     async def _send(self, stream: _H2Stream, data: bytes | memoryview, ex: Exchange) -> None:
         """Send ``data`` within the caller's window and our socket's room; TimeoutError after

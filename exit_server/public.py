@@ -300,6 +300,17 @@ class PublicHandler:
             tunnel = result
         raise AssertionError("unreachable")
 
+    def relay_session(self) -> Any:
+        """The HTTP client that relays requests to peers (made at first use)."""
+        import aiohttp
+
+        if self._relay_session is None:
+            self._relay_session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=self.config.upstream_timeout),
+                auto_decompress=False,
+            )
+        return self._relay_session
+
     async def _relay(self, request: web.BaseRequest, ex: Exchange, url: str, client: str) -> web.StreamResponse:
         """Send the request once to a peer that has a session for its host (peers.py) and
         stream the answer back; 503 when the peer cannot be reached."""
@@ -307,19 +318,16 @@ class PublicHandler:
 
         peers = self.peers
         assert peers is not None and peers.key is not None
-        if self._relay_session is None:
-            self._relay_session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=self.config.upstream_timeout),
-                auto_decompress=False,
-            )
+        session = self.relay_session()
         target = origin_form(request)
         authority = routed_authority(request)
         headers = [
             (k, v)
             for k, v in request.headers.items()
-            if k.lower() not in HOP_BY_HOP and not k.lower().startswith("backhaul-")
+            if k.lower() not in HOP_BY_HOP and not k.lower().startswith("backhaul-") and k.lower() != "x-request-id"
         ]
         headers += [
+            ("X-Request-Id", ex.request_id),  # one id in both servers' logs
             (peers_mod.RELAYED, peers.server_id),
             (peers_mod.CLIENT, client),
             (peers_mod.PROTO, ex.scheme),
@@ -330,7 +338,7 @@ class PublicHandler:
         ]
         ex.tunnel_id = "relay"
         try:
-            upstream = await self._relay_session.request(
+            upstream = await session.request(
                 request.method,
                 url + target,
                 headers=headers,

@@ -72,6 +72,7 @@ async def pair(certs: Certs, redis_server: Redis) -> AsyncIterator[Pair]:  # noq
                     peer_url=f"http://127.0.0.1:{port}",
                     heartbeat_interval=0.5,
                     heartbeat_timeout=2.0,
+                    h2c=True,  # HTTP/2 callers too (prior knowledge; HTTP/1.1 beside it)
                 )
             )
         )
@@ -118,6 +119,39 @@ async def test_a_request_without_a_local_session_is_relayed_once(pair: Pair) -> 
                 f"http://127.0.0.1:{pair.b.public_port}/up", data=b"x" * 300_000, headers={"Host": "app.test"}
             ) as resp:
                 assert resp.status == 200 and (await resp.json())["body"] == 300_000
+
+
+async def test_an_http2_request_is_relayed_and_a_grpc_call_is_not(pair: Pair) -> None:
+    """An HTTP/2 caller on the server without a session: relayed to the peer (over HTTP/1.1,
+    body streamed both ways); a request that needs trailers (gRPC) cannot cross HTTP/1.1 and
+    gets 503 instead of an answer missing its status."""
+    from .h2client import H2Caller
+
+    async with upstream(echo()) as up:
+        await pair.client([pair.a], [f"app.test={up.url}"])
+        await wait_until(lambda: known(pair.b), timeout=5, what="B learnt that A serves app.test")
+        caller = await H2Caller.open(pair.b.public_port)
+        try:
+            answer = await caller.request("app.test", "/h2?q=1", headers=[("x-forwarded-for", "6.6.6.6")])
+            assert answer.status == 200
+            seen = json.loads(answer.body)
+            assert seen["path"] == "/h2?q=1" and seen["headers"]["Host"] == "app.test"
+            assert seen["headers"]["X-Real-IP"] == "127.0.0.1"
+            assert not any(k.lower().startswith("backhaul-") for k in seen["headers"])
+            assert [v for n, v in answer.headers if n == "x-request-id"].__len__() == 1
+            posted = await caller.request("app.test", "/up", method="POST", body=b"y" * 300_000)
+            assert posted.status == 200 and json.loads(posted.body)["body"] == 300_000
+            grpc = await caller.request(
+                "app.test",
+                "/pkg.Svc/Call",
+                method="POST",
+                headers=[("content-type", "application/grpc"), ("te", "trailers")],
+                body=b"\x00\x00\x00\x00\x00",
+            )
+            assert grpc.status == 503
+        finally:
+            await caller.close()
+        assert pair.b.peers is not None and pair.b.peers.relayed == {"ok": 2}
 
 
 async def test_unsigned_relay_fields_are_refused(pair: Pair) -> None:
