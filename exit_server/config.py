@@ -66,7 +66,9 @@ class ServerConfig(BaseConfig):
     state: str | None = Field(
         None,
         description="fleet state on Redis, redis://HOST:PORT/DB or rediss:// (TLS): the credentials every exit "
-        "server shares, replacing --tokens (`exit-server token ... --state` changes them); no password in the URL",
+        "server shares (clients, access rules, ACME), replacing --tokens and --access (`exit-server token|access "
+        "... --state` changes them); a shared --token-file/BACKHAUL_TOKEN may stand beside it as client default; "
+        "no password in the URL",
     )
     state_password_file: Path | None = Field(
         None, description="file holding the state store's password (or BACKHAUL_STATE_PASSWORD)"
@@ -252,8 +254,8 @@ class ServerConfig(BaseConfig):
         if self.state is not None:
             if not re.fullmatch(r"rediss?://[^/@\s]+(/\d{1,2})?", self.state):
                 raise ValueError("--state: expected redis://HOST:PORT[/DB] or rediss://... (no password in the URL)")
-            if self.tokens is not None or self.token_file is not None or self.token is not None:
-                raise ValueError("--state holds the credentials: not with --tokens, --token-file or BACKHAUL_TOKEN")
+            if self.tokens is not None:
+                raise ValueError("--state holds the clients' credentials: not with --tokens")
             if self.access is not None:
                 raise ValueError("--state holds the access rules: not with --access (exit-server access push --state)")
         if self.peer_url is not None and (self.state is None or not re.fullmatch(r"https?://[^/\s]+/?", self.peer_url)):

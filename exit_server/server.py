@@ -78,7 +78,10 @@ class ExitServer:
         self.server_id = secrets.token_hex(6)  # this process among the fleet's (peers, ACME locks)
         self._state_password: str | None = None
         if auth is None and config.state is not None:
-            auth = TokenRegistry(None)  # empty until the store is read at start
+            shared = None  # a shared token beside the store's clients (client "default")
+            if config.token_file is not None or config.token is not None:
+                shared = read_secret(config.token_file, config.token, "token")
+            auth = TokenRegistry(None, shared=shared)  # no clients until the store is read at start
         elif auth is None and config.tokens is not None:
             auth = TokenRegistry(config.tokens)  # per-client credentials replace the shared token
         elif auth is None:

@@ -377,10 +377,14 @@ class TokenRegistry:
     #: scrypt verifications running at once (each takes ~0.1 s of CPU and 16 MiB).
     CONCURRENCY = 2
 
-    def __init__(self, path: Path | None, text: str | None = None) -> None:
+    def __init__(self, path: Path | None, text: str | None = None, shared: str | None = None) -> None:
+        """``shared``: a shared token accepted beside the entries, as client ``default`` with no
+        restriction (``--state`` with ``--token-file``: the fleet's quick start)."""
         #: the file (None: the entries come from the state store, exit_server/state.py)
         self.path = path if path is not None else Path("/nonexistent")
         self._file = path
+        self._shared = shared.encode() if shared else None
+        self._shared_principal = Principal("default", version="shared-token")
         self._key = secrets.token_bytes(32)
         self._entries: dict[str, TokenEntry] = {}
         self._by_token_id: dict[str, TokenEntry] = {}
@@ -453,6 +457,8 @@ class TokenRegistry:
 
     def current(self, principal: Principal) -> Principal | None:
         """The principal as the file has it now (None: revoked, removed or changed)."""
+        if self._shared is not None and principal == self._shared_principal:
+            return principal  # the shared token is changed by changing it everywhere
         entry = self._entries.get(principal.client_id)
         if entry is None or entry.revoked:
             return None
@@ -462,6 +468,9 @@ class TokenRegistry:
     def challenge_keys(self, token_id: str) -> tuple[bytes, bytes, Principal] | None:
         """StoredKey, ServerKey and the principal of a token id for challenge authentication;
         None when unknown, revoked, or made before challenge verifiers existed."""
+        if token_id == challenge.SHARED_ID and self._shared is not None:
+            derived = challenge.derive_keys(self._shared.decode())
+            return derived.stored_key, derived.server_key, self._shared_principal
         entry = self._by_token_id.get(token_id)
         keys = entry.challenge_keys() if entry is not None and not entry.revoked else None
         if entry is None or keys is None:
@@ -483,6 +492,8 @@ class TokenRegistry:
         return found[0].principal() if found else None
 
     async def __call__(self, token: str) -> Principal | None:
+        if self._shared is not None and hmac.compare_digest(token.encode(), self._shared):
+            return self._shared_principal
         parts = parse_token(token)
         if parts is None:
             return None

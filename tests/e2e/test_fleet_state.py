@@ -296,3 +296,48 @@ async def test_access_rules_pushed_to_the_store_apply_on_every_server(
         await wait_until(all_open, timeout=1.0, interval=0.01, what="200 again on all three")
     with pytest.raises(ValueError, match="--state holds the access rules"):
         ServerConfig(state=redis_server.url, access=rules, tls_cert=fleet.certs.cert, tls_key=fleet.certs.key)
+
+
+@pytest.mark.parametrize("auth", ["bearer", "challenge"])
+async def test_a_shared_token_beside_the_store(certs: Certs, redis_server: Redis, auth: str) -> None:
+    """The fleet's quick start (deploy/cloudformation): --state with a shared BACKHAUL_TOKEN.
+    The shared token serves as client ``default`` on every server, beside the store's clients;
+    a store change never closes its session."""
+    from pydantic import SecretStr
+
+    from tunnel_client.pinning import spki_pin
+
+    from .helpers import TOKEN
+
+    token = add_client(redis_server.url, "acme", ["app.test"])
+    servers = [
+        ExitServer(server_config(certs, state=redis_server.url, state_resync=1.0, token=SecretStr(TOKEN)))
+        for _ in range(2)
+    ]
+    for server in servers:
+        await server.start()
+    fleet = Fleet(servers, certs, [])
+    try:
+        extra: dict[str, Any] = {}
+        if auth == "challenge":
+            from .test_tls import _leaf_der
+
+            extra = {"auth": "challenge", "pin": [spki_pin(_leaf_der(certs.cert))]}
+        async with upstream(echo_app()) as up:
+            await fleet.add_client(TOKEN, [f"shared.test={up.url}"], **extra)
+            await fleet.add_client(token, [f"app.test={up.url}"], **extra)
+            await wait_until(
+                lambda: all(registered(s, "default") and registered(s, "acme") for s in servers),
+                what="the shared-token client and the store's client on both",
+            )
+            revoke(redis_server.url, "acme")
+            await wait_until(lambda: not any(registered(s, "acme") for s in servers), what="acme revoked")
+            for server in servers:
+                assert registered(server, "default")
+                assert await status(server, "shared.test") == 200
+    finally:
+        for running in fleet.clients:
+            with contextlib.suppress(Exception):
+                await running.stop()
+        for server in servers:
+            await server.close()
