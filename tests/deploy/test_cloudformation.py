@@ -87,12 +87,10 @@ def test_exit_server_shape() -> None:
     assert "ExecutionRoleArn" in props and "TaskRoleArn" in props
     (container,) = props["ContainerDefinitions"]
     secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"] if "Name" in s}
-    token_secrets = _resources(t, "AWS::SecretsManager::Secret")
     # the shared token, unless TokensSecretArn gives a tokens file (per-client tokens, aws_roles)
-    (choice,) = [s["Fn::If"] for s in container["Secrets"] if "Fn::If" in s]
-    assert choice[0] == "HasTokensFile"
+    (choice,) = [s["Fn::If"] for s in container["Secrets"] if "Fn::If" in s and s["Fn::If"][0] == "HasTokensFile"]
     assert choice[1] == {"Name": "TOKENS_TOML", "ValueFrom": {"Ref": "TokensSecretArn"}}
-    assert choice[2] == {"Name": "BACKHAUL_TOKEN", "ValueFrom": {"Ref": next(iter(token_secrets))}}
+    assert choice[2] == {"Name": "BACKHAUL_TOKEN", "ValueFrom": {"Ref": "TunnelTokenSecret"}}
     assert set(secrets) == {"TLS_CERT_PEM", "TLS_KEY_PEM"}
     env = {e["Name"]: e["Value"] for e in container["Environment"] if "Name" in e}
     assert env["BACKHAUL_CONTROL_ADDR"].endswith(":8443") and env["BACKHAUL_ADMIN_ADDR"] == "0.0.0.0:8690"
@@ -105,7 +103,7 @@ def test_exit_server_shape() -> None:
 
     (service,) = _resources(t, "AWS::ECS::Service").values()
     sprops = service["Properties"]
-    assert sprops["LaunchType"] == "FARGATE" and sprops["DesiredCount"] == 1
+    assert sprops["LaunchType"] == "FARGATE" and sprops["DesiredCount"] == {"Ref": "ExitServers"}
     assert {lb["ContainerPort"] for lb in sprops["LoadBalancers"] if "ContainerPort" in lb} == {8080, 8443}
 
 
@@ -160,3 +158,85 @@ def test_exit_server_tls_mode() -> None:
     (service,) = _resources(t, "AWS::ECS::Service").values()
     subnets = _if(service["Properties"]["NetworkConfiguration"]["AwsvpcConfiguration"]["Subnets"], "ExitServerTls")
     assert sorted(str(m["Properties"]["SubnetId"]) for m in mounts.values()) == sorted(str(x) for x in subnets)
+
+
+def test_exit_server_fleet() -> None:
+    """ExitServers tasks (default 2) sharing an ElastiCache made here (TLS, AUTH from Secrets
+    Manager, Multi-AZ, kept as a snapshot) or StateEndpoint; each task relays to its peers on
+    8080 from its own security group; one task without StateEndpoint runs with no Redis."""
+    t = parse(EXIT_SERVER)
+    params = t["Parameters"]
+    assert params["ExitServers"]["Default"] == 2 and params["ExitServers"]["MinValue"] == 1
+    assert {"FleetKeepsClientsInTheStore", "StatePasswordOnlyWithAnEndpoint"} <= set(t["Rules"])
+    conditions = t["Conditions"]
+    assert conditions["MakeStateStore"] == {
+        "Fn::And": [{"Condition": "Fleet"}, {"Fn::Equals": [{"Ref": "StateEndpoint"}, ""]}]
+    }
+    store = t["Resources"]["StateStore"]
+    props = store["Properties"]
+    assert store["Condition"] == "MakeStateStore" and store["DeletionPolicy"] == "Snapshot"
+    assert props["TransitEncryptionEnabled"] is True and props["AtRestEncryptionEnabled"] is True
+    assert props["AutomaticFailoverEnabled"] is True and props["NumCacheClusters"] == 2
+    assert "StatePasswordSecret" in props["AuthToken"]["Fn::Sub"]
+    ingress = t["Resources"]["TaskPeerIngress"]["Properties"]
+    assert (ingress["FromPort"], ingress["SourceSecurityGroupId"]) == (8080, {"Ref": "TaskSecurityGroup"})
+    (taskdef,) = _resources(t, "AWS::ECS::TaskDefinition").values()
+    (container,) = taskdef["Properties"]["ContainerDefinitions"]
+    (state,) = [_if(e, "Fleet") for e in container["Environment"] if "Fn::If" in e and e["Fn::If"][0] == "Fleet"]
+    assert state["Name"] == "BACKHAUL_STATE"
+    assert state["Value"]["Fn::If"][1]["Fn::Sub"].startswith("rediss://")  # TLS to the store made here
+    (password,) = [
+        _if(s, "MakeStateStore") for s in container["Secrets"] if "Fn::If" in s and s["Fn::If"][0] == "MakeStateStore"
+    ]
+    assert password == {"Name": "BACKHAUL_STATE_PASSWORD", "ValueFrom": {"Ref": "StatePasswordSecret"}}
+    script = container["Command"][-1]
+    assert "ECS_CONTAINER_METADATA_URI_V4" in script and 'BACKHAUL_PEER_URL="http://$ip:8080"' in script
+
+
+def test_the_fleet_start_script_takes_its_peer_url_from_the_task_metadata(tmp_path: Path) -> None:
+    """The container's start script, run by sh against a task metadata endpoint served here
+    (the v4 container response shape: Networks[0].IPv4Addresses), with `exit-server` replaced
+    by a stub that prints what it was given."""
+    import http.server
+    import json
+    import subprocess
+    import sys
+    import threading
+
+    t = parse(EXIT_SERVER)
+    (taskdef,) = _resources(t, "AWS::ECS::TaskDefinition").values()
+    (container,) = taskdef["Properties"]["ContainerDefinitions"]
+    stub = tmp_path / "exit-server"
+    stub.write_text('#!/bin/sh\necho "args: $*"\necho "peer: $BACKHAUL_PEER_URL"\n')
+    stub.chmod(0o755)
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"Networks": [{"NetworkMode": "awsvpc", "IPv4Addresses": ["10.0.1.23"]}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {  # `python` is the image's interpreter: here the test's
+            "PATH": f"{tmp_path}:{Path(sys.executable).parent}:/usr/bin:/bin",
+            "TLS_CERT_PEM": "cert",
+            "TLS_KEY_PEM": "key",
+            "BACKHAUL_STATE": "rediss://store.example:6379/0",
+            "ECS_CONTAINER_METADATA_URI_V4": f"http://127.0.0.1:{server.server_port}/v4/abc",
+        }
+        out = subprocess.run(["sh", *container["Command"][1:]], env=env, capture_output=True, text=True, timeout=30)
+        del env["BACKHAUL_STATE"]  # a single exit server: no peer URL, no metadata call
+        single = subprocess.run(["sh", *container["Command"][1:]], env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 0, out.stderr
+    assert "peer: http://10.0.1.23:8080" in out.stdout and "args: run --tls-cert" in out.stdout
+    assert single.returncode == 0 and "peer: \n" in single.stdout, single.stdout + single.stderr
