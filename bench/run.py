@@ -32,7 +32,8 @@ bench/results/, and the top 15 frames by self time in the report.
 
 Writes docs/BENCHMARKS.md and bench/results/bench-*.json, then runs bench/scale.py (which adds
 its section to docs/BENCHMARKS.md) unless --skip-scale, bench/h2.py (HTTP/2 with h2load beside
-nginx, gRPC unary calls beside direct) unless --skip-h2, and bench/startup.py (start time, idle
+nginx, gRPC unary calls beside direct) unless --skip-h2, bench/fleet.py (a relayed request against
+a local one) unless --skip-fleet, and bench/startup.py (start time, idle
 RSS, import cost) unless --skip-startup.
 """
 
@@ -63,6 +64,8 @@ DOC = bl.ROOT / "docs" / "BENCHMARKS.md"
 LUA = bl.BENCH / "wrk_report.lua"
 SCALE_BEGIN = "<!-- scale:begin -->"
 SCALE_END = "<!-- scale:end -->"
+FLEET_BEGIN = "<!-- fleet:begin -->"
+FLEET_END = "<!-- fleet:end -->"
 H2_BEGIN = "<!-- h2:begin -->"
 H2_END = "<!-- h2:end -->"
 STARTUP_BEGIN = "<!-- startup:begin -->"
@@ -1012,6 +1015,14 @@ def write_doc(
         out.append("Pending: `bench/h2.py` fills this section.\n")
     out.append(H2_END)
     out.append("")
+    out.append(FLEET_BEGIN)
+    out.append("## A relayed request against a local one (fleet)\n")
+    if args.skip_fleet:
+        out.append("Not run (`--skip-fleet`). Run `.venv/bin/python bench/fleet.py` to fill this section.\n")
+    else:
+        out.append("Pending: `bench/fleet.py` fills this section.\n")
+    out.append(FLEET_END)
+    out.append("")
     out.append(STARTUP_BEGIN)
     out.append("## Start time, idle memory and imports\n")
     if args.skip_startup:
@@ -1048,6 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-scale", action="store_true", help="do not run bench/scale.py")
     parser.add_argument("--skip-startup", action="store_true", help="do not run bench/startup.py")
     parser.add_argument("--skip-h2", action="store_true", help="do not run bench/h2.py (HTTP/2 and gRPC)")
+    parser.add_argument("--skip-fleet", action="store_true", help="do not run bench/fleet.py (relayed requests)")
     parser.add_argument(
         "--retries", type=int, default=2, help="repeat a run up to N times when other load skewed it (default 2)"
     )
@@ -1156,6 +1168,16 @@ def main(argv: list[str] | None = None) -> int:
         if h2_rc != 0:
             bl.log(f"bench/h2.py exited with {h2_rc}")
             rc = rc or h2_rc
+    if not args.skip_fleet:
+        fleet_cmd = [sys.executable, str(bl.BENCH / "fleet.py")]
+        if args.doc.resolve() != DOC.resolve():
+            fleet_cmd += ["--doc", str(args.doc)]
+        fleet_cmd += [flag for flag, on in (("--quick", args.quick), ("--pin", args.pin)) if on]
+        bl.log("running bench/fleet.py")
+        fleet_rc = subprocess.run(fleet_cmd, timeout=1800).returncode
+        if fleet_rc != 0:
+            bl.log(f"bench/fleet.py exited with {fleet_rc}")
+            rc = rc or fleet_rc
     if not args.skip_startup:
         startup_cmd = [sys.executable, str(bl.BENCH / "startup.py")]
         if args.doc.resolve() != DOC.resolve():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what `make bench` needs from Debian: nginx (light build is enough: it has http_v2),
-# wrk, and h2load (nghttp2-client) for the HTTP/2 rows.
+# wrk, h2load (nghttp2-client) for the HTTP/2 rows and redis-server for the fleet row.
 # Idempotent: does nothing when both are on PATH. Needs root (or sudo).
 set -euo pipefail
 
@@ -9,6 +9,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-li
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
