@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from shared.errors import ConfigError
 
 from .acme import AcmeFiles, _pem, renew_at
-from .state import PREFIX, StateUnavailable, redact
+from .state import PREFIX, StateUnavailable, connect, redact
 
 __all__ = ["ACK_WAIT", "CHANNEL", "LOCK_TTL", "FleetAcmeFiles"]
 
@@ -73,10 +73,11 @@ class FleetAcmeFiles(AcmeFiles):
 
     fleet = True
 
-    def __init__(self, root: Path, url: str, password: str | None, server_id: str) -> None:
+    def __init__(self, root: Path, url: str, password: str | None, server_id: str, ca_file: Path | None = None) -> None:
         super().__init__(root)
         self.url = url
         self.password = password
+        self.ca_file = ca_file
         self.server_id = server_id
         self._sync: Any = None
 
@@ -84,11 +85,7 @@ class FleetAcmeFiles(AcmeFiles):
 
     def _client(self) -> Any:
         if self._sync is None:
-            import redis
-
-            self._sync = redis.Redis.from_url(
-                self.url, password=self.password, socket_timeout=5, socket_connect_timeout=5
-            )
+            self._sync = connect(self.url, self.password, self.ca_file)
         return self._sync
 
     def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
@@ -216,13 +213,10 @@ class FleetAcmeFiles(AcmeFiles):
         """Deliver the fleet's ACME messages to ``on_message`` (acknowledging challenge answers
         once it returned) until ``stop``; reconnect with backoff when Redis is lost."""
         import redis
-        import redis.asyncio
 
         delay = 0.5
         while not stop.is_set():
-            client = redis.asyncio.Redis.from_url(
-                self.url, password=self.password, socket_timeout=None, socket_connect_timeout=5
-            )
+            client = connect(self.url, self.password, self.ca_file, aio=True, read_timeout=None)
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)

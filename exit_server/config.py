@@ -74,6 +74,9 @@ class ServerConfig(BaseConfig):
         None, description="file holding the state store's password (or BACKHAUL_STATE_PASSWORD)"
     )
     state_password: SecretStr | None = Field(None, description="the state store's password (environment/TOML only)")
+    state_ca_file: Path | None = Field(
+        None, description="CA bundle that verifies a rediss:// state store's certificate (default: the system's CAs)"
+    )
     state_resync: float = Field(
         5.0, gt=0, le=300, description="seconds between full re-reads of the state (a lost change message is repaired)"
     )
@@ -258,6 +261,8 @@ class ServerConfig(BaseConfig):
                 raise ValueError("--state holds the clients' credentials: not with --tokens")
             if self.access is not None:
                 raise ValueError("--state holds the access rules: not with --access (exit-server access push --state)")
+        if self.state_ca_file is not None and (self.state is None or not self.state.startswith("rediss://")):
+            raise ValueError("--state-ca-file: needs --state rediss://... (the store's TLS)")
         if self.peer_url is not None and (self.state is None or not re.fullmatch(r"https?://[^/\s]+/?", self.peer_url)):
             raise ValueError("--peer-url: needs --state, and is http(s)://HOST:PORT")
         if self.aws_server_id is not None and self.tokens is None and self.state is None:

@@ -26,12 +26,13 @@ import json
 import logging
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from shared.routing import RouteTable
 
 from .routes import Registry
-from .state import PREFIX, redact
+from .state import PREFIX, connect, redact
 
 __all__ = ["AUTH", "CLIENT", "PROTO", "RELAYED", "PeerDirectory", "sign", "verify"]
 
@@ -81,9 +82,16 @@ class PeerDirectory:
     """This server's view of which peers serve which hostnames, refreshed from Redis."""
 
     def __init__(
-        self, url: str, password: str | None, server_id: str, peer_url: str | None, registry: Registry
+        self,
+        url: str,
+        password: str | None,
+        server_id: str,
+        peer_url: str | None,
+        registry: Registry,
+        ca_file: Path | None = None,
     ) -> None:
         self.url = url
+        self.ca_file = ca_file
         self.password = password
         self.server_id = server_id
         self.peer_url = peer_url.rstrip("/") if peer_url else None
@@ -109,12 +117,8 @@ class PeerDirectory:
 
     async def tick(self) -> None:
         """Publish our routes, read everyone's (one round trip each way)."""
-        import redis.asyncio
-
         if self._client is None:
-            self._client = redis.asyncio.Redis.from_url(
-                self.url, password=self.password, socket_timeout=3, socket_connect_timeout=3
-            )
+            self._client = connect(self.url, self.password, self.ca_file, aio=True, read_timeout=3, connect_timeout=3)
         client = self._client
         if self.key is None:
             await client.set(KEY, secrets.token_bytes(32), nx=True)

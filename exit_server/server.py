@@ -100,7 +100,9 @@ class ExitServer:
             store_up = self.metrics.state_store_up
             from .peers import PeerDirectory, RelayCollector
 
-            self.peers = PeerDirectory(config.state, password, self.server_id, config.peer_url, self.registry)
+            self.peers = PeerDirectory(
+                config.state, password, self.server_id, config.peer_url, self.registry, config.state_ca_file
+            )
             self.metrics.registry.register(RelayCollector(self.peers))
             self._state_password = password
             self.state = StateFollower(
@@ -110,6 +112,7 @@ class ExitServer:
                 on_change=self._credentials_changed,
                 on_up=lambda up: store_up.set(1 if up else 0),
                 resync=config.state_resync,
+                ca_file=config.state_ca_file,
             )
         register_process_metrics(self.metrics.registry, "exit-server", {"control": config.tls_cert})
         self.tcp = TcpListeners(config, self.registry, parse_addr(config.public_addr)[0], self.metrics)
@@ -141,7 +144,9 @@ class ExitServer:
                 # the fleet orders once per name and every server serves it (exit_server/acmefleet.py)
                 from .acmefleet import FleetAcmeFiles
 
-                files = FleetAcmeFiles(config.acme_dir, config.state, self._state_password, self.server_id)
+                files = FleetAcmeFiles(
+                    config.acme_dir, config.state, self._state_password, self.server_id, config.state_ca_file
+                )
             self.acme = AcmeIssuer(
                 config.acme_directory,
                 files,

@@ -27,6 +27,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import TunnelError
@@ -52,13 +53,35 @@ class StateUnavailable(TunnelError):
     """The state store could not be reached or did not answer (nothing was changed)."""
 
 
-def _sync_client(url: str, password: str | None) -> Any:
+def connect(
+    url: str,
+    password: str | None,
+    ca_file: Path | None = None,
+    *,
+    aio: bool = False,
+    read_timeout: float | None = 5.0,
+    connect_timeout: float = 5.0,
+) -> Any:
+    """A redis-py client for the store (``aio``: its asyncio one). A ``rediss://`` store's
+    certificate is verified against ``ca_file`` (``--state-ca-file``), else the system's CAs."""
     import redis
+    import redis.asyncio
 
-    return redis.Redis.from_url(url, password=password, socket_timeout=5, socket_connect_timeout=5)
+    kwargs: dict[str, Any] = {
+        "password": password,
+        "socket_timeout": read_timeout,
+        "socket_connect_timeout": connect_timeout,
+    }
+    if url.startswith("rediss://") and ca_file is not None:
+        kwargs["ssl_ca_certs"] = str(ca_file)
+    return (redis.asyncio.Redis if aio else redis.Redis).from_url(url, **kwargs)
 
 
-def read_state(url: str, password: str | None) -> tuple[dict[str, TokenEntry], int]:
+def _sync_client(url: str, password: str | None, ca_file: Path | None = None) -> Any:
+    return connect(url, password, ca_file)
+
+
+def read_state(url: str, password: str | None, ca_file: Path | None = None) -> tuple[dict[str, TokenEntry], int]:
     """The entries and version in the store (empty, 0 when nothing was stored yet).
 
     Raises:
@@ -66,17 +89,22 @@ def read_state(url: str, password: str | None) -> tuple[dict[str, TokenEntry], i
     """
     import redis
 
-    client = _sync_client(url, password)
+    client = _sync_client(url, password, ca_file)
     try:
         text, version = client.mget(TOKENS, VERSION)
     except redis.RedisError as exc:
-        raise StateUnavailable(f"state store {redact(url)} unreachable: {exc} (nothing changed)") from None
+        raise _unavailable(url, exc) from None
     finally:
         client.close()
     return (parse_entries(text.decode()) if text else {}), int(version or 0)
 
 
-def update(url: str, password: str | None, change: Callable[[dict[str, TokenEntry]], dict[str, TokenEntry]]) -> int:
+def update(
+    url: str,
+    password: str | None,
+    change: Callable[[dict[str, TokenEntry]], dict[str, TokenEntry]],
+    ca_file: Path | None = None,
+) -> int:
     """Apply ``change`` to the stored entries atomically and publish it; returns the new
     version. A concurrent change makes it re-read and apply ``change`` again (at most 5 times).
 
@@ -86,7 +114,7 @@ def update(url: str, password: str | None, change: Callable[[dict[str, TokenEntr
     """
     import redis
 
-    client = _sync_client(url, password)
+    client = _sync_client(url, password, ca_file)
     try:
         for _ in range(5):
             with client.pipeline() as pipe:
@@ -105,12 +133,12 @@ def update(url: str, password: str | None, change: Callable[[dict[str, TokenEntr
                     continue
         raise StateUnavailable("the state store kept changing during the update; nothing changed, try again")
     except redis.RedisError as exc:
-        raise StateUnavailable(f"state store {redact(url)} unreachable: {exc} (nothing changed)") from None
+        raise _unavailable(url, exc) from None
     finally:
         client.close()
 
 
-def read_access(url: str, password: str | None) -> tuple[str | None, int]:
+def read_access(url: str, password: str | None, ca_file: Path | None = None) -> tuple[str | None, int]:
     """The access rules' text in the store (None, 0: none pushed yet).
 
     Raises:
@@ -118,17 +146,17 @@ def read_access(url: str, password: str | None) -> tuple[str | None, int]:
     """
     import redis
 
-    client = _sync_client(url, password)
+    client = _sync_client(url, password, ca_file)
     try:
         text, version = client.mget(ACCESS, ACCESS_VERSION)
     except redis.RedisError as exc:
-        raise StateUnavailable(f"state store {redact(url)} unreachable: {exc} (nothing changed)") from None
+        raise _unavailable(url, exc) from None
     finally:
         client.close()
     return (text.decode() if text else None), int(version or 0)
 
 
-def push_access(url: str, password: str | None, text: str) -> int:
+def push_access(url: str, password: str | None, text: str, ca_file: Path | None = None) -> int:
     """Replace the fleet's access rules with ``text`` (validated first) and publish; returns
     the new version.
 
@@ -141,7 +169,7 @@ def push_access(url: str, password: str | None, text: str) -> int:
     from .access import parse_sites
 
     parse_sites(text, "the access file")
-    client = _sync_client(url, password)
+    client = _sync_client(url, password, ca_file)
     try:
         with client.pipeline() as pipe:
             pipe.multi()
@@ -152,9 +180,21 @@ def push_access(url: str, password: str | None, text: str) -> int:
         client.publish(CHANNEL, f"access:{version}")
         return version
     except redis.RedisError as exc:
-        raise StateUnavailable(f"state store {redact(url)} unreachable: {exc} (nothing changed)") from None
+        raise _unavailable(url, exc) from None
     finally:
         client.close()
+
+
+def _unavailable(url: str, exc: Exception) -> StateUnavailable:
+    """One line for a failed store command: a refused password is not "unreachable"."""
+    import redis
+
+    if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
+        return StateUnavailable(
+            f"state store {redact(url)} refused the password ({exc}): check --state-password-file or "
+            "BACKHAUL_STATE_PASSWORD (nothing changed)"
+        )
+    return StateUnavailable(f"state store {redact(url)} unreachable: {exc} (nothing changed)")
 
 
 def redact(url: str) -> str:
@@ -179,9 +219,11 @@ class StateFollower:
         on_change: Callable[[], None],
         on_up: Callable[[bool], None] | None = None,
         resync: float = 5.0,
+        ca_file: Path | None = None,
     ) -> None:
         self.url = url
         self.password = password
+        self.ca_file = ca_file
         self.registry = registry
         self.on_change = on_change
         self.on_up = on_up
@@ -196,11 +238,7 @@ class StateFollower:
         self.access_version = 0
 
     def _connect(self) -> Any:
-        import redis.asyncio
-
-        return redis.asyncio.Redis.from_url(
-            self.url, password=self.password, socket_timeout=5, socket_connect_timeout=5
-        )
+        return connect(self.url, self.password, self.ca_file, aio=True)
 
     async def start(self, timeout: float = 10.0) -> None:
         """Load the state before serving (retried for ``timeout`` seconds).

@@ -45,6 +45,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
             "server within a second (password: --state-password-file or BACKHAUL_STATE_PASSWORD)",
         )
         p.add_argument("--state-password-file", type=Path, metavar="FILE", help="file holding the store's password")
+        p.add_argument(
+            "--state-ca-file", type=Path, metavar="FILE", help="CA bundle verifying a rediss:// store's certificate"
+        )
         if name != "list":
             p.add_argument("--client", required=True, help="client id (letters, digits, . _ -)")
         if name == "add":
@@ -89,6 +92,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         p = access_actions.add_parser(name, help=text, description=text)
         p.add_argument("--state", required=True, metavar="URL", help="the fleet's state store, redis:// or rediss://")
         p.add_argument("--state-password-file", type=Path, metavar="FILE", help="file holding the store's password")
+        p.add_argument(
+            "--state-ca-file", type=Path, metavar="FILE", help="CA bundle verifying a rediss:// store's certificate"
+        )
         if name == "push":
             p.add_argument("file", type=Path, metavar="FILE", help="the access file (TOML, see --access)")
     pw = sub.add_parser(
@@ -209,8 +215,8 @@ def _hash_password(user: str | None) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The ``--state`` URL and the store's password (file or BACKHAUL_STATE_PASSWORD).
+def _store(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
+    """The ``--state`` URL, the store's password (file or BACKHAUL_STATE_PASSWORD) and CA file.
 
     Raises:
         ConfigError: a malformed URL, or a password in it.
@@ -228,16 +234,19 @@ def _store(args: argparse.Namespace) -> tuple[str, str | None]:
     if args.state_password_file is not None or os.environ.get("BACKHAUL_STATE_PASSWORD"):
         env = os.environ.get("BACKHAUL_STATE_PASSWORD")
         password = read_secret(args.state_password_file, SecretStr(env) if env else None, "state-password")
-    return url, password
+    ca_file: Path | None = args.state_ca_file
+    if ca_file is not None and not url.startswith("rediss://"):
+        raise ConfigError("--state-ca-file: needs --state rediss://... (the store's TLS)")
+    return url, password, ca_file
 
 
 def _access_command(args: argparse.Namespace) -> int:
     """``access push|show --state URL``: the fleet's access rules (exit_server/state.py)."""
     from .state import push_access, read_access
 
-    url, password = _store(args)
+    url, password, ca_file = _store(args)
     if args.access_action == "show":
-        text, version = read_access(url, password)
+        text, version = read_access(url, password, ca_file)
         if text is None:
             print("no access rules in the store (every public hostname is open)", file=sys.stderr)
             return 0
@@ -249,7 +258,7 @@ def _access_command(args: argparse.Namespace) -> int:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"FILE: cannot read {path}: {exc.strerror}") from None
-    version = push_access(url, password, text)
+    version = push_access(url, password, text, ca_file)
     print(f"pushed {path} (access rules version {version}; every exit server within a second)", file=sys.stderr)
     return 0
 
@@ -259,10 +268,10 @@ def _state_command(args: argparse.Namespace) -> int:
     acknowledged only once Redis has it (exit_server/state.py)."""
     from .state import read_state, update
 
-    url, password = _store(args)
+    url, password, ca_file = _store(args)
     action = args.token_action
     if action == "list":
-        entries, version = read_state(url, password)
+        entries, version = read_state(url, password, ca_file)
         _print_list(entries)
         print(f"state version {version}", file=sys.stderr)
         return 0
@@ -278,7 +287,7 @@ def _state_command(args: argparse.Namespace) -> int:
         made["token_id"] = entry.token_id
         return entries
 
-    version = update(url, password, change)
+    version = update(url, password, change, ca_file)
     verb = {"add": "added", "rotate": "rotated", "revoke": "revoked"}[action]
     print(f"{verb} client {client} (state version {version}; every exit server within a second)", file=sys.stderr)
     if made.get("token"):

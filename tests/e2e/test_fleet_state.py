@@ -341,3 +341,74 @@ async def test_a_shared_token_beside_the_store(certs: Certs, redis_server: Redis
                 await running.stop()
         for server in servers:
             await server.close()
+
+
+async def test_a_tls_store_with_a_password(
+    certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rediss://`` with AUTH, as ElastiCache runs it: a real redis-server on its TLS port only,
+    verified against --state-ca-file, the password from BACKHAUL_STATE_PASSWORD (CLI) and
+    --state-password (server). Without the CA, or with a wrong password: a clear refusal, exit 1."""
+    from pydantic import SecretStr
+
+    from exit_server.__main__ import main
+
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--tls-cert-file", str(certs.cert), "--tls-key-file", str(certs.key), "--tls-ca-cert-file", str(certs.ca),
+         "--tls-auth-clients", "no", "--requirepass", "s3cret-store-password", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"rediss://localhost:{port}/0"
+    servers: list[ExitServer] = []
+    fleet = Fleet(servers, certs, [])
+    try:
+        wait_until_sync(lambda: _listening(port), timeout=10, what="redis-server on its TLS port")
+        monkeypatch.setenv("BACKHAUL_STATE_PASSWORD", "s3cret-store-password")
+        assert main(["token", "add", "--state", url, "--state-ca-file", str(certs.ca), "--client", "acme",
+                     "--host", "app.test"]) == 0  # fmt: skip
+        token = capsys.readouterr().out.strip()
+        for _ in range(2):
+            config = server_config(
+                certs,
+                state=url,
+                state_password=SecretStr("s3cret-store-password"),
+                state_ca_file=certs.ca,
+                state_resync=1.0,
+            )
+            servers.append(ExitServer(config))
+            await servers[-1].start()
+        async with upstream(echo_app()) as up:
+            await fleet.add_client(token, [f"app.test={up.url}"])
+            await wait_until(lambda: all(registered(s, "acme") for s in servers), what="registered on both")
+            assert main(["token", "revoke", "--state", url, "--state-ca-file", str(certs.ca), "--client", "acme"]) == 0
+            await wait_until(lambda: not any(registered(s, "acme") for s in servers), timeout=1.0, interval=0.01,
+                             what="revoked on both within a second")  # fmt: skip
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as unverified:  # the system's CAs do not know this store
+            main(["token", "list", "--state", url])
+        assert unverified.value.code == 1
+        err = capsys.readouterr().err
+        assert "unreachable" in err and "certificate verify failed" in err and "s3cret" not in err
+        monkeypatch.setenv("BACKHAUL_STATE_PASSWORD", "wrong-password")
+        with pytest.raises(SystemExit) as refused:
+            main(["token", "list", "--state", url, "--state-ca-file", str(certs.ca)])
+        assert refused.value.code == 1
+        err = capsys.readouterr().err
+        assert "refused the password" in err and "wrong-password" not in err and err.count("\n") == 1
+    finally:
+        for running in fleet.clients:
+            with contextlib.suppress(Exception):
+                await running.stop()
+        for server in servers:
+            await server.close()
+        proc.kill()
+        proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
