@@ -288,6 +288,18 @@ class Challenges:
 
     http: dict[str, tuple[str, str]] = field(default_factory=dict)  # token -> (name, key authorization)
     alpn: dict[str, ssl.SSLContext] = field(default_factory=dict)  # name -> validation context
+    alpn_keys: dict[str, str] = field(default_factory=dict)  # name -> the key authorization it answers
+
+    def forget(self, name: str, tokens: list[str], alpn: list[str]) -> None:
+        """Drop the answers one order placed for ``name`` (its HTTP-01 tokens, its TLS-ALPN-01
+        key authorizations) and nothing else: a later order's answers for the same name stay.
+        Single-item dict operations only, so the issuer's worker thread may call it."""
+        for token in tokens:
+            self.http.pop(token, None)
+        for key in alpn:
+            if self.alpn_keys.get(name) == key:
+                self.alpn.pop(name, None)
+                self.alpn_keys.pop(name, None)
 
     def http_answer(self, host: str, path: str) -> str | None:
         """The key authorization for ``GET /.well-known/acme-challenge/TOKEN`` on ``host``, or
@@ -377,7 +389,8 @@ class AcmeIssuer:
         self._stop = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None
         self._adopting: set[asyncio.Task[None]] = set()
-        self._shared: set[str] = set()  # names whose challenge answers the fleet holds
+        #: per name, the answers this server's current order placed: (HTTP-01 tokens, ALPN keys)
+        self._mine: dict[str, tuple[list[str], list[str]]] = {}
 
     # ------------------------------------------------------------------ control
 
@@ -454,9 +467,10 @@ class AcmeIssuer:
             self.challenges.http[str(message["token"])] = (name, str(message["validation"]))
         elif kind == "alpn":
             self.challenges.alpn[name] = tls_alpn_context(name, str(message["validation"]))
-        elif kind == "done":
-            self.challenges.http = {t: v for t, v in self.challenges.http.items() if v[0] != name}
-            self.challenges.alpn.pop(name, None)
+            self.challenges.alpn_keys[name] = str(message["validation"])
+        elif kind == "done":  # exactly what that order placed: a newer order's answers stay
+            tokens, alpn = message.get("tokens", []), message.get("alpn", [])
+            self.challenges.forget(name, [str(t) for t in tokens], [str(k) for k in alpn])
         elif kind in ("cert", "resync"):
             task = asyncio.get_running_loop().create_task(self._adopt(name if kind == "cert" else None))
             self._adopting.add(task)
@@ -550,14 +564,12 @@ class AcmeIssuer:
         renewal = name not in self._wanted
         self.attempts += 1
         log.info("acme: %s a certificate for %s (%s)", "renewing" if renewal else "ordering", name, self.challenge)
-        ordered = True
         try:
             ordered = await loop.run_in_executor(self._executor, self._order, name)
             served = load_pair(name, *self.files.paths(name), source="acme")
         except _PeerOrdering:
             # another server of the fleet holds the name's lock: its certificate arrives through
             # the store (_adopt); look again in a few seconds in case that server died
-            ordered = False  # and the answers held for the name are that server's: keep them
             self.attempts -= 1
             state.next_try = self.clock() + random.uniform(5.0, 10.0)
             log.info("acme: a peer is ordering %s; waiting for its certificate", name)
@@ -578,13 +590,6 @@ class AcmeIssuer:
                 "; the current certificate is served meanwhile" if renewal else "",
             )
             return
-        finally:
-            if ordered:
-                self.challenges.http = {t: v for t, v in self.challenges.http.items() if v[0] != name}
-                self.challenges.alpn.pop(name, None)
-            if self.fleet is not None and name in self._shared:
-                self._shared.discard(name)
-                await loop.run_in_executor(self._executor, self.fleet.withdraw, name)
         self._wanted.discard(name)
         self._serve(served)
         if not ordered:
@@ -630,7 +635,10 @@ class AcmeIssuer:
         """
         fleet = self.fleet
         if fleet is None:
-            self.files.save_cert(name, *self._obtain(name))
+            try:
+                self.files.save_cert(name, *self._obtain(name))
+            finally:
+                self._forget(name)
             return True
         lock = fleet.lock(name)
         if lock is None:
@@ -641,7 +649,15 @@ class AcmeIssuer:
             self.files.save_cert(name, *self._obtain(name))
             return True
         finally:
+            self._forget(name)  # before the lock goes: the next order's answers come after this
             fleet.unlock(name, lock)
+
+    def _forget(self, name: str) -> None:
+        """Withdraw the challenge answers this order placed, here and (fleet) on every server."""
+        tokens, alpn = self._mine.pop(name, ([], []))
+        self.challenges.forget(name, tokens, alpn)
+        if self.fleet is not None and (tokens or alpn):
+            self.fleet.withdraw(name, tokens, alpn)
 
     def _obtain(self, name: str) -> tuple[bytes, bytes]:
         """:meth:`_obtain_once`, again at once after a ``badNonce`` that the acme package's own
@@ -705,8 +721,8 @@ class AcmeIssuer:
             if self.challenge == "http-01" and isinstance(chall, challenges.HTTP01):
                 response, validation = chall.response_and_validation(self._key)
                 self.challenges.http[chall.encode("token")] = (name, validation)
+                self._mine.setdefault(name, ([], []))[0].append(chall.encode("token"))
                 if self.fleet is not None:  # the CA may reach any server of the fleet
-                    self._shared.add(name)
                     self.fleet.share(
                         {"kind": "http", "token": chall.encode("token"), "name": name, "validation": validation}
                     )
@@ -715,8 +731,9 @@ class AcmeIssuer:
             if self.challenge == "tls-alpn-01" and isinstance(chall, TLSALPN01):
                 response, validation = chall.response_and_validation(self._key)
                 self.challenges.alpn[name] = tls_alpn_context(name, validation)
+                self.challenges.alpn_keys[name] = validation
+                self._mine.setdefault(name, ([], []))[1].append(validation)
                 if self.fleet is not None:
-                    self._shared.add(name)
                     self.fleet.share({"kind": "alpn", "name": name, "validation": validation})
                 acme.answer_challenge(challb, response)
                 return

@@ -10,7 +10,8 @@ Layout in the store (``PREFIX`` is ``backhaul:``):
   if that server dies (:data:`LOCK_TTL`);
 * channel ``PREFIX acme``: JSON messages: ``{"kind": "http", "token", "name", "validation"}`` and
   ``{"kind": "alpn", "name", "validation"}`` (a challenge answer every server must give, since
-  the CA's validation may reach any of them through the balancer), ``{"kind": "done", "name"}``,
+  the CA's validation may reach any of them through the balancer), ``{"kind": "done", "name",
+  "tokens", "alpn"}`` (drop exactly those answers, published before the lock is released),
   ``{"kind": "cert", "name"}`` (a new certificate: load and serve it);
 * ``PREFIX acme:ack:ID``: a set of server ids that hold challenge answer ID in memory.
 
@@ -196,9 +197,11 @@ class FleetAcmeFiles(AcmeFiles):
             )
         self._call("challenge", lambda c: c.delete(ACK + ident))
 
-    def withdraw(self, name: str) -> None:
+    def withdraw(self, name: str, tokens: list[str], alpn: list[str]) -> None:
+        """Tell every server to drop exactly these answers (a later order's stay)."""
+        message = json.dumps({"kind": "done", "name": name, "tokens": tokens, "alpn": alpn})
         try:
-            self._call("challenge", lambda c: c.publish(CHANNEL, json.dumps({"kind": "done", "name": name})))
+            self._call("challenge", lambda c: c.publish(CHANNEL, message))
         except StateUnavailable:
             pass  # peers drop stale answers at their next order for the name
 

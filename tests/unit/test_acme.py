@@ -227,3 +227,21 @@ def test_a_rejected_nonce_is_retried_at_once_a_few_times(tmp_path: Path) -> None
     with pytest.raises(_Failed, match="malformed"):
         a._obtain("app.test")
     a._executor.shutdown()
+
+
+def test_a_withdrawn_order_drops_only_its_own_challenge_answers() -> None:
+    """A fleet's order withdraws exactly what it placed (its tokens, its TLS-ALPN-01 key
+    authorization): a later order's answers for the same name, which may arrive first on a
+    server, stay in place for the CA's validation."""
+    answers = Challenges()
+    answers.http["old-token"] = ("app.test", "old-validation")
+    answers.http["new-token"] = ("app.test", "new-validation")
+    answers.http["other-token"] = ("other.test", "other-validation")
+    answers.alpn["app.test"] = ssl.create_default_context()
+    answers.alpn_keys["app.test"] = "new-key"  # the newer order replaced the old one's answer
+    answers.forget("app.test", ["old-token"], ["old-key"])
+    assert set(answers.http) == {"new-token", "other-token"}
+    assert "app.test" in answers.alpn
+    answers.forget("app.test", ["new-token"], ["new-key"])
+    assert set(answers.http) == {"other-token"} and "app.test" not in answers.alpn
+    assert "app.test" not in answers.alpn_keys
