@@ -125,3 +125,63 @@ async def test_three_servers_order_once_per_name_and_all_serve_it(
                     await running.stop()
             for server in servers:
                 await server.close()
+
+
+async def test_a_lock_left_by_a_dead_server_expires_and_the_name_is_ordered(
+    certs: Certs,
+    redis_server: Redis,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that died while ordering leaves its lock behind: the others wait (no second
+    order meanwhile), and once the lock expires one of them orders. LOCK_TTL is 3 s here
+    instead of 10 minutes; a waiting server looks again every 5 to 10 s."""
+    import redis
+
+    from exit_server import acmefleet
+
+    monkeypatch.setattr(acmefleet, "LOCK_TTL", 3.0)
+    token = add_client(redis_server.url, "acme", ["app.test"])
+    held = redis.Redis.from_url(redis_server.url)
+    held.set(acmefleet.LOCK + "app.test", "dead-server:0", px=3000)  # as the dead server left it
+    held.close()
+    http_port, tls_port = free_port(), free_port()
+    with pebble(tmp_path, http_port, tls_port) as ca:
+        server = ExitServer(
+            server_config(
+                certs,
+                public_addr=f"127.0.0.1:{http_port}",
+                public_tls_addr=f"127.0.0.1:{tls_port}",
+                acme_dir=tmp_path / "acme",
+                acme_directory=ca.directory,
+                acme_ca_file=ca.ca_file,
+                acme_domain=["app.test"],
+                state=redis_server.url,
+            )
+        )
+        await server.start()
+        running: RunningClient | None = None
+        try:
+            async with upstream(hello()) as up:
+                client = TunnelClient(client_config(certs, server, [f"app.test={up.url}"]), token=token)
+                running = RunningClient(client, asyncio.create_task(client.run()))
+                assert server.acme is not None and server.certs is not None
+                acme = server.acme
+
+                def waiting() -> bool:
+                    state = acme._states.get("app.test")
+                    return state is not None and state.next_try > 0 and "app.test" in acme.pending()
+
+                await wait_until(waiting, what="the name wanted, its lock held by the dead server")
+                assert acme.attempts == 0  # waiting for the lock, not ordering
+                await wait_until(
+                    lambda: (c := server.certs.lookup("app.test")) is not None and c.source == "acme",  # type: ignore[union-attr]
+                    timeout=3 + 10 + 30,  # the lock's life, one wait, an order
+                    what="ordered once the dead server's lock expired",
+                )
+                assert total([server], "issued") == 1 and total([server], "failed") == 0
+        finally:
+            if running is not None:
+                with contextlib.suppress(Exception):
+                    await running.stop()
+            await server.close()
