@@ -8,6 +8,7 @@ head was sent is aborted (connection closed without the final chunk), never pres
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -318,6 +319,8 @@ class PublicHandler:
 
         peers = self.peers
         assert peers is not None and peers.key is not None
+        if is_websocket(request):
+            return await self._relay_websocket_to_peer(request, ex, url, client)
         session = self.relay_session()
         target = origin_form(request)
         authority = routed_authority(request)
@@ -326,16 +329,7 @@ class PublicHandler:
             for k, v in request.headers.items()
             if k.lower() not in HOP_BY_HOP and not k.lower().startswith("backhaul-") and k.lower() != "x-request-id"
         ]
-        headers += [
-            ("X-Request-Id", ex.request_id),  # one id in both servers' logs
-            (peers_mod.RELAYED, peers.server_id),
-            (peers_mod.CLIENT, client),
-            (peers_mod.PROTO, ex.scheme),
-            (
-                peers_mod.AUTH,
-                peers_mod.sign(peers.key, peers.server_id, request.method, target, authority, client, ex.scheme),
-            ),
-        ]
+        headers += self._relay_fields(request, ex, client)
         ex.tunnel_id = "relay"
         try:
             upstream = await session.request(
@@ -365,6 +359,125 @@ class PublicHandler:
             return resp
         finally:
             upstream.release()
+
+    def _relay_fields(self, request: web.BaseRequest, ex: Exchange, client: str) -> list[tuple[str, str]]:
+        """The signed fields of a request relayed to a peer (exit_server/peers.py)."""
+        peers = self.peers
+        assert peers is not None and peers.key is not None
+        target, authority = origin_form(request), routed_authority(request)
+        return [
+            ("X-Request-Id", ex.request_id),  # one id in both servers' logs
+            (peers_mod.RELAYED, peers.server_id),
+            (peers_mod.CLIENT, client),
+            (peers_mod.PROTO, ex.scheme),
+            (
+                peers_mod.AUTH,
+                peers_mod.sign(peers.key, peers.server_id, request.method, target, authority, client, ex.scheme),
+            ),
+        ]
+
+    async def _relay_websocket_to_peer(
+        self, request: web.BaseRequest, ex: Exchange, url: str, client: str
+    ) -> web.StreamResponse:
+        """A WebSocket upgrade relayed to a peer: the signed request head on a connection of
+        its own, the peer's answer back, and after a 101 the raw bytes both ways."""
+        peers = self.peers
+        assert peers is not None
+        scheme, _, rest = url.partition("://")
+        host, _, port = rest.partition(":")
+        headers = [
+            (k, v)
+            for k, v in strip_hop_by_hop(request.headers.items(), keep_upgrade=True)
+            if not k.lower().startswith("backhaul-") and k.lower() != "x-request-id"
+        ]
+        headers += self._relay_fields(request, ex, client)
+        head = f"{request.method} {origin_form(request)} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+        ex.tunnel_id = "relay"
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(5):
+                reader, writer = await asyncio.open_connection(
+                    host, int(port or (443 if scheme == "https" else 80)), ssl=scheme == "https" or None
+                )
+            writer.write(head.encode("latin-1") + b"\r\n")
+            async with asyncio.timeout(self.config.upstream_timeout):
+                raw = await reader.readuntil(b"\r\n\r\n")
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            if writer is not None:
+                writer.close()
+            peers.relayed["failed"] = peers.relayed.get("failed", 0) + 1
+            log.warning("public: relaying a WebSocket for %s to %s failed: %r (503)", ex.host[:100], url, exc)
+            return self._reject(ex, "relay_failed", 503, retry_after=1)
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            raise
+        peers.relayed["ok"] = peers.relayed.get("ok", 0) + 1
+        try:
+            return await self._websocket_from_peer(request, ex, raw, reader, writer)
+        finally:
+            writer.close()
+
+    async def _websocket_from_peer(
+        self,
+        request: web.BaseRequest,
+        ex: Exchange,
+        raw: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> web.StreamResponse:
+        """The peer's answer to a relayed upgrade (``raw``: its head), then after a 101 the
+        bytes both ways until either side ends."""
+        status_line, *lines = raw.decode("latin-1").split("\r\n")
+        parts = status_line.split(" ", 2)
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 502
+        answer = [(n.strip(), v.strip()) for n, _, v in (line.partition(":") for line in lines if line)]
+        if status != 101:  # declined: pass the answer on (a short body) and close
+            body = b""
+            length = next((v for n, v in answer if n.lower() == "content-length"), "0")
+            if length.isdigit() and int(length) <= 65536:
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError, TimeoutError):
+                    async with asyncio.timeout(self.config.upstream_timeout):
+                        body = await reader.readexactly(int(length))
+            ex.close_connection = True
+            declined = web.Response(status=status, body=body)
+            declined.headers.extend(strip_hop_by_hop(answer))
+            return declined
+        resp = web.StreamResponse(status=101)
+        resp.headers.extend(
+            (n, v) for n, v in strip_hop_by_hop(answer, keep_upgrade=True) if n.lower() != "x-request-id"
+        )
+        await resp.prepare(request)
+        transport = request.transport
+        assert transport is not None
+        set_keepalive(transport.get_extra_info("socket"))
+        feeder = RawFeeder(transport, self._loop)
+        request.protocol.set_parser(feeder)  # type: ignore[arg-type]
+        caller = request.writer
+
+        async def up() -> None:  # the caller's bytes to the peer
+            with contextlib.suppress(OSError):
+                while data := await feeder.read():
+                    ex.bytes_in += len(data)
+                    writer.write(data)
+                    await writer.drain()
+                writer.write_eof()
+
+        async def down() -> None:  # the peer's bytes to the caller
+            with contextlib.suppress(OSError, ConnectionError):
+                while data := await reader.read(65536):
+                    ex.bytes_out += len(data)
+                    await caller.write(data)
+
+        sending = asyncio.ensure_future(up())
+        try:
+            await down()
+        finally:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+            if not transport.is_closing():
+                transport.close()
+        return resp
 
     def _retry_target(
         self, request: web.BaseRequest, ex: Exchange, tunnel: Tunnel, host: str, error: TunnelError

@@ -154,6 +154,38 @@ async def test_an_http2_request_is_relayed_and_a_grpc_call_is_not(pair: Pair) ->
         assert pair.b.peers is not None and pair.b.peers.relayed == {"ok": 2}
 
 
+async def test_a_websocket_is_relayed_both_ways(pair: Pair) -> None:
+    """A WebSocket upgrade on the server without a session: relayed to the peer, 101, then
+    messages both ways (a 200 KB one too); an upgrade the upstream declines passes its answer."""
+
+    async def ws_echo(request: web.Request) -> web.StreamResponse:
+        if request.path != "/ws":
+            return web.Response(status=404, text="no socket here")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(f"{request.headers.get('X-Real-IP')}:{msg.data}")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", ws_echo)
+    async with upstream(app) as up:
+        await pair.client([pair.a], [f"app.test={up.url}"])
+        await wait_until(lambda: known(pair.b), timeout=5, what="B learnt that A serves app.test")
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{pair.b.public_port}/ws"
+            async with session.ws_connect(url, headers={"Host": "app.test"}) as ws:
+                await ws.send_str("hello")
+                assert (await ws.receive(timeout=5)).data == "127.0.0.1:hello"
+                big = "x" * 200_000
+                await ws.send_str(big)
+                assert (await ws.receive(timeout=10)).data == "127.0.0.1:" + big
+            with pytest.raises(aiohttp.WSServerHandshakeError) as declined:
+                await session.ws_connect(f"http://127.0.0.1:{pair.b.public_port}/nope", headers={"Host": "app.test"})
+            assert declined.value.status == 404
+        assert pair.b.peers is not None and pair.b.peers.relayed == {"ok": 2}
+
+
 async def test_unsigned_relay_fields_are_refused(pair: Pair) -> None:
     async with upstream(echo()) as up:
         await pair.client([pair.a], [f"app.test={up.url}"])
