@@ -18,6 +18,7 @@ advertise. While the caller does not read what we send, we read nothing from it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import typing
 from collections import deque
@@ -37,7 +38,7 @@ from multidict import CIMultiDict
 
 from shared.aio.connection import TunnelStream
 from shared.aio.sockopts import set_nodelay
-from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError
+from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError, UpstreamError
 from shared.frames import ResetCode
 from shared.h2map import PREFACE, H2Error, grpc_timeout, is_grpc, split_pseudo, to_h2_reset, wants_trailers
 from shared.heads import RequestHead, StreamKind
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 #: Response fields HTTP/2 forbids (RFC 9113 section 8.2.2), dropped from upstream answers.
+#: The fields of a relayed request (exit_server/peers.py), as HTTP/2 names them.
+_RELAY_FIELDS = frozenset({"backhaul-relayed", "backhaul-peer-auth", "backhaul-peer-client", "backhaul-peer-proto"})
 #: Fields of a peer's relayed answer this server writes itself.
 _PEER_OWN = frozenset({"x-request-id", "strict-transport-security"})
 _FORBIDDEN_OUT = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"})
@@ -212,6 +215,9 @@ class H2PublicConnection(asyncio.Protocol):
         self._data_sent = 0
         self._idle: asyncio.TimerHandle | None = None
         self._flush_due = False
+        #: h2c accepted only for the fleet's relays (--peer-url without --h2c): every stream
+        #: must carry a valid relay signature
+        self.peers_only = False
 
     # ----------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -526,6 +532,14 @@ class H2PublicConnection(asyncio.Protocol):
             return
         host = normalize_host(authority)
         ex.host = authority
+        relayed_client: str | None = None
+        if self.peers_only or any(n in _RELAY_FIELDS for n, _ in regular):
+            relayed_client = self._relay_origin(ex, method, path, authority, regular)
+            if relayed_client is None:  # unsigned or stale relay fields, or a stranger on peers-only h2c
+                ex.rejected = "bad_relay"
+                log.warning("public h2: unsigned or stale relay fields from %s (403)", self.peer)
+                await self._respond(stream, ex, 403)
+                return
         if public.acme is not None and (answer := public.acme.http_answer(host, path.partition("?")[0])) is not None:
             ex.route = "acme-challenge"
             await self._respond(stream, ex, 200, answer.encode())
@@ -535,8 +549,10 @@ class H2PublicConnection(asyncio.Protocol):
             port = "" if public.tls_port in (0, 443) else f":{public.tls_port}"
             await self._respond(stream, ex, 308, b"", (("location", f"https://{host}{port}{path}"),))
             return
-        peer = self.peer
-        trusted = public.trusted if public.trusted and public.trusted.contains(peer) else None
+        peer = self.peer if relayed_client is None else relayed_client
+        trusted = None
+        if relayed_client is None and public.trusted and public.trusted.contains(peer):
+            trusted = public.trusted
         edge = Edge(ex.request_id, peer, ex.scheme, authority, trusted)
         client = peer if trusted is None else trusted.client_of([v for n, v in regular if n == "x-forwarded-for"], peer)
         if public.access is not None:
@@ -558,8 +574,11 @@ class H2PublicConnection(asyncio.Protocol):
             peers = public.peers
             # a peer of the fleet with a session for the host (exit_server/peers.py), over
             # HTTP/1.1: not for a request that needs trailers (gRPC), which that cannot carry
-            if peers is not None and peers.key is not None and not wants_trailers(regular):
+            if peers is not None and peers.key is not None and ex.relayed_by is None:
                 url = peers.peer_for(host, path.partition("?")[0])
+                if url is not None and wants_trailers(regular):  # gRPC: HTTP/2 to the peer
+                    await self._relay_h2_to_peer(stream, ex, url, method, path, authority, regular, client)
+                    return
                 if url is not None:
                     await self._relay_to_peer(stream, ex, url, method, path, authority, regular, client)
                     return
@@ -712,6 +731,29 @@ class H2PublicConnection(asyncio.Protocol):
         except TunnelError:
             pass  # the reply side reports it
 
+    def _relay_origin(
+        self, ex: Exchange, method: str, path: str, authority: str, regular: list[tuple[str, str]]
+    ) -> str | None:
+        """The caller's address of a correctly signed relayed stream (its scheme and relaying
+        server set on ``ex``), else None."""
+        from . import peers as peers_mod
+
+        fields = {n: v for n, v in regular if n in _RELAY_FIELDS}
+        peers = self.public.peers
+        relayed_by = fields.get("backhaul-relayed", "")
+        client = fields.get("backhaul-peer-client", "")
+        proto = fields.get("backhaul-peer-proto", "")
+        key = peers.key if peers is not None else None
+        if not relayed_by or proto not in ("http", "https"):
+            return None
+        if not peers_mod.verify(key, fields.get("backhaul-peer-auth", ""), relayed_by, method, path, authority, client,
+                                proto):  # fmt: skip
+            return None
+        ex.relayed_by = relayed_by
+        ex.scheme = proto
+        ex.caller = client
+        return client
+
     async def _relay_to_peer(
         self,
         stream: _H2Stream,
@@ -777,6 +819,104 @@ class H2PublicConnection(asyncio.Protocol):
             pass
         finally:
             answer.release()
+
+    async def _relay_h2_to_peer(
+        self,
+        stream: _H2Stream,
+        ex: Exchange,
+        url: str,
+        method: str,
+        path: str,
+        authority: str,
+        regular: list[tuple[str, str]],
+        client: str,
+    ) -> None:
+        """A request that needs trailers (gRPC), relayed to a peer over HTTP/2 (h2c to its plain
+        listener, which takes it from peers only): trailers and resets both ways, the caller's
+        reset cancels the peer's stream."""
+        from tunnel_client.http2 import UpstreamReset
+
+        from . import peers as peers_mod
+
+        public = self.public
+        peers = public.peers
+        assert peers is not None and peers.key is not None
+        scheme, _, rest = url.partition("://")
+        host, _, port = rest.partition(":")
+        origin = ("https" if scheme == "https" else "h2c", host, int(port or (443 if scheme == "https" else 80)))
+        signature = peers_mod.sign(peers.key, peers.server_id, method, path, authority, client, ex.scheme)
+        fields = [(b":method", method.encode()), (b":scheme", b"http"), (b":authority", authority.encode("latin-1")),
+                  (b":path", path.encode("latin-1"))]  # fmt: skip
+        fields += [
+            (n.encode("latin-1"), v.encode("latin-1"))
+            for n, v in regular
+            if not n.startswith("backhaul-") and n not in ("x-request-id", "host")
+        ]
+        fields += [
+            (b"x-request-id", ex.request_id.encode()),
+            (peers_mod.RELAYED.lower().encode(), peers.server_id.encode()),
+            (peers_mod.CLIENT.lower().encode(), client.encode("latin-1")),
+            (peers_mod.PROTO.lower().encode(), ex.scheme.encode()),
+            (peers_mod.AUTH.lower().encode(), signature.encode()),
+        ]
+        ex.tunnel_id = "relay"
+        has_body = not (stream.body.ended and not stream.body.chunks and stream.body.trailers is None)
+        try:
+            conn = await public.relay_h2_pool().connection(origin)
+            upstream = conn.start(fields, end_stream=not has_body)
+        except (UpstreamError, OSError) as exc:
+            peers.relayed["failed"] = peers.relayed.get("failed", 0) + 1
+            log.warning("public h2: relaying %s to %s over HTTP/2 failed: %s (503)", _printable(authority[:100]), url,
+                        exc)  # fmt: skip
+            ex.rejected = "relay_failed"
+            await self._respond(stream, ex, 503, retry_after=1)
+            return
+        peers.relayed["ok"] = peers.relayed.get("ok", 0) + 1
+
+        async def send_body() -> None:
+            with contextlib.suppress(UpstreamError, _Gone, TimeoutError):
+                async for chunk in self._body(stream, ex):
+                    await upstream.write(chunk)
+                trailers = stream.body.trailers
+                upstream.finish([(n, v) for n, v in trailers] if trailers else None)
+
+        sending = self.loop.create_task(send_body()) if has_body else None
+        try:
+            status, headers = await upstream.response()
+            answer = tuple((n, v) for n, v in headers if n.lower() not in _PEER_OWN)
+            ex.grpc_status = _grpc_status(answer)
+            headers_only = upstream.ended and not upstream.chunks and upstream.trailers is None  # Trailers-Only
+            if not self._send_headers(stream.id, self._answer_fields(ex, status, answer), end=headers_only):
+                return
+            if headers_only:
+                return
+            while chunk := await upstream.read():
+                await self._send(stream, chunk, ex)
+            trailers = upstream.trailers
+            if trailers:
+                ex.grpc_status = _grpc_status(trailers) or ex.grpc_status
+                self._send_headers(
+                    stream.id,
+                    [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in trailers if not n.startswith(":")],
+                    end=True,
+                )
+            else:
+                self._end(stream.id)
+        except UpstreamReset as exc:
+            self._reset(stream, exc.error_code)
+        except UpstreamError as exc:
+            log.info("public h2 stream %d: relayed answer from %s aborted: %s", stream.id, url, exc)
+            if ex.status:
+                self._reset(stream, H2Error.INTERNAL_ERROR)
+            else:
+                await self._respond(stream, ex, 502)
+        except (_Gone, TimeoutError):
+            pass
+        finally:
+            if sending is not None:
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+            upstream.close()  # not complete both ways (the caller reset it): CANCEL to the peer
 
     async def _body(self, stream: _H2Stream, ex: Exchange) -> typing.AsyncIterator[bytes]:
         """The request body as it arrives, each chunk acknowledged once taken (the relay)."""

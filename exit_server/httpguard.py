@@ -230,6 +230,8 @@ class GuardedRequestHandler(RequestHandler):
         assert transport is not None
         self._cancel_head_timer()
         protocol = self._h2.protocol(self._scheme, self.proxied_peer)
+        manager = self._manager
+        protocol.peers_only = isinstance(manager, GuardedServer) and manager.h2c_peers_only
         self.transport = None  # aiohttp's connection_lost closes the transport it still holds
         super().connection_lost(None)
         transport.set_protocol(protocol)
@@ -307,8 +309,11 @@ class GuardedServer(web.Server):
         on_refused: Callable[[], None] | None = None,
         h2: H2Edge | None = None,
         scheme: str = "http",
+        h2c_peers_only: bool = False,
         **kwargs: Any,
     ) -> None:
+        """``h2c_peers_only``: h2c is accepted on this listener only for the fleet's relays
+        (--peer-url without --h2c): each stream must carry a valid relay signature."""
         kwargs.setdefault("max_line_size", REQUEST_LINE_LIMIT)
         kwargs.setdefault("max_field_size", FIELD_LIMIT)
         kwargs.setdefault("max_headers", MAX_HEADERS)
@@ -317,6 +322,7 @@ class GuardedServer(web.Server):
         self._trusted = trusted
         self._h2 = h2
         self._scheme = scheme
+        self.h2c_peers_only = h2c_peers_only
         self.max_connections = max_connections
         self._on_refused = on_refused
         self._refusal_log = 0.0

@@ -138,6 +138,7 @@ class PublicHandler:
         self.tls_port = 0
         self._hsts = f"max-age={config.hsts}" if config.hsts else None
         self._relay_session: Any = None
+        self._relay_h2: Any = None  # tunnel_client.http2.H2Pool to peers, for gRPC (made at first use)
 
     _loop: asyncio.AbstractEventLoop
 
@@ -311,6 +312,23 @@ class PublicHandler:
                 auto_decompress=False,
             )
         return self._relay_session
+
+    def relay_h2_pool(self) -> Any:
+        """HTTP/2 connections to peers (h2c, one multiplexed per peer): relayed requests that
+        need trailers (gRPC), which HTTP/1.1 cannot carry."""
+        if self._relay_h2 is None:
+            from tunnel_client.http2 import H2Pool
+
+            self._relay_h2 = H2Pool(connect_timeout=5.0)
+        return self._relay_h2
+
+    async def close_relays(self) -> None:
+        if self._relay_session is not None:
+            await self._relay_session.close()
+            self._relay_session = None
+        if self._relay_h2 is not None:
+            await self._relay_h2.close()
+            self._relay_h2 = None
 
     async def _relay(self, request: web.BaseRequest, ex: Exchange, url: str, client: str) -> web.StreamResponse:
         """Send the request once to a peer that has a session for its host (peers.py) and

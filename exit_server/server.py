@@ -287,7 +287,11 @@ class ExitServer:
             trusted=self.public.trusted,
             max_connections=public_connection_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
             on_refused=self.metrics.descriptors.labels("reserve").inc,
-            h2=self._h2_edge() if scheme is not None and not cfg.no_http2 or scheme is None and cfg.h2c else None,
+            # on the plain listener: h2c for callers with --h2c, else for the fleet's gRPC relays only
+            h2=self._h2_edge()
+            if scheme is not None and not cfg.no_http2 or scheme is None and (cfg.h2c or cfg.peer_url)
+            else None,
+            h2c_peers_only=scheme is None and not cfg.h2c and cfg.peer_url is not None,
             scheme=scheme or cfg.public_scheme,
         )
 
@@ -503,9 +507,7 @@ class ExitServer:
             self._peers_task = None
         if self.peers is not None:
             await self.peers.close()
-        if self.public._relay_session is not None:
-            await self.public._relay_session.close()
-            self.public._relay_session = None
+        await self.public.close_relays()
         await self._close_sessions(deadline)
         if self.h2 is not None:
             self.h2.close_all()

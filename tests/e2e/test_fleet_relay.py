@@ -72,7 +72,8 @@ async def pair(certs: Certs, redis_server: Redis) -> AsyncIterator[Pair]:  # noq
                     peer_url=f"http://127.0.0.1:{port}",
                     heartbeat_interval=0.5,
                     heartbeat_timeout=2.0,
-                    h2c=True,  # HTTP/2 callers too (prior knowledge; HTTP/1.1 beside it)
+                    # B takes HTTP/2 callers (prior knowledge) too; A takes h2c from its peers only
+                    h2c=len(servers) == 1,
                 )
             )
         )
@@ -121,10 +122,10 @@ async def test_a_request_without_a_local_session_is_relayed_once(pair: Pair) -> 
                 assert resp.status == 200 and (await resp.json())["body"] == 300_000
 
 
-async def test_an_http2_request_is_relayed_and_a_grpc_call_is_not(pair: Pair) -> None:
+async def test_an_http2_request_is_relayed(pair: Pair) -> None:
     """An HTTP/2 caller on the server without a session: relayed to the peer (over HTTP/1.1,
-    body streamed both ways); a request that needs trailers (gRPC) cannot cross HTTP/1.1 and
-    gets 503 instead of an answer missing its status."""
+    body streamed both ways); a request that needs trailers goes over HTTP/2 to the peer, whose
+    client answers it as gRPC to an HTTP/1.1 upstream is answered (UNAVAILABLE, in trailers)."""
     from .h2client import H2Caller
 
     async with upstream(echo()) as up:
@@ -148,10 +149,10 @@ async def test_an_http2_request_is_relayed_and_a_grpc_call_is_not(pair: Pair) ->
                 headers=[("content-type", "application/grpc"), ("te", "trailers")],
                 body=b"\x00\x00\x00\x00\x00",
             )
-            assert grpc.status == 503
+            assert grpc.status == 200 and grpc.header("grpc-status") == "14"  # Trailers-Only, from A's client
         finally:
             await caller.close()
-        assert pair.b.peers is not None and pair.b.peers.relayed == {"ok": 2}
+        assert pair.b.peers is not None and pair.b.peers.relayed == {"ok": 3}
 
 
 async def test_a_websocket_is_relayed_both_ways(pair: Pair) -> None:
@@ -280,3 +281,68 @@ async def test_the_partition_case_keeps_zero_errors(pair: Pair) -> None:
             assert running.client.links[0].connected  # the link to A never moved
     finally:
         await relay.close()
+
+
+async def test_grpc_is_relayed_over_http2_with_trailers_cancel_and_status(pair: Pair) -> None:
+    """gRPC on the server without a session (B): relayed over HTTP/2 to A (h2c, which A takes
+    from its peers only), real grpcio server and caller: unary with trailing metadata, a status
+    with details, 1,000 streamed messages, and a caller's cancel reaching the upstream handler."""
+    import time
+
+    import grpc
+
+    from .test_grpc import SERVICE, start_grpc_server
+
+    server, up = start_grpc_server(None)
+    try:
+        await pair.client([pair.a], [f"app.test={up.url}"])
+        await wait_until(lambda: known(pair.b), timeout=5, what="B learnt that A serves app.test")
+        target = f"127.0.0.1:{pair.b.public_port}"
+
+        def calls() -> tuple[Any, ...]:
+            with grpc.insecure_channel(target, options=[("grpc.default_authority", "app.test")]) as channel:
+                unary = channel.unary_unary(f"/{SERVICE}/Unary")
+                response, rpc = unary.with_call(b"ping", timeout=10)
+                trailing = {m.key: m.value for m in rpc.trailing_metadata()}
+                try:
+                    unary(b"status:please", timeout=10)
+                    raise AssertionError("no error")
+                except grpc.RpcError as exc:
+                    error = exc
+                streamed = list(channel.unary_stream(f"/{SERVICE}/ServerStream")(b"1000", timeout=30))
+                forever = channel.unary_stream(f"/{SERVICE}/ServerStream")(b"forever", timeout=30)
+                assert next(forever) == b"tick"
+                cancelled_at = time.monotonic()
+                forever.cancel()
+                return response, trailing, error, streamed, cancelled_at
+
+        response, trailing, error, streamed, cancelled_at = await asyncio.to_thread(calls)
+        assert response == b"ping" and trailing["x-echo-len"] == "4"
+        assert error.code() is grpc.StatusCode.FAILED_PRECONDITION and error.details() == "details: héllo % wörld"
+        assert {m.key: m.value for m in error.trailing_metadata()}["x-bin-bin"] == b"\x00\x01\xff"
+        assert streamed == [i.to_bytes(4, "big") for i in range(1000)]
+        await wait_until(lambda: "forever" in up.seen.cancelled, timeout=2, what="the cancel reached the upstream")
+        assert up.seen.cancelled["forever"] - cancelled_at < 1.0
+        assert pair.b.peers is not None and pair.b.peers.relayed.get("ok", 0) == 4
+    finally:
+        server.stop(grace=None)
+
+
+async def test_a_stranger_gets_no_http2_from_a_server_that_takes_it_from_peers_only(pair: Pair) -> None:
+    """A takes h2c (prior knowledge) only for relayed streams, since it runs without --h2c:
+    a caller opening h2c there without the fleet's signature gets 403, not the upstream."""
+    from .h2client import H2Caller
+
+    async with upstream(echo()) as up:
+        await pair.client([pair.a], [f"app.test={up.url}"])
+        caller = await H2Caller.open(pair.a.public_port)
+        try:
+            answer = await caller.request("app.test", "/")
+            assert answer.status == 403
+            forged = await caller.request(
+                "app.test", "/", headers=[("backhaul-relayed", "peer-x"), ("backhaul-peer-auth", "1:00")]
+            )
+            assert forged.status == 403
+        finally:
+            await caller.close()
+        assert (await get(pair.a))[0] == 200  # HTTP/1.1 there is as before
