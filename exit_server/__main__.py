@@ -105,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = settings_from_args(ServerConfig, args)
         configure_logging(config.log_level, config.log_format)
+        if config.log_format == "text":  # access lines without the logging module's per-line cost
+            from shared.runtime.accesslog import AccessWriter
+
+            from . import observe
+
+            observe.ACCESS_WRITER = AccessWriter(sys.stderr)
         from .server import ExitServer
 
         ExitServer(config)  # validate secrets and TLS files before daemonising

@@ -19,11 +19,16 @@ from prometheus_client.registry import Collector
 from shared.runtime.plainmetrics import PlainHistogram
 
 if TYPE_CHECKING:
+    from shared.runtime.accesslog import AccessWriter
+
     from .routes import Registry
 
 __all__ = ["Exchange", "LogThrottle", "Metrics", "request_id"]
 
 access_log = logging.getLogger("backhaul.access")
+#: Set by ``exit-server run`` with text logs (shared/runtime/accesslog.py): access lines skip the
+#: logging module, same text. None: through ``access_log`` (JSON logs, tests' caplog).
+ACCESS_WRITER: AccessWriter | None = None
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNROUTED = "unrouted"
@@ -322,6 +327,14 @@ class Metrics:
         totals[1] += status >= 500
         totals[2] += total
         if access_log.isEnabledFor(logging.INFO):
+            if ACCESS_WRITER is not None:  # exit-server run with text logs: the cheap path
+                ACCESS_WRITER.write(
+                    f'{ex.caller} {ex.host} "{ex.method} {ex.path} {ex.protocol}" {ex.status}'
+                    f"{'' if ex.grpc_status is None else f' grpc-status={ex.grpc_status}'}"
+                    f" in={ex.bytes_in} out={ex.bytes_out} {total * 1000:.1f}ms"
+                    f" tunnel={ex.tunnel_id} id={ex.request_id}"
+                )
+                return
             access_log.info(
                 '%s %s "%s %s %s" %d%s in=%d out=%d %.1fms tunnel=%s id=%s',
                 ex.caller,
