@@ -77,8 +77,22 @@ def connect(
     return (redis.asyncio.Redis if aio else redis.Redis).from_url(url, **kwargs)
 
 
-def _sync_client(url: str, password: str | None, ca_file: Path | None = None) -> Any:
-    return connect(url, password, ca_file)
+def _read(url: str, password: str | None, ca_file: Path | None, key: str, version_key: str) -> tuple[str | None, int]:
+    """One document's text (None: never stored) and version.
+
+    Raises:
+        StateUnavailable: Redis cannot be reached.
+    """
+    import redis
+
+    client = connect(url, password, ca_file)
+    try:
+        text, version = client.mget(key, version_key)
+    except redis.RedisError as exc:
+        raise _unavailable(url, exc) from None
+    finally:
+        client.close()
+    return (text.decode() if text else None), int(version or 0)
 
 
 def read_state(url: str, password: str | None, ca_file: Path | None = None) -> tuple[dict[str, TokenEntry], int]:
@@ -87,16 +101,8 @@ def read_state(url: str, password: str | None, ca_file: Path | None = None) -> t
     Raises:
         StateUnavailable: Redis cannot be reached.
     """
-    import redis
-
-    client = _sync_client(url, password, ca_file)
-    try:
-        text, version = client.mget(TOKENS, VERSION)
-    except redis.RedisError as exc:
-        raise _unavailable(url, exc) from None
-    finally:
-        client.close()
-    return (parse_entries(text.decode()) if text else {}), int(version or 0)
+    text, version = _read(url, password, ca_file, TOKENS, VERSION)
+    return (parse_entries(text) if text else {}), version
 
 
 def update(
@@ -114,7 +120,7 @@ def update(
     """
     import redis
 
-    client = _sync_client(url, password, ca_file)
+    client = connect(url, password, ca_file)
     try:
         for _ in range(5):
             with client.pipeline() as pipe:
@@ -144,16 +150,7 @@ def read_access(url: str, password: str | None, ca_file: Path | None = None) -> 
     Raises:
         StateUnavailable: Redis cannot be reached.
     """
-    import redis
-
-    client = _sync_client(url, password, ca_file)
-    try:
-        text, version = client.mget(ACCESS, ACCESS_VERSION)
-    except redis.RedisError as exc:
-        raise _unavailable(url, exc) from None
-    finally:
-        client.close()
-    return (text.decode() if text else None), int(version or 0)
+    return _read(url, password, ca_file, ACCESS, ACCESS_VERSION)
 
 
 def push_access(url: str, password: str | None, text: str, ca_file: Path | None = None) -> int:
@@ -169,16 +166,14 @@ def push_access(url: str, password: str | None, text: str, ca_file: Path | None 
     from .access import parse_sites
 
     parse_sites(text, "the access file")
-    client = _sync_client(url, password, ca_file)
+    client = connect(url, password, ca_file)
     try:
-        with client.pipeline() as pipe:
-            pipe.multi()
+        with client.pipeline() as pipe:  # MULTI: the text and its version together
             pipe.set(ACCESS, text)
             pipe.incr(ACCESS_VERSION)
-            pipe.execute()
-        version = int(client.get(ACCESS_VERSION) or 0)
+            _, version = pipe.execute()
         client.publish(CHANNEL, f"access:{version}")
-        return version
+        return int(version)
     except redis.RedisError as exc:
         raise _unavailable(url, exc) from None
     finally:
