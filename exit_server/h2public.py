@@ -44,6 +44,7 @@ from shared.h2map import PREFACE, H2Error, grpc_timeout, is_grpc, split_pseudo, 
 from shared.heads import RequestHead, StreamKind
 from shared.routing import normalize_host
 
+from . import peers as peers_mod
 from .acme import is_challenge_path
 from .headers import Edge, upstream_headers
 from .httpguard import SERVER
@@ -61,8 +62,6 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 #: Response fields HTTP/2 forbids (RFC 9113 section 8.2.2), dropped from upstream answers.
-#: The fields of a relayed request (exit_server/peers.py), as HTTP/2 names them.
-_RELAY_FIELDS = frozenset({"backhaul-relayed", "backhaul-peer-auth", "backhaul-peer-client", "backhaul-peer-proto"})
 #: Fields of a peer's relayed answer this server writes itself.
 _PEER_OWN = frozenset({"x-request-id", "strict-transport-security"})
 _FORBIDDEN_OUT = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"})
@@ -533,7 +532,7 @@ class H2PublicConnection(asyncio.Protocol):
         host = normalize_host(authority)
         ex.host = authority
         relayed_client: str | None = None
-        if self.peers_only or any(n in _RELAY_FIELDS for n, _ in regular):
+        if self.peers_only or any(n in peers_mod.FIELDS for n, _ in regular):
             relayed_client = self._relay_origin(ex, method, path, authority, regular)
             if relayed_client is None:  # unsigned or stale relay fields, or a stranger on peers-only h2c
                 ex.rejected = "bad_relay"
@@ -736,19 +735,14 @@ class H2PublicConnection(asyncio.Protocol):
     ) -> str | None:
         """The caller's address of a correctly signed relayed stream (its scheme and relaying
         server set on ``ex``), else None."""
-        from . import peers as peers_mod
-
-        fields = {n: v for n, v in regular if n in _RELAY_FIELDS}
         peers = self.public.peers
-        relayed_by = fields.get("backhaul-relayed", "")
-        client = fields.get("backhaul-peer-client", "")
-        proto = fields.get("backhaul-peer-proto", "")
-        key = peers.key if peers is not None else None
-        if not relayed_by or proto not in ("http", "https"):
+        if peers is None:
             return None
-        if not peers_mod.verify(key, fields.get("backhaul-peer-auth", ""), relayed_by, method, path, authority, client,
-                                proto):  # fmt: skip
+        fields = {n: v for n, v in regular if n in peers_mod.FIELDS}
+        found = peers.verified(lambda name: fields.get(name, ""), method, path, authority)
+        if found is None:
             return None
+        relayed_by, client, proto = found
         ex.relayed_by = relayed_by
         ex.scheme = proto
         ex.caller = client
@@ -770,20 +764,12 @@ class H2PublicConnection(asyncio.Protocol):
         cannot be reached."""
         import aiohttp
 
-        from . import peers as peers_mod
-
         public = self.public
         peers = public.peers
         assert peers is not None and peers.key is not None
         headers = [(n, v) for n, v in regular if not n.startswith("backhaul-") and n != "x-request-id"]
-        headers += [
-            ("host", authority),
-            ("x-request-id", ex.request_id),  # one id in both servers' logs
-            (peers_mod.RELAYED, peers.server_id),
-            (peers_mod.CLIENT, client),
-            (peers_mod.PROTO, ex.scheme),
-            (peers_mod.AUTH, peers_mod.sign(peers.key, peers.server_id, method, path, authority, client, ex.scheme)),
-        ]
+        headers.append(("host", authority))
+        headers += peers.relay_fields(method, path, authority, client, ex.scheme, ex.request_id)
         has_body = not (stream.body.ended and not stream.body.chunks)
         ex.tunnel_id = "relay"
         try:
@@ -836,15 +822,11 @@ class H2PublicConnection(asyncio.Protocol):
         reset cancels the peer's stream."""
         from tunnel_client.http2 import UpstreamReset
 
-        from . import peers as peers_mod
-
         public = self.public
         peers = public.peers
         assert peers is not None and peers.key is not None
-        scheme, _, rest = url.partition("://")
-        host, _, port = rest.partition(":")
-        origin = ("https" if scheme == "https" else "h2c", host, int(port or (443 if scheme == "https" else 80)))
-        signature = peers_mod.sign(peers.key, peers.server_id, method, path, authority, client, ex.scheme)
+        scheme, host, port = peers_mod.split_url(url)
+        origin = ("https" if scheme == "https" else "h2c", host, port)
         fields = [(b":method", method.encode()), (b":scheme", b"http"), (b":authority", authority.encode("latin-1")),
                   (b":path", path.encode("latin-1"))]  # fmt: skip
         fields += [
@@ -853,11 +835,8 @@ class H2PublicConnection(asyncio.Protocol):
             if not n.startswith("backhaul-") and n not in ("x-request-id", "host")
         ]
         fields += [
-            (b"x-request-id", ex.request_id.encode()),
-            (peers_mod.RELAYED.lower().encode(), peers.server_id.encode()),
-            (peers_mod.CLIENT.lower().encode(), client.encode("latin-1")),
-            (peers_mod.PROTO.lower().encode(), ex.scheme.encode()),
-            (peers_mod.AUTH.lower().encode(), signature.encode()),
+            (n.encode(), v.encode("latin-1"))
+            for n, v in peers.relay_fields(method, path, authority, client, ex.scheme, ex.request_id)
         ]
         ex.tunnel_id = "relay"
         has_body = not (stream.body.ended and not stream.body.chunks and stream.body.trailers is None)

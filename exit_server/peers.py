@@ -26,6 +26,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ def verify(
     return hmac.compare_digest(expected, mac)
 
 
+#: The relay's own fields (lower case, as HTTP/2 names them; HTTP/1.1 compares without case).
+FIELDS = frozenset(name.lower() for name in (RELAYED, AUTH, CLIENT, PROTO))
+
+
+def split_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a ``--peer-url``."""
+    scheme, _, rest = url.partition("://")
+    host, _, port = rest.rstrip("/").partition(":")
+    return scheme, host, int(port or (443 if scheme == "https" else 80))
+
+
 class PeerDirectory:
     """This server's view of which peers serve which hostnames, refreshed from Redis."""
 
@@ -102,6 +114,32 @@ class PeerDirectory:
         self._table: RouteTable[str] = RouteTable()
         self._client: Any = None
         self.relayed: dict[str, int] = {}  # result -> requests relayed by this server
+
+    def relay_fields(
+        self, method: str, target: str, authority: str, client: str, scheme: str, request_id: str
+    ) -> list[tuple[str, str]]:
+        """The fields a request relayed from this server carries: its request id (one id in
+        both servers' logs) and the signed relay fields."""
+        assert self.key is not None
+        signature = sign(self.key, self.server_id, method, target, authority, client, scheme)
+        return [
+            ("x-request-id", request_id),
+            (RELAYED.lower(), self.server_id),
+            (CLIENT.lower(), client),
+            (PROTO.lower(), scheme),
+            (AUTH.lower(), signature),
+        ]
+
+    def verified(
+        self, field: Callable[[str], str], method: str, target: str, authority: str
+    ) -> tuple[str, str, str] | None:
+        """(relaying server, caller, scheme) of a correctly signed relayed request, whose
+        fields ``field`` looks up by lower-case name (empty when absent); None otherwise."""
+        relayed_by, client, proto = field(RELAYED.lower()), field(CLIENT.lower()), field(PROTO.lower())
+        if relayed_by and proto in ("http", "https"):
+            if verify(self.key, field(AUTH.lower()), relayed_by, method, target, authority, client, proto):
+                return relayed_by, client, proto
+        return None
 
     def peer_for(self, host: str, path: str) -> str | None:
         """A peer URL serving (host, path), or None (from memory)."""

@@ -180,16 +180,13 @@ class PublicHandler:
     ) -> tuple[str | None, str, str | None]:
         """(relaying server, caller, scheme) of a correctly signed relayed request; for any
         other request carrying these fields, ("-", the socket peer, scheme): refused by _handle."""
-        h = request.headers
-        relayed_by = h.get(peers_mod.RELAYED, "")
-        client = h.get(peers_mod.CLIENT, "")
-        proto = h.get(peers_mod.PROTO, "")
-        key = self.peers.key if self.peers is not None else None
-        if relayed_by and proto in ("http", "https") and peers_mod.verify(
-            key, h.get(peers_mod.AUTH, ""), relayed_by, request.method, origin_form(request), routed_authority(request),
-            client, proto,
-        ):  # fmt: skip
-            return relayed_by, client, proto
+        if self.peers is not None:
+            headers = request.headers
+            found = self.peers.verified(
+                lambda name: headers.get(name, ""), request.method, origin_form(request), routed_authority(request)
+            )
+            if found is not None:
+                return found
         return "-", peer, scheme
 
     def _redirect(self, request: web.BaseRequest, ex: Exchange, host: str) -> web.Response:
@@ -379,20 +376,10 @@ class PublicHandler:
             upstream.release()
 
     def _relay_fields(self, request: web.BaseRequest, ex: Exchange, client: str) -> list[tuple[str, str]]:
-        """The signed fields of a request relayed to a peer (exit_server/peers.py)."""
-        peers = self.peers
-        assert peers is not None and peers.key is not None
-        target, authority = origin_form(request), routed_authority(request)
-        return [
-            ("X-Request-Id", ex.request_id),  # one id in both servers' logs
-            (peers_mod.RELAYED, peers.server_id),
-            (peers_mod.CLIENT, client),
-            (peers_mod.PROTO, ex.scheme),
-            (
-                peers_mod.AUTH,
-                peers_mod.sign(peers.key, peers.server_id, request.method, target, authority, client, ex.scheme),
-            ),
-        ]
+        assert self.peers is not None
+        return self.peers.relay_fields(
+            request.method, origin_form(request), routed_authority(request), client, ex.scheme, ex.request_id
+        )
 
     async def _relay_websocket_to_peer(
         self, request: web.BaseRequest, ex: Exchange, url: str, client: str
@@ -401,8 +388,7 @@ class PublicHandler:
         its own, the peer's answer back, and after a 101 the raw bytes both ways."""
         peers = self.peers
         assert peers is not None
-        scheme, _, rest = url.partition("://")
-        host, _, port = rest.partition(":")
+        scheme, host, port = peers_mod.split_url(url)
         headers = [
             (k, v)
             for k, v in strip_hop_by_hop(request.headers.items(), keep_upgrade=True)
@@ -414,9 +400,7 @@ class PublicHandler:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(5):
-                reader, writer = await asyncio.open_connection(
-                    host, int(port or (443 if scheme == "https" else 80)), ssl=scheme == "https" or None
-                )
+                reader, writer = await asyncio.open_connection(host, port, ssl=scheme == "https" or None)
             writer.write(head.encode("latin-1") + b"\r\n")
             async with asyncio.timeout(self.config.upstream_timeout):
                 raw = await reader.readuntil(b"\r\n\r\n")
