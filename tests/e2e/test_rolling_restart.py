@@ -17,31 +17,14 @@ import pytest
 from aiohttp import web
 
 from ..waiting import wait_until
+from .haproxy import CONFIG
 from .helpers import TOKEN, Certs, upstream
 from .test_cli import free_port, wait_port
 
 pytestmark = pytest.mark.asyncio
 BIN = Path(sys.executable).parent
 
-HAPROXY_CFG = """
-global
-    maxconn 2000
-    stats socket {sock} level operator
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-    retries 3
-    option redispatch
-frontend public
-    bind 127.0.0.1:{front}
-    default_backend exits
-backend exits
-    balance roundrobin
-    option httpchk GET /readyz
-{servers}
-"""
+HAPROXY_CFG = CONFIG  # tests/e2e/haproxy.py: TCP, round robin, /readyz checks
 
 
 class ExitProcess:
@@ -118,7 +101,7 @@ async def test_rolling_restart_behind_haproxy_has_no_errors(certs: Certs) -> Non
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "haproxy.cfg"
         sock = Path(tmp) / "haproxy.sock"
-        cfg.write_text(HAPROXY_CFG.format(front=front, servers=lines, sock=sock))
+        cfg.write_text(HAPROXY_CFG.format(front=front, servers=lines, sock=sock, extra=""))
         async with upstream(app) as up:
             for s in servers:
                 s.start()
