@@ -245,3 +245,15 @@ def test_a_withdrawn_order_drops_only_its_own_challenge_answers() -> None:
     answers.forget("app.test", ["new-token"], ["new-key"])
     assert set(answers.http) == {"other-token"} and "app.test" not in answers.alpn
     assert "app.test" not in answers.alpn_keys
+
+
+def test_a_late_done_from_an_earlier_order_keeps_a_later_orders_answers(tmp_path: Path) -> None:
+    """The fleet's channel (exit_server/acmefleet.py) as a server sees it: a later order's
+    answer for a name arrives, then the earlier order's "done" for the same name. The later
+    answer stays: the CA is about to validate it."""
+    a = issuer(tmp_path, Clock(), [])
+    a._on_fleet({"kind": "http", "token": "tok-new", "name": "app.test", "validation": "val-new"})
+    a._on_fleet({"kind": "done", "name": "app.test", "tokens": ["tok-old"], "alpn": []})
+    assert a.challenges.http_answer("app.test", "/.well-known/acme-challenge/tok-new") == "val-new"
+    a._on_fleet({"kind": "done", "name": "app.test", "tokens": ["tok-new"], "alpn": []})
+    assert a.challenges.http_answer("app.test", "/.well-known/acme-challenge/tok-new") is None
