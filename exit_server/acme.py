@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -53,6 +53,7 @@ from josepy.jwk import JWK, JWKEC
 from shared.errors import ConfigError, TunnelError
 from shared.runtime.version import version
 
+from .acmeanswers import ACME_TLS_ALPN, Challenges, is_challenge_path
 from .certstore import CertStore, Served, load_pair, public_context
 
 if TYPE_CHECKING:
@@ -72,8 +73,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The ALPN protocol of TLS-ALPN-01 validation handshakes (RFC 8737 section 6.2).
-ACME_TLS_ALPN = "acme-tls/1"
 _ACME_IDENTIFIER = ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 
 
@@ -97,7 +96,6 @@ class TLSALPN01(challenges.KeyAuthorizationChallenge):
 if TLSALPN01.typ not in challenges.Challenge.TYPES:  # a later acme may bring its own again
     challenges.ChallengeResponse.register(TLSALPN01Response)
     challenges.Challenge.register(TLSALPN01)
-_CHALLENGE_PATH = "/.well-known/acme-challenge/"
 #: Orders started per hour at most (Let's Encrypt allows 300 new orders per 3 hours per account).
 ORDERS_PER_HOUR = 30
 #: Seconds before a failed attempt is repeated: 1, 2, 5, 10, 30 minutes, then hourly.
@@ -280,40 +278,6 @@ def tls_alpn_context(name: str, key_authorization: str) -> ssl.SSLContext:
         key_path.write_bytes(_pem(key))
         ctx.load_cert_chain(cert_path, key_path)
     return ctx
-
-
-@dataclass
-class Challenges:
-    """The answers the listeners give while orders are pending."""
-
-    http: dict[str, tuple[str, str]] = field(default_factory=dict)  # token -> (name, key authorization)
-    alpn: dict[str, ssl.SSLContext] = field(default_factory=dict)  # name -> validation context
-    alpn_keys: dict[str, str] = field(default_factory=dict)  # name -> the key authorization it answers
-
-    def forget(self, name: str, tokens: list[str], alpn: list[str]) -> None:
-        """Drop the answers one order placed for ``name`` (its HTTP-01 tokens, its TLS-ALPN-01
-        key authorizations) and nothing else: a later order's answers for the same name stay.
-        Single-item dict operations only, so the issuer's worker thread may call it."""
-        for token in tokens:
-            self.http.pop(token, None)
-        for key in alpn:
-            if self.alpn_keys.get(name) == key:
-                self.alpn.pop(name, None)
-                self.alpn_keys.pop(name, None)
-
-    def http_answer(self, host: str, path: str) -> str | None:
-        """The key authorization for ``GET /.well-known/acme-challenge/TOKEN`` on ``host``, or
-        None (not a pending token, or another Host: DNS rebinding gets nothing)."""
-        if not path.startswith(_CHALLENGE_PATH):
-            return None
-        entry = self.http.get(path[len(_CHALLENGE_PATH) :])
-        if entry is None or entry[0] != host:
-            return None
-        return entry[1]
-
-
-def is_challenge_path(path: str) -> bool:
-    return path.startswith(_CHALLENGE_PATH)
 
 
 class _PeerOrdering(Exception):

@@ -45,7 +45,7 @@ from shared.heads import RequestHead, StreamKind
 from shared.routing import normalize_host
 
 from . import peers as peers_mod
-from .acme import is_challenge_path
+from .acmeanswers import is_challenge_path
 from .headers import Edge, upstream_headers
 from .httpguard import SERVER
 from .limits import source_key

@@ -35,7 +35,7 @@ from shared.routing import normalize_host
 
 from . import peers as peers_mod
 from .access import AccessRules
-from .acme import Challenges, is_challenge_path
+from .acmeanswers import Challenges, is_challenge_path
 from .config import ServerConfig
 from .feeder import RawFeeder
 from .headers import Edge, has_token, is_websocket, origin_form, reply_headers, routed_authority, upstream_headers

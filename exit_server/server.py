@@ -35,9 +35,8 @@ from shared.runtime.procmetrics import register_process_metrics
 from shared.sizes import DEFAULT_MAX_FRAME
 
 from .access import AccessRules
-from .acme import ACME_TLS_ALPN, AcmeFiles, AcmeIssuer
+from .acmeanswers import ACME_TLS_ALPN
 from .admin import AdminApp
-from .certstore import CertStore, PublicCertCollector
 from .clienthello import ClientHello
 from .config import ServerConfig
 from .control import Authenticator, ControlEndpoint, SharedTokenAuth, load_signing_key
@@ -52,6 +51,8 @@ from .tcp import TcpListeners
 from .tokens import TokenRegistry, host_allowed
 
 if TYPE_CHECKING:
+    from .acme import AcmeIssuer
+    from .certstore import CertStore
     from .h2public import H2Edge
     from .peers import PeerDirectory
     from .state import StateFollower
@@ -132,14 +133,19 @@ class ExitServer:
             self.access = self.state.access = AccessRules(None)
         self.public.access = self.access
         #: certificates of the public HTTPS listener (None: no --public-tls-addr)
-        self.certs = CertStore(config.public_cert_dir, http2=not config.no_http2) if config.public_tls_addr else None
-        if self.certs is not None:
+        self.certs: CertStore | None = None
+        if config.public_tls_addr:
+            from .certstore import CertStore, PublicCertCollector  # cryptography only with public TLS
+
+            self.certs = CertStore(config.public_cert_dir, http2=not config.no_http2)
             self.metrics.registry.register(PublicCertCollector(self.certs))
         #: certificates from ACME (None: no --acme-dir)
         self.acme: AcmeIssuer | None = None
         if self.certs is not None and config.acme_dir is not None:
+            from .acme import AcmeFiles, AcmeIssuer  # the ACME client only with --acme-dir
+
             orders = self.metrics.acme_orders
-            files = AcmeFiles(config.acme_dir)
+            files: AcmeFiles = AcmeFiles(config.acme_dir)
             if self.state is not None and config.state is not None:
                 # the fleet orders once per name and every server serves it (exit_server/acmefleet.py)
                 from .acmefleet import FleetAcmeFiles
@@ -161,9 +167,9 @@ class ExitServer:
         if config.trusted_proxies:
             self.public.trusted = TrustedProxies(parse_networks(config.trusted_proxies))
         watched = self.certs if config.public_cert_dir is not None else None
-        reloadable: list[Reloadable] = [
-            x for x in (auth, self.access, watched) if isinstance(x, TokenRegistry | AccessRules | CertStore)
-        ]
+        reloadable: list[Reloadable] = [x for x in (auth, self.access) if isinstance(x, TokenRegistry | AccessRules)]
+        if watched is not None:
+            reloadable.append(watched)
         self.reloader = Reloader(reloadable, self._credentials_changed)
         self._reload_task: asyncio.Task[None] | None = None
         self._state_task: asyncio.Task[None] | None = None

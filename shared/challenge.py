@@ -34,10 +34,12 @@ import hmac
 import re
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+if TYPE_CHECKING:  # cryptography is loaded only where a key is used (a bearer client never does)
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    SigningKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 __all__ = [
     "HEADER",
@@ -65,8 +67,6 @@ PROOF_PREFIX = b"BHAUTH1 "
 OK_PREFIX = b"BHAUTH1OK "
 NONCE_BYTES = 32
 SHARED_ID = "-"
-
-SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
 @dataclass(frozen=True)
@@ -123,11 +123,16 @@ def server_signature(server_key: bytes, t: bytes) -> bytes:
 
 
 def spki_of(key: SigningKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def sign(key: SigningKey, t: bytes) -> bytes:
     """The control key's signature of ``T`` (ECDSA or RSA-PSS with SHA-256, or Ed25519)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return key.sign(t, ec.ECDSA(hashes.SHA256()))
     if isinstance(key, rsa.RSAPrivateKey):
@@ -136,6 +141,10 @@ def sign(key: SigningKey, t: bytes) -> bytes:
 
 
 def verify(spki: bytes, t: bytes, signature: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
     try:
         public = serialization.load_der_public_key(spki)
         if isinstance(public, ec.EllipticCurvePublicKey):

@@ -19,8 +19,6 @@ import binascii
 import hashlib
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from websockets.exceptions import InvalidHandshake
 
 from shared.aio.wsfast import TunnelClientConnection
@@ -52,6 +50,9 @@ def parse_pin(value: str) -> bytes:
 
 def spki_digest(der_cert: bytes) -> bytes:
     """SHA-256 of a DER certificate's SubjectPublicKeyInfo."""
+    from cryptography import x509  # only with --pin: a client without pins never loads it
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     key = x509.load_der_x509_certificate(der_cert).public_key()
     return hashlib.sha256(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()
 

@@ -9,7 +9,6 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from cryptography import x509
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 
@@ -47,6 +46,8 @@ class CertExpiryCollector:
             cached = self._cache.get(name)
             if cached is not None and cached[0] == key:
                 return cached[1]
+            from cryptography import x509  # at the first scrape, not at start
+
             cert = x509.load_pem_x509_certificate(path.read_bytes())
         except (OSError, ValueError):
             return None
