@@ -109,6 +109,9 @@ class ControlEndpoint:
         self._closing: set[asyncio.Task[None]] = set()
         #: the control TLS key, which signs challenge authentication (None: not offered)
         self.signer: challenge.SigningKey | None = None
+        #: where ``signer`` is read from at the first challenge (cryptography is not loaded by
+        #: a server whose clients never ask for one)
+        self.signer_file: Path | None = None
         #: AWS IAM authentication (--aws-server-id; None: not offered)
         self.iam: IamVerifier | None = None
 
@@ -196,6 +199,12 @@ class ControlEndpoint:
         except ValueError as exc:
             log.warning("control: malformed challenge authentication from %s: %s", remote, exc)
             return connection.respond(HTTPStatus.BAD_REQUEST, "malformed Backhaul-Auth\n")
+        if self.signer is None and self.signer_file is not None:
+            path, self.signer_file = self.signer_file, None
+            try:
+                self.signer = load_signing_key(path)
+            except ConfigError as exc:  # readable at start (the TLS context loaded it), gone since
+                log.warning("control: challenge authentication is not offered: %s", exc)
         if self.signer is None or lookup is None:
             self.metrics.auth_failures.inc()
             log.warning("control: challenge authentication from %s, which this server does not offer", remote)

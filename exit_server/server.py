@@ -39,7 +39,7 @@ from .acmeanswers import ACME_TLS_ALPN
 from .admin import AdminApp
 from .clienthello import ClientHello
 from .config import ServerConfig
-from .control import Authenticator, ControlEndpoint, SharedTokenAuth, load_signing_key
+from .control import Authenticator, ControlEndpoint, SharedTokenAuth
 from .frontdoor import FrontDoor, Route
 from .httpguard import GuardedServer
 from .iamauth import IamVerifier
@@ -119,7 +119,7 @@ class ExitServer:
         self.tcp = TcpListeners(config, self.registry, parse_addr(config.public_addr)[0], self.metrics)
         self.control = ControlEndpoint(config, self.registry, auth, self.tcp, self.metrics)
         if not config.insecure_plaintext and config.tls_key is not None:
-            self.control.signer = load_signing_key(config.tls_key)
+            self.control.signer_file = config.tls_key  # read at the first challenge
         if config.aws_server_id is not None:
             self.control.iam = IamVerifier(
                 config.aws_server_id, tuple(config.aws_sts_endpoint) or None, max_age=config.aws_max_age

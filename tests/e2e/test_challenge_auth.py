@@ -228,7 +228,7 @@ async def test_registry_tokens_and_the_old_ones_without_a_verifier(
 async def test_a_server_without_challenge_support_is_named(certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
     pin = spki_pin(_leaf_der(certs.cert))
     async with stack(certs) as s:
-        s.server.control.signer = None  # as an exit server from before challenge authentication
+        s.server.control.signer = s.server.control.signer_file = None  # as a server from before challenges
         await s.add_client(["default=http://127.0.0.1:9"], pin=[pin], auth="challenge", wait=False)
         await wait_until(lambda: "HTTP 401" in caplog.text or "401" in caplog.text, timeout=10, what="refused")
         assert "Authorization" not in caplog.text
