@@ -1,9 +1,10 @@
 """Interleaved A/B of two builds of Backhaul's HTTP mode on one machine, in one run.
 
-    .venv/bin/python bench/ab.py REV [--workload small50,big50,small1] [--duration 4] [--rounds 6]
+    .venv/bin/python bench/ab.py REV [--b REV2] [--workload small50,big50,small1] [--duration 4] [--rounds 6]
 
 A = the commit REV (checked out into a temporary git worktree and imported from there with
-PYTHONPATH, ahead of the editable install), B = the working tree. One nginx (bench/benchlib.py,
+PYTHONPATH, ahead of the editable install), B = the working tree, or with ``--b REV2`` that
+commit in a second worktree (to bisect a change between two commits). One nginx (bench/benchlib.py,
 serving the 100 B and 1 MiB files) is the upstream of both; each build runs its own exit server
 and tunnel client on CPU 1, wrk runs on CPU 0 (as ``bench/run.py --pin``). Runs alternate
 A, B, B, A, A, B, ... so that a machine whose speed drifts (this one is shared: the nginx
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workload", default="small50,big50,small1", help="comma list of " + ", ".join(w.key for w in WORKLOADS)
     )
+    parser.add_argument("--b", dest="b_rev", help="the B side: a git revision (default: the working tree)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run (default 4)")
     parser.add_argument("--rounds", type=int, default=6, help="runs per side and workload (default 6)")
     args = parser.parse_args(argv)
@@ -83,20 +85,35 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(
         ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.rev], check=True, capture_output=True
     )
+    tree_b = workdir / "b" if args.b_rev else None
+    if tree_b is not None:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree_b), args.b_rev],
+            check=True,
+            capture_output=True,
+        )
     stack = bl.Stack(workdir)
     try:
         certs = bl.make_certs(workdir)
         nginx = bl.start_nginx(stack, cpu=1)
         os.environ["PYTHONPATH"] = str(tree)  # clean_env() copies it into A's processes only
         server_a, client_a, port_a = start_http_mode(stack, certs, nginx, 1)
-        del os.environ["PYTHONPATH"]
+        if tree_b is not None:
+            os.environ["PYTHONPATH"] = str(tree_b)
+        else:
+            del os.environ["PYTHONPATH"]
         server_b, client_b, port_b = start_http_mode(stack, certs, nginx, 1)
+        os.environ.pop("PYTHONPATH", None)
         sides = {"A": (port_a, [server_a.pid, client_a.pid]), "B": (port_b, [server_b.pid, client_b.pid])}
-        label = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", args.rev], capture_output=True, text=True, check=True
-        ).stdout.strip()
+
+        def short(rev: str) -> str:
+            return subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True, check=True
+            ).stdout.strip()
+
+        b_side = f"{args.b_rev} ({short(args.b_rev)})" if args.b_rev else "working tree"
         print(
-            f"A = {args.rev} ({label}), B = working tree; {args.rounds} x {args.duration:g} s per side and "
+            f"A = {args.rev} ({short(args.rev)}), B = {b_side}; {args.rounds} x {args.duration:g} s per side and "
             "workload, interleaved, pinned (wrk CPU 0, the rest CPU 1)",
             flush=True,
         )
@@ -125,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{wl.label:22s} B/A: req/s {med['B'][0] / med['A'][0]:.3f}, CPU/req {ratio:.3f}", flush=True)
     finally:
         stack.close()
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        for t in (tree, tree_b):
+            if t is not None:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(t)], capture_output=True)
     return 0
 
 

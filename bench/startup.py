@@ -2,6 +2,7 @@
 the performance issue's targets 4 and 5).
 
     .venv/bin/python bench/startup.py [--starts 10] [--pin] [--doc docs/BENCHMARKS.md]
+    .venv/bin/python bench/startup.py --ab REV [--starts 10] [--pin]     (REV against the tree)
 
 * **exit-server start**: from spawning ``exit-server run`` to both its public and control
   ports accepting; the median of ``--starts``.
@@ -86,15 +87,29 @@ def client_cmd(certs: bl.Certs, control: int, upstream: int) -> list[str]:
     ]
 
 
-def time_server_starts(stack: bl.Stack, certs: bl.Certs, n: int, cpu: int | None) -> tuple[list[float], int]:
-    """Start times in seconds, and the idle RSS (KiB) 2 s after the first start."""
+def time_server_starts(
+    stack: bl.Stack,
+    certs: bl.Certs,
+    n: int,
+    cpu: int | None,
+    env: dict[str, str] | None = None,
+    idle: bool = True,
+) -> tuple[list[float], int]:
+    """Start times in seconds, and the idle RSS (KiB) 2 s after the first start (``env``: the
+    processes' environment, for another build's PYTHONPATH)."""
     times: list[float] = []
     rss = 0
     for i in range(n):
         public, control = bl.free_port(), bl.free_port()
         t0 = time.perf_counter()
         proc = stack.add(
-            bl.spawn(f"exit-server-start-{i}", exit_server_cmd(certs, public, control), stack.workdir / "logs", cpu=cpu)
+            bl.spawn(
+                f"exit-server-start-{i}",
+                exit_server_cmd(certs, public, control),
+                stack.workdir / "logs",
+                env=env,
+                cpu=cpu,
+            )
         )
         deadline = t0 + 30
         while not (bl.port_open(public) and bl.port_open(control)):
@@ -102,14 +117,21 @@ def time_server_starts(stack: bl.Stack, certs: bl.Certs, n: int, cpu: int | None
                 raise RuntimeError(f"exit-server did not start: {proc.tail()}")
             time.sleep(0.002)  # polling the ports of a process that is starting
         times.append(time.perf_counter() - t0)
-        if i == 0:
+        if i == 0 and idle:
             time.sleep(2.0)  # idle, as measured
             rss = bl.rss_kib(proc.pid)
         stack.stop(proc)
     return times, rss
 
 
-def time_client_starts(stack: bl.Stack, certs: bl.Certs, n: int, cpu: int | None) -> tuple[list[float], int, int]:
+def time_client_starts(
+    stack: bl.Stack,
+    certs: bl.Certs,
+    n: int,
+    cpu: int | None,
+    env: dict[str, str] | None = None,
+    idle: bool = True,
+) -> tuple[list[float], int, int]:
     """Client start times (to the first request served), and the idle RSS (KiB) of the client
     and of the exit server with its one tunnel, 2 s after the first start."""
     up = bl.free_port()
@@ -122,7 +144,9 @@ def time_client_starts(stack: bl.Stack, certs: bl.Certs, n: int, cpu: int | None
     for i in range(n):
         t0 = time.perf_counter()
         proc = stack.add(
-            bl.spawn(f"tunnel-client-start-{i}", client_cmd(certs, control, up), stack.workdir / "logs", cpu=cpu)
+            bl.spawn(
+                f"tunnel-client-start-{i}", client_cmd(certs, control, up), stack.workdir / "logs", env=env, cpu=cpu
+            )
         )
         deadline = t0 + 30
         while bl.http_get(url, HOST, timeout=1)[0] != 200:
@@ -130,7 +154,7 @@ def time_client_starts(stack: bl.Stack, certs: bl.Certs, n: int, cpu: int | None
                 raise RuntimeError(f"tunnel-client did not serve: {proc.tail()}\n{server.tail()}")
             time.sleep(0.002)  # polling the first request through a client that is starting
         times.append(time.perf_counter() - t0)
-        if i == 0:
+        if i == 0 and idle:
             time.sleep(2.0)
             client_rss, server_rss = bl.rss_kib(proc.pid), bl.rss_kib(server.pid)
         stack.stop(proc)
@@ -138,24 +162,87 @@ def time_client_starts(stack: bl.Stack, certs: bl.Certs, n: int, cpu: int | None
     return times, client_rss, server_rss
 
 
-def import_times(module: str, top: int = 12) -> dict[str, float]:
-    """Milliseconds spent importing each top-level package's modules (the sum of their own
-    times in ``python -X importtime``), the ``top`` largest, and ``(all)``."""
-    out = subprocess.run(
-        [bl.venv_python(), "-X", "importtime", "-c", f"import {module}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=bl.clean_env(),
+def compare(rev: str, n: int, cpu: int | None) -> str:
+    """Start times and idle RSS of the build at ``rev`` (A, from a git worktree on PYTHONPATH)
+    against the working tree (B), starts alternating A, B, B, A, ... so that a machine whose
+    speed drifts moves both alike. Returns the report (not written to the document)."""
+    workdir = Path(tempfile.mkdtemp(prefix="backhaul-startup-ab-"))
+    tree = workdir / "a"
+    subprocess.run(
+        ["git", "-C", str(bl.ROOT), "worktree", "add", "--detach", str(tree), rev], check=True, capture_output=True
     )
-    totals: dict[str, float] = {}
-    for line in out.stderr.splitlines():
-        match = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line)
-        if match:
-            package = match.group(2).partition(".")[0]
-            totals[package] = totals.get(package, 0.0) + int(match.group(1)) / 1000
+    sides: dict[str, dict[str, str] | None] = {"A": bl.clean_env({"PYTHONPATH": str(tree)}), "B": None}
+    times: dict[str, dict[str, list[float]]] = {side: {"server": [], "client": []} for side in sides}
+    rss: dict[str, tuple[float, float]] = {}
+    try:
+        compile_bytecode(tree)
+        certs = bl.make_certs(workdir)
+        for i in range(n):
+            for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
+                stack = bl.Stack(workdir)
+                try:
+                    (server,), srss = time_server_starts(stack, certs, 1, cpu, sides[side], idle=side not in rss)
+                    (client,), crss, _ = time_client_starts(stack, certs, 1, cpu, sides[side], idle=side not in rss)
+                finally:
+                    stack.close()
+                times[side]["server"].append(server)
+                times[side]["client"].append(client)
+                if side not in rss:
+                    rss[side] = (srss / 1024, crss / 1024)
+    finally:
+        subprocess.run(["git", "-C", str(bl.ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    lines = [
+        f"A = {rev}, B = working tree; {n} starts per side, alternating; medians",
+        "",
+        "| figure | A | B | B/A |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, label in (("server", "exit-server run to accepting"), ("client", "tunnel-client run to first request")):
+        a, b = statistics.median(times["A"][key]), statistics.median(times["B"][key])
+        lines.append(f"| {label} | {a:.3f} s | {b:.3f} s | {b / a:.2f} |")
+    for idx, label in ((0, "exit server idle RSS"), (1, "tunnel client idle RSS")):
+        a, b = rss["A"][idx], rss["B"][idx]
+        lines.append(f"| {label} | {a:.1f} MiB | {b:.1f} MiB | {b / a:.2f} |")
+    return "\n".join(lines)
+
+
+def compile_bytecode(root: Path = bl.ROOT) -> None:
+    """Byte-compile the project's packages, as ``pip install`` does for an installed wheel (and
+    so the container image): the editable install here never gets its .pyc written when the
+    environment sets PYTHONDONTWRITEBYTECODE, and compiling the sources on every start would
+    add about 0.1 s that no user's start pays."""
+    subprocess.run(
+        [bl.venv_python(), "-m", "compileall", "-q", "exit_server", "tunnel_client", "shared"],
+        cwd=root,
+        check=True,
+        timeout=300,
+    )
+
+
+def import_times(module: str, top: int = 12, runs: int = 3) -> dict[str, float]:
+    """Milliseconds spent importing each top-level package's modules (the sum of their own
+    times in ``python -X importtime``), the median of ``runs`` runs, the ``top`` largest, and
+    ``(all)``."""
+    samples: list[dict[str, float]] = []
+    for _ in range(runs):
+        out = subprocess.run(
+            [bl.venv_python(), "-X", "importtime", "-c", f"import {module}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=bl.clean_env(),
+        )
+        run: dict[str, float] = {}
+        for line in out.stderr.splitlines():
+            match = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line)
+            if match:
+                package = match.group(2).partition(".")[0]
+                run[package] = run.get(package, 0.0) + int(match.group(1)) / 1000
+        samples.append(run)
+    totals = {name: statistics.median(r.get(name, 0.0) for r in samples) for name in set().union(*samples)}
     largest = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
-    largest["(all)"] = sum(totals.values())
+    largest["(all)"] = statistics.median(sum(r.values()) for r in samples)
     return largest
 
 
@@ -171,7 +258,8 @@ def section(result: dict[str, Any]) -> str:
         f"`.venv/bin/python bench/startup.py --starts {len(s)}{' --pin' if result.get('pin') else ''}` "
         f"(run by `make bench` last), {result['started']}. "
         "Start: from spawning the command to its ports accepting (exit server) or to the first request "
-        "answered through it (client), median of the starts. Idle RSS 2 s after start, admin listeners on.\n",
+        "answered through it (client), median of the starts, the project's packages byte-compiled first "
+        "(as `pip install` leaves them). Idle RSS 2 s after start, admin listeners on.\n",
         "| figure | measured | target | |",
         "|---|---|---|---|",
         f"| exit-server run to accepting, median (min-max) | {statistics.median(s):.3f} s ({min(s):.3f}-{max(s):.3f}) "
@@ -207,11 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--starts", type=int, default=10, help="starts per command (default 10)")
     parser.add_argument("--pin", action="store_true", help="the processes under test on CPU 1")
     parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument(
+        "--ab", metavar="REV", help="compare the build at REV (A) with the working tree (B); no document written"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.starts <= 100:
         parser.error("--starts must be in 1..100")
     cpu = 1 if args.pin else None
+    if args.ab:
+        compile_bytecode()
+        print(compare(args.ab, args.starts, cpu))
+        return 0
     started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    compile_bytecode()
     workdir = Path(tempfile.mkdtemp(prefix="backhaul-startup-"))
     stack = bl.Stack(workdir)
     try:
