@@ -1198,47 +1198,24 @@ def main(argv: list[str] | None = None) -> int:
         print(profile_text(extra["profile"]))
 
     rc = 0
-    if not args.skip_scale:
-        scale_cmd = [sys.executable, str(bl.BENCH / "scale.py")]
+    # The report's other sections, each its own script: (skipped, script, flags it takes, timeout).
+    for skipped, script, flags, timeout in (
+        (args.skip_scale, "scale.py", ("--quick",), 1800),
+        (args.skip_h2, "h2.py", ("--quick", "--pin"), 1800),
+        (args.skip_fleet, "fleet.py", ("--quick", "--pin"), 1800),
+        (args.skip_startup, "startup.py", ("--pin",), 900),
+    ):
+        if skipped:
+            continue
+        cmd = [sys.executable, str(bl.BENCH / script)]
         if args.doc.resolve() != DOC.resolve():
-            scale_cmd += ["--doc", str(args.doc)]
-        if args.quick:
-            scale_cmd.append("--quick")
-        bl.log("running bench/scale.py")
-        rc = subprocess.run(scale_cmd, timeout=1800).returncode
-        if rc != 0:
-            bl.log(f"bench/scale.py exited with {rc}")
-    if not args.skip_h2:
-        h2_cmd = [sys.executable, str(bl.BENCH / "h2.py")]
-        if args.doc.resolve() != DOC.resolve():
-            h2_cmd += ["--doc", str(args.doc)]
-        h2_cmd += [flag for flag, on in (("--quick", args.quick), ("--pin", args.pin)) if on]
-        bl.log("running bench/h2.py")
-        h2_rc = subprocess.run(h2_cmd, timeout=1800).returncode
-        if h2_rc != 0:
-            bl.log(f"bench/h2.py exited with {h2_rc}")
-            rc = rc or h2_rc
-    if not args.skip_fleet:
-        fleet_cmd = [sys.executable, str(bl.BENCH / "fleet.py")]
-        if args.doc.resolve() != DOC.resolve():
-            fleet_cmd += ["--doc", str(args.doc)]
-        fleet_cmd += [flag for flag, on in (("--quick", args.quick), ("--pin", args.pin)) if on]
-        bl.log("running bench/fleet.py")
-        fleet_rc = subprocess.run(fleet_cmd, timeout=1800).returncode
-        if fleet_rc != 0:
-            bl.log(f"bench/fleet.py exited with {fleet_rc}")
-            rc = rc or fleet_rc
-    if not args.skip_startup:
-        startup_cmd = [sys.executable, str(bl.BENCH / "startup.py")]
-        if args.doc.resolve() != DOC.resolve():
-            startup_cmd += ["--doc", str(args.doc)]
-        if args.pin:
-            startup_cmd.append("--pin")
-        bl.log("running bench/startup.py")
-        startup_rc = subprocess.run(startup_cmd, timeout=900).returncode
-        if startup_rc != 0:
-            bl.log(f"bench/startup.py exited with {startup_rc}")
-            rc = rc or startup_rc
+            cmd += ["--doc", str(args.doc)]
+        cmd += [flag for flag in flags if getattr(args, flag[2:])]
+        bl.log(f"running bench/{script}")
+        code = subprocess.run(cmd, timeout=timeout).returncode
+        if code != 0:
+            bl.log(f"bench/{script} exited with {code}")
+            rc = rc or code
     return rc
 
 
