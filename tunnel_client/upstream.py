@@ -21,7 +21,7 @@ from shared.aio.pump import Endpoint, pump, stream_endpoint
 from shared.errors import LocalProtocolError, StreamReset, TunnelError, UpstreamError
 from shared.frames import ResetCode
 from shared.h2map import CONNECTION_SPECIFIC, from_h2_reset, grpc_status_headers, is_grpc
-from shared.heads import KIND_NAMES, RequestHead, ResponseHead, StreamKind
+from shared.heads import KIND_NAMES, ResponseHead, StreamKind
 from shared.httputil import strip_hop_by_hop
 from shared.proxyproto import proxy_v2_header
 from shared.routing import RouteTable, normalize_host
@@ -34,8 +34,10 @@ from .http1 import (
     MAX_RESPONSE_HEAD,
     UpstreamConnection,
     UpstreamPool,
-    exchange,
+    is_replayable,
     parse_response_head,
+    request_bytes,
+    send_request,
 )
 from .killswitch import KillSwitch
 
@@ -133,9 +135,10 @@ class Forwarder:
             head.target.partition("?")[0],
             head.client_addr,
         )
+        del head  # the stream holds it until the request is sent upstream (_proxy drops it)
         start = time.monotonic()
         try:
-            await self._serve(stream, head, record)
+            await self._serve(stream, record)
         finally:
             record.duration_ms = (time.monotonic() - start) * 1000
             if record.reset is None and stream.error is not None:  # reset by the server, a pump, or the session
@@ -147,7 +150,9 @@ class Forwarder:
             if self.audit is not None:
                 self.audit.write(record)
 
-    async def _serve(self, stream: TunnelStream, head: RequestHead, record: AuditRecord) -> None:
+    async def _serve(self, stream: TunnelStream, record: AuditRecord) -> None:
+        head = stream.head
+        assert head is not None
         if self.killswitch is not None and self.killswitch.engaged:
             _reset(stream, record, ResetCode.REFUSED, "tunnel withdrawn (kill switch)")
             return
@@ -207,6 +212,7 @@ class Forwarder:
             )
             _reply(stream, record, ResponseHead(200, grpc_status_headers(14, message)), end=True)
         else:
+            del head  # dropped once the request is sent (_proxy): nothing here may hold it
             await self._proxy(stream, record, upstream, target)
 
     async def _connect(
@@ -317,10 +323,17 @@ class Forwarder:
         pool = self._pool
         conn: UpstreamConnection | None = None
         upload: asyncio.Task[None] | None = None
+        method = head.method
+        data = request_bytes(method, target, headers, head.authority, body, body_stream is not None, framed)
+        replayable = body_stream is None and is_replayable(method, headers)
+        # The request is bytes now: its decoded head (2 KiB or so of strings) is not kept for
+        # as long as the upstream takes to answer (10,000 long polls: 20 MiB).
+        stream.head = None
+        del head, headers, body
+        sending = send_request(pool, upstream.address, data, method == "HEAD", replayable, body_stream, framed)
+        del data  # send_request drops its copy once written (unless it may send it again)
         try:
-            conn, upload = await exchange(
-                pool, upstream.address, head.method, target, headers, head.authority, body, body_stream, framed
-            )
+            conn, upload = await sending
             try:
                 _reply(stream, record, ResponseHead(conn.status, tuple(strip_hop_by_hop(conn.headers()))))
             except LocalProtocolError as exc:  # a head the tunnel cannot carry (shared/heads.py)

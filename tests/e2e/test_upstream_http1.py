@@ -328,3 +328,38 @@ async def test_through_the_tunnel(certs: Certs) -> None:
             async with http.post(s.base + "/upload", data=gen()) as r:
                 assert r.status == 200 and int(r.headers["X-Got"]) == 500_000
                 assert await r.read() == bytes([65 + 49 % 26]) * 4
+
+
+async def test_a_parked_request_holds_no_decoded_head(certs: Certs) -> None:
+    """A long poll waits at the upstream for as long as it likes: once its request is sent, the
+    client's stream no longer holds the decoded request head (about 2 KiB of strings each, 20 MiB
+    at 10,000 long polls; bench/scale.py), and the answer still comes back whole."""
+    parked = asyncio.Event()
+    release = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        head, _ = await read_request(reader)
+        assert b"x-long: poll" in head.lower()
+        parked.set()
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nparked")
+        await writer.drain()
+
+    async with raw_upstream(script) as (port, _), stack(certs) as s:
+        running = await s.add_client([f"default=http://127.0.0.1:{port}"])
+        async with aiohttp.ClientSession() as http:
+            call = asyncio.ensure_future(http.get(s.base + "/poll", headers={"X-Long": "poll"}))
+            try:
+                await asyncio.wait_for(parked.wait(), 10)
+                streams = [
+                    stream
+                    for link in running.client.links
+                    if link.conn is not None
+                    for stream in link.conn._streams.values()
+                ]
+                assert len(streams) == 1 and streams[0].head is None
+                release.set()
+                async with await asyncio.wait_for(call, 10) as r:
+                    assert r.status == 200 and await r.read() == b"parked"
+            finally:
+                call.cancel()
