@@ -152,3 +152,29 @@ async def test_control_endpoint_speaks_tls_only(certs: Certs) -> None:
         data = await asyncio.wait_for(reader.read(1024), 5)
         assert not data.startswith(b"HTTP/1.1 101")
         writer.close()
+
+
+@pytest.mark.parametrize("auth", ["bearer", "challenge"])
+async def test_a_session_keeps_no_handshake_state(certs: Certs, auth: str) -> None:
+    """Once a session runs, the exit server holds neither the opening handshake's request and
+    response (websockets would keep them, headers and all, for the tunnel's lifetime) nor the
+    challenge's transcript; the tunnel serves as before."""
+    from tunnel_client.pinning import spki_pin
+
+    from .test_tls import _leaf_der
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    extra = {"auth": "challenge", "pin": [spki_pin(_leaf_der(certs.cert))]} if auth == "challenge" else {}
+    async with upstream(app) as up, stack(certs) as s:
+        await s.add_client([f"default={up.url}"], **extra)
+        (conn,) = s.server.control.connections
+        ws = conn.ws
+        assert ws is not None and ws.request is None and ws.response is None
+        assert not hasattr(ws, "backhaul_challenge") and not hasattr(ws, "backhaul_challenge_answer")
+        assert getattr(ws, "backhaul_client_id", None) == "default"
+        async with aiohttp.ClientSession() as http, http.get(s.base) as r:
+            assert r.status == 200 and await r.text() == "ok"
