@@ -5,27 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from shared.runtime.plainmetrics import PlainHistogram
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
     from .client import TunnelClient
 
 __all__ = ["AdminServer", "ClientMetrics"]
 
 
-class _LinkCollector(Collector):
+class _LinkCollector:
     def __init__(self, client: TunnelClient) -> None:
         self.client = client
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         connected = GaugeMetricFamily(
             "backhaul_client_sessions_connected", "Registered sessions per exit server", labels=["server"]
         )
@@ -54,19 +56,37 @@ class _LinkCollector(Collector):
 
 
 class ClientMetrics:
-    """The client's metrics, in a registry of its own."""
+    """The client's metrics: plain numbers while it runs, a registry of its own built at the
+    first scrape. prometheus_client is imported then, not at start: a sidecar in every task
+    whose /metrics nobody reads does not pay its import (about 10 ms and 1.7 MiB)."""
 
     def __init__(self, client: TunnelClient) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.reconnects = Counter(
-            "backhaul_client_reconnects", "Session (re)connection attempts after the first", ["server"], registry=r
-        )
-        r.register(_LinkCollector(client))
-        r.register(_StreamCollector(self))
+        self._client = client
+        self._registry: CollectorRegistry | None = None
+        #: collectors to add to the registry when it is built (shared/runtime/procmetrics.py)
+        self.extra: list[Callable[[CollectorRegistry], None]] = []
         # plain numbers on the hot path, metric families at scrape time (shared/runtime/plainmetrics.py)
+        self._reconnects: dict[str, int] = {}
         self._streams: dict[tuple[str, str], int] = {}
         self._durations: dict[str, PlainHistogram] = {}
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry (made, and prometheus_client imported, on first use)."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            registry = CollectorRegistry()
+            registry.register(_LinkCollector(self._client))
+            registry.register(_StreamCollector(self))
+            for add in self.extra:
+                add(registry)
+            self._registry = registry
+        return self._registry
+
+    def reconnected(self, server: str) -> None:
+        """Count one session (re)connection attempt after the first to ``server``."""
+        self._reconnects[server] = self._reconnects.get(server, 0) + 1
 
     def stream_done(self, kind: str, outcome: str, seconds: float) -> None:
         """Count one served stream (labels are bounded: stream kinds x outcomes)."""
@@ -78,13 +98,22 @@ class ClientMetrics:
         hist.observe(seconds)
 
 
-class _StreamCollector(Collector):
-    """``backhaul_client_streams`` and ``backhaul_client_stream_duration_seconds``."""
+class _StreamCollector:
+    """``backhaul_client_reconnects``, ``backhaul_client_streams`` and
+    ``backhaul_client_stream_duration_seconds``."""
 
     def __init__(self, metrics: ClientMetrics) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        reconnects = CounterMetricFamily(
+            "backhaul_client_reconnects", "Session (re)connection attempts after the first", labels=["server"]
+        )
+        for server, n in sorted(self.metrics._reconnects.items()):
+            reconnects.add_metric([server], n)
+        yield reconnects
         streams = CounterMetricFamily(
             "backhaul_client_streams", "Streams served by kind and outcome", labels=["kind", "outcome"]
         )
@@ -175,6 +204,8 @@ class AdminServer:
         if method not in ("GET", "HEAD"):
             return 405, text, b"method not allowed\n", False
         if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.client.metrics.registry), head_only
         audit = self.client.forwarder.audit
         if audit is not None and audit.failing:

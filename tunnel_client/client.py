@@ -220,7 +220,7 @@ class ServerLink:
         while not self.client.stopping:
             if not first:
                 self.reconnects += 1
-                self.client.metrics.reconnects.labels(self.url).inc()
+                self.client.metrics.reconnected(self.url)
             first = False
             await self.client.killswitch.wait_lifted(self.client._stop)  # returns at once when not engaged
             if self.client.stopping:
@@ -638,7 +638,9 @@ class TunnelClient:
         self.labels = config.labels
         self.links = [ServerLink(self, url) for url in config.server]
         self.metrics = ClientMetrics(self)
-        register_process_metrics(self.metrics.registry, "tunnel-client", {"client": config.client_cert})
+        self.metrics.extra.append(
+            lambda registry: register_process_metrics(registry, "tunnel-client", {"client": config.client_cert})
+        )
         self.admin_port = 0
         self.stopping = False
         self._stop = asyncio.Event()

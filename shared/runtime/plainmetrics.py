@@ -14,8 +14,6 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 
-from prometheus_client.utils import floatToGoString
-
 __all__ = ["DEFAULT_BUCKETS", "PlainHistogram"]
 
 #: prometheus_client's default histogram bounds (without +Inf).
@@ -42,6 +40,8 @@ class PlainHistogram:
 
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative ``(le, count)`` pairs, +Inf last, as ``HistogramMetricFamily`` takes them."""
+        from prometheus_client.utils import floatToGoString  # at scrape time (procmetrics.py)
+
         out: list[tuple[str, float]] = []
         running = 0
         for bound, n in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True):

@@ -8,11 +8,15 @@ import datetime
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from typing import TYPE_CHECKING
 
 from .version import version
+
+# prometheus_client is imported where a scrape needs it: the tunnel client builds its registry
+# at the first scrape (tunnel_client/admin.py), not at start.
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily
 
 __all__ = ["CertExpiryCollector", "BuildInfoCollector", "register_process_metrics"]
 
@@ -24,6 +28,8 @@ class BuildInfoCollector:
         self.component = component
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from prometheus_client.core import GaugeMetricFamily
+
         info = GaugeMetricFamily("backhaul_build_info", "Backhaul version (always 1)", labels=["version", "component"])
         info.add_metric([version(), self.component], 1)
         yield info
@@ -56,6 +62,8 @@ class CertExpiryCollector:
         return not_after
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from prometheus_client.core import GaugeMetricFamily
+
         family = GaugeMetricFamily(
             "backhaul_tls_cert_expiry_seconds", "Seconds until the certificate expires", labels=["cert"]
         )
@@ -75,6 +83,8 @@ def register_process_metrics(registry: CollectorRegistry, component: str, certs:
         component: ``exit-server`` or ``tunnel-client``.
         certs: label -> certificate file; None entries (not configured) are skipped.
     """
+    from prometheus_client import PlatformCollector, ProcessCollector
+
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     registry.register(BuildInfoCollector(component))

@@ -42,3 +42,28 @@ def test_a_failing_audit_log_is_unhealthy() -> None:
     audit = SimpleNamespace(failing=True, fail_closed=True)
     status, _, body, _ = server(True, audit).answer(b"GET /healthz HTTP/1.1")
     assert status == 503 and b"refusing streams" in body
+
+
+def test_client_metrics_are_plain_numbers_until_the_first_scrape() -> None:
+    """ClientMetrics counts without prometheus_client and builds its registry when /metrics is
+    first read: reconnects, streams and durations, and the extra collectors, all in it."""
+    from prometheus_client import generate_latest
+
+    from tunnel_client.admin import ClientMetrics
+
+    client = SimpleNamespace(links=[], forwarder=SimpleNamespace(audit=None))
+    metrics = ClientMetrics(client)  # type: ignore[arg-type]
+    added: list[CollectorRegistry] = []
+    metrics.extra.append(added.append)
+    metrics.reconnected("wss://a.example")
+    metrics.reconnected("wss://a.example")
+    metrics.stream_done("http", "ok", 0.02)
+    assert metrics._registry is None and not added
+    registry = metrics.registry
+    assert added == [registry] and metrics.registry is registry  # built once
+    text = generate_latest(registry).decode()
+    assert 'backhaul_client_reconnects_total{server="wss://a.example"} 2.0' in text
+    assert 'backhaul_client_streams_total{kind="http",outcome="ok"} 1.0' in text
+    assert 'backhaul_client_stream_duration_seconds_bucket{kind="http",le="0.025"} 1.0' in text
+    metrics.reconnected("wss://a.example")
+    assert 'backhaul_client_reconnects_total{server="wss://a.example"} 3.0' in generate_latest(registry).decode()
