@@ -29,9 +29,14 @@ def _install_uvloop() -> str:
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-#: Allocations up to this size come from the heap, not from a fresh mmap each.
-MMAP_THRESHOLD = 4 << 20
-#: Free memory at the top of the heap kept for reuse rather than given back at once.
+#: Allocations of this size and more get a mapping of their own when the heap's free top cannot
+#: hold them: uvloop's 256 KiB TLS read buffer, one per connection, of which an idle tunnel
+#: touches a page or two. Carved from the heap instead (the threshold was 4 MiB until round
+#: 10), each landed on pages the previous connection's handshake had dirtied: 22 KiB more per
+#: idle TLS connection, with no gain at 1 MiB downloads (docs/BENCHMARKS.md, round 10).
+MMAP_THRESHOLD = 256 << 10
+#: Free memory at the top of the heap kept for reuse rather than given back at once: the
+#: tunnel's 256 KiB messages are carved from it and given back to it, without page faults.
 TRIM_THRESHOLD = 16 << 20
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
@@ -51,7 +56,7 @@ def tune_malloc() -> str:
     except (OSError, AttributeError):  # not glibc (or no libc symbols): nothing to tune
         return "malloc defaults"
     if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
-        return f"malloc mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
+        return f"malloc mmap threshold {MMAP_THRESHOLD >> 10} KiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
     return "malloc defaults (mallopt refused)"
 
 

@@ -24,7 +24,7 @@ def run(env_extra: dict[str, str]) -> str:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")
 def test_thresholds_are_set_on_glibc() -> None:
-    assert run({}) == "malloc mmap threshold 4 MiB, trim threshold 16 MiB"
+    assert run({}) == "malloc mmap threshold 256 KiB, trim threshold 16 MiB"
 
 
 @pytest.mark.parametrize("name", ["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"])
