@@ -257,14 +257,13 @@ class ControlEndpoint:
         if hasattr(ws, "backhaul_challenge") and not await self._check_proof(ws, _peer(ws)):
             return
         # websockets keeps the opening handshake's request and response for the connection's
-        # lifetime (its parser's generator frame holds the request too); nothing reads them
-        # past process_request and process_response, and their headers are about 4 KiB of
-        # every idle tunnel (docs/BENCHMARKS.md, round 10).
+        # lifetime (its parser's generator frame holds the request too); nothing reads their
+        # headers past process_request and process_response, and they are about 4 KiB of every
+        # idle tunnel (docs/BENCHMARKS.md, round 10). The objects stay: websockets takes
+        # ``request is None`` to mean the handshake has not arrived yet.
         for message in (ws.request, ws.response):
             if message is not None:
                 message.headers.clear()
-        ws.request = None
-        ws.response = None
         with contextlib.suppress(AttributeError):
             del ws.backhaul_challenge, ws.backhaul_challenge_answer  # type: ignore[attr-defined]
         client_id: str = getattr(ws, "backhaul_client_id", "default")
