@@ -397,6 +397,8 @@ class TunnelConnection:
         self.loop = asyncio.get_running_loop()
         self._done: asyncio.Future[_Ending] = self.loop.create_future()  # the reading side ended
         self.close_reason = ""
+        self._tick_step = 1.0
+        self._tick_handle: asyncio.TimerHandle | None = None  # the next _tick (while run() runs)
 
     # ------------------------------------------------------------------ API
 
@@ -495,18 +497,21 @@ class TunnelConnection:
         """Run until the session ends; then fail every stream and await every task."""
         ws = self.ws
         assert ws is not None, "run() once"
-        ticker = self.loop.create_task(self._ticker(), name=f"tunnel-heartbeat-{self.name}")
+        self._tick_step = min(1.0, self.session.heartbeat_interval / 2)
+        self._tick_handle = self.loop.call_later(self._tick_step, self._tick)
         self.flush()
         try:
             await self._reader(ws)
         finally:
             ws.detach()
             await self._flush_now()
-            ticker.cancel()
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
+                self._tick_handle = None
             if self._drainer is not None:
                 self._drainer.cancel()
             self._teardown()
-            tasks = [ticker, *self._tasks]
+            tasks = list(self._tasks)
             if self._drainer is not None:
                 tasks.append(self._drainer)
             for task in self._tasks:
@@ -719,20 +724,31 @@ class TunnelConnection:
             self._drainer = None
         self._flush()
 
-    async def _ticker(self) -> None:
+    def _tick(self) -> None:
+        """Heartbeats, the silent-peer check and the idle buffer's release, every
+        ``_tick_step`` seconds while run() runs: a timer callback, not a task per tunnel (a
+        task, its coroutine and a sleep's future and timer were about 1 KiB of every idle
+        tunnel, and a task wake-up per tunnel per second)."""
+        self._tick_handle = None
         session = self.session
-        step = min(1.0, session.heartbeat_interval / 2)
-        while session.state is not SessionState.CLOSED:
-            await asyncio.sleep(step)
-            if self.ws is not None:
-                self.ws.release_idle_buffer()
-            session.tick(self.loop.time())
-            self._handle_events()
-            if session.has_output:
-                self.flush()
-            if session.closed:  # tick() closes a session whose peer went silent
-                log.warning("session %s: %s", self.name, session.error)
-                self.close_reason = str(session.error)
-                await self._flush_now()
-                self.abort()
-                return
+        if session.state is SessionState.CLOSED:
+            return
+        if self.ws is not None:
+            self.ws.release_idle_buffer()
+        session.tick(self.loop.time())
+        self._handle_events()
+        if session.has_output:
+            self.flush()
+        if session.closed:  # tick() closes a session whose peer went silent
+            log.warning("session %s: %s", self.name, session.error)
+            self.close_reason = str(session.error)
+            task = self.loop.create_task(self._end_silent())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._tick_handle = self.loop.call_later(self._tick_step, self._tick)
+
+    async def _end_silent(self) -> None:
+        """Send what is queued (the GOAWAY of a silent peer's session), then drop the transport."""
+        await self._flush_now()
+        self.abort()
