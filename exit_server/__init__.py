@@ -1,9 +1,13 @@
 """Backhaul exit server: public HTTP ingress routed by Host over tunnel sessions."""
 
-from shared.runtime.version import version as _version
+from shared.runtime.gcpause import pause_for_run
 
-from .config import ServerConfig
-from .server import ExitServer
+pause_for_run("exit-server")  # `exit-server run` only, before the imports below (shared/runtime/gcpause.py)
+
+from shared.runtime.version import version as _version  # noqa: E402
+
+from .config import ServerConfig  # noqa: E402
+from .server import ExitServer  # noqa: E402
 
 __version__ = _version()
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from shared.errors import ConfigError
+from shared.runtime import gcpause
 from shared.runtime.cli import add_model_flags, announce, configure_logging, run_guarded, settings_from_args
 from shared.runtime.fdlimit import DescriptorAlarm, raise_nofile
 from shared.runtime.runner import run_service
@@ -66,6 +67,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event) -> int:
     soft, _ = raise_nofile()
     server = ExitServer(config)
     await server.start()
+    gcpause.settle()  # serving: the collector back on, start-up's objects frozen
     DescriptorAlarm(server.metrics.descriptors.labels("emfile").inc).install(asyncio.get_running_loop())
     log.debug("open-file limit %d", soft)
     with contextlib.suppress(NotImplementedError, AttributeError):  # SIGHUP re-reads --tokens and --access

@@ -1,9 +1,13 @@
 """Backhaul tunnel client: dials the exit server and serves local upstreams."""
 
-from shared.runtime.version import version as _version
+from shared.runtime.gcpause import pause_for_run
 
-from .client import TunnelClient
-from .config import ClientConfig
+pause_for_run("tunnel-client")  # `tunnel-client run` only, before the imports below (shared/runtime/gcpause.py)
+
+from shared.runtime.version import version as _version  # noqa: E402
+
+from .client import TunnelClient  # noqa: E402
+from .config import ClientConfig  # noqa: E402
 
 __version__ = _version()
 

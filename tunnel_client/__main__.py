@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 
+from shared.runtime import gcpause
 from shared.runtime.cli import add_model_flags, configure_logging, run_guarded, settings_from_args
 from shared.runtime.fdlimit import DescriptorAlarm, raise_nofile
 from shared.runtime.runner import run_service
@@ -102,6 +103,7 @@ async def serve(config: ClientConfig, stop: asyncio.Event) -> int:
     DescriptorAlarm().install(asyncio.get_running_loop())
     client.killswitch.install_signal_handler(asyncio.get_running_loop())  # SIGUSR1 toggles the kill switch
     task = asyncio.create_task(client.run())
+    gcpause.settle()  # started: the collector back on, start-up's objects frozen
     stopper = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
