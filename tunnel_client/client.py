@@ -35,7 +35,7 @@ from websockets.exceptions import InvalidHandshake, InvalidProxyStatus, InvalidS
 from shared import awsiam, challenge
 from shared.aio.connection import TunnelConnection, TunnelStream, ws_limits
 from shared.aio.tls import client_context
-from shared.aio.wsfast import TunnelClientConnection
+from shared.aio.wsclient import TunnelClientConnection
 from shared.errors import AuthError, ConfigError, StreamReset, TunnelError
 from shared.frames import GoAwayCode
 from shared.heads import KIND_NAMES

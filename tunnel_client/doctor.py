@@ -42,7 +42,7 @@ from websockets.exceptions import InvalidProxyStatus, InvalidStatus, ProxyError
 
 from shared import challenge
 from shared.aio.tls import client_context
-from shared.aio.wsfast import TunnelClientConnection
+from shared.aio.wsclient import TunnelClientConnection
 from shared.errors import ConfigError
 
 from .config import ClientConfig

@@ -21,7 +21,7 @@ from typing import Any
 
 from websockets.exceptions import InvalidHandshake
 
-from shared.aio.wsfast import TunnelClientConnection
+from shared.aio.wsclient import TunnelClientConnection
 
 __all__ = ["PinMismatch", "parse_pin", "pinned_connection", "spki_pin"]
 

@@ -24,9 +24,8 @@ import asyncio
 import os
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
@@ -38,7 +37,10 @@ try:
 except ImportError:  # pragma: no cover (the C extension ships in websockets' wheels)
     from websockets.utils import apply_mask
 
-__all__ = ["DirectMessages", "TunnelClientConnection", "TunnelServerConnection", "TunnelWebSocket", "mask_key"]
+if TYPE_CHECKING:
+    from .wsclient import TunnelClientConnection
+
+__all__ = ["DirectMessages", "TunnelServerConnection", "TunnelWebSocket", "mask_key"]
 
 _B2 = struct.Struct("!BB")
 _B2H = struct.Struct("!BBH")
@@ -433,12 +435,6 @@ class DirectMessages:
         super().process_event(event)  # type: ignore[misc]
 
 
-class TunnelClientConnection(DirectMessages, ClientConnection):
-    """Client side of a tunnel WebSocket (``connect(create_connection=...)``)."""
-
-    _masked = True
-
-
 class TunnelServerConnection(DirectMessages, ServerConnection):
     """Exit-server side of a tunnel WebSocket (``serve(create_connection=...)``)."""
 
@@ -446,5 +442,7 @@ class TunnelServerConnection(DirectMessages, ServerConnection):
     __slots__ = ("backhaul_challenge", "backhaul_challenge_answer", "backhaul_client_id", "backhaul_principal")
 
 
-#: What :class:`shared.aio.connection.TunnelConnection` runs on.
-TunnelWebSocket = TunnelClientConnection | TunnelServerConnection
+#: What :class:`shared.aio.connection.TunnelConnection` runs on. The client's class lives in
+#: wsclient.py, so that the exit server does not import websockets' client (and python-socks
+#: with it: 8 ms of its start); a name for annotations.
+TunnelWebSocket: TypeAlias = "TunnelClientConnection | TunnelServerConnection"

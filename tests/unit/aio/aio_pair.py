@@ -15,7 +15,8 @@ from websockets.asyncio.connection import Connection
 from websockets.protocol import Protocol, Side
 
 from shared.aio.connection import StreamHandler, TunnelConnection, TunnelStream
-from shared.aio.wsfast import TunnelClientConnection, TunnelServerConnection
+from shared.aio.wsclient import TunnelClientConnection
+from shared.aio.wsfast import TunnelServerConnection
 from shared.heads import ResponseHead
 from shared.messages import Error, Hello, Routes, Welcome
 from shared.mux import Role, Session

@@ -14,7 +14,8 @@ from websockets.asyncio.connection import Connection
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import Protocol, Side
 
-from shared.aio.wsfast import TunnelClientConnection, TunnelServerConnection
+from shared.aio.wsclient import TunnelClientConnection
+from shared.aio.wsfast import TunnelServerConnection
 
 pytestmark = pytest.mark.asyncio
 
