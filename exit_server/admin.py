@@ -10,7 +10,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared.frames import GoAwayCode
 
@@ -81,6 +80,8 @@ class AdminApp:
         return web.Response(status=503, text="not ready\n")
 
     async def metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # at the first scrape (observe.py)
+
         body = generate_latest(self.server.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

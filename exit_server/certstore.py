@@ -19,13 +19,16 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
-from prometheus_client.core import GaugeMetricFamily
 
 from shared.aio.tls import AEAD_CIPHERS
 from shared.errors import ConfigError
 from shared.routing import HOST_PATTERN
+
+if TYPE_CHECKING:
+    from prometheus_client.core import GaugeMetricFamily
 
 __all__ = ["CertStore", "PublicCertCollector", "Served", "public_context"]
 
@@ -224,6 +227,8 @@ class PublicCertCollector:
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from prometheus_client.core import GaugeMetricFamily  # at scrape time (exit_server/observe.py)
+
         family = GaugeMetricFamily(
             "backhaul_public_cert_expiry_seconds",
             "Seconds until the public HTTPS certificate for a host name expires",

@@ -8,17 +8,16 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-
-from shared.runtime.plainmetrics import PlainHistogram
+from shared.runtime.plainmetrics import PlainFamily, PlainHistogram
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily, Metric
+
     from shared.runtime.accesslog import AccessWriter
 
     from .routes import Registry
@@ -126,7 +125,7 @@ class _RouteMetrics:
         self.totals = totals  # the same list as Metrics._hosts[host]
 
 
-class _ExchangeCollector(Collector):
+class _ExchangeCollector:
     """The per-exchange metrics, made into metric families at scrape time from the plain
     numbers :meth:`Metrics.finish` keeps (shared/runtime/plainmetrics.py says why)."""
 
@@ -134,6 +133,8 @@ class _ExchangeCollector(Collector):
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
         self.metrics.prune()
         routes = list(self.metrics._routes.values())
         requests = CounterMetricFamily(
@@ -174,15 +175,19 @@ class _ExchangeCollector(Collector):
         for code, n in sorted(self.metrics._grpc.items()):
             grpc.add_metric([code], n)
         yield from (requests, duration, head, body, rejected, protocols, grpc)
+        for plain in self.metrics.families:
+            yield from plain.collect()
 
 
-class _TunnelCollector(Collector):
+class _TunnelCollector:
     """Gauges computed at scrape time from the live registry."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from prometheus_client.core import GaugeMetricFamily
+
         tunnels = list(self.registry.tunnels.values())
         connected = GaugeMetricFamily(
             "backhaul_tunnels_connected",
@@ -203,7 +208,9 @@ class _TunnelCollector(Collector):
 
 class Metrics:
     """The exit server's Prometheus metrics, in a registry of its own (several servers can
-    live in one process, as in the tests)."""
+    live in one process, as in the tests). Plain numbers while it runs; the registry is built,
+    and prometheus_client imported, at the first scrape (8 ms and 1.1 MiB of every start
+    otherwise: docs/BENCHMARKS.md, round 11)."""
 
     #: Most route series (``host`` label values) kept; exchanges on further routes are counted
     #: under ``host="other"`` (issue 15 item 8: every name ever registered kept its series).
@@ -213,43 +220,53 @@ class Metrics:
 
     def __init__(self, registry: Registry) -> None:
         self._tunnels = registry
-        self.registry = CollectorRegistry()
-        r = self.registry
-        r.register(_ExchangeCollector(self))  # requests, durations, bytes, rejections
-        self.auth_failures = Counter("backhaul_auth_failures", "Failed tunnel authentications", registry=r)
-        self.descriptors = Counter(
+        self._registry: CollectorRegistry | None = None
+        #: collectors to add to the registry when it is built (process, relays, certificates)
+        self.extra: list[Callable[[CollectorRegistry], None]] = []
+        self.auth_failures = PlainFamily("counter", "backhaul_auth_failures", "Failed tunnel authentications")
+        self.descriptors = PlainFamily(
+            "counter",
             "backhaul_descriptor_exhaustion",
             "Public connections refused for lack of file descriptors: accept() failed (emfile), "
             "or answered 503 to keep the reserve (reserve)",
             ["reason"],
-            registry=r,
         )
-        self.registrations = Counter("backhaul_tunnel_registrations", "Tunnel sessions registered", registry=r)
-        self.state_store_up = Gauge(
+        self.registrations = PlainFamily("counter", "backhaul_tunnel_registrations", "Tunnel sessions registered")
+        self.state_store_up = PlainFamily(
+            "gauge",
             "backhaul_state_store_up",
             "1 while the fleet state store (--state) answers, 0 while this server serves its last known state",
-            registry=r,
         )
-        self.acme_orders = Counter(
+        self.acme_orders = PlainFamily(
+            "counter",
             "backhaul_acme_orders",
             "ACME attempts (orders and renewals) by result: issued or failed",
             ["result"],
-            registry=r,
         )
-        self.tls_handshakes = Counter(
+        self.tls_handshakes = PlainFamily(
+            "counter",
             "backhaul_public_tls_handshakes",
             "Connections to the public TLS port by outcome: ok, unknown_name, no_sni, not_tls, timeout "
             "(no ClientHello in time), handshake_failed, busy (too many waiting for their ClientHello)",
             ["result"],
-            registry=r,
         )
-        self.reconnects = Counter(
-            "backhaul_tunnel_reconnects", "Registrations by a client instance that had a session before", registry=r
+        self.reconnects = PlainFamily(
+            "counter", "backhaul_tunnel_reconnects", "Registrations by a client instance that had a session before"
         )
-        self.tcp_connections = Counter(
-            "backhaul_tcp_connections", "Public TCP connections accepted", ["port"], registry=r
+        self.tcp_connections = PlainFamily(
+            "counter", "backhaul_tcp_connections", "Public TCP connections accepted", ["port"]
         )
-        r.register(_TunnelCollector(registry))
+        #: exported after the per-exchange families, in this order
+        self.families = (
+            self.auth_failures,
+            self.descriptors,
+            self.registrations,
+            self.state_store_up,
+            self.acme_orders,
+            self.tls_handshakes,
+            self.reconnects,
+            self.tcp_connections,
+        )
         self._seen_instances: dict[str, None] = {}
         # Per-route running totals for the dashboard: [requests, 5xx, seconds].
         self._hosts: dict[str, list[float]] = {}
@@ -257,6 +274,20 @@ class Metrics:
         self._rejected: dict[str, int] = {}
         self._protocols: dict[str, int] = {}
         self._grpc: dict[str, int] = {}
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry (made, and prometheus_client imported, on first use)."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            registry = CollectorRegistry()
+            registry.register(_ExchangeCollector(self))  # requests, durations, bytes, rejections, counters
+            registry.register(_TunnelCollector(self._tunnels))
+            for add in self.extra:
+                add(registry)
+            self._registry = registry
+        return self._registry
 
     def prune(self) -> None:
         """Drop the series of routes no session serves that saw no request for ``series_ttl``."""

@@ -104,7 +104,8 @@ class ExitServer:
             self.peers = PeerDirectory(
                 config.state, password, self.server_id, config.peer_url, self.registry, config.state_ca_file
             )
-            self.metrics.registry.register(RelayCollector(self.peers))
+            relays = RelayCollector(self.peers)
+            self.metrics.extra.append(lambda registry: registry.register(relays))
             self._state_password = password
             self.state = StateFollower(
                 config.state,
@@ -115,7 +116,9 @@ class ExitServer:
                 resync=config.state_resync,
                 ca_file=config.state_ca_file,
             )
-        register_process_metrics(self.metrics.registry, "exit-server", {"control": config.tls_cert})
+        self.metrics.extra.append(
+            lambda registry: register_process_metrics(registry, "exit-server", {"control": config.tls_cert})
+        )
         self.tcp = TcpListeners(config, self.registry, parse_addr(config.public_addr)[0], self.metrics)
         self.control = ControlEndpoint(config, self.registry, auth, self.tcp, self.metrics)
         if not config.insecure_plaintext and config.tls_key is not None:
@@ -138,7 +141,8 @@ class ExitServer:
             from .certstore import CertStore, PublicCertCollector  # cryptography only with public TLS
 
             self.certs = CertStore(config.public_cert_dir, http2=not config.no_http2)
-            self.metrics.registry.register(PublicCertCollector(self.certs))
+            expiry = PublicCertCollector(self.certs)
+            self.metrics.extra.append(lambda registry: registry.register(expiry))
         #: certificates from ACME (None: no --acme-dir)
         self.acme: AcmeIssuer | None = None
         if self.certs is not None and config.acme_dir is not None:

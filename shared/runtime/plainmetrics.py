@@ -12,9 +12,13 @@ bounds) is the same as prometheus_client's own metrics give.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["DEFAULT_BUCKETS", "PlainHistogram"]
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
+__all__ = ["DEFAULT_BUCKETS", "PlainFamily", "PlainHistogram", "PlainSeries"]
 
 #: prometheus_client's default histogram bounds (without +Inf).
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -48,3 +52,75 @@ class PlainHistogram:
             running += n
             out.append((bound, running))
         return out
+
+
+class PlainSeries:
+    """One counter or gauge series: a plain number (``inc`` and ``set`` as prometheus_client's)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+class PlainFamily:
+    """A counter or gauge kept as plain numbers, named as prometheus_client's ``Counter`` or
+    ``Gauge`` would be: without label names one series (0 until changed), with them a series
+    per label values made by the first ``labels()`` (so /metrics shows no zero series nobody
+    used). :meth:`collect` makes its metric family at scrape time; prometheus_client is only
+    imported then."""
+
+    __slots__ = ("kind", "name", "documentation", "labelnames", "series")
+
+    def __init__(
+        self, kind: Literal["counter", "gauge"], name: str, documentation: str, labelnames: Sequence[str] = ()
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.series: dict[tuple[str, ...], PlainSeries] = {} if self.labelnames else {(): PlainSeries()}
+
+    def labels(self, *values: str) -> PlainSeries:
+        """The series for these label values (made on first use).
+
+        Raises:
+            ValueError: not one value per label name.
+        """
+        if len(values) != len(self.labelnames) or not values:
+            raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(values)}")
+        found = self.series.get(values)
+        if found is None:
+            found = self.series[values] = PlainSeries()
+        return found
+
+    def _only(self) -> PlainSeries:
+        if self.labelnames:
+            raise ValueError(f"{self.name}: has labels {self.labelnames}: use labels()")
+        return self.series[()]
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._only().value += amount
+
+    def set(self, value: float) -> None:
+        self._only().value = value
+
+    @property
+    def value(self) -> float:
+        """The value of a family without labels."""
+        return self._only().value
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        kind = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = kind(self.name, self.documentation, labels=list(self.labelnames))
+        for values, series in self.series.items():  # first use first, as prometheus_client
+            family.add_metric(list(values), series.value)
+        yield family
