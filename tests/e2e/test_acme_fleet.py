@@ -21,7 +21,7 @@ from tunnel_client.client import TunnelClient
 
 from .haproxy import haproxy
 from .helpers import Certs, RunningClient, client_config, server_config, upstream
-from .pebble import free_port, pebble
+from .pebble import pebble, reserved_ports
 from .test_acme import served_serial
 from .test_fleet_state import Redis, add_client, redis_server  # noqa: F401 (the fixture)
 
@@ -58,8 +58,8 @@ async def test_three_servers_order_once_per_name_and_all_serve_it(
     challenge: str,
 ) -> None:
     token = add_client(redis_server.url, "acme", NAMES)
-    http_front, tls_front = free_port(), free_port()  # where pebble validates: the balancer
-    with pebble(tmp_path, http_front, tls_front) as ca:
+    # where pebble validates: the balancer
+    with reserved_ports(2) as (http_front, tls_front), pebble(tmp_path, http_front, tls_front) as ca:
         servers = [
             ExitServer(
                 server_config(
@@ -145,8 +145,7 @@ async def test_a_lock_left_by_a_dead_server_expires_and_the_name_is_ordered(
     held = redis.Redis.from_url(redis_server.url)
     held.set(acmefleet.LOCK + "app.test", "dead-server:0", px=3000)  # as the dead server left it
     held.close()
-    http_port, tls_port = free_port(), free_port()
-    with pebble(tmp_path, http_port, tls_port) as ca:
+    with reserved_ports(2) as (http_port, tls_port), pebble(tmp_path, http_port, tls_port) as ca:
         server = ExitServer(
             server_config(
                 certs,
