@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,26 @@ from exit_server import ExitServer, ServerConfig
 from tunnel_client import ClientConfig, TunnelClient
 
 TOKEN = "test-token-0123456789"
+#: The virtualenv's bin directory: the console scripts under test.
+BIN = Path(sys.executable).parent
+
+
+def retrying_client_args(certs: Certs, *extra: str) -> list[str]:
+    """``tunnel-client run`` against a server nobody listens on: the client keeps retrying until
+    stopped (for what a client does before and besides its session)."""
+    return [
+        str(BIN / "tunnel-client"),
+        "run",
+        "--server",
+        "wss://127.0.0.1:9/tunnel",
+        "--ca-file",
+        str(certs.ca),
+        "--upstream",
+        "default=http://127.0.0.1:9",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
 
 
 @dataclass

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import TOKEN, Certs
-
-BIN = Path(sys.executable).parent
+from .helpers import BIN, TOKEN, Certs, retrying_client_args
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -71,25 +69,9 @@ def test_exit_server_busy_address_is_one_line(flag: str, busy: socket.socket, tm
     assert f"{flag} {_addr(busy)}: cannot listen" in line
 
 
-def _client_args(certs: Certs, *extra: str) -> list[str]:
-    return [
-        str(BIN / "tunnel-client"),
-        "run",
-        "--server",
-        "wss://127.0.0.1:9/tunnel",  # nothing listens: the client keeps retrying until stopped
-        "--ca-file",
-        str(certs.ca),
-        "--upstream",
-        "default=http://127.0.0.1:9",
-        "--log-level",
-        "warning",
-        *extra,
-    ]
-
-
 def test_client_busy_explicit_admin_addr_fails(certs: Certs, busy: socket.socket, tmp_path: Path) -> None:
     out = subprocess.run(
-        _client_args(certs, "--admin-addr", _addr(busy)),
+        retrying_client_args(certs, "--admin-addr", _addr(busy)),
         capture_output=True,
         text=True,
         timeout=30,
@@ -129,7 +111,7 @@ def test_two_clients_with_default_admin_address(certs: Certs, busy: socket.socke
     )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, *_client_args(certs)[1:]],
+            [sys.executable, "-c", code, *retrying_client_args(certs)[1:]],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -173,7 +155,11 @@ def test_two_clients_with_default_admin_address(certs: Certs, busy: socket.socke
 )
 def test_client_ports_validated_at_load(certs: Certs, tmp_path: Path, args: list[str], needle: str) -> None:
     out = subprocess.run(
-        _client_args(certs, *args), capture_output=True, text=True, timeout=30, env=_env(tmp_path, BACKHAUL_TOKEN=TOKEN)
+        retrying_client_args(certs, *args),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env(tmp_path, BACKHAUL_TOKEN=TOKEN),
     )
     assert out.returncode == 2, out.stderr
     assert needle in _one_line(out)

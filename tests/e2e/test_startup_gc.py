@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import TOKEN, Certs
-
-BIN = Path(sys.executable).parent
+from .helpers import BIN, TOKEN, Certs, retrying_client_args
 
 #: Run in a child: the command's own argv, the package import (which pauses), then the command,
 #: while a thread waits for the collector to come back and stops the process with SIGTERM.
@@ -62,20 +60,7 @@ def test_exit_server_run_pauses_the_collector_until_it_serves(tmp_path: Path) ->
 
 
 def test_tunnel_client_run_pauses_the_collector_until_it_starts(certs: Certs, tmp_path: Path) -> None:
-    argv = [
-        str(BIN / "tunnel-client"),
-        "run",
-        "--server",
-        "wss://127.0.0.1:9/tunnel",  # nothing listens: the client retries until stopped
-        "--ca-file",
-        str(certs.ca),
-        "--upstream",
-        "default=http://127.0.0.1:9",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--log-level",
-        "warning",
-    ]
+    argv = retrying_client_args(certs, "--admin-addr", "127.0.0.1:0")
     state = _probe("tunnel_client", argv, tmp_path)
     assert state["paused"] is True and state["enabled"] is True
     assert isinstance(state["frozen"], int) and state["frozen"] > 10_000
