@@ -21,7 +21,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 import typing
 from pathlib import Path
 
@@ -90,11 +89,7 @@ def measure(kind: str, duration: int) -> tuple[float, float]:
         env=bl.clean_env(),
     )
     try:
-        deadline = time.monotonic() + 20
-        while bl.http_get(f"http://127.0.0.1:{port}/")[0] != 200:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"{kind} server did not answer")
-            time.sleep(0.02)  # polling a condition, with a deadline
+        bl.wait_http(f"http://127.0.0.1:{port}/", procs=[proc])
         before = bl.cpu_seconds(proc.pid)
         out = subprocess.run(
             ["taskset", "-c", "0", "wrk", "-t1", "-c50", f"-d{duration}s", f"http://127.0.0.1:{port}/"],
