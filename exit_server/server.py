@@ -202,28 +202,15 @@ class ExitServer:
         """Bind the listeners (port 0 picks free ports, see ``public_port``/``control_port``).
 
         Raises:
-            ConfigError: a listen address cannot be bound (what was bound is closed again).
+            ConfigError: a listen address cannot be bound (what was started is closed again:
+                listeners, the fleet store's connection and its tasks, ACME).
+            StateUnavailable: --state unreachable within its start timeout.
         """
         try:
             await self._start()
         except BaseException:
-            await self._close_listeners()
+            await self.close()
             raise
-
-    async def _close_listeners(self) -> None:
-        if self._reload_task is not None:
-            self._reload_task.cancel()
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._front is not None:
-            await self._front.close()
-        if self._tls_runner is not None:
-            await self._tls_runner.cleanup()
-        if self._ws_server is not None:
-            self._ws_server.close()
-            await self._ws_server.wait_closed()
 
     def _control_connection(self) -> TunnelServerConnection:
         """A control connection for the public TLS port (--control-hostname): what the control

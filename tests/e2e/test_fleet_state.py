@@ -24,6 +24,8 @@ import pytest_asyncio
 from exit_server.server import ExitServer
 from exit_server.state import StateUnavailable, read_state, update
 from exit_server.tokens import TokenEntry, new_entry
+from shared.errors import ConfigError
+from tests.ports import free_port
 from tests.waiting import wait_until, wait_until_sync
 from tunnel_client.client import TunnelClient
 
@@ -68,12 +70,6 @@ class Redis:
             self.proc.kill()  # SIGKILL: no chance to save anything more
             self.proc.wait(10)
             self.proc = None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -124,10 +120,10 @@ class Fleet:
 async def fleet(certs: Certs, redis_server: Redis) -> AsyncIterator[Fleet]:
     add_client(redis_server.url, "seed", ["seed.test"])  # the store exists before the servers
     servers = [ExitServer(server_config(certs, state=redis_server.url, state_resync=1.0)) for _ in range(3)]
-    for server in servers:
-        await server.start()
     f = Fleet(servers, certs, [])
-    try:
+    try:  # a server that fails to start closes itself; the finally closes the ones before it
+        for server in servers:
+            await server.start()
         yield f
     finally:
         for running in f.clients:
@@ -314,10 +310,10 @@ async def test_a_shared_token_beside_the_store(certs: Certs, redis_server: Redis
         ExitServer(server_config(certs, state=redis_server.url, state_resync=1.0, token=SecretStr(TOKEN)))
         for _ in range(2)
     ]
-    for server in servers:
-        await server.start()
     fleet = Fleet(servers, certs, [])
     try:
+        for server in servers:
+            await server.start()
         extra: dict[str, Any] = {}
         if auth == "challenge":
             from .test_tls import _leaf_der
@@ -412,3 +408,36 @@ def _listening(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
         return True
     return False
+
+
+def store_clients(redis: Redis) -> int:
+    """Connections open on the store, not counting the one asking."""
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as s:
+        s.sendall(b"CLIENT LIST\r\n")
+        reply = b""
+        while not reply.startswith(b"$") or reply.count(b"\r\n") < 2:
+            chunk = s.recv(65536)
+            assert chunk, "redis closed the connection"
+            reply += chunk
+    return reply.count(b"id=") - 1
+
+
+@pytest.mark.parametrize("flag", ["public_addr", "admin_addr"])
+async def test_a_start_that_cannot_listen_leaves_nothing_open(certs: Certs, redis_server: Redis, flag: str) -> None:
+    """The public listener fails before the store's tasks start, the admin listener after them:
+    either way start() raises the one-line error naming the flag and closes what it had
+    opened: the store's connections and the fleet tasks (they leaked before: an exit server
+    embedded in a process, or a test, kept a Redis connection that nothing would close)."""
+    add_client(redis_server.url, "seed", ["seed.test"])
+    assert store_clients(redis_server) == 0
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        addr = f"127.0.0.1:{busy.getsockname()[1]}"
+        server = ExitServer(server_config(certs, state=redis_server.url, **{flag: addr}))
+        with pytest.raises(ConfigError, match=f"^--{flag.replace('_', '-')} {addr}: cannot listen"):
+            await server.start()
+    assert server.state is not None and server.state.version == 1  # it had loaded the store first
+    names = {"fleet-state", "fleet-peers", "reload-credentials"}
+    assert not [t for t in asyncio.all_tasks() if t.get_name() in names and not t.done()]
+    await wait_until(lambda: store_clients(redis_server) == 0, timeout=5, what="no connection left on the store")
