@@ -75,10 +75,10 @@ async def test_three_servers_order_once_per_name_and_all_serve_it(
             )
             for i in range(3)
         ]
-        for server in servers:
-            await server.start()
         running: RunningClient | None = None
         try:
+            for server in servers:
+                await server.start()
             backends = [(s.public_port, s.admin_port) for s in servers]
             tls_ports = [s.public_tls_port for s in servers]
             async with (

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 from .helpers import TOKEN, Certs
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

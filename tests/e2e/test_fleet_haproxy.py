@@ -93,10 +93,10 @@ async def fleet(certs: Certs, redis_server: Redis, tmp_path: Path) -> AsyncItera
             heartbeat_timeout=2.0,
         )
         servers.append(ExitServer(config))
-    for server in servers:
-        await server.start()
     f: Fleet | None = None
-    try:
+    try:  # a server that fails to start closes itself; the finally closes the ones before it
+        for server in servers:
+            await server.start()
         async with haproxy(tmp_path, [(s.public_port, s.admin_port) for s in servers]) as balancer:
             f = Fleet(servers, balancer, certs, redis_server)
             yield f

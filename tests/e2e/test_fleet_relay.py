@@ -77,10 +77,10 @@ async def pair(certs: Certs, redis_server: Redis) -> AsyncIterator[Pair]:  # noq
                 )
             )
         )
-    for server in servers:
-        await server.start()
     p = Pair(servers[0], servers[1], certs, token, [])
-    try:
+    try:  # a server that fails to start closes itself; the finally closes the one before it
+        for server in servers:
+            await server.start()
         yield p
     finally:
         for running in p.clients:

@@ -246,11 +246,9 @@ async def test_no_tunnel_is_503_generic(certs: Certs) -> None:
 
 
 async def test_upstream_refusing_is_502(certs: Certs) -> None:
-    import socket
+    from tests.ports import free_port
 
-    with socket.socket() as sock:  # a port with nobody listening
-        sock.bind(("127.0.0.1", 0))
-        dead = sock.getsockname()[1]
+    dead = free_port()  # a port with nobody listening
     async with stack(certs) as s:
         await s.add_client([f"default=http://127.0.0.1:{dead}"])
         async with aiohttp.ClientSession() as http:

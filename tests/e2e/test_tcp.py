@@ -13,41 +13,18 @@ import pytest
 import pytest_asyncio
 
 from shared.proxyproto import SIGNATURE
+from tests.ports import free_port, free_port_run
 
 from .helpers import Certs, stack
 
 pytestmark = pytest.mark.asyncio
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def port_range(n: int = 20) -> tuple[int, str]:
-    """A run of ports free right now for --tcp-port-range, starting at a port the kernel chose
-    (never a fixed one: clamping it into a range made every run near the top use 60000)."""
-    for _ in range(200):
-        base = free_port()
-        if base + n > 65535:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + n + 1):
-                sock = socket.socket()
-                socks.append(sock)
-                # as the exit server's listeners do: a port whose old connections linger in
-                # TIME_WAIT (plenty after the suite's large transfers) is free for a listener
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return base, f"{base}-{base + n}"
-    raise RuntimeError(f"no run of {n + 1} free ports found")
+    """A run of ports free right now for --tcp-port-range (tests/ports.py: outside the kernel's
+    ephemeral range, never a fixed start)."""
+    base = free_port_run(n + 1)
+    return base, f"{base}-{base + n}"
 
 
 @pytest_asyncio.fixture

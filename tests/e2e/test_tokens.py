@@ -160,14 +160,9 @@ async def test_rotation_closes_old_sessions_and_the_new_token_works(certs: Certs
 
 
 async def test_tcp_ports_are_bound_to_the_client(certs: Certs, tmp_path: Path) -> None:
-    import socket
+    from tests.ports import free_port
 
-    def free() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return int(sock.getsockname()[1])
-
-    allowed, forbidden = free(), free()
+    allowed, forbidden = free_port(), free_port()
     lo, hi = min(allowed, forbidden), max(allowed, forbidden)
     path = tmp_path / "tokens.toml"
     tokens = write_tokens(path, {"acme": ["acme.example"]}, ports={"acme": [allowed]})
