@@ -25,26 +25,7 @@ from pathlib import Path
 
 import trustme
 
-
-@contextmanager
-def reserved_ports(count: int) -> Iterator[list[int]]:
-    """``count`` free loopback ports, held until the block ends: each is bound (SO_REUSEADDR,
-    never listening), so no other bind to port 0 and no outgoing connection is given it
-    meanwhile, while a server that binds it with SO_REUSEADDR (asyncio's, socket.create_server's
-    and HAProxy's default) still can. For a port pebble must be told before the exit server
-    binds it: a port found free and released is free only when asked, and once another process
-    took it between the two (CI, 2026-12-04) the exit server could not listen."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", 0))
-        yield [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+from tests.ports import free_port
 
 
 @dataclass
@@ -95,67 +76,66 @@ def pebble(
     ca.cert_pem.write_to_path(str(ca_file))
     wfe.cert_chain_pems[0].write_to_path(str(cert))
     wfe.private_key_pem.write_to_path(str(key))
-    # held while pebble runs: see reserved_ports
-    with reserved_ports(4) as (listen, management, dns, dns_management):
-        config = tmp / "pebble.json"
-        config.write_text(
-            json.dumps(
-                {
-                    "pebble": {
-                        "listenAddress": f"127.0.0.1:{listen}",
-                        "managementListenAddress": f"127.0.0.1:{management}",
-                        "certificate": str(cert),
-                        "privateKey": str(key),
-                        "httpPort": http_port,
-                        "tlsPort": tls_port,
-                        "ocspResponderURL": "",
-                        "externalAccountBindingRequired": False,
-                        **({"certificateValidityPeriod": validity} if validity else {}),
-                    }
+    listen, management, dns, dns_management = (free_port() for _ in range(4))
+    config = tmp / "pebble.json"
+    config.write_text(
+        json.dumps(
+            {
+                "pebble": {
+                    "listenAddress": f"127.0.0.1:{listen}",
+                    "managementListenAddress": f"127.0.0.1:{management}",
+                    "certificate": str(cert),
+                    "privateKey": str(key),
+                    "httpPort": http_port,
+                    "tlsPort": tls_port,
+                    "ocspResponderURL": "",
+                    "externalAccountBindingRequired": False,
+                    **({"certificateValidityPeriod": validity} if validity else {}),
                 }
-            )
+            }
         )
-        dns_log, log = tmp / "challtestsrv.log", tmp / "pebble.log"
-        dns_out, out = dns_log.open("wb"), log.open("wb")
-        dns_proc = subprocess.Popen(
-            [
-                "pebble-challtestsrv",
-                "-defaultIPv4",
-                "127.0.0.1",
-                "-defaultIPv6",
-                "",
-                "-dns01",
-                f"127.0.0.1:{dns}",
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-management",
-                f"127.0.0.1:{dns_management}",
-            ],
-            stdout=dns_out,
-            stderr=subprocess.STDOUT,
-        )
-        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1")
-        if authz_reuse is not None:
-            env["PEBBLE_AUTHZREUSE"] = str(authz_reuse)
-        proc = subprocess.Popen(
-            ["pebble", "-config", str(config), "-dnsserver", f"127.0.0.1:{dns}"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        running = Pebble(f"https://127.0.0.1:{listen}/dir", ca_file, management, proc, log)
-        try:
-            _wait_listening(dns_management, dns_proc, dns_log)
-            _wait_listening(listen, proc, log)
-            _wait_listening(management, proc, log)
-            yield running
-        finally:
-            running.stop()
-            dns_proc.terminate()
-            dns_proc.wait(10)
-            dns_out.close()
-            out.close()
+    )
+    dns_log, log = tmp / "challtestsrv.log", tmp / "pebble.log"
+    dns_out, out = dns_log.open("wb"), log.open("wb")
+    dns_proc = subprocess.Popen(
+        [
+            "pebble-challtestsrv",
+            "-defaultIPv4",
+            "127.0.0.1",
+            "-defaultIPv6",
+            "",
+            "-dns01",
+            f"127.0.0.1:{dns}",
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+            "-management",
+            f"127.0.0.1:{dns_management}",
+        ],
+        stdout=dns_out,
+        stderr=subprocess.STDOUT,
+    )
+    env = dict(os.environ, PEBBLE_VA_NOSLEEP="1")
+    if authz_reuse is not None:
+        env["PEBBLE_AUTHZREUSE"] = str(authz_reuse)
+    proc = subprocess.Popen(
+        ["pebble", "-config", str(config), "-dnsserver", f"127.0.0.1:{dns}"],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    running = Pebble(f"https://127.0.0.1:{listen}/dir", ca_file, management, proc, log)
+    try:
+        _wait_listening(dns_management, dns_proc, dns_log)
+        _wait_listening(listen, proc, log)
+        _wait_listening(management, proc, log)
+        yield running
+    finally:
+        running.stop()
+        dns_proc.terminate()
+        dns_proc.wait(10)
+        dns_out.close()
+        out.close()

@@ -21,10 +21,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.ports import free_port
 from tests.waiting import wait_until
 
 from .helpers import Certs, Stack, stack, upstream
-from .pebble import Pebble, pebble, reserved_ports
+from .pebble import Pebble, pebble
 from .sec_helpers import TokenStack, token_stack, write_tokens
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
@@ -48,7 +49,8 @@ async def acme_stack(
     validity: int | None = None,
     **overrides: Any,
 ) -> AsyncIterator[tuple[Stack, Pebble]]:
-    with reserved_ports(2) as (http_port, tls_port), pebble(tmp_path, http_port, tls_port, authz_reuse, validity) as ca:
+    http_port, tls_port = free_port(), free_port()
+    with pebble(tmp_path, http_port, tls_port, authz_reuse, validity) as ca:
         settings: dict[str, Any] = {
             "public_addr": f"127.0.0.1:{http_port}",
             "public_tls_addr": f"127.0.0.1:{tls_port}",
@@ -239,7 +241,8 @@ async def test_a_token_grant_naming_the_host_orders_and_an_any_host_grant_does_n
     ("named.test") orders on registration; a client whose grant is "*" registers its route
     (and is served over HTTP) but starts no order."""
     tokens = write_tokens(tmp_path / "tokens.toml", {"named": ["named.test"], "anyone": ["*"]})
-    with reserved_ports(2) as (http_port, tls_port), pebble(tmp_path, http_port, tls_port) as ca:
+    http_port, tls_port = free_port(), free_port()
+    with pebble(tmp_path, http_port, tls_port) as ca:
         async with (
             upstream(await hello_app()) as up,
             token_stack(

@@ -16,12 +16,13 @@ import pytest
 from aiohttp import web
 
 from exit_server.server import ExitServer
+from tests.ports import free_port
 from tests.waiting import wait_until
 from tunnel_client.client import TunnelClient
 
 from .haproxy import haproxy
 from .helpers import Certs, RunningClient, client_config, server_config, upstream
-from .pebble import pebble, reserved_ports
+from .pebble import pebble
 from .test_acme import served_serial
 from .test_fleet_state import Redis, add_client, redis_server  # noqa: F401 (the fixture)
 
@@ -59,7 +60,8 @@ async def test_three_servers_order_once_per_name_and_all_serve_it(
 ) -> None:
     token = add_client(redis_server.url, "acme", NAMES)
     # where pebble validates: the balancer
-    with reserved_ports(2) as (http_front, tls_front), pebble(tmp_path, http_front, tls_front) as ca:
+    http_front, tls_front = free_port(), free_port()
+    with pebble(tmp_path, http_front, tls_front) as ca:
         servers = [
             ExitServer(
                 server_config(
@@ -145,7 +147,8 @@ async def test_a_lock_left_by_a_dead_server_expires_and_the_name_is_ordered(
     held = redis.Redis.from_url(redis_server.url)
     held.set(acmefleet.LOCK + "app.test", "dead-server:0", px=3000)  # as the dead server left it
     held.close()
-    with reserved_ports(2) as (http_port, tls_port), pebble(tmp_path, http_port, tls_port) as ca:
+    http_port, tls_port = free_port(), free_port()
+    with pebble(tmp_path, http_port, tls_port) as ca:
         server = ExitServer(
             server_config(
                 certs,
