@@ -281,10 +281,14 @@ class ControlEndpoint:
             now=loop.time(),
         )
         tunnel: Tunnel | None = None
+        watchdog: asyncio.TimerHandle | None = None  # ends a session with no hello in time
 
         def on_control(message: Hello | Welcome | Routes | Error) -> None:
-            nonlocal tunnel
+            nonlocal tunnel, watchdog
             if isinstance(message, Hello):
+                if watchdog is not None:  # its work is done: its timer is not kept for the session
+                    watchdog.cancel()
+                    watchdog = None
                 tunnel = self._register(conn, session_id, client_id, remote, message)
             elif isinstance(message, Routes) and tunnel is not None:
                 for refusal in self.registry.set_routes(tunnel, list(message.routes)):
@@ -308,7 +312,8 @@ class ControlEndpoint:
         try:
             await conn.run()
         finally:
-            watchdog.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
             self.connections.discard(conn)
             self.principals.pop(conn, None)
             if tunnel is not None:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # for the types only: this module stays pure bookkeeping
 __all__ = ["Registry", "Tunnel"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # one per connected session: no instance dict
 class Tunnel:
     """One connected client session as the exit server sees it."""
 

@@ -369,6 +369,30 @@ class TunnelConnection:
         on_goaway: called when the peer starts draining.
     """
 
+    # Slots, and dicts for sets (64 bytes empty where a set is 216), futures made when first
+    # awaited: every idle tunnel holds one of these (docs/BENCHMARKS.md, round 12).
+    __slots__ = (
+        "_blocked",
+        "_closed_waiter",
+        "_done",
+        "_drainer",
+        "_flush_pending",
+        "_idle",
+        "_is_closed",
+        "_on_control",
+        "_on_goaway",
+        "_on_stream",
+        "_streams",
+        "_tasks",
+        "_tick_handle",
+        "_tick_step",
+        "close_reason",
+        "loop",
+        "name",
+        "session",
+        "ws",
+    )
+
     def __init__(
         self,
         ws: TunnelWebSocket,
@@ -388,11 +412,12 @@ class TunnelConnection:
         self._on_control = on_control
         self._on_goaway = on_goaway
         self._streams: dict[int, TunnelStream] = {}
-        self._blocked: set[TunnelStream] = set()
+        self._blocked: dict[TunnelStream, None] = {}  # streams waiting for send credit
         self._flush_pending = False
         self._drainer: asyncio.Task[None] | None = None  # waits while the socket buffer is full
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = asyncio.Event()
+        self._tasks: dict[asyncio.Task[None], None] = {}
+        self._is_closed = False
+        self._closed_waiter: asyncio.Future[None] | None = None  # wait_closed() waits on it
         self._idle: asyncio.Future[None] | None = None  # drain() waits on it for the streams to end
         self.loop = asyncio.get_running_loop()
         self._done: asyncio.Future[_Ending] = self.loop.create_future()  # the reading side ended
@@ -404,7 +429,7 @@ class TunnelConnection:
 
     @property
     def closed(self) -> bool:
-        return self._closed.is_set()
+        return self._is_closed
 
     @property
     def streams_in_flight(self) -> int:
@@ -425,13 +450,13 @@ class TunnelConnection:
     def wait_writable(self, stream: TunnelStream) -> asyncio.Future[None]:
         """A future resolved (by :meth:`TunnelStream.on_writable`) when ``stream`` may get send
         credit again, or when it fails."""
-        self._blocked.add(stream)
+        self._blocked[stream] = None
         return self.loop.create_future()
 
     def release(self, stream: TunnelStream) -> None:
         """Forget a stream the application has finished with."""
         self._streams.pop(stream.id, None)
-        self._blocked.discard(stream)
+        self._blocked.pop(stream, None)
         if not self._streams:
             self._wake_idle()
         self._check_idle()
@@ -460,7 +485,11 @@ class TunnelConnection:
         self._check_idle()
 
     async def wait_closed(self) -> None:
-        await self._closed.wait()
+        if self._is_closed:
+            return
+        if self._closed_waiter is None:
+            self._closed_waiter = self.loop.create_future()
+        await asyncio.shield(self._closed_waiter)  # several callers may wait on it
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no stream is in flight (or ``timeout``); True when drained."""
@@ -520,11 +549,17 @@ class TunnelConnection:
             # The callbacks are closures over this connection, and streams failed with a stored
             # error are in cycles through its traceback: drop them with the WebSocket.
             self._on_stream = self._on_control = self._on_goaway = None
-            self._closed.set()
+            self._is_closed = True
+            waiter, self._closed_waiter = self._closed_waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
             self._wake_idle()
             self.ws = None
 
     # ------------------------------------------------------------------ internals
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     def _wake_idle(self) -> None:
         """No stream in flight any more (or the session ended): drain() returns."""
@@ -623,7 +658,7 @@ class TunnelConnection:
                 stream = streams.pop(event.stream_id, None)
                 if stream is not None:
                     stream.on_error(StreamReset(event.code, event.reason))
-                    self._blocked.discard(stream)
+                    self._blocked.pop(stream, None)
                     if stream.handler is not None:  # the server gave up: cancel the upstream call
                         stream.handler.cancel()
                     if not streams:
@@ -643,19 +678,19 @@ class TunnelConnection:
     def _check_idle(self) -> None:
         if self.session.is_idle and not self._streams:
             task = self.loop.create_task(self.close(1000, "drained"))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[task] = None
+            task.add_done_callback(self._forget_task)
 
     def _wake_writers(self, stream_id: int) -> None:
         if stream_id == 0:
             blocked = self._blocked
-            self._blocked = set()
+            self._blocked = {}
             for stream in blocked:
                 stream.on_writable()
             return
         one = self._streams.get(stream_id)
         if one is not None and one in self._blocked:
-            self._blocked.discard(one)
+            del self._blocked[one]
             one.on_writable()
 
     def _start_stream(self, event: StreamOpened) -> None:
@@ -666,8 +701,8 @@ class TunnelConnection:
             return
         task = self.loop.create_task(self._run_stream(stream))
         stream.handler = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = None
+        task.add_done_callback(self._forget_task)
 
     async def _run_stream(self, stream: TunnelStream) -> None:
         assert self._on_stream is not None
@@ -743,8 +778,8 @@ class TunnelConnection:
             log.warning("session %s: %s", self.name, session.error)
             self.close_reason = str(session.error)
             task = self.loop.create_task(self._end_silent())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[task] = None
+            task.add_done_callback(self._forget_task)
             return
         self._tick_handle = self.loop.call_later(self._tick_step, self._tick)
 

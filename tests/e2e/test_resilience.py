@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from exit_server import ExitServer
+from shared.aio.connection import TunnelConnection
 from tunnel_client import TunnelClient
 
 from ..waiting import wait_until
@@ -175,7 +176,9 @@ async def test_exit_server_shutdown_drains(certs: Certs, caplog: pytest.LogCaptu
         assert any("peer going away" in r.getMessage() for r in caplog.records)
 
 
-async def test_exit_server_closes_idle_keep_alive_connections_before_its_tunnels(certs: Certs) -> None:
+async def test_exit_server_closes_idle_keep_alive_connections_before_its_tunnels(
+    certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A caller's idle keep-alive connection is closed while the tunnels are still up, so a
     request it sends meanwhile is answered, never 503 "no tunnel" (behind a TCP balancer the
     connection stays with this server). At the moment the tunnel client is told to go away, the
@@ -188,13 +191,14 @@ async def test_exit_server_closes_idle_keep_alive_connections_before_its_tunnels
         assert await reader.readexactly(4) == b"done"
         (tunnel,) = server.registry.tunnels.values()
         public_open_at_goaway: list[bool] = []
-        goaway = tunnel.conn.goaway
+        goaway = TunnelConnection.goaway
 
-        def recording_goaway(code: int, reason: str) -> None:
-            public_open_at_goaway.append(server._runner is not None)
-            goaway(code, reason)
+        def recording_goaway(conn: TunnelConnection, code: int = 0, reason: str = "") -> None:
+            if conn is tunnel.conn:
+                public_open_at_goaway.append(server._runner is not None)
+            goaway(conn, code, reason)
 
-        tunnel.conn.goaway = recording_goaway
+        monkeypatch.setattr(TunnelConnection, "goaway", recording_goaway)  # its instances have slots
         await server.shutdown(drain_timeout=5)
         assert public_open_at_goaway == [False]
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no stray answer

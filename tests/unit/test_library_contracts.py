@@ -56,6 +56,18 @@ def test_websockets_connection_hooks_exist() -> None:
     assert set(vars(DirectMessages)) >= {"data_received", "process_event", "get_buffer", "buffer_updated"}
 
 
+def test_websockets_drain_waiters_need_only_a_list() -> None:
+    """shared/aio/wsfast.py makes ``drain_waiters`` a list: websockets must only append to,
+    remove from and iterate it (its deque costs about 700 bytes per tunnel)."""
+    import re
+
+    source = inspect.getsource(Connection)
+    uses = re.findall(r"self\.drain_waiters(\S*)", source)
+    assert uses, "websockets Connection.drain_waiters is gone (shared/aio/wsfast.py)"
+    allowed = {":", ".append(waiter)", ".remove(waiter)"}  # declaration and `for ... in`, the two calls
+    assert set(uses) <= allowed, f"websockets uses drain_waiters as {set(uses) - allowed} (shared/aio/wsfast.py)"
+
+
 @pytest.mark.asyncio
 async def test_transport_set_protocol_switches_a_reading_transport() -> None:
     got: list[bytes] = []
