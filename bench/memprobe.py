@@ -1,7 +1,7 @@
 """Where memory goes: the probes behind docs/BENCHMARKS.md, round 10 (performance issue, target 4).
 
     .venv/bin/python bench/memprobe.py polls [--requests 2000] [--trace]
-    .venv/bin/python bench/memprobe.py tunnels [--tunnels 300] [--trace]
+    .venv/bin/python bench/memprobe.py tunnels [--tunnels 300] [--trace [--by lineno]] [--ab REV]
     .venv/bin/python bench/memprobe.py floor [--conns 1000]
     .venv/bin/python bench/memprobe.py faults [--seconds 4]
 
@@ -10,7 +10,10 @@
   client's RSS idle and parked, and per request. With ``--trace`` the client runs under
   tracemalloc and the largest allocation sites per request are listed (parked minus idle).
 * ``tunnels``: a fresh exit server, then ``--tunnels`` idle tunnels (bench/idle_tunnels.py).
-  Exit server RSS per tunnel; with ``--trace``, tracemalloc per tunnel by file.
+  Exit server RSS per tunnel; with ``--trace``, tracemalloc per tunnel by file (``--by lineno``
+  or ``traceback`` for lines or call sites). ``--ab REV`` alternates fresh exit servers of REV
+  (A, from a git worktree on PYTHONPATH) and this tree (B), ``--rounds`` each, and prints
+  the medians.
 * ``floor``: no Backhaul code: a uvloop TLS server that accepts ``--conns`` connections and
   holds them idle, once per glibc malloc setting (its defaults; mmap 4 MiB with trim 16 MiB,
   Backhaul's setting before round 10; mmap 256 KiB with trim 16 MiB, since). RSS per idle
@@ -29,6 +32,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +47,7 @@ import scale  # noqa: E402
 import startup  # noqa: E402
 
 HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
 
 
 # ---------------------------------------------------------------- tracemalloc in a child
@@ -97,7 +102,10 @@ class Snapshots:
         stats = after.compare_to(before, key)
         print(f"tracemalloc: {sum(s.size_diff for s in stats) / per:.0f} B per unit in all; largest {key}s:")
         for s in stats[:top]:
-            print(f"{s.size_diff / per:9.0f} B {s.count_diff / per:6.1f} objects  {s.traceback}")
+            frames = list(reversed(s.traceback))  # the most recent first
+            print(f"{s.size_diff / per:9.0f} B {s.count_diff / per:6.1f} objects  {frames[0]}")
+            for frame in frames[1:5] if key == "traceback" else ():
+                print(f"{'':28}<- {frame}")
 
 
 def command(name: str, trace: bool, snapdir: Path, args: list[str]) -> list[str]:
@@ -172,18 +180,48 @@ def polls(args: argparse.Namespace, work: Path) -> None:
 
 
 def tunnels(args: argparse.Namespace, work: Path) -> None:
-    stack = bl.Stack(work)
     certs = bl.make_certs(work)
-    snaps = Snapshots(work)
     n = args.tunnels
+    if args.ab is None:
+        tunnels_once(work, certs, n, args.trace, args.by, None)
+        return
+    if args.trace:
+        raise SystemExit("--ab measures RSS only: drop --trace")
+    tree = work / "a"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.ab], check=True)
+    try:
+        per: dict[str, list[float]] = {"A": [], "B": []}
+        idle: dict[str, list[float]] = {"A": [], "B": []}
+        for i in range(args.rounds):
+            for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
+                kib, before = tunnels_once(work, certs, n, False, args.by, tree if side == "A" else None)
+                per[side].append(kib)
+                idle[side].append(before)
+        for side, name in (("A", args.ab), ("B", "working tree")):
+            print(
+                f"{side} = {name}: {statistics.median(per[side]):.1f} KiB per tunnel "
+                f"(runs {', '.join(f'{k:.1f}' for k in per[side])}), idle {statistics.median(idle[side]):.1f} MiB"
+            )
+        print(f"B/A per tunnel: {statistics.median(per['B']) / statistics.median(per['A']):.3f}")
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
+def tunnels_once(work: Path, certs: bl.Certs, n: int, trace: bool, by: str, tree: Path | None) -> tuple[float, float]:
+    """One fresh exit server (the commit checked out in ``tree``, else this tree), ``n`` idle
+    tunnels; prints and returns (RSS KiB per tunnel, idle RSS MiB)."""
+    stack = bl.Stack(work)
+    snaps = Snapshots(work)
     try:
         public, control = bl.free_port(), bl.free_port()
         server_args = startup.exit_server_cmd(certs, public, control)[1:]
-        server = stack.add(bl.spawn("server", command("exit-server", args.trace, work, server_args), work / "logs"))
+        env = bl.clean_env({"PYTHONPATH": str(tree)} if tree is not None else None)
+        cmd = command("exit-server", trace, work, server_args)
+        server = stack.add(bl.spawn("server", cmd, work / "logs", env=env))
         bl.wait_port(public, proc=server.popen)
         bl.wait_port(control, proc=server.popen)
         time.sleep(2)
-        if args.trace:
+        if trace:
             snaps.take()
         before = bl.rss_kib(server.pid)
         helper = subprocess.Popen(
@@ -209,7 +247,7 @@ def tunnels(args: argparse.Namespace, work: Path) -> None:
             assert helper.stdout is not None
             print(helper.stdout.readline().strip())
             time.sleep(3)
-            if args.trace:
+            if trace:
                 snaps.take()
             after = bl.rss_kib(server.pid)
         finally:
@@ -217,10 +255,12 @@ def tunnels(args: argparse.Namespace, work: Path) -> None:
             helper.stdin.close()
             helper.wait(60)
         print(
-            f"exit server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB: {(after - before) / n:.1f} KiB per tunnel"
+            f"exit server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB: {(after - before) / n:.1f} KiB per tunnel",
+            flush=True,
         )
-        if args.trace:
-            snaps.report(n, "filename")
+        if trace:
+            snaps.report(n, by, top=25 if by == "filename" else 40)
+        return (after - before) / n, before / 1024
     finally:
         stack.close()
 
@@ -370,6 +410,9 @@ def main() -> int:
     p = sub.add_parser("tunnels", help="exit server memory per idle tunnel")
     p.add_argument("--tunnels", type=int, default=300)
     p.add_argument("--trace", action="store_true")
+    p.add_argument("--by", choices=("filename", "lineno", "traceback"), default="filename", help="--trace: grouping")
+    p.add_argument("--ab", metavar="REV", help="alternate fresh servers of REV (A) and this tree (B)")
+    p.add_argument("--rounds", type=int, default=3, help="--ab: servers per side")
     p = sub.add_parser("floor", help="a bare uvloop TLS server's memory per idle connection")
     p.add_argument("--conns", type=int, default=1000)
     p = sub.add_parser("faults", help="page faults a second at 1 MiB downloads")
