@@ -190,6 +190,8 @@ def tunnels(args: argparse.Namespace, work: Path) -> None:
     tree = work / "a"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.ab], check=True)
     try:
+        for root in (tree, ROOT):  # both sides start from bytecode, as an installed wheel does
+            startup.compile_bytecode(root)
         per: dict[str, list[float]] = {"A": [], "B": []}
         idle: dict[str, list[float]] = {"A": [], "B": []}
         for i in range(args.rounds):
