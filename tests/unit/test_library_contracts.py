@@ -6,7 +6,8 @@ Internals covered (docs/ARCHITECTURE.md, "Library internals"):
 
 * websockets: ``protocol.reader.buffer`` and ``protocol.state`` (shared/aio/wsfast.py attaches
   its own parser only at a frame boundary), ``Connection.data_received``/``process_event``
-  (the hand-over), ``protocol.max_message_size`` and ``close_rcvd``.
+  (the hand-over), ``protocol.max_message_size`` and ``close_rcvd``, ``Connection.drain_waiters``
+  used as a list.
 * asyncio/uvloop transports: ``set_protocol`` switches a reading transport's protocol
   (shared/aio/wsfast.py), and uvloop reads into a ``BufferedProtocol``'s buffer.
 * aiohttp: ``RequestHandler``'s private state read by exit_server/httpguard.py, ``set_parser``
