@@ -73,6 +73,8 @@ from .messages import (
 from .sizes import DEFAULT_MAX_FRAME, DEFAULT_STREAM_WINDOW, MAX_MESSAGE
 
 __all__ = [
+    "CLIENT_PING_SILENCE",
+    "HEARTBEAT_TIMEOUT_RATIO",
     "INITIAL_CONNECTION_WINDOW",
     "Role",
     "Session",
@@ -87,6 +89,10 @@ __all__ = [
 #: Both connection windows start here; a WINDOW on stream 0 right after the handshake raises
 #: them to the configured size (section 6).
 INITIAL_CONNECTION_WINDOW = 1 << 20
+#: Section 9: the client's silence limit is at least this many of the server's intervals, and
+#: it pings only after this many intervals without hearing from the server.
+HEARTBEAT_TIMEOUT_RATIO = 3.0
+CLIENT_PING_SILENCE = 1.5
 _PING = struct.Struct(">d")
 # Plain ints for the flag tests of the receive path: ``int & IntFlag`` runs IntFlag's Python
 # ``__rand__`` and builds a new member per frame.
@@ -438,6 +444,7 @@ class Session:
         self.peer_max_frame = welcome.max_frame
         self.peer_initial_window = welcome.initial_window
         self.peer_max_streams = welcome.max_streams
+        self.adopt_heartbeat(welcome.heartbeat_interval)
         self._enter_open()
         self._events.append(ControlReceived(welcome))
 
@@ -642,6 +649,14 @@ class Session:
         self._queue(FrameType.GOAWAY, 0, 0, encode_goaway(max(last, 0), code, reason))
         self._enter(SessionEvent.GOAWAY)
 
+    def adopt_heartbeat(self, interval: float) -> None:
+        """Client: take the server's heartbeat interval (Welcome, section 9). Our silence limit
+        stays above what the server's PINGs leave between them: at least three intervals, the
+        ratio of the defaults (4 s and 12 s). A client kept at 12 s behind a server pinging
+        every 20 s would otherwise call each quiet session dead and reconnect, forever."""
+        self.heartbeat_interval = interval
+        self.heartbeat_timeout = max(self.heartbeat_timeout, HEARTBEAT_TIMEOUT_RATIO * interval)
+
     def send_ping(self, now: float) -> None:
         """Queue a heartbeat PING stamped with ``now``."""
         self._last_ping = now
@@ -657,8 +672,16 @@ class Session:
                 TunnelTimeout(f"no data from peer for {now - self._last_received:.1f}s"), GoAwayCode.HEARTBEAT_TIMEOUT
             )
             return
-        if self.state is not SessionState.HANDSHAKE and now - self._last_ping >= self.heartbeat_interval:
-            self.send_ping(now)
+        if self.state is SessionState.HANDSHAKE or now - self._last_ping < self.heartbeat_interval:
+            return
+        # The server pings every interval (its PINGs measure the round trip its admin listener
+        # shows); the client pings only when it has heard nothing for CLIENT_PING_SILENCE
+        # intervals, so an idle tunnel carries one PING and one answer per interval, not two
+        # of each. The server's PINGs and our answers keep both silence clocks and any
+        # middlebox's idle timer fed either way.
+        if self.role is Role.CLIENT and now - self._last_received < CLIENT_PING_SILENCE * self.heartbeat_interval:
+            return
+        self.send_ping(now)
 
     @property
     def closed(self) -> bool:

@@ -342,8 +342,7 @@ class ServerLink:
         went_away = asyncio.Event()
 
         def on_control(message: Hello | Welcome | Routes | Error) -> None:
-            if isinstance(message, Welcome):
-                session.heartbeat_interval = message.heartbeat_interval
+            if isinstance(message, Welcome):  # the session adopted its heartbeat interval
                 self.session_id = message.session_id
                 conn.name = message.session_id
                 for refusal in message.refused:

@@ -90,6 +90,29 @@ async def test_heartbeat_detects_blackholed_link_and_reconnects(certs: Certs) ->
             await proxy.close()
 
 
+async def test_a_client_with_a_short_timeout_stays_behind_a_slow_pinging_server(certs: Certs) -> None:
+    """The server pings once a second; the client was started with a 0.3 s silence limit. It
+    takes the server's interval from the Welcome and raises its limit to three intervals, so
+    the session lives on (it used to be declared dead between two PINGs, and reconnected
+    forever). The client sends no PING of its own while the server's reach it."""
+    async with upstream(slow_app(0)) as up, stack(certs, heartbeat_interval=1.0, heartbeat_timeout=3.0) as s:
+        running = await s.add_client([f"default={up.url}"], heartbeat_timeout=0.3)
+        link = running.client.links[0]
+        conn = link.conn
+        assert conn is not None
+        (tunnel,) = s.server.registry.tunnels.values()
+        server_session = tunnel.conn.session
+        first_ping = server_session._last_ping
+
+        def three_server_pings_later() -> bool:
+            return conn.closed or server_session._last_ping >= first_ping + 3.0
+
+        await wait_until(three_server_pings_later, 10, 0.05, "three heartbeat intervals")
+        assert not conn.closed and link.reconnects == 0, conn.close_reason
+        assert conn.session.heartbeat_interval == 1.0 and conn.session.heartbeat_timeout == 3.0
+        assert server_session.rtt is not None  # the server's PINGs were answered
+
+
 async def test_tunnel_dropped_mid_request_gives_502(certs: Certs) -> None:
     async with upstream(slow_app(30)) as up, stack(certs) as s:
         running = await s.add_client([f"default={up.url}"], backoff_base=5.0, backoff_cap=5.0)

@@ -1033,6 +1033,53 @@ def test_ping_when_due_and_rtt() -> None:
     assert [f.type for f in frames(pair.server.data_to_send())] == [FrameType.PING]
 
 
+def test_a_client_that_hears_the_server_does_not_ping() -> None:
+    """Section 9: the server pings every interval; the client answers and sends no PING of its
+    own while the server's reach it, so an idle tunnel carries one PING and one ACK per
+    interval."""
+    pair = Pair(server={"heartbeat_interval": 4.0}, welcome={"heartbeat_interval": 4.0})
+    assert pair.client.heartbeat_interval == 4.0
+    sent_by_client: list[int] = []
+    for step in range(1, 41):  # 20 s in half-second ticks
+        pair.now = step * 0.5
+        pair.server.tick(pair.now)
+        pair.client.tick(pair.now)
+        pair.to_client()
+        sent_by_client += [f.flags for f in frames(pair.to_server()) if f.type == FrameType.PING]
+    assert sent_by_client and set(sent_by_client) == {Flags.ACK}  # answers only
+    assert len(sent_by_client) == 5  # the server's PINGs at 4, 8, 12, 16 and 20 s
+    assert pair.server.rtt is not None and pair.client.state is SessionState.OPEN
+
+
+def test_a_client_that_hears_nothing_pings_then_gives_up() -> None:
+    pair = Pair(client={"heartbeat_timeout": 12.0}, welcome={"heartbeat_interval": 4.0})
+    pair.client.tick(5.9)  # silent for less than 1.5 intervals
+    assert not pair.client.has_output
+    pair.client.tick(6.0)
+    (ping,) = frames(pair.client.data_to_send())
+    assert (ping.type, ping.flags) == (FrameType.PING, 0)
+    pair.client.tick(9.9)  # at most one PING per interval
+    assert not pair.client.has_output
+    pair.client.tick(10.0)
+    assert [f.type for f in frames(pair.client.data_to_send())] == [FrameType.PING]
+    pair.client.tick(12.01)
+    assert isinstance(failed(pair.client.events()).error, TunnelTimeout)
+
+
+@pytest.mark.parametrize(
+    ("interval", "own_timeout", "timeout"),
+    [(4.0, 12.0, 12.0), (20.0, 12.0, 60.0), (1.0, 30.0, 30.0), (0.5, 0.3, 1.5)],
+)
+def test_the_client_adopts_the_interval_and_keeps_its_timeout_above_it(
+    interval: float, own_timeout: float, timeout: float
+) -> None:
+    """A client left at 12 s behind a server pinging every 20 s would call every quiet session
+    dead: the client's silence limit becomes at least three of the server's intervals."""
+    pair = Pair(client={"heartbeat_timeout": own_timeout}, welcome={"heartbeat_interval": interval})
+    assert pair.client.heartbeat_interval == interval
+    assert pair.client.heartbeat_timeout == pytest.approx(timeout)
+
+
 @pytest.mark.parametrize("stamp", [100.0, -5000.0, float("nan"), float("inf")])
 def test_implausible_ack_does_not_set_rtt(stamp: float) -> None:
     pair = Pair()
