@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/memprobe.py polls [--requests 2000] [--trace]
     .venv/bin/python bench/memprobe.py tunnels [--tunnels 300] [--trace [--by lineno]] [--ab REV]
+    .venv/bin/python bench/memprobe.py idle [--tunnels 1000] [--seconds 20] [--ab REV --rounds 3]
     .venv/bin/python bench/memprobe.py floor [--conns 1000]
     .venv/bin/python bench/memprobe.py faults [--seconds 4]
 
@@ -14,6 +15,9 @@
   or ``traceback`` for lines or call sites). ``--ab REV`` alternates fresh exit servers of REV
   (A, from a git worktree on PYTHONPATH) and this tree (B), ``--rounds`` each, and prints
   the medians.
+* ``idle``: CPU of a fresh exit server and of ``--tunnels`` idle clients (one process) while
+  only heartbeats move, in % of one core; ``--ab REV`` runs both processes from REV and from
+  this tree, alternating.
 * ``floor``: no Backhaul code: a uvloop TLS server that accepts ``--conns`` connections and
   holds them idle, once per glibc malloc setting (its defaults; mmap 4 MiB with trim 16 MiB,
   Backhaul's setting before round 10; mmap 256 KiB with trim 16 MiB, since). RSS per idle
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -38,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,11 +193,7 @@ def tunnels(args: argparse.Namespace, work: Path) -> None:
         return
     if args.trace:
         raise SystemExit("--ab measures RSS only: drop --trace")
-    tree = work / "a"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.ab], check=True)
-    try:
-        for root in (tree, ROOT):  # both sides start from bytecode, as an installed wheel does
-            startup.compile_bytecode(root)
+    with worktree(args.ab, work) as tree:
         per: dict[str, list[float]] = {"A": [], "B": []}
         idle: dict[str, list[float]] = {"A": [], "B": []}
         for i in range(args.rounds):
@@ -205,8 +207,54 @@ def tunnels(args: argparse.Namespace, work: Path) -> None:
                 f"(runs {', '.join(f'{k:.1f}' for k in per[side])}), idle {statistics.median(idle[side]):.1f} MiB"
             )
         print(f"B/A per tunnel: {statistics.median(per['B']) / statistics.median(per['A']):.3f}")
+
+
+@contextlib.contextmanager
+def worktree(rev: str, work: Path) -> Iterator[Path]:
+    """``rev`` checked out in a git worktree (the A side, imported through PYTHONPATH as
+    bench/ab.py does); both it and this tree byte-compiled, as an installed wheel is."""
+    tree = work / "a"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True)
+    try:
+        for root in (tree, ROOT):
+            startup.compile_bytecode(root)
+        yield tree
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
+def spawn_idle_clients(
+    certs: bl.Certs, control: int, n: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """``n`` idle tunnel clients in one process (bench/idle_tunnels.py); it prints READY once
+    every one is registered and ends when its stdin closes."""
+    return subprocess.Popen(
+        [
+            bl.venv_python(),
+            str(HERE.parent / "idle_tunnels.py"),
+            "--server",
+            f"wss://localhost:{control}",
+            "--ca-file",
+            str(certs.ca),
+            "--token-file",
+            str(certs.token_file),
+            "--count",
+            str(n),
+            "--stagger",
+            "0.005",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+
+
+def stop_idle_clients(helper: subprocess.Popen[str]) -> None:
+    assert helper.stdin is not None
+    helper.stdin.close()
+    helper.wait(60)
 
 
 def tunnels_once(work: Path, certs: bl.Certs, n: int, trace: bool, by: str, tree: Path | None) -> tuple[float, float]:
@@ -226,25 +274,7 @@ def tunnels_once(work: Path, certs: bl.Certs, n: int, trace: bool, by: str, tree
         if trace:
             snaps.take()
         before = bl.rss_kib(server.pid)
-        helper = subprocess.Popen(
-            [
-                bl.venv_python(),
-                str(HERE.parent / "idle_tunnels.py"),
-                "--server",
-                f"wss://localhost:{control}",
-                "--ca-file",
-                str(certs.ca),
-                "--token-file",
-                str(certs.token_file),
-                "--count",
-                str(n),
-                "--stagger",
-                "0.005",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        helper = spawn_idle_clients(certs, control, n)  # this tree's clients on both sides
         try:
             assert helper.stdout is not None
             print(helper.stdout.readline().strip())
@@ -253,9 +283,7 @@ def tunnels_once(work: Path, certs: bl.Certs, n: int, trace: bool, by: str, tree
                 snaps.take()
             after = bl.rss_kib(server.pid)
         finally:
-            assert helper.stdin is not None
-            helper.stdin.close()
-            helper.wait(60)
+            stop_idle_clients(helper)
         print(
             f"exit server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB: {(after - before) / n:.1f} KiB per tunnel",
             flush=True,
@@ -263,6 +291,54 @@ def tunnels_once(work: Path, certs: bl.Certs, n: int, trace: bool, by: str, tree
         if trace:
             snaps.report(n, by, top=25 if by == "filename" else 40)
         return (after - before) / n, before / 1024
+    finally:
+        stack.close()
+
+
+# ---------------------------------------------------------------- idle
+
+
+def idle(args: argparse.Namespace, work: Path) -> None:
+    """CPU of an exit server and of ``--tunnels`` idle clients while nothing but heartbeats
+    moves, in % of one core over ``--seconds``; with ``--ab REV`` both processes from REV (A)
+    and from this tree (B), fresh ones each round, alternating."""
+    certs = bl.make_certs(work)
+    sides: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
+    with contextlib.ExitStack() as stack:
+        tree = stack.enter_context(worktree(args.ab, work)) if args.ab else None
+        order = ("A", "B") if tree is not None else ("B",)
+        for i in range(args.rounds):
+            for side in order if i % 2 == 0 else tuple(reversed(order)):
+                env = bl.clean_env({"PYTHONPATH": str(tree)} if side == "A" and tree is not None else None)
+                sides[side].append(idle_once(work, certs, args.tunnels, args.seconds, env))
+                server, clients = sides[side][-1]
+                print(f"{side}: exit server {server:.2f} %, clients {clients:.2f} % of a core", flush=True)
+    for side, name in (("A", args.ab), ("B", "working tree")):
+        if sides[side]:
+            server = statistics.median(s for s, _ in sides[side])
+            clients = statistics.median(c for _, c in sides[side])
+            print(f"{side} = {name}: exit server {server:.2f} %, clients {clients:.2f} % of a core (medians)")
+
+
+def idle_once(work: Path, certs: bl.Certs, n: int, seconds: float, env: dict[str, str]) -> tuple[float, float]:
+    stack = bl.Stack(work)
+    try:
+        public, control = bl.free_port(), bl.free_port()
+        server = stack.add(bl.spawn("server", startup.exit_server_cmd(certs, public, control), work / "logs", env=env))
+        bl.wait_port(control, proc=server.popen)
+        helper = spawn_idle_clients(certs, control, n, env)
+        try:
+            assert helper.stdout is not None
+            ready = helper.stdout.readline().strip()
+            if not ready.startswith("READY"):
+                raise RuntimeError(f"idle clients: {ready or 'no answer'}")
+            time.sleep(5)  # the connects' aftermath settles
+            s0, c0, t0 = bl.cpu_seconds(server.pid), bl.cpu_seconds(helper.pid), time.monotonic()
+            time.sleep(seconds)
+            s1, c1, t1 = bl.cpu_seconds(server.pid), bl.cpu_seconds(helper.pid), time.monotonic()
+        finally:
+            stop_idle_clients(helper)
+        return 100 * (s1 - s0) / (t1 - t0), 100 * (c1 - c0) / (t1 - t0)
     finally:
         stack.close()
 
@@ -415,6 +491,11 @@ def main() -> int:
     p.add_argument("--by", choices=("filename", "lineno", "traceback"), default="filename", help="--trace: grouping")
     p.add_argument("--ab", metavar="REV", help="alternate fresh servers of REV (A) and this tree (B)")
     p.add_argument("--rounds", type=int, default=3, help="--ab: servers per side")
+    p = sub.add_parser("idle", help="CPU of an exit server and idle clients while only heartbeats move")
+    p.add_argument("--tunnels", type=int, default=1000)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--ab", metavar="REV", help="alternate REV (A) and this tree (B), both processes")
+    p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("floor", help="a bare uvloop TLS server's memory per idle connection")
     p.add_argument("--conns", type=int, default=1000)
     p = sub.add_parser("faults", help="page faults a second at 1 MiB downloads")
@@ -423,7 +504,7 @@ def main() -> int:
     bl.raise_nofile()
     work = Path(tempfile.mkdtemp(prefix="backhaul-memprobe-"))
     try:
-        {"polls": polls, "tunnels": tunnels, "floor": floor, "faults": faults}[args.probe](args, work)
+        {"polls": polls, "tunnels": tunnels, "idle": idle, "floor": floor, "faults": faults}[args.probe](args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
