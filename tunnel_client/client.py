@@ -345,6 +345,15 @@ class ServerLink:
             if isinstance(message, Welcome):  # the session adopted its heartbeat interval
                 self.session_id = message.session_id
                 conn.name = message.session_id
+                if session.heartbeat_timeout > cfg.heartbeat_timeout:
+                    log.info(
+                        "link %s: heartbeat deadline %gs, not --heartbeat-timeout %gs: three of the server's "
+                        "%gs intervals",
+                        self.url,
+                        session.heartbeat_timeout,
+                        cfg.heartbeat_timeout,
+                        session.heartbeat_interval,
+                    )
                 for refusal in message.refused:
                     log.error("link %s: route %s refused: %s", self.url, refusal.route, refusal.reason)
                 log.info(

@@ -90,11 +90,15 @@ async def test_heartbeat_detects_blackholed_link_and_reconnects(certs: Certs) ->
             await proxy.close()
 
 
-async def test_a_client_with_a_short_timeout_stays_behind_a_slow_pinging_server(certs: Certs) -> None:
+async def test_a_client_with_a_short_timeout_stays_behind_a_slow_pinging_server(
+    certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
     """The server pings once a second; the client was started with a 0.3 s silence limit. It
     takes the server's interval from the Welcome and raises its limit to three intervals, so
     the session lives on (it used to be declared dead between two PINGs, and reconnected
-    forever). The client sends no PING of its own while the server's reach it."""
+    forever), and says so in its log. (test_mux checks that the client then sends no PING of
+    its own while the server's reach it.)"""
+    caplog.set_level(logging.INFO)
     async with upstream(slow_app(0)) as up, stack(certs, heartbeat_interval=1.0, heartbeat_timeout=3.0) as s:
         running = await s.add_client([f"default={up.url}"], heartbeat_timeout=0.3)
         link = running.client.links[0]
@@ -111,6 +115,7 @@ async def test_a_client_with_a_short_timeout_stays_behind_a_slow_pinging_server(
         assert not conn.closed and link.reconnects == 0, conn.close_reason
         assert conn.session.heartbeat_interval == 1.0 and conn.session.heartbeat_timeout == 3.0
         assert server_session.rtt is not None  # the server's PINGs were answered
+        assert any("heartbeat deadline 3s, not --heartbeat-timeout 0.3s" in r.getMessage() for r in caplog.records)
 
 
 async def test_tunnel_dropped_mid_request_gives_502(certs: Certs) -> None:
