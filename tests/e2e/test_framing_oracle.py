@@ -24,6 +24,7 @@ deadline (a connection the server neither answers nor closes fails the example).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import re
 import socket
 import threading
@@ -74,28 +75,28 @@ def edge(certs: Certs) -> Iterator[Edge]:
     import uvloop
 
     loop = uvloop.new_event_loop()
-    ready: asyncio.Future[Edge] = loop.create_future()
+    ready: concurrent.futures.Future[Edge] = concurrent.futures.Future()  # set in the loop's thread
     stop = asyncio.Event()
     box: dict[str, Edge] = {}
 
-    async def serve() -> None:
-        async def record(request: web.Request) -> web.Response:
-            body = await request.read()
-            edge = box["edge"]
-            with edge.lock:
-                edge.seen.append((request.method.encode(), request.raw_path.encode(), body))
-            return web.Response(text="ok")
+    async def record(request: web.Request) -> web.Response:
+        body = await request.read()
+        edge = box["edge"]
+        with edge.lock:
+            edge.seen.append((request.method.encode(), request.raw_path.encode(), body))
+        return web.Response(text="ok")
 
+    async def serve() -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", record)
         runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        up_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         server = ExitServer(server_config(certs), auth=_token_auth())
         running: RunningClient | None = None
         try:
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            up_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             await server.start()
             client = TunnelClient(
                 client_config(certs, server, [f"app.example=http://127.0.0.1:{up_port}"]), token=TOKEN
@@ -118,7 +119,7 @@ def edge(certs: Certs) -> Iterator[Edge]:
     thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
     thread.start()
     try:
-        yield asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(ready), 20), loop).result(30)
+        yield ready.result(30)
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)
