@@ -401,6 +401,12 @@ def start_exit_server(
     return proc
 
 
+def tunnel_flags(certs: Certs, control: int) -> list[str]:
+    """How a tunnel client (the command or bench/idle_tunnels.py) reaches the bench's exit
+    server: its control port on localhost, the bench CA and the shared token."""
+    return ["--server", f"wss://localhost:{control}", "--ca-file", str(certs.ca), "--token-file", str(certs.token_file)]
+
+
 def start_tunnel_client(
     stack: Stack,
     certs: Certs,
@@ -413,12 +419,7 @@ def start_tunnel_client(
     cmd = [
         venv_bin("tunnel-client"),
         "run",
-        "--server",
-        f"wss://localhost:{control}",
-        "--ca-file",
-        str(certs.ca),
-        "--token-file",
-        str(certs.token_file),
+        *tunnel_flags(certs, control),
         "--drain-timeout",
         "2",
         "--log-level",

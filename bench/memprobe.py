@@ -231,13 +231,8 @@ def spawn_idle_clients(
     return subprocess.Popen(
         [
             bl.venv_python(),
-            str(HERE.parent / "idle_tunnels.py"),
-            "--server",
-            f"wss://localhost:{control}",
-            "--ca-file",
-            str(certs.ca),
-            "--token-file",
-            str(certs.token_file),
+            str(bl.BENCH / "idle_tunnels.py"),
+            *bl.tunnel_flags(certs, control),
             "--count",
             str(n),
             "--stagger",

@@ -209,12 +209,7 @@ def idle_tunnels(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             cmd = [
                 bl.venv_python(),
                 str(bl.BENCH / "idle_tunnels.py"),
-                "--server",
-                f"wss://localhost:{control}",
-                "--ca-file",
-                str(certs.ca),
-                "--token-file",
-                str(certs.token_file),
+                *bl.tunnel_flags(certs, control),
                 "--start",
                 str(k * per_proc),
                 "--count",

@@ -72,12 +72,7 @@ def client_cmd(certs: bl.Certs, control: int, upstream: int) -> list[str]:
     return [
         bl.venv_bin("tunnel-client"),
         "run",
-        "--server",
-        f"wss://localhost:{control}",
-        "--ca-file",
-        str(certs.ca),
-        "--token-file",
-        str(certs.token_file),
+        *bl.tunnel_flags(certs, control),
         "--upstream",
         f"{HOST}=http://127.0.0.1:{upstream}",
         "--admin-addr",
