@@ -6,6 +6,7 @@ Every event carries ``stream_id``; connection-level events use stream 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from .errors import TunnelError
 from .heads import Headers, RequestHead, ResponseHead
@@ -25,83 +26,83 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ControlReceived:
     """A control message arrived (Hello on the server, Welcome on the client, Routes, Error)."""
 
-    message: Hello | Welcome | Routes | Error
-    stream_id: int = 0
+    message: Final[Hello | Welcome | Routes | Error]
+    stream_id: Final[int] = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamOpened:
     """The exit server opened a stream (client side only)."""
 
-    stream_id: int
-    head: RequestHead
-    end_stream: bool
+    stream_id: Final[int]
+    head: Final[RequestHead]
+    end_stream: Final[bool]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReplyReceived:
     """The client answered a stream with a response head (exit-server side only)."""
 
-    stream_id: int
-    head: ResponseHead
-    end_stream: bool
+    stream_id: Final[int]
+    head: Final[ResponseHead]
+    end_stream: Final[bool]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataReceived:
     """Body bytes for a stream; ``end_stream`` marks the peer's half-close. ``data`` is a
     read-only view into the received message when it is most of it (no copy), else bytes."""
 
-    stream_id: int
-    data: bytes | memoryview
-    end_stream: bool
+    stream_id: Final[int]
+    data: Final[bytes | memoryview]
+    end_stream: Final[bool]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResetReceived:
     """A stream was reset: by the peer, or locally because the peer's GOAWAY excluded it
     (then ``code`` is REFUSED and the request is safe to retry)."""
 
-    stream_id: int
-    code: int
-    reason: str
+    stream_id: Final[int]
+    code: Final[int]
+    reason: Final[str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WindowUpdated:
     """Send credit grew for a stream (or for the whole connection when stream_id is 0)."""
 
-    stream_id: int
+    stream_id: Final[int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GoAwayReceived:
     """The peer is draining: no new streams above ``last_stream_id``."""
 
-    last_stream_id: int
-    code: int
-    reason: str
-    stream_id: int = 0
+    last_stream_id: Final[int]
+    code: Final[int]
+    reason: Final[str]
+    stream_id: Final[int] = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionFailed:
     """The session is dead (protocol error, heartbeat timeout, refused handshake)."""
 
-    error: TunnelError
-    stream_id: int = 0
+    error: Final[TunnelError]
+    stream_id: Final[int] = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TrailersReceived:
     """The peer's trailer fields arrived; they end its half of the stream (version 2)."""
 
-    stream_id: int
-    headers: Headers
+    stream_id: Final[int]
+    headers: Final[Headers]
 
 
 Event = (

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -62,28 +62,28 @@ _KINDS = {kind.value: kind for kind in StreamKind}
 KIND_NAMES: dict[int, str] = {kind: kind.name.lower() for kind in StreamKind}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestHead:
     """What the exit server tells the client about a new public request or connection.
 
     For TCP streams ``target`` is the public port and ``method`` is empty.
     """
 
-    kind: StreamKind
-    method: str
-    target: str
-    authority: str
-    scheme: str = "https"
-    client_addr: str = ""
-    headers: Headers = field(default_factory=tuple)
+    kind: Final[StreamKind]
+    method: Final[str]
+    target: Final[str]
+    authority: Final[str]
+    scheme: Final[str] = "https"
+    client_addr: Final[str] = ""
+    headers: Final[Headers] = field(default_factory=tuple)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseHead:
     """The upstream's status and headers, sent back by the client."""
 
-    status: int
-    headers: Headers = field(default_factory=tuple)
+    status: Final[int]
+    headers: Final[Headers] = field(default_factory=tuple)
 
 
 def _pack_fields(parts: list[bytes], values: list[str]) -> None:
