@@ -12,10 +12,16 @@ from pathlib import Path
 
 from shared.errors import ConfigError
 from shared.runtime import gcpause
-from shared.runtime.cli import add_model_flags, announce, configure_logging, run_guarded, settings_from_args
+from shared.runtime.cli import (
+    add_model_flags,
+    add_version_flag,
+    announce,
+    configure_logging,
+    run_guarded,
+    settings_from_args,
+)
 from shared.runtime.fdlimit import DescriptorAlarm, raise_nofile
 from shared.runtime.runner import run_service
-from shared.runtime.version import version
 
 from .config import ServerConfig
 from .token_cli import add_commands as add_token_commands
@@ -31,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="exit-server",
         description="Backhaul exit server: public HTTP ingress routed by Host through authenticated tunnels.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",

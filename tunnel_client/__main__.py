@@ -7,10 +7,9 @@ import asyncio
 import sys
 
 from shared.runtime import gcpause
-from shared.runtime.cli import add_model_flags, configure_logging, run_guarded, settings_from_args
+from shared.runtime.cli import add_model_flags, add_version_flag, configure_logging, run_guarded, settings_from_args
 from shared.runtime.fdlimit import DescriptorAlarm, raise_nofile
 from shared.runtime.runner import run_service
-from shared.runtime.version import version
 
 from .audit import add_audit_parser, audit_command
 from .config import DEFAULT_ADMIN_ADDR, ClientConfig
@@ -23,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tunnel-client",
         description="Backhaul tunnel client: an outbound TLS WebSocket to the exit server that serves local upstreams.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",

@@ -22,6 +22,7 @@ from .textsafe import escape_controls
 __all__ = [
     "EscapingFormatter",
     "add_model_flags",
+    "add_version_flag",
     "announce",
     "configure_logging",
     "die",
@@ -39,6 +40,25 @@ def _is_list(annotation: Any) -> bool:
     if origin in (list, tuple):
         return True
     return any(_is_list(a) for a in typing.get_args(annotation)) if origin is not None else False
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed version is read (distribution metadata, about 2 ms) when
+    the flag is given, not while every start builds the parser."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> typing.NoReturn:
+        from .version import version
+
+        sys.stdout.write(f"{parser.prog} {version()}\n")  # stdout, as argparse's own action
+        parser.exit()
+
+
+def add_version_flag(parser: argparse.ArgumentParser) -> None:
+    """``--version`` on ``parser`` (``PROG VERSION`` on stdout, status 0)."""
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
 
 
 def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseSettings]) -> None:

@@ -150,3 +150,39 @@ def test_configure_logging_json() -> None:
     line = json.loads(handler.formatter.format(record))
     assert line["level"] == "WARNING" and line["logger"] == "backhaul.test" and line["message"] == "session s1: hi"
     assert "time" in line
+
+
+@pytest.mark.parametrize("command", ["exit_server", "tunnel_client"])
+def test_version_is_read_when_asked_not_at_every_start(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--version`` reads the distribution's metadata (about 2 ms) only when it is given."""
+    import importlib
+
+    import shared.runtime.version
+
+    calls: list[int] = []
+
+    def counting() -> str:
+        calls.append(1)
+        return "9.8.7"
+
+    main = importlib.import_module(f"{command}.__main__")  # the client's import reads it: it says so in Hello
+    monkeypatch.setattr(shared.runtime.version, "version", counting)
+    parser = main.build_parser()
+    assert calls == []
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["--version"])
+    assert exited.value.code == 0 and calls == [1]
+    prog = command.replace("_", "-")
+    assert capsys.readouterr().out == f"{prog} 9.8.7\n"
+
+
+def test_exit_server_reads_its_version_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
+    import exit_server
+    import shared.runtime.version
+
+    monkeypatch.setattr(shared.runtime.version, "version", lambda: "1.2.3")
+    assert exit_server.__version__ == "1.2.3"
+    with pytest.raises(AttributeError, match="no_such"):
+        exit_server.no_such  # noqa: B018
