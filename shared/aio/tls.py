@@ -17,6 +17,12 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
     """Server context from a PEM chain and key; with ``client_ca``, clients must present a
     certificate signed by it (mutual TLS).
 
+    No TLS 1.3 session tickets: OpenSSL sends two after every handshake by default, and a
+    tunnel client never resumes a session (asyncio has no API to offer one), so they were
+    work for nothing: 40 us of the server's 280 us per handshake, 510 of 1,930 bytes on the
+    wire, and 5.6 KiB kept by the client per session (docs/BENCHMARKS.md, round 13). The
+    public HTTPS listener's contexts (exit_server/certstore.py) keep them: browsers resume.
+
     Raises:
         ConfigError: the files are missing or do not match.
     """
@@ -24,6 +30,7 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(AEAD_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    ctx.num_tickets = 0
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:

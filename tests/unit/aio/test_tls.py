@@ -40,6 +40,14 @@ def test_contexts_require_tls12_and_verification(pki: dict[str, Path]) -> None:
 
 def handshake(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str) -> tuple[ssl.SSLObject, ssl.SSLObject]:
     """A TLS handshake between the two contexts in memory (no socket)."""
+    s, c, _, _ = connected(server, client, hostname)
+    return s, c
+
+
+def connected(
+    server: ssl.SSLContext, client: ssl.SSLContext, hostname: str
+) -> tuple[ssl.SSLObject, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """:func:`handshake`, also returning the server's outgoing and the client's incoming BIO."""
     s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     s = server.wrap_bio(s_in, s_out, server_side=True)
     c = client.wrap_bio(c_in, c_out, server_hostname=hostname)
@@ -56,7 +64,7 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str) -> 
         c_in.write(s_out.read())
         if all(done.values()):
             break
-    return s, c
+    return s, c, s_out, c_in
 
 
 def test_mutual_tls_handshake(pki: dict[str, Path]) -> None:
@@ -69,6 +77,21 @@ def test_mutual_tls_handshake(pki: dict[str, Path]) -> None:
         and ("commonName", "client-1") in [pair for rdn in peer["subject"] for pair in rdn]
         or (peer is not None and any("client-1" in str(v) for v in peer.get("subjectAltName", ())))
     )
+
+
+def test_the_tunnel_server_sends_no_session_tickets(pki: dict[str, Path]) -> None:
+    """A tunnel client never resumes (asyncio cannot offer a session): tickets would be work
+    for both sides and memory kept by the client. With OpenSSL's default (two tickets), the
+    same exchange does leave the client a ticket."""
+    default = server_context(pki["cert"], pki["key"])
+    default.num_tickets = 2
+    for server, tickets in ((server_context(pki["cert"], pki["key"]), False), (default, True)):
+        s, c, s_out, c_in = connected(server, client_context(pki["ca"]), "tunnel.example")
+        assert c.version() == "TLSv1.3"
+        s.write(b"x")  # TLS 1.3 tickets follow the handshake, before the first data
+        c_in.write(s_out.read())
+        assert c.read(1) == b"x"
+        assert c.session is not None and c.session.has_ticket is tickets
 
 
 def test_the_client_checks_the_server_name(pki: dict[str, Path]) -> None:
