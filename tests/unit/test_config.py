@@ -69,6 +69,18 @@ def test_precedence_flags_over_env_over_file(tmp_path: Path, monkeypatch: pytest
     assert (config.max_streams, config.upstream_timeout, config.public_addr) == (7, 8.0, "127.0.0.1:1111")
 
 
+def test_the_file_is_read_only_by_the_load_that_names_it(tmp_path: Path) -> None:
+    """The settings class itself is built, not a subclass made per load (a new pydantic model,
+    its schema built again at every start), and the file does not outlive its load: neither
+    a later load without it, nor one that failed, nor a direct construction reads it."""
+    path = toml(tmp_path, "max_streams = 5\n")
+    assert type(load_settings(ServerConfig, PLAIN, path)) is ServerConfig
+    assert load_settings(ServerConfig, PLAIN).max_streams == 10_000
+    with pytest.raises(ConfigError):
+        load_settings(ServerConfig, {**PLAIN, "max_streams": "x"}, path)
+    assert ServerConfig(**PLAIN).max_streams == 10_000
+
+
 def test_environment_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("backhaul_max_streams", "9")
     assert load_settings(ServerConfig, PLAIN).max_streams == 9
