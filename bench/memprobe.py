@@ -258,9 +258,10 @@ def tunnels_once(work: Path, certs: bl.Certs, n: int, trace: bool, by: str, tree
     """One fresh exit server (the commit checked out in ``tree``, else this tree), one idle
     tunnel, then ``n`` more; prints and returns (RSS KiB per tunnel, idle RSS MiB).
 
-    Per tunnel is counted from the server with its first tunnel: what the first one builds
-    once (the control messages' validators since round 13, about 0.6 MiB) is not a cost of
-    each tunnel. The figure from no tunnel at all is printed too (rounds 10 to 12 reported it).
+    Per tunnel is counted from the server with its first tunnel: what the first session sets
+    up once (about 0.8 MiB: code paths run for the first time, the first handshake's caches)
+    is not a cost of each tunnel. The figure from no tunnel at all is printed too (rounds 10
+    to 12 reported it).
     """
     stack = bl.Stack(work)
     snaps = Snapshots(work)

@@ -1,14 +1,11 @@
 """Control messages carried as JSON in CONTROL frames on stream 0 (docs/PROTOCOL.md section 5).
 
 Control messages are rare (once per session, or on a route change), so they are pydantic models:
-validated, frozen, unknown fields refused. Data frames never go through pydantic. Their
-validators are built when first used (``defer_build``), not at import: an exit server starts
-accepting about 7 ms sooner and builds them once, at its first tunnel's Hello.
+validated, frozen, unknown fields refused. Data frames never go through pydantic.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -55,7 +52,7 @@ MAX_TCP = 64
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RouteSpec(_Model):
@@ -135,13 +132,7 @@ MESSAGE_TYPES: dict[str, type[_Model]] = {
     "error": Error,
 }
 
-
-@functools.cache
-def _adapter() -> TypeAdapter[Hello | Welcome | Routes | Error]:
-    """The validator of every control message, built at the first one decoded."""
-    return TypeAdapter(ControlMessage)
-
-
+_ADAPTER: TypeAdapter[Hello | Welcome | Routes | Error] = TypeAdapter(ControlMessage)
 MAX_CONTROL_SIZE = 64 * 1024
 
 
@@ -159,7 +150,7 @@ def decode_control(payload: bytes | memoryview) -> Hello | Welcome | Routes | Er
     if len(payload) > MAX_CONTROL_SIZE:
         raise RemoteProtocolError("control message too large")
     try:
-        return _adapter().validate_json(bytes(payload))
+        return _ADAPTER.validate_json(bytes(payload))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
