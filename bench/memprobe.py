@@ -248,6 +248,19 @@ def spawn_idle_clients(
     )
 
 
+def ready_line(helper: subprocess.Popen[str]) -> str:
+    """The helper's ``READY`` line, once every client of it is registered.
+
+    Raises:
+        RuntimeError: it printed ``FAILED ...`` (or ended) instead.
+    """
+    assert helper.stdout is not None
+    line = helper.stdout.readline().strip()
+    if not line.startswith("READY"):
+        raise RuntimeError(f"idle clients did not all register: {line or 'no output'}")
+    return line
+
+
 def stop_idle_clients(helper: subprocess.Popen[str]) -> None:
     assert helper.stdin is not None
     helper.stdin.close()
@@ -279,14 +292,13 @@ def tunnels_once(work: Path, certs: bl.Certs, n: int, trace: bool, by: str, tree
         helper = None
         try:
             assert first.stdout is not None
-            first.stdout.readline()
+            ready_line(first)
             time.sleep(2)
             if trace:
                 snaps.take()  # the trace compares the server with one tunnel and with n + 1
             one = bl.rss_kib(server.pid)
             helper = spawn_idle_clients(certs, control, n)
-            assert helper.stdout is not None
-            print(helper.stdout.readline().strip())
+            print(ready_line(helper))
             time.sleep(3)
             if trace:
                 snaps.take()
@@ -340,10 +352,7 @@ def idle_once(work: Path, certs: bl.Certs, n: int, seconds: float, env: dict[str
         bl.wait_port(control, proc=server.popen)
         helper = spawn_idle_clients(certs, control, n, env)
         try:
-            assert helper.stdout is not None
-            ready = helper.stdout.readline().strip()
-            if not ready.startswith("READY"):
-                raise RuntimeError(f"idle clients: {ready or 'no answer'}")
+            ready_line(helper)
             time.sleep(5)  # the connects' aftermath settles
             s0, c0, t0 = bl.cpu_seconds(server.pid), bl.cpu_seconds(helper.pid), time.monotonic()
             time.sleep(seconds)

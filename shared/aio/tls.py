@@ -20,7 +20,7 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
     No TLS 1.3 session tickets: OpenSSL sends two after every handshake by default, and a
     tunnel client never resumes a session (asyncio has no API to offer one), so they were
     work for nothing: 40 us of the server's 280 us per handshake, 510 of 1,930 bytes on the
-    wire, and 5.6 KiB kept by the client per session (docs/BENCHMARKS.md, round 13). The
+    wire, and 5.5 KiB kept by the client per session (docs/BENCHMARKS.md, round 13). The
     public HTTPS listener's contexts (exit_server/certstore.py) keep them: browsers resume.
 
     Raises:
