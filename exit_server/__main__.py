@@ -78,8 +78,9 @@ async def serve(config: ServerConfig, stop: asyncio.Event) -> int:
     log.debug("open-file limit %d", soft)
     with contextlib.suppress(NotImplementedError, AttributeError):  # SIGHUP re-reads --tokens and --access
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.reload, "SIGHUP")
+    admin = f", admin port {server.admin_port}" if server.admin_port else ""
     announce(
-        f"exit-server: public port {server.public_port}, control port {server.control_port}",
+        f"exit-server: public port {server.public_port}, control port {server.control_port}{admin}",
         config.log_format,
         "exit_server",
         public_port=server.public_port,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
+import typing
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,32 +24,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
+#: The demo's upstream: binds a free port itself and prints it, then serves.
 UPSTREAM = """
-import sys
+import socket
 from aiohttp import web
 async def hello(request):
     return web.Response(text=f"Hello from the on-prem container! You asked for {request.path_qs} "
                              f"on {request.host} (via {request.headers.get('X-Forwarded-For', '?')})\\n")
 app = web.Application()
 app.router.add_route("*", "/{tail:.*}", hello)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen(128)  # connections queue from here on; run_app serves them
+print(f"upstream port {sock.getsockname()[1]}", flush=True)
+web.run_app(app, sock=sock, print=None)
 """
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+#: The exit server's start-up line (exit_server/__main__.py) with the ports it bound.
+ANNOUNCED = re.compile(r"public port (\d+), control port (\d+), admin port (\d+)")
 
 
-def wait_port(port: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"demo: port {port} did not open")
+def ports_of(proc: subprocess.Popen[str], pattern: re.Pattern[str], what: str, timeout: float = 30) -> list[int]:
+    """The ports ``proc`` printed on its stdout (each process binds port 0 and says what it
+    got: no port is picked here and released for another process to take). The rest of its
+    stdout is passed on to ours."""
+    assert proc.stdout is not None
+    found: list[list[int]] = []
+    done = threading.Event()
+
+    def pump(stream: typing.IO[str]) -> None:
+        for line in stream:
+            match = pattern.search(line)
+            if match and not found:
+                found.append([int(group) for group in match.groups()])
+                done.set()
+            print(line, end="", flush=True)
+        done.set()
+
+    threading.Thread(target=pump, args=(proc.stdout,), daemon=True).start()
+    done.wait(timeout)
+    if not found:
+        raise SystemExit(f"demo: {what} did not start (exit status {proc.poll()})")
+    return found[0]
 
 
 def fetch(url: str, host: str) -> tuple[int, str]:
@@ -83,40 +101,45 @@ def main() -> int:
     token = work / "token"
     token.write_text(secrets.token_urlsafe(32) + "\n")
     token.chmod(0o600)
-    up_port, public, control, admin = free_port(), free_port(), free_port(), free_port()
     admin_token = work / "admin-token"
     admin_token.write_text(secrets.token_urlsafe(24) + "\n")
     admin_token.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[subprocess.Popen[typing.Any]] = []
     try:
-        procs.append(subprocess.Popen([sys.executable, "-c", UPSTREAM, str(up_port)], env=env, start_new_session=True))
-        procs.append(
-            subprocess.Popen(
-                [
-                    str(BIN / "exit-server"),
-                    "run",
-                    "--public-addr",
-                    f"127.0.0.1:{public}",
-                    "--control-addr",
-                    f"127.0.0.1:{control}",
-                    "--tls-cert",
-                    str(certs / "server.pem"),
-                    "--tls-key",
-                    str(certs / "server-key.pem"),
-                    "--token-file",
-                    str(token),
-                    "--drain-timeout",
-                    "5",
-                    "--admin-addr",
-                    f"127.0.0.1:{admin}",
-                    "--admin-token-file",
-                    str(admin_token),
-                ],
-                env=env,
-                start_new_session=True,
-            )
+        upstream = subprocess.Popen(
+            [sys.executable, "-c", UPSTREAM], env=env, start_new_session=True, stdout=subprocess.PIPE, text=True
         )
+        procs.append(upstream)
+        (up_port,) = ports_of(upstream, re.compile(r"upstream port (\d+)"), "the demo upstream")
+        server = subprocess.Popen(
+            [
+                str(BIN / "exit-server"),
+                "run",
+                "--public-addr",
+                "127.0.0.1:0",
+                "--control-addr",
+                "127.0.0.1:0",
+                "--tls-cert",
+                str(certs / "server.pem"),
+                "--tls-key",
+                str(certs / "server-key.pem"),
+                "--token-file",
+                str(token),
+                "--drain-timeout",
+                "5",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--admin-token-file",
+                str(admin_token),
+            ],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(server)
+        public, control, admin = ports_of(server, ANNOUNCED, "the exit server")
         procs.append(
             subprocess.Popen(
                 [
@@ -139,8 +162,6 @@ def main() -> int:
                 start_new_session=True,
             )
         )
-        wait_port(up_port)
-        wait_port(public)
         url = f"http://127.0.0.1:{public}/hello?from=demo"
         deadline = time.monotonic() + 15
         status, body = 0, ""
