@@ -14,7 +14,6 @@ import functools
 import logging
 import resource
 import secrets
-import socket
 import ssl
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from websockets.asyncio.server import Server, serve
 from websockets.server import ServerProtocol
 
 from shared.aio.connection import WS_LOG, ws_limits
+from shared.aio.sockopts import listening_port
 from shared.aio.tls import server_context
 from shared.aio.wsfast import TunnelServerConnection
 from shared.errors import ConfigError
@@ -310,7 +310,7 @@ class ExitServer:
                 create_connection=TunnelServerConnection,
                 **ws_limits(DEFAULT_MAX_FRAME),
             )
-        self.control_port = _bound_port(self._ws_server.sockets)
+            self.control_port = listening_port(self._ws_server.sockets)
         self._runner = web.ServerRunner(
             self._public_server(None), handle_signals=False, shutdown_timeout=cfg.drain_timeout
         )
@@ -319,8 +319,8 @@ class ExitServer:
         self._site = web.TCPSite(self._runner, phost, pport, reuse_address=True, backlog=1024)
         with _listen_errors("--public-addr", cfg.public_addr):
             await self._site.start()
-        assert self._site._server is not None
-        self.public_port = _bound_port(self._site._server.sockets)  # type: ignore[attr-defined]
+            assert self._site._server is not None
+            self.public_port = listening_port(self._site._server.sockets)  # type: ignore[attr-defined]
         if self.certs is not None and cfg.public_tls_addr:
             await self._start_public_tls(cfg.public_tls_addr, ssl_ctx)
         if self.reloader.items:
@@ -336,7 +336,7 @@ class ExitServer:
             admin_site = web.TCPSite(self._admin_runner, ahost, aport, reuse_address=True)
             with _listen_errors("--admin-addr", cfg.admin_addr):
                 await admin_site.start()
-            self.admin_port = _bound_port(admin_site._server.sockets)  # type: ignore[union-attr]
+                self.admin_port = listening_port(admin_site._server.sockets)  # type: ignore[union-attr]
         log.info(
             "exit server: public http://%s:%d%s, control %s://%s:%d, admin %s",
             phost,
@@ -546,11 +546,6 @@ class _Validated(asyncio.Protocol):
 SESSION_CLOSE_TIMEOUT = 2.0
 #: Shortest: even past the drain deadline, a live peer gets this long to receive the close.
 MIN_SESSION_CLOSE = 0.2
-
-
-def _bound_port(sockets: list[socket.socket] | tuple[socket.socket, ...] | None) -> int:
-    assert sockets
-    return int(sockets[0].getsockname()[1])
 
 
 @contextlib.contextmanager

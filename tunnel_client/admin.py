@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from shared.aio.sockopts import listening_port
 from shared.runtime.plainmetrics import PlainHistogram
 
 if TYPE_CHECKING:
@@ -152,8 +153,14 @@ class AdminServer:
         Raises:
             OSError: the address cannot be bound.
         """
-        self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True, limit=_MAX_HEAD)
-        return int(self._server.sockets[0].getsockname()[1])
+        server = await asyncio.start_server(self._accept, host, port, reuse_address=True, limit=_MAX_HEAD)
+        try:
+            bound = listening_port(server.sockets)
+        except OSError:
+            server.close()
+            raise
+        self._server = server
+        return bound
 
     async def close(self) -> None:
         if self._server is not None:

@@ -1,11 +1,30 @@
-"""Socket options for long-lived relayed connections."""
+"""Socket options for long-lived relayed connections, and the port of a listening server."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
+from collections.abc import Sequence
 
-__all__ = ["set_keepalive", "set_nodelay"]
+__all__ = ["listening_port", "set_keepalive", "set_nodelay"]
+
+
+def listening_port(sockets: Sequence[socket.socket | None] | None) -> int:
+    """The port a server returned by ``loop.create_server(host=..., port=...)`` listens on.
+
+    Two processes binding one free port at the same moment with SO_REUSEADDR both bind; the
+    second ``listen()`` then fails with EADDRINUSE, and uvloop closes that listener without
+    raising: ``create_server`` returns a server whose socket list holds ``None`` (10 of 25
+    simultaneous starts here). Several tunnel clients of one ECS instance in host network mode,
+    started together with the default admin address, meet exactly this.
+
+    Raises:
+        OSError: EADDRINUSE, for such a server (the caller closes it).
+    """
+    if not sockets or sockets[0] is None:
+        raise OSError(errno.EADDRINUSE, "address already in use (another process took it while this one bound it)")
+    return int(sockets[0].getsockname()[1])
 
 
 def set_keepalive(sock: socket.socket | None, idle: int = 60, interval: int = 15, count: int = 4) -> None:
