@@ -34,11 +34,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from shared.errors import ConfigError
 from shared.heads import RequestHead
 
+from .h1 import Request, Response
 from .hashing import HashFormatError, parse_hash, verify_secret, waste_time
 from .limits import FailureLimiter, SourceGate
 from .tokens import validate_pattern
@@ -186,8 +185,8 @@ def parse_sites(text: str, path: Path | str = "the state store's access rules") 
 _TEXT = {401: "unauthorized\n", 403: "forbidden\n", 429: "too many requests\n"}
 
 
-def _deny(status: int, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, text=_TEXT[status], headers=headers)
+def _deny(status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(status=status, text=_TEXT[status], headers=headers)
 
 
 class AccessRules:
@@ -284,7 +283,7 @@ class AccessRules:
             return head
         return replace(head, headers=tuple(h for h in head.headers if h[0].lower() != "authorization"))
 
-    async def check(self, request: web.BaseRequest, host: str, remote: str) -> web.Response | None:
+    async def check(self, request: Request, host: str, remote: str) -> Response | None:
         """None when the request may go on; else the 401/403/429 response to send.
 
         Args:

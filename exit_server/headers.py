@@ -1,16 +1,17 @@
 """The headers the exit server writes: what an upstream receives (the edge owns Host,
 X-Forwarded-*, Forwarded and X-Real-IP) and what a caller receives (hop-by-hop fields gone).
-Pure functions over aiohttp's raw header pairs; one implementation each, on the hot path."""
+Pure functions over the request's raw header pairs; one implementation each, on the hot path."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
-
-from aiohttp import web
+from typing import TYPE_CHECKING, NamedTuple
 
 from shared.forwarding import TrustedProxies, forwarded_element
 from shared.httputil import EDGE_OWNED, HOP_BY_HOP, strip_hop_by_hop
+
+if TYPE_CHECKING:
+    from .h1 import Request
 
 __all__ = [
     "Edge",
@@ -147,17 +148,21 @@ def append_forwarded(
         out.append(("X-Forwarded-Host", host))
 
 
-def origin_form(request: web.BaseRequest) -> str:
+def origin_form(request: Request) -> str:
     """The request target as path and query: an absolute-form target (``GET http://host/x``,
     RFC 9112 section 3.2.2) is reduced to its path, as the client accepts origin-form only."""
     target = request.raw_path
     if target.startswith("/"):
         return target
-    url = request.rel_url
-    return url.raw_path + (f"?{url.raw_query_string}" if url.raw_query_string else "")
+    if "://" not in target:
+        return target  # "*" or an authority: nothing to reduce
+    rest = target.partition("://")[2].partition("#")[0]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    path = rest[cut:]
+    return path if path.startswith("/") else "/" + path
 
 
-def routed_authority(request: web.BaseRequest) -> str:
+def routed_authority(request: Request) -> str:
     """The authority a request is routed, checked, logged and forwarded on: an absolute-form
     target's (RFC 9112 section 3.2.2: the recipient ignores Host then), else the Host header."""
     target = request.raw_path
@@ -171,7 +176,7 @@ def routed_authority(request: web.BaseRequest) -> str:
     return request.headers.get("Host", "")
 
 
-def is_websocket(request: web.BaseRequest) -> bool:
+def is_websocket(request: Request) -> bool:
     if request.method != "GET" or request.headers.get("Upgrade", "").strip().lower() != "websocket":
         return False
     return has_token(request.headers.getall("Connection", ()), "upgrade")

@@ -12,10 +12,12 @@ import logging
 import ssl
 import time
 from pathlib import Path
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from shared.awsiam import IamRefused, check_request, decode_envelope, parse_identity
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["IamVerifier", "StsUnavailable"]
 
@@ -75,6 +77,8 @@ class IamVerifier:
         if hit is not None and hit[1] > now:
             return hit[0]
         headers = {k: v for k, v in req.headers.items() if k not in _NOT_FORWARDED}
+        import aiohttp  # at the first STS call: an exit server without IAM clients never loads it
+
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout), connector=aiohttp.TCPConnector(ssl=self._ssl or True)

@@ -13,8 +13,6 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from aiohttp import HttpVersion11, web
-
 from shared.aio.connection import TunnelStream
 from shared.aio.pump import Endpoint, pump
 from shared.aio.sockopts import set_keepalive
@@ -37,7 +35,7 @@ from . import peers as peers_mod
 from .access import AccessRules
 from .acmeanswers import Challenges, is_challenge_path
 from .config import ServerConfig
-from .feeder import RawFeeder
+from .h1 import HttpVersion11, Request, Response, StreamResponse
 from .headers import Edge, has_token, is_websocket, origin_form, reply_headers, routed_authority, upstream_headers
 from .httpguard import SERVER, generic_response, head_problem, send_and_close
 from .limits import source_key
@@ -49,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ERROR_STATUS", "RESET_STATUS", "PublicHandler", "status_of"]
 
-#: The fields of a relayed request (exit_server/peers.py), as aiohttp's CIMultiDict keys.
+#: The fields of a relayed request (exit_server/peers.py), as the request's header keys.
 _PEER_FIELDS = frozenset({"Backhaul-Relayed", "Backhaul-Peer-Auth", "Backhaul-Peer-Client", "Backhaul-Peer-Proto"})
 
 log = logging.getLogger(__name__)
@@ -109,16 +107,16 @@ _TEXT = {
 }
 
 
-def error_response(status: int, retry_after: int | None = None) -> web.Response:
+def error_response(status: int, retry_after: int | None = None) -> Response:
     """A short generic error body that never echoes the caller's bytes."""
     headers = {"Server": SERVER}
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    return web.Response(status=status, text=_TEXT.get(status, "error") + "\n", headers=headers)
+    return Response(status=status, text=_TEXT.get(status, "error") + "\n", headers=headers)
 
 
 class PublicHandler:
-    """aiohttp low-level handler for every public request."""
+    """The handler of every public HTTP/1.1 request (exit_server/h1.py)."""
 
     access: AccessRules | None = None  # --access rules, checked before a stream opens
     peers: PeerDirectory | None = None  # --state: relaying to the fleet's other exit servers
@@ -142,7 +140,7 @@ class PublicHandler:
 
     _loop: asyncio.AbstractEventLoop
 
-    async def __call__(self, request: web.BaseRequest, scheme: str | None = None) -> web.StreamResponse:
+    async def __call__(self, request: Request, scheme: str | None = None) -> StreamResponse:
         """Serve one request; ``scheme`` is "https" on the public TLS listener, else the
         configured ``--public-scheme``."""
         if not hasattr(self, "_loop"):
@@ -175,9 +173,7 @@ class PublicHandler:
             self.in_flight -= 1
             self.metrics.finish(ex)
 
-    def _peer_fields(
-        self, request: web.BaseRequest, peer: str, scheme: str | None
-    ) -> tuple[str | None, str, str | None]:
+    def _peer_fields(self, request: Request, peer: str, scheme: str | None) -> tuple[str | None, str, str | None]:
         """(relaying server, caller, scheme) of a correctly signed relayed request; for any
         other request carrying these fields, ("-", the socket peer, scheme): refused by _handle."""
         if self.peers is not None:
@@ -189,27 +185,27 @@ class PublicHandler:
                 return found
         return "-", peer, scheme
 
-    def _redirect(self, request: web.BaseRequest, ex: Exchange, host: str) -> web.Response:
+    def _redirect(self, request: Request, ex: Exchange, host: str) -> Response:
         """308 to the same target over HTTPS (--redirect-http): method and body are kept."""
         ex.rejected = "redirected"
         port = "" if self.tls_port in (0, 443) else f":{self.tls_port}"
         location = f"https://{host}{port}{origin_form(request)}"
-        resp = web.Response(status=308, headers={"Server": SERVER, "Location": location})
+        resp = Response(status=308, headers={"Server": SERVER, "Location": location})
         if request.body_exists:  # the body is not read: the connection cannot be reused
             resp.force_close()
         return resp
 
-    def _reject(self, ex: Exchange, reason: str, status: int, retry_after: int | None = None) -> web.Response:
+    def _reject(self, ex: Exchange, reason: str, status: int, retry_after: int | None = None) -> Response:
         ex.rejected = reason
         return error_response(status, retry_after)
 
-    def peer_of(self, request: web.BaseRequest) -> str:
+    def peer_of(self, request: Request) -> str:
         """The address a request came from: the socket peer, or the source a trusted proxy's
         PROXY protocol header named (exit_server/httpguard.py)."""
         named = getattr(request.protocol, "proxied_peer", None)
         return named if named is not None else request.remote or ""
 
-    async def _handle(self, request: web.BaseRequest, ex: Exchange, peer: str) -> web.StreamResponse:
+    async def _handle(self, request: Request, ex: Exchange, peer: str) -> StreamResponse:
         authority = routed_authority(request)
         ex.host = authority
         if ex.relayed_by == "-":  # relay fields without the fleet's signature
@@ -218,15 +214,11 @@ class PublicHandler:
         problem = head_problem(request)  # version, header size, transfer codings (exit_server/httpguard.py)
         if problem is not None:
             ex.rejected = "bad_request"
-            if problem == 505:
-                # aiohttp writes the status line with the request's version (a reified
-                # property): it must not answer "HTTP/2.0 505" on an HTTP/1 connection.
-                request._cache["version"] = HttpVersion11
             return generic_response(problem)
         host = normalize_host(authority)
         if self.acme is not None and (answer := self.acme.http_answer(host, request.path)) is not None:
             ex.route = "acme-challenge"
-            return web.Response(text=answer, headers={"Server": SERVER})
+            return Response(text=answer, headers={"Server": SERVER})
         if ex.scheme == "http" and self.config.redirect_http and not is_challenge_path(request.path):
             return self._redirect(request, ex, host)
         trusted = self.trusted if self.trusted and self.trusted.contains(peer) else None
@@ -267,9 +259,7 @@ class PublicHandler:
             else:
                 del self._per_caller[key]
 
-    async def _routed(
-        self, request: web.BaseRequest, ex: Exchange, tunnel: Tunnel, edge: Edge, host: str
-    ) -> web.StreamResponse:
+    async def _routed(self, request: Request, ex: Exchange, tunnel: Tunnel, edge: Edge, host: str) -> StreamResponse:
         """Open a stream for a request that passed every check and relay the exchange."""
         websocket = is_websocket(request)
         if not websocket and has_token(request.headers.getall("Connection", ()), "upgrade"):
@@ -327,7 +317,7 @@ class PublicHandler:
             await self._relay_h2.close()
             self._relay_h2 = None
 
-    async def _relay(self, request: web.BaseRequest, ex: Exchange, url: str, client: str) -> web.StreamResponse:
+    async def _relay(self, request: Request, ex: Exchange, url: str, client: str) -> StreamResponse:
         """Send the request once to a peer that has a session for its host (peers.py) and
         stream the answer back; 503 when the peer cannot be reached."""
         import aiohttp
@@ -351,7 +341,7 @@ class PublicHandler:
                 request.method,
                 url + target,
                 headers=headers,
-                data=request.content if request.body_exists else None,
+                data=request.content.iter_any() if request.body_exists else None,
                 allow_redirects=False,
             )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -360,7 +350,7 @@ class PublicHandler:
             return self._reject(ex, "relay_failed", 503, retry_after=1)
         peers.relayed["ok"] = peers.relayed.get("ok", 0) + 1
         try:
-            resp = web.StreamResponse(status=upstream.status)
+            resp = StreamResponse(status=upstream.status)
             resp.headers.extend(strip_hop_by_hop(upstream.headers.items()))
             await resp.prepare(request)
             async for chunk in upstream.content.iter_any():
@@ -375,15 +365,13 @@ class PublicHandler:
         finally:
             upstream.release()
 
-    def _relay_fields(self, request: web.BaseRequest, ex: Exchange, client: str) -> list[tuple[str, str]]:
+    def _relay_fields(self, request: Request, ex: Exchange, client: str) -> list[tuple[str, str]]:
         assert self.peers is not None
         return self.peers.relay_fields(
             request.method, origin_form(request), routed_authority(request), client, ex.scheme, ex.request_id
         )
 
-    async def _relay_websocket_to_peer(
-        self, request: web.BaseRequest, ex: Exchange, url: str, client: str
-    ) -> web.StreamResponse:
+    async def _relay_websocket_to_peer(self, request: Request, ex: Exchange, url: str, client: str) -> StreamResponse:
         """A WebSocket upgrade relayed to a peer: the signed request head on a connection of
         its own, the peer's answer back, and after a 101 the raw bytes both ways."""
         peers = self.peers
@@ -422,12 +410,12 @@ class PublicHandler:
 
     async def _websocket_from_peer(
         self,
-        request: web.BaseRequest,
+        request: Request,
         ex: Exchange,
         raw: bytes,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         """The peer's answer to a relayed upgrade (``raw``: its head), then after a 101 the
         bytes both ways until either side ends."""
         status_line, *lines = raw.decode("latin-1").split("\r\n")
@@ -442,10 +430,10 @@ class PublicHandler:
                     async with asyncio.timeout(self.config.upstream_timeout):
                         body = await reader.readexactly(int(length))
             ex.close_connection = True
-            declined = web.Response(status=status, body=body)
+            declined = Response(status=status, body=body)
             declined.headers.extend(strip_hop_by_hop(answer))
             return declined
-        resp = web.StreamResponse(status=101)
+        resp = StreamResponse(status=101)
         resp.headers.extend(
             (n, v) for n, v in strip_hop_by_hop(answer, keep_upgrade=True) if n.lower() != "x-request-id"
         )
@@ -453,13 +441,12 @@ class PublicHandler:
         transport = request.transport
         assert transport is not None
         set_keepalive(transport.get_extra_info("socket"))
-        feeder = RawFeeder(transport, self._loop)
-        request.protocol.set_parser(feeder)  # type: ignore[arg-type]
+        queue = request.protocol.take_raw()
         caller = request.writer
 
         async def up() -> None:  # the caller's bytes to the peer
             with contextlib.suppress(OSError):
-                while data := await feeder.read():
+                while data := await queue.get():
                     ex.bytes_in += len(data)
                     writer.write(data)
                     await writer.drain()
@@ -482,7 +469,7 @@ class PublicHandler:
         return resp
 
     def _retry_target(
-        self, request: web.BaseRequest, ex: Exchange, tunnel: Tunnel, host: str, error: TunnelError
+        self, request: Request, ex: Exchange, tunnel: Tunnel, host: str, error: TunnelError
     ) -> Tunnel | None:
         """Another session for a request that failed before its response head, when repeating
         it is safe (section 12.1): the client refused it unprocessed, or it is a safe method
@@ -497,7 +484,7 @@ class PublicHandler:
 
     async def _exchange(
         self,
-        request: web.BaseRequest,
+        request: Request,
         ex: Exchange,
         tunnel: Tunnel,
         head: RequestHead,
@@ -505,7 +492,7 @@ class PublicHandler:
         has_body: bool,
         websocket: bool,
         final: bool,
-    ) -> web.StreamResponse | Tunnel:
+    ) -> StreamResponse | Tunnel:
         """One attempt over one session; returns the response, or the session to retry on."""
         try:
             stream = self._open(tunnel, head, has_body or websocket)
@@ -595,7 +582,7 @@ class PublicHandler:
             log.info("%s: request head refused: %s (431)", tunnel.id, exc)
             raise
 
-    def _head(self, request: web.BaseRequest, edge: Edge, websocket: bool = False) -> RequestHead:
+    def _head(self, request: Request, edge: Edge, websocket: bool = False) -> RequestHead:
         return RequestHead(
             StreamKind.WEBSOCKET if websocket else StreamKind.HTTP,
             request.method,
@@ -606,7 +593,7 @@ class PublicHandler:
             upstream_headers(request.raw_headers, edge, websocket),
         )
 
-    async def _pump_body(self, request: web.BaseRequest, stream: TunnelStream, ex: Exchange) -> None:
+    async def _pump_body(self, request: Request, stream: TunnelStream, ex: Exchange) -> None:
         if not ex.continue_sent and request.headers.get("Expect", "").lower() == "100-continue":
             ex.continue_sent = True
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -653,24 +640,24 @@ class PublicHandler:
 
     async def _relay_response(
         self,
-        request: web.BaseRequest,
+        request: Request,
         stream: TunnelStream,
         status: int,
         headers: tuple[tuple[str, str], ...],
         ex: Exchange,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         kept, unsized = reply_headers(headers)
         if unsized is not None and request.method != "HEAD" and status not in (204, 304):
             body = stream.take_complete_body()
             if body is not None:  # all there already: head and body in one write
-                one = web.Response(status=status, body=body, headers=unsized)  # aiohttp sets the length
+                one = Response(status=status, body=body, headers=unsized)  # aiohttp sets the length
                 if "Server" not in one.headers:
                     one.headers["Server"] = SERVER  # else aiohttp names itself and its version
                 if self.draining or ex.close_connection:
                     one.force_close()
                 ex.bytes_out += len(body)
                 return one
-        resp = web.StreamResponse(status=status, headers=kept)  # keeps order and repeats (Set-Cookie)
+        resp = StreamResponse(status=status, headers=kept)  # keeps order and repeats (Set-Cookie)
         if "Server" not in resp.headers:
             resp.headers["Server"] = SERVER
         if self._hsts is not None and ex.scheme == "https":
@@ -704,7 +691,7 @@ class PublicHandler:
             return resp
         return resp
 
-    async def _write_within(self, resp: web.StreamResponse, chunk: bytes | memoryview) -> None:
+    async def _write_within(self, resp: StreamResponse, chunk: bytes | memoryview) -> None:
         """``resp.write(chunk)``, or TimeoutError after --send-timeout without the caller taking it."""
         await self._within(resp.write(chunk), self.config.send_timeout)
 
@@ -734,16 +721,16 @@ class PublicHandler:
 
     async def _relay_websocket(
         self,
-        request: web.BaseRequest,
+        request: Request,
         stream: TunnelStream,
         status: int,
         headers: tuple[tuple[str, str], ...],
         ex: Exchange,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         """After the upstream's 101, hand the raw connection to a byte pump (section 4.2)."""
         if status != 101:  # the upstream declined the upgrade: an ordinary response
             return await self._relay_response(request, stream, status, headers, ex)
-        resp = web.StreamResponse(status=101)
+        resp = StreamResponse(status=101)
         resp.headers.extend(strip_hop_by_hop(headers, keep_upgrade=True))
         if "Server" not in resp.headers:
             resp.headers["Server"] = SERVER
@@ -751,8 +738,7 @@ class PublicHandler:
         transport = request.transport
         assert transport is not None
         set_keepalive(transport.get_extra_info("socket"))  # long-lived now: find a vanished caller in minutes
-        feeder = RawFeeder(transport, self._loop)
-        request.protocol.set_parser(feeder)  # type: ignore[arg-type]
+        raw = request.protocol.take_raw()
         writer = request.writer
 
         async def send(data: bytes | memoryview) -> None:
@@ -762,14 +748,14 @@ class PublicHandler:
             transport.close()
 
         ex.bytes_out = await pump(
-            stream, Endpoint(feeder.read, send, close_send, transport.abort), self.config.stream_idle_timeout
+            stream, Endpoint(raw.get, send, close_send, transport.abort), self.config.stream_idle_timeout
         )
         if not transport.is_closing():
             transport.close()
         return resp
 
 
-def _abort(request: web.BaseRequest) -> None:
+def _abort(request: Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()

@@ -18,7 +18,6 @@ import ssl
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from aiohttp import web
 from websockets.asyncio.server import Server, serve
 from websockets.server import ServerProtocol
 
@@ -41,7 +40,7 @@ from .clienthello import ClientHello
 from .config import ServerConfig
 from .control import Authenticator, ControlEndpoint, SharedTokenAuth
 from .frontdoor import FrontDoor, Route
-from .httpguard import GuardedServer
+from .h1 import H1Listener
 from .iamauth import IamVerifier
 from .observe import Metrics
 from .public import PublicHandler
@@ -183,12 +182,13 @@ class ExitServer:
         if config.admin_token_file is not None or config.admin_token is not None:
             admin_token = read_secret(config.admin_token_file, config.admin_token, "admin-token")
         self.admin = AdminApp(self, admin_token)
-        self._admin_runner: web.AppRunner | None = None
+        self._admin_listener: H1Listener | None = None
+        self._admin_site: asyncio.Server | None = None
         self.admin_port = 0
         self._ws_server: Server | None = None
-        self._runner: web.ServerRunner | None = None
-        self._site: web.TCPSite | None = None
-        self._tls_runner: web.ServerRunner | None = None
+        self._listener: H1Listener | None = None  # the public HTTP listener's connections
+        self._site: asyncio.Server | None = None
+        self._tls_listener: H1Listener | None = None  # the public HTTPS listener's
         self._front: FrontDoor | None = None
         self._tls_public: Route | None = None
         self._tls_control: Route | None = None
@@ -270,17 +270,15 @@ class ExitServer:
             )
         return self.h2
 
-    def _public_server(self, scheme: str | None) -> GuardedServer:
-        """An aiohttp server for a public listener (plain, or HTTPS with ``scheme="https"``):
-        414/431/408, generic error bodies, PROXY v2 from --trusted-proxies."""
+    def _public_server(self, scheme: str | None) -> H1Listener:
+        """The connections of a public listener (plain, or HTTPS with ``scheme="https"``):
+        414/431/408, generic error bodies, PROXY v2 from --trusted-proxies (exit_server/h1.py)."""
         cfg = self.config
         handler = self.public if scheme is None else functools.partial(self.public.__call__, scheme=scheme)
-        return GuardedServer(
+        return H1Listener(
             handler,
-            handler_cancellation=True,
-            access_log=None,
             header_timeout=cfg.header_timeout,
-            keepalive_timeout=cfg.keepalive_timeout,  # aiohttp's own default is 3,630 s
+            keepalive_timeout=cfg.keepalive_timeout,
             trusted=self.public.trusted,
             max_connections=public_connection_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
             on_refused=self.metrics.descriptors.labels("reserve").inc,
@@ -311,16 +309,13 @@ class ExitServer:
                 **ws_limits(DEFAULT_MAX_FRAME),
             )
             self.control_port = listening_port(self._ws_server.sockets)
-        self._runner = web.ServerRunner(
-            self._public_server(None), handle_signals=False, shutdown_timeout=cfg.drain_timeout
-        )
-        await self._runner.setup()
+        self._listener = self._public_server(None)
         phost, pport = parse_addr(cfg.public_addr)
-        self._site = web.TCPSite(self._runner, phost, pport, reuse_address=True, backlog=1024)
         with _listen_errors("--public-addr", cfg.public_addr):
-            await self._site.start()
-            assert self._site._server is not None
-            self.public_port = listening_port(self._site._server.sockets)  # type: ignore[attr-defined]
+            self._site = await asyncio.get_running_loop().create_server(
+                self._listener, phost or None, pport, reuse_address=True, backlog=1024
+            )
+            self.public_port = listening_port(self._site.sockets)
         if self.certs is not None and cfg.public_tls_addr:
             await self._start_public_tls(cfg.public_tls_addr, ssl_ctx)
         if self.reloader.items:
@@ -330,13 +325,13 @@ class ExitServer:
         if self.peers is not None:
             self._peers_task = asyncio.create_task(self.peers.run(self._state_stop), name="fleet-peers")
         if cfg.admin_addr:
-            self._admin_runner = web.AppRunner(self.admin.app, access_log=None, handle_signals=False)
-            await self._admin_runner.setup()
+            self._admin_listener = H1Listener(self.admin, header_timeout=10.0, keepalive_timeout=75.0)
             ahost, aport = parse_addr(cfg.admin_addr)
-            admin_site = web.TCPSite(self._admin_runner, ahost, aport, reuse_address=True)
             with _listen_errors("--admin-addr", cfg.admin_addr):
-                await admin_site.start()
-                self.admin_port = listening_port(admin_site._server.sockets)  # type: ignore[union-attr]
+                self._admin_site = await asyncio.get_running_loop().create_server(
+                    self._admin_listener, ahost or None, aport, reuse_address=True
+                )
+                self.admin_port = listening_port(self._admin_site.sockets)
         log.info(
             "exit server: public http://%s:%d%s, control %s://%s:%d, admin %s",
             phost,
@@ -359,10 +354,8 @@ class ExitServer:
             self.acme.start()
         if not self.certs.all():
             log.warning("public HTTPS: no certificate yet: handshakes are refused until one is loaded or issued")
-        server = self._public_server("https")
-        self._tls_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.drain_timeout)
-        await self._tls_runner.setup()
-        self._tls_public = Route(server, self.certs.listener_context(), "public")
+        self._tls_listener = self._public_server("https")
+        self._tls_public = Route(self._tls_listener, self.certs.listener_context(), "public")
         if cfg.control_hostname is not None and control_ctx is not None:
             self._tls_control = Route(self._control_connection, control_ctx, "control")
         handshakes = self.metrics.tls_handshakes
@@ -424,26 +417,26 @@ class ExitServer:
         self.control.draining = True
         if self.h2 is not None:
             self.h2.goaway_all()  # HTTP/2 callers: streams in flight finish, new ones go elsewhere
-        if self._site is not None and self._site._server is not None:
-            self._site._server.close()  # stop accepting public connections
+        if self._site is not None:
+            self._site.close()  # stop accepting public connections
         if self._front is not None:
             self._front.stop_accepting()
         self.tcp.stop_accepting()
         deadline = asyncio.get_running_loop().time() + timeout
         drained = await self._wait_drained(deadline)
-        if drained and self._runner is not None:
+        if drained and self._listener is not None:
             # The public side before the tunnels: idle keep-alive connections close now, and a
             # request that came on one meanwhile is answered while the tunnels are still up.
             # (Closing the tunnels first answered such a request 503 "no tunnel": behind HAProxy
             # in TCP mode a caller's keep-alive connection stays with this server; the
             # rolling-restart test saw it.) Still within ``timeout``; what is left then is cut
             # by close(), as when the drain itself timed out.
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await asyncio.gather(*(r.cleanup() for r in (self._runner, self._tls_runner) if r is not None))
-                self._runner = self._tls_runner = None
-            except TimeoutError:
+            listeners = [x for x in (self._listener, self._tls_listener) if x is not None]
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            await asyncio.gather(*(x.shutdown(left) for x in listeners))
+            if any(x.connections for x in listeners):
                 log.warning("exit server: drain timeout while closing public connections")
+            self._listener = self._tls_listener = None
         for conn in list(self.control.connections):
             conn.goaway(GoAwayCode.SHUTDOWN, "exit server shutting down")
         await self.close(deadline)
@@ -520,14 +513,18 @@ class ExitServer:
         if self._front is not None:
             await self._front.close()
             self._front = None
-        for runner in (self._runner, self._tls_runner):
-            if runner is not None:
-                await runner.shutdown()
-                await runner.cleanup()
-        self._runner = self._tls_runner = None
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-            self._admin_runner = None
+        if self._site is not None:
+            self._site.close()
+        for listener in (self._listener, self._tls_listener):
+            if listener is not None:
+                await listener.shutdown(0)
+        self._listener = self._tls_listener = None
+        if self._admin_site is not None:
+            self._admin_site.close()
+            self._admin_site = None
+        if self._admin_listener is not None:
+            await self._admin_listener.shutdown(0)
+            self._admin_listener = None
         self._site = None
         self._stopped.set()
 

@@ -3,8 +3,8 @@
 :class:`ChunkQueue` is the one high/low-water chunk queue: the transport's reads are queued as
 they are (no copy into a joined buffer); reading pauses above ``high`` bytes queued and resumes
 below ``low``. :class:`ChunkStream` is a plain TCP connection built on it (a pump endpoint,
-:mod:`shared.aio.pump`); the exit server's upgraded-connection feeder uses it too
-(``exit_server/feeder.py``).
+:mod:`shared.aio.pump`); the public listener queues request bodies and the bytes of an
+upgraded connection in it (``exit_server/h1.py``).
 """
 
 from __future__ import annotations

@@ -254,8 +254,8 @@ async def test_slowloris_does_not_starve_normal_requests(certs: Certs) -> None:
     async with upstream(echo_app()) as up, stack(certs, header_timeout=6) as s:
         await s.add_client([f"app.example={up.url}"])
         port = s.server.public_port
-        assert s.server._runner is not None
-        public = s.server._runner.server
+        public = s.server._listener  # the public listener's open connections
+        assert public is not None
         attack = await asyncio.create_subprocess_exec(
             binary,
             "-H",

@@ -223,7 +223,7 @@ async def test_exit_server_closes_idle_keep_alive_connections_before_its_tunnels
 
         def recording_goaway(conn: TunnelConnection, code: int = 0, reason: str = "") -> None:
             if conn is tunnel.conn:
-                public_open_at_goaway.append(server._runner is not None)
+                public_open_at_goaway.append(server._listener is not None)
             goaway(conn, code, reason)
 
         monkeypatch.setattr(TunnelConnection, "goaway", recording_goaway)  # its instances have slots

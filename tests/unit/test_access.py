@@ -1,5 +1,5 @@
-"""exit_server.access (site look-up, IP lists, challenges) and exit_server.httpguard (status
-mapping of parse errors, head checks, reload polling), without sockets."""
+"""exit_server.access (site look-up, IP lists, challenges) and exit_server.httpguard (head
+checks, reload polling), without sockets. The parser's limits: tests/unit/test_h1server.py."""
 
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
-from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, LineTooLong
 from multidict import CIMultiDict
 
 from exit_server.access import AccessRules
 from exit_server.hashing import hash_secret
-from exit_server.httpguard import FIELD_LIMIT, REQUEST_LINE_LIMIT, head_problem, parse_error_status
+from exit_server.httpguard import head_problem
 from exit_server.reload import Reloader
 from shared.heads import RequestHead, StreamKind
 
@@ -75,22 +73,6 @@ def test_reloader_polls_signatures(tmp_path: Path) -> None:
     os.utime(path, ns=(1, 1))  # a different mtime even on a coarse clock
     assert reloader.poll() is True and changes == [1]
     assert reloader.poll() is False
-
-
-@pytest.mark.parametrize(
-    ("exc", "status"),
-    [
-        (LineTooLong(b"/aaa", REQUEST_LINE_LIMIT), 414),
-        (LineTooLong(b"X-A: b", FIELD_LIMIT), 431),
-        (BadHttpMessage("Too many headers received"), 431),
-        (InvalidHeader(b"X A"), 400),
-        (BadHttpMessage("Duplicate Content-Length"), 400),
-        (None, 400),
-    ],
-)
-def test_parse_error_status(exc: BaseException | None, status: int) -> None:
-    assert REQUEST_LINE_LIMIT != FIELD_LIMIT  # the mapping relies on it
-    assert parse_error_status(exc) == status
 
 
 def _request(headers: list[tuple[bytes, bytes]], version: tuple[int, int] = (1, 1)) -> Any:

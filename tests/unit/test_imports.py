@@ -30,6 +30,7 @@ SANS_IO = [
     "challenge",
     "h2map",
     "awsiam",
+    "h1server",
 ]
 TOP_LEVEL = {*SANS_IO, "proxyproto"}
 FORBIDDEN = ["asyncio", "websockets", "aiohttp", "socket"]
@@ -72,7 +73,7 @@ def probe(modules: list[str]) -> tuple[set[str], dict[str, str]]:
 
 
 @pytest.mark.parametrize(
-    "module", ["errors", "frames", "heads", "sizes", "routing", "httputil", "h2map", "runtime.backoff"]
+    "module", ["errors", "frames", "heads", "sizes", "routing", "httputil", "h2map", "h1server", "runtime.backoff"]
 )
 def test_pure_modules_load_no_io_library_at_all(module: str) -> None:
     assert probe([module])[0] == set()

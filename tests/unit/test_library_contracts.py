@@ -10,11 +10,10 @@ Internals covered (docs/ARCHITECTURE.md, "Library internals"):
   used as a list.
 * asyncio/uvloop transports: ``set_protocol`` switches a reading transport's protocol
   (shared/aio/wsfast.py), and uvloop reads into a ``BufferedProtocol``'s buffer.
-* aiohttp: ``RequestHandler``'s private state read by exit_server/httpguard.py, ``set_parser``
-  (exit_server/feeder.py), ``LineTooLong.args[1]`` (the limit: 414 against 431),
-  ``BaseRequest._cache`` (the reified version, exit_server/public.py) and ``site._server``
-  (the bound port of the admin listeners).
-* httptools: ``HttpParserUpgrade`` after a 101 head (tunnel_client/http1.py).
+* aiohttp: ``site._server`` (the bound port of the admin listeners).
+* httptools: ``HttpParserUpgrade`` after a 101 head (tunnel_client/http1.py) and after an
+  upgrade request, with the offset of the bytes that follow it, and the request parser's
+  callbacks called once per header with its whole name and value (shared/h1server.py).
 * h2: settings set before ``initiate_connection``, the HPACK decoder limits and
   ``highest_inbound_stream_id`` (exit_server/h2public.py, tunnel_client/http2.py).
 """
@@ -28,14 +27,10 @@ from typing import Any
 
 import httptools
 import pytest
-from aiohttp import HttpVersion10, HttpVersion11, web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.test_utils import make_mocked_request
-from aiohttp.web_protocol import RequestHandler
+from aiohttp import web
 from websockets.asyncio.connection import Connection
 from websockets.protocol import Protocol, Side, State
 
-from exit_server.feeder import RawFeeder
 from shared.aio.wsfast import DirectMessages
 
 
@@ -101,50 +96,6 @@ async def test_transport_set_protocol_switches_a_reading_transport() -> None:
 
 
 @pytest.mark.asyncio
-async def test_aiohttp_request_handler_private_state() -> None:
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        return web.Response()
-
-    server = web.Server(handler)
-    protocol: Any = server()
-    assert isinstance(protocol, RequestHandler)
-    for name in (
-        "_manager",
-        "_request_count",
-        "_request_in_progress",
-        "_messages",
-        "_payload_parser",
-        "_force_close",
-        "_loop",
-    ):
-        assert hasattr(protocol, name), f"aiohttp RequestHandler.{name} (exit_server/httpguard.py)"
-    assert hasattr(RequestHandler, "_upgraded") or "_upgraded" in getattr(RequestHandler, "__slots__", ()), (
-        "aiohttp RequestHandler._upgraded (exit_server/httpguard.py)"
-    )
-    assert callable(protocol.set_parser) and callable(protocol.force_close)
-    assert list(inspect.signature(RequestHandler.handle_error).parameters) == [
-        "self",
-        "request",
-        "status",
-        "exc",
-        "message",
-    ], "exit_server/httpguard.py GuardedRequestHandler.handle_error"
-    await server.shutdown(0)
-
-
-def test_aiohttp_parse_errors_carry_the_limit() -> None:
-    assert LineTooLong("x" * 10, 8190).args[1] == 8190, "exit_server/httpguard.py parse_error_status"
-    assert BadHttpMessage("Too many headers received").message.startswith("Too many headers")
-
-
-def test_aiohttp_request_version_is_reified_in_cache() -> None:
-    request = make_mocked_request("GET", "/", version=HttpVersion10)
-    assert request.version == HttpVersion10
-    request._cache["version"] = HttpVersion11  # exit_server/public.py: a 505 goes out as HTTP/1.1
-    assert request.version == HttpVersion11
-
-
-@pytest.mark.asyncio
 async def test_aiohttp_site_server_sockets() -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.Response()
@@ -162,21 +113,6 @@ async def test_aiohttp_site_server_sockets() -> None:
         await runner.cleanup()
 
 
-@pytest.mark.asyncio
-async def test_aiohttp_set_parser_feeds_raw_bytes() -> None:
-    class Paused:
-        def pause_reading(self) -> None:
-            pass
-
-        def resume_reading(self) -> None:
-            pass
-
-    feeder = RawFeeder(Paused(), asyncio.get_running_loop())  # type: ignore[arg-type]
-    assert feeder.feed_data(b"raw") == (False, b"")  # the (eof, tail) pair RequestHandler expects
-    feeder.feed_eof()
-    assert await feeder.read() == b"raw" and await feeder.read() == b""
-
-
 def test_httptools_signals_an_upgrade_after_a_101_head() -> None:
     class Callbacks:
         headers: list[tuple[bytes, bytes]] = []
@@ -188,6 +124,38 @@ def test_httptools_signals_an_upgrade_after_a_101_head() -> None:
     with pytest.raises(httptools.HttpParserUpgrade):  # tunnel_client/http1.py parse_response_head
         parser.feed_data(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
     assert parser.get_status_code() == 101
+
+
+def test_httptools_request_parser_contract() -> None:
+    """shared/h1server.py: on_url may come in pieces, on_header once per header (whole name and
+    value, even fed a byte at a time), and an upgrade request raises HttpParserUpgrade with the
+    offset of the first byte after it."""
+
+    class Callbacks:
+        def __init__(self) -> None:
+            self.url = b""
+            self.headers: list[tuple[bytes, bytes]] = []
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers.append((name, value))
+
+    data = b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nRAW"
+    callbacks = Callbacks()
+    parser = httptools.HttpRequestParser(callbacks)
+    with pytest.raises(httptools.HttpParserUpgrade) as upgrade:
+        for i in range(len(data)):
+            parser.feed_data(data[i : i + 1])
+    assert callbacks.url == b"/chat"
+    assert callbacks.headers == [(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
+    assert upgrade.value.args[0] == 1  # the offset after the head in the last piece fed (its end)
+    parser = httptools.HttpRequestParser(Callbacks())
+    with pytest.raises(httptools.HttpParserUpgrade) as upgrade:
+        parser.feed_data(data)
+    assert data[upgrade.value.args[0] :] == b"RAW"
+    assert parser.should_upgrade()
 
 
 def test_h2_internals_exit_server_h2public_relies_on() -> None:
