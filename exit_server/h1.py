@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import email.utils
 import logging
 import time
@@ -297,6 +298,7 @@ class H1Listener:
         self.h2c_peers_only = h2c_peers_only
         self.connections: set[H1Connection] = set()
         self.closing = False
+        self._all_closed: asyncio.Event | None = None  # set once none is left, during shutdown
         self._refusal_log = 0.0
 
     def __call__(self) -> H1Connection:
@@ -322,13 +324,20 @@ class H1Listener:
         """Close idle connections now, the others after the response in progress; after
         ``timeout`` seconds, whatever is left is cut."""
         self.closing = True
+        self._all_closed = asyncio.Event()
         for conn in list(self.connections):
             conn.close_when_idle()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.connections and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
         for conn in list(self.connections):
             conn.abort()
+
+    def closed(self, conn: H1Connection) -> None:
+        """``conn`` is gone."""
+        self.connections.discard(conn)
+        if self._all_closed is not None and not self.connections:
+            self._all_closed.set()
 
 
 class H1Connection(asyncio.Protocol):
@@ -392,7 +401,7 @@ class H1Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._lost = True
-        self._listener.connections.discard(self)
+        self._listener.closed(self)
         self._disarm()
         error = ConnectionResetError("the caller's connection was lost")
         if self._reading is not None:

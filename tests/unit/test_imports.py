@@ -128,13 +128,15 @@ def test_every_sans_io_module_is_checked() -> None:
         ("tunnel_client.client", ["aiohttp", "h2", "hpack", "botocore", "prometheus_client"]),
         (
             "exit_server.server",
-            ["h2", "hpack", "botocore", "websockets.asyncio.client", "python_socks", "prometheus_client"],
+            ["h2", "hpack", "botocore", "websockets.asyncio.client", "python_socks", "prometheus_client", "aiohttp"],
         ),
+        ("exit_server.__main__", ["aiohttp", "yarl"]),
     ],
 )
 def test_optional_libraries_load_only_when_used(module: str, absent: list[str]) -> None:
     """Start time: HTTP/2 (h2) loads with the first HTTP/2 listener or upstream, botocore only
-    with --auth aws-iam, aiohttp in the client only for health checks or ECS metadata,
+    with --auth aws-iam, aiohttp in the client only for health checks or ECS metadata and in the
+    exit server only for the fleet's relays and IAM's STS calls (its listeners are exit_server/h1.py),
     prometheus_client in either process only at the first scrape of its /metrics; websockets' client
     (and python-socks with it) never in the exit server (shared/aio/wsclient.py)."""
     code = f"import sys, {module}; print([m for m in {absent!r} if m in sys.modules])"
