@@ -73,7 +73,7 @@ BODY_LOW = 64 * 1024
 #: read and dropped for at most this long (and this many), so the close does not become a reset
 #: that destroys the response in the caller's receive buffer (RFC 9112 section 9.6).
 LINGER_SECONDS = 5.0
-LINGER_BYTES = 1 << 20
+LINGER_BYTES = 16 << 20
 
 #: ``Server`` on the exit server's own responses: no software or version to fingerprint.
 SERVER = "backhaul"
