@@ -10,7 +10,7 @@ Internals covered (docs/ARCHITECTURE.md, "Library internals"):
   used as a list.
 * asyncio/uvloop transports: ``set_protocol`` switches a reading transport's protocol
   (shared/aio/wsfast.py), and uvloop reads into a ``BufferedProtocol``'s buffer.
-* aiohttp: ``site._server`` (the bound port of the admin listeners).
+* aiohttp: ``site._server`` (the bound port of the tests' upstreams on port 0).
 * httptools: ``HttpParserUpgrade`` after a 101 head (tunnel_client/http1.py) and after an
   upgrade request, with the offset of the bytes that follow it, and the request parser's
   callbacks called once per header with its whole name and value (shared/h1server.py).
@@ -107,7 +107,7 @@ async def test_aiohttp_site_server_sockets() -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:
-        server: Any = site._server  # exit_server/server.py, tunnel_client/client.py: the bound port
+        server: Any = site._server  # the tests' upstream helpers: the bound port
         assert server.sockets[0].getsockname()[1] > 0
     finally:
         await runner.cleanup()
