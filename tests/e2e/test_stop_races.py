@@ -34,6 +34,7 @@ class HeldListener:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def __aenter__(self) -> HeldListener:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -45,11 +46,16 @@ class HeldListener:
         self._server.close()
         for task in self._tasks:
             task.cancel()
+        for writer in self._writers:  # a pipe cancelled before it ran never closes its end
+            writer.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         self.accepted.set()
         await self.release.wait()
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers.add(up_writer)
         for src, dst in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.create_task(self._pipe(src, dst))
             self._tasks.add(task)
