@@ -357,10 +357,12 @@ class H1Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._head_started = False  # the head timer runs for a head whose bytes arrived
         self._keepalive = False  # the timer is the keep-alive one
+        self._idle_at = 0.0  # loop time the last response ended (the keep-alive timeout's start)
         self._raw: ChunkQueue | None = None  # after an upgrade: every later byte
         self._sniff: bytes | None = None  # the first bytes, while they may be the h2c preface
         self._proxy_bytes: bytes | None = None  # collecting a possible PROXY v2 header
         self._pauses = 0
+        self._pipeline_full = False  # reading paused: PIPELINE_LIMIT requests wait their turn
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._closing = False  # close once the response in progress is sent
@@ -506,7 +508,8 @@ class H1Connection(asyncio.Protocol):
     # requests
 
     def _head(self, head: Head) -> None:
-        self._disarm()
+        if not self._keepalive:  # the keep-alive timer runs on: no timer made per request
+            self._disarm()
         content = _NO_BODY
         if head.chunked or head.content_length:
             queue = ChunkQueue(self._loop, BODY_HIGH, BODY_LOW)
@@ -516,7 +519,8 @@ class H1Connection(asyncio.Protocol):
         if request.body_exists:
             self._reading = request
         self._pipeline.append(request)
-        if len(self._pipeline) == PIPELINE_LIMIT + 1:
+        if len(self._pipeline) > PIPELINE_LIMIT and not self._pipeline_full:
+            self._pipeline_full = True
             self.pause_reading()
         self._serve()
 
@@ -557,7 +561,8 @@ class H1Connection(asyncio.Protocol):
                 elif not resp._eof:
                     await resp.write_eof()
                 pipeline.popleft()
-                if len(pipeline) == PIPELINE_LIMIT:
+                if self._pipeline_full and len(pipeline) <= PIPELINE_LIMIT:
+                    self._pipeline_full = False
                     self.resume_reading()
                 if self._raw is not None and self.transport is not None and self.transport.is_closing():
                     return  # upgraded: the handler's pump owned the connection
@@ -585,7 +590,9 @@ class H1Connection(asyncio.Protocol):
         if self._parser.mid_head:
             self._arm(self._listener.header_timeout, started=True)
         else:
-            self._arm(self._listener.keepalive_timeout, started=False, keepalive=True)
+            self._idle_at = self._loop.time()
+            if self._timer is None or not self._keepalive:
+                self._arm(self._listener.keepalive_timeout, started=False, keepalive=True)
 
     def close_when_idle(self) -> None:
         """Shutdown: close now if nothing is in progress, else after the current response."""
@@ -638,7 +645,13 @@ class H1Connection(asyncio.Protocol):
     def _expired(self, keepalive: bool) -> None:
         self._timer = None
         if self.transport is None or self._task is not None or self._pipeline:
+            self._keepalive = False  # busy: _idle arms the timer again after the response
             return
+        if keepalive and not self._parser.mid_head:
+            left = self._idle_at + self._listener.keepalive_timeout - self._loop.time()
+            if left > 0.001:  # requests came and went since it was armed: idle for less
+                self._timer = self._loop.call_later(left, self._expired, True)
+                return
         if not keepalive or self._parser.mid_head:
             log.debug(
                 "public: request head not complete within %.0fs from %s: closed",

@@ -85,6 +85,26 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(certs: 
         writer.close()
 
 
+async def test_the_keep_alive_timeout_counts_from_the_last_answer(certs: Certs) -> None:
+    """One timer serves a connection's requests (exit_server/h1.py): a request in the middle of
+    the timeout moves the close to a full timeout after its answer."""
+    keepalive = 2.0
+    async with upstream(echo_app()) as up, stack(certs, keepalive_timeout=keepalive) as s:
+        await s.add_client([f"app.example={up.url}"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.server.public_port)
+        writer.write(b"GET /a HTTP/1.1\r\n" + HOST + b"\r\n")
+        resp = await read_response(reader)  # waits 1 s for a close that does not come
+        assert resp.status == 200 and not resp.closed
+        await asyncio.sleep(keepalive / 4)  # idle time on purpose: past half the timeout
+        second = time.monotonic()
+        writer.write(b"GET /b HTTP/1.1\r\n" + HOST + b"\r\n")
+        resp = await read_response(reader)
+        assert resp.status == 200 and not resp.closed
+        assert await _read_all(reader, keepalive + 5.0) == b""
+        assert time.monotonic() - second >= keepalive
+        writer.close()
+
+
 async def test_a_version_other_than_1x_is_answered_505_over_http11(certs: Certs) -> None:
     async with upstream(echo_app()) as up, stack(certs) as s:
         await s.add_client([f"app.example={up.url}"])
