@@ -52,7 +52,7 @@ __all__ = [
     "StreamResponse",
 ]
 
-log = logging.getLogger("exit_server.httpguard")
+log = logging.getLogger("exit_server.httpguard")  # the name these lines had before this module
 
 
 class HttpVersion(NamedTuple):

@@ -201,7 +201,7 @@ class PublicHandler:
 
     def peer_of(self, request: Request) -> str:
         """The address a request came from: the socket peer, or the source a trusted proxy's
-        PROXY protocol header named (exit_server/httpguard.py)."""
+        PROXY protocol header named (exit_server/h1.py)."""
         named = getattr(request.protocol, "proxied_peer", None)
         return named if named is not None else request.remote or ""
 
@@ -263,7 +263,7 @@ class PublicHandler:
         """Open a stream for a request that passed every check and relay the exchange."""
         websocket = is_websocket(request)
         if not websocket and has_token(request.headers.getall("Connection", ()), "upgrade"):
-            # An upgrade we do not relay (h2c, ...): aiohttp hands every later byte on this
+            # An upgrade we do not relay (h2c, ...): the listener hands every later byte on this
             # connection to the upgrade, so a request pipelined behind it would be lost. Answer
             # this one and close: the caller sees the close and sends the rest again.
             ex.close_connection = True
@@ -650,9 +650,9 @@ class PublicHandler:
         if unsized is not None and request.method != "HEAD" and status not in (204, 304):
             body = stream.take_complete_body()
             if body is not None:  # all there already: head and body in one write
-                one = Response(status=status, body=body, headers=unsized)  # aiohttp sets the length
+                one = Response(status=status, body=body, headers=unsized)  # the listener sets the length
                 if "Server" not in one.headers:
-                    one.headers["Server"] = SERVER  # else aiohttp names itself and its version
+                    one.headers["Server"] = SERVER  # as the listener would (exit_server/h1.py)
                 if self.draining or ex.close_connection:
                     one.force_close()
                 ex.bytes_out += len(body)
