@@ -36,6 +36,7 @@ from shared.aio.chunks import ChunkQueue
 from shared.forwarding import TrustedProxies
 from shared.h1server import Body, End, H1Parser, Head, ParseError, Upgraded
 from shared.h2map import PREFACE
+from shared.httputil import origin_form_of
 from shared.proxyproto import parse_proxy_v2
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ __all__ = [
     "Request",
     "Response",
     "StreamResponse",
+    "generic_response",
 ]
 
 log = logging.getLogger("exit_server.httpguard")  # the name these lines had before this module
@@ -79,6 +81,18 @@ LINGER_BYTES = 16 << 20
 SERVER = "backhaul"
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+#: The bodies of the answers the exit server writes itself: fixed, never the caller's bytes.
+ERROR_TEXT = {
+    400: "bad request",
+    408: "request timeout",
+    414: "uri too long",
+    431: "request header fields too large",
+    500: "internal server error",
+    501: "not implemented",
+    504: "gateway timeout",
+    505: "http version not supported",
+}
 _EMPTY_STATUS = frozenset({204, 304})
 
 _TIMEOUT_408 = (
@@ -108,13 +122,9 @@ def _date() -> str:
 def decode_path(target: str) -> str:
     """The percent-decoded path of a request target (origin-form or absolute-form), without
     its query: what routes and ACME answers are matched on."""
-    if not target.startswith("/"):
-        if "://" not in target:
-            return target  # "*" (OPTIONS) or an authority (CONNECT): no path
-        rest = target.partition("://")[2]
-        cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-        target = rest[cut:] if rest[cut:].startswith("/") else "/" + rest[cut:]
-    path = target.partition("?")[0].partition("#")[0]
+    if not target.startswith("/") and "://" not in target:
+        return target  # "*" (OPTIONS) or an authority (CONNECT): no path
+    path = origin_form_of(target).partition("?")[0].partition("#")[0]
     return unquote(path) if "%" in path else path
 
 
@@ -266,6 +276,13 @@ class Response(StreamResponse):
             body = text.encode()
             self.headers.setdefault("Content-Type", "text/plain; charset=utf-8")
         self.body = body if body is not None else b""
+
+
+def generic_response(status: int) -> Response:
+    """A closing response with a fixed body that never echoes the caller's bytes."""
+    resp = Response(status=status, text=ERROR_TEXT.get(status, "error") + "\n", headers={"Server": SERVER})
+    resp.force_close()
+    return resp
 
 
 class H1Listener:
@@ -551,11 +568,11 @@ class H1Connection(asyncio.Protocol):
                     if self.transport is None or item.started:
                         self.abort()
                         return
-                    resp = _generic(500)
+                    resp = generic_response(500)
                 if self._lost:
                     return
                 if item.bad and not item.started:
-                    resp = _generic(item.bad)
+                    resp = generic_response(item.bad)
                 if not resp.prepared:
                     self._send_whole(item, resp)
                 elif not resp._eof:
@@ -734,7 +751,7 @@ class H1Connection(asyncio.Protocol):
         """A request the parser refused: a generic answer, then close."""
         log.debug("public: %d for a malformed request from %s (%s)", error.status, self.remote or "-", error.reason)
         if self.transport is not None and not self.transport.is_closing():
-            text = _ERROR_TEXT.get(error.status, "error") + "\n"
+            text = ERROR_TEXT.get(error.status, "error") + "\n"
             self.transport.write(
                 f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}\r\n"
                 f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(text)}\r\n"
@@ -784,20 +801,3 @@ class H1Connection(asyncio.Protocol):
         self._proxy_bytes = None
         self.proxied_peer = source
         return data[consumed:]
-
-
-_ERROR_TEXT = {
-    400: "bad request",
-    408: "request timeout",
-    414: "uri too long",
-    431: "request header fields too large",
-    500: "internal server error",
-    501: "not implemented",
-    505: "http version not supported",
-}
-
-
-def _generic(status: int) -> Response:
-    resp = Response(status=status, text=_ERROR_TEXT.get(status, "error") + "\n", headers={"Server": SERVER})
-    resp.force_close()
-    return resp

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from shared.forwarding import TrustedProxies, forwarded_element
-from shared.httputil import EDGE_OWNED, HOP_BY_HOP, strip_hop_by_hop
+from shared.httputil import EDGE_OWNED, HOP_BY_HOP, origin_form_of, strip_hop_by_hop
 
 if TYPE_CHECKING:
     from .h1 import Request
@@ -151,15 +151,7 @@ def append_forwarded(
 def origin_form(request: Request) -> str:
     """The request target as path and query: an absolute-form target (``GET http://host/x``,
     RFC 9112 section 3.2.2) is reduced to its path, as the client accepts origin-form only."""
-    target = request.raw_path
-    if target.startswith("/"):
-        return target
-    if "://" not in target:
-        return target  # "*" or an authority: nothing to reduce
-    rest = target.partition("://")[2].partition("#")[0]
-    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    path = rest[cut:]
-    return path if path.startswith("/") else "/" + path
+    return origin_form_of(request.raw_path)
 
 
 def routed_authority(request: Request) -> str:

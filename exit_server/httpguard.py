@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from shared.h1server import FIELD_LIMIT, HEADERS_LIMIT, MAX_HEADERS, REQUEST_LINE_LIMIT
 
-from .h1 import SERVER, Request, Response, StreamResponse
+from .h1 import SERVER, Request, generic_response
 
 __all__ = [
     "FIELD_LIMIT",
@@ -27,28 +27,9 @@ __all__ = [
     "SERVER",
     "generic_response",
     "head_problem",
-    "send_and_close",
 ]
 
-_TEXT = {
-    400: "bad request",
-    408: "request timeout",
-    414: "uri too long",
-    431: "request header fields too large",
-    500: "internal server error",
-    501: "not implemented",
-    504: "gateway timeout",
-    505: "http version not supported",
-}
-
 _VERSIONS = frozenset({(1, 0), (1, 1)})
-
-
-def generic_response(status: int) -> Response:
-    """A closing response with a fixed body that never echoes the caller's bytes."""
-    resp = Response(status=status, text=_TEXT.get(status, "error") + "\n", headers={"Server": SERVER})
-    resp.force_close()
-    return resp
 
 
 def head_problem(request: Request) -> int | None:
@@ -67,10 +48,3 @@ def head_problem(request: Request) -> int | None:
         if te.strip().lower() != "chunked":
             return 501
     return None
-
-
-async def send_and_close(request: Request, resp: StreamResponse) -> StreamResponse:
-    """``resp``, after which the connection closes without reading the rest of the request
-    body (an idle caller's body is not waited for)."""
-    resp.force_close()
-    return resp

@@ -37,7 +37,7 @@ from .acmeanswers import Challenges, is_challenge_path
 from .config import ServerConfig
 from .h1 import HttpVersion11, Request, Response, StreamResponse
 from .headers import Edge, has_token, is_websocket, origin_form, reply_headers, routed_authority, upstream_headers
-from .httpguard import SERVER, generic_response, head_problem, send_and_close
+from .httpguard import SERVER, generic_response, head_problem
 from .limits import source_key
 from .observe import Exchange, LogThrottle, Metrics, request_id
 from .routes import Registry, Tunnel
@@ -541,8 +541,10 @@ class PublicHandler:
                     exc.reason,
                     status,
                 )
-                if status == 408:  # the caller's body went idle: answer and close (httpguard.py)
-                    return await send_and_close(request, error_response(408))
+                if status == 408:  # the caller's body went idle: answer and close (exit_server/h1.py
+                    resp = error_response(408)  # drops what it may still send for a few seconds)
+                    resp.force_close()
+                    return resp
                 return error_response(status, retry_after=1 if status == 503 else None)
             headers = reply.headers + (("X-Request-Id", ex.request_id),)
             if websocket:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["EDGE_OWNED", "HOP_BY_HOP", "strip_hop_by_hop"]
+__all__ = ["EDGE_OWNED", "HOP_BY_HOP", "origin_form_of", "strip_hop_by_hop"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -74,3 +74,15 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], keep_upgrade: bool = Fa
     if not named:
         return out
     return [pair for pair in out if pair[0].lower() not in named]
+
+
+def origin_form_of(target: str) -> str:
+    """A request target as path and query: an absolute-form target (``http://host/x?y``, RFC
+    9112 section 3.2.2) is reduced to ``/x?y`` (its fragment dropped, ``/`` for no path); any
+    other target is returned as it is."""
+    if target.startswith("/") or "://" not in target:
+        return target
+    rest = target.partition("://")[2].partition("#")[0]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    path = rest[cut:]
+    return path if path.startswith("/") else "/" + path

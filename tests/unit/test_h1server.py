@@ -198,3 +198,25 @@ def test_request_boundaries_are_what_h11_reads(drawn: Any, step: int) -> None:
         assert len(seen) <= len(expected) + 1, (drawn.data, seen, expected, how)  # h11 closes after /end
     if drawn.strict:
         assert seen == expected and how == "closed", (drawn.data, seen, expected, how)
+
+
+@pytest.mark.parametrize(
+    ("target", "origin", "path"),
+    [
+        ("/a%20b?q=1#f", "/a%20b?q=1#f", "/a b"),
+        ("http://h.example/p%41?x#f", "/p%41?x", "/pA"),
+        ("http://h.example", "/", "/"),
+        ("http://h.example?x", "/?x", "/"),
+        ("http://u@h.example:8080/a/b", "/a/b", "/a/b"),
+        ("*", "*", "*"),
+        ("h.example:443", "h.example:443", "h.example:443"),
+    ],
+)
+def test_origin_form_and_the_routed_path(target: str, origin: str, path: str) -> None:
+    """One reduction of a target (shared/httputil.py) serves both what the upstream is sent
+    (exit_server/headers.py ``origin_form``) and what routes match (exit_server/h1.py)."""
+    from exit_server.h1 import decode_path
+    from shared.httputil import origin_form_of
+
+    assert origin_form_of(target) == origin
+    assert decode_path(target) == path
