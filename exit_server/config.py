@@ -167,7 +167,9 @@ class ServerConfig(BaseConfig):
         ge=0,
         description="seconds a WebSocket or TCP stream may pass no byte either way before it is closed (0: no limit)",
     )
-    handshake_timeout: float = Field(10.0, gt=0, description="seconds for a client to say hello")
+    handshake_timeout: float = Field(
+        10.0, gt=0, description="seconds for a tunnel client to send its ClientHello, finish TLS and say hello (each)"
+    )
     heartbeat_interval: float = Field(4.0, gt=0, description="seconds between heartbeat pings")
     heartbeat_timeout: float = Field(12.0, gt=0, description="silence after which a tunnel is dead")
     stream_window: int = Field(DEFAULT_STREAM_WINDOW, ge=16 * 1024, description="per-stream flow-control window")

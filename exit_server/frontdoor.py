@@ -1,4 +1,6 @@
-"""The public TLS port: accept, peek at the ClientHello, route by SNI name, then TLS.
+"""A TLS port: accept, peek at the ClientHello, route by SNI name, then TLS. The public TLS
+port routes by name; the control port (``--control-addr``) has one route, and uses the door
+so that close() reaches a connection still in its TLS handshake.
 
 Each accepted connection is read with ``MSG_PEEK`` only, so the TLS stack later reads the same
 bytes: no byte is consumed before the route is chosen. The route callback picks the protocol
@@ -67,6 +69,11 @@ class FrontDoor:
         on_result: called with one word per connection (``ok``, ``unknown_name``, ``no_sni``,
             ``not_tls``, ``timeout``, ``handshake_failed``, ``busy``): the handshake metric.
         max_pending: connections that may wait for their ClientHello at once.
+        shutdown_timeout: seconds a closing connection waits for the caller's TLS close_notify
+            (None: the event loop's default, 30).
+        name: the port in log lines.
+        require_sni: refuse a ClientHello without a server name (``no_sni``); when False,
+            ``route`` decides (a tunnel client given an IP address sends none).
     """
 
     def __init__(
@@ -77,8 +84,14 @@ class FrontDoor:
         handshake_timeout: float = 10.0,
         on_result: Callable[[str], None] = lambda result: None,
         max_pending: int = 1024,
+        shutdown_timeout: float | None = None,
+        name: str = "public TLS",
+        require_sni: bool = True,
     ) -> None:
         self._route = route
+        self.name = name
+        self._tls_args = {} if shutdown_timeout is None else {"ssl_shutdown_timeout": shutdown_timeout}
+        self.require_sni = require_sni
         self.hello_timeout = hello_timeout
         self.handshake_timeout = handshake_timeout
         self._on_result = on_result
@@ -122,6 +135,11 @@ class FrontDoor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     @property
+    def listener(self) -> socket.socket | None:
+        """The listening socket (None once it stopped accepting, or before start)."""
+        return self._listener
+
+    @property
     def waiting(self) -> int:
         """Connections waiting for their ClientHello now."""
         return len(self._pending)
@@ -137,7 +155,7 @@ class FrontDoor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: the next readiness tries again
-                log.error("public TLS: accept failed: %s", exc)
+                log.error("%s: accept failed: %s", self.name, exc)
                 return
             if len(self._pending) >= self.max_pending:
                 self._on_result("busy")
@@ -188,7 +206,7 @@ class FrontDoor:
         try:
             hello = parse_client_hello(data)
         except ValueError as exc:
-            log.debug("public TLS: not a ClientHello from a caller: %s", exc)
+            log.debug("%s: not a ClientHello from a caller: %s", self.name, exc)
             self._not_tls(pending, data)
             return
         if hello is None:  # split over segments: look again shortly
@@ -196,7 +214,7 @@ class FrontDoor:
             self._loop.remove_reader(sock.fileno())
             pending.handle = self._loop.call_later(_REPEEK, self._repeek, pending)
             return
-        route = self._route(hello) if hello.server_name else None
+        route = self._route(hello) if hello.server_name or not self.require_sni else None
         if route is None:
             self._refuse(pending, len(data), "unknown_name" if hello.server_name else "no_sni")
             return
@@ -239,11 +257,45 @@ class FrontDoor:
         assert self._loop is not None
         try:
             await self._loop.connect_accepted_socket(
-                route.factory, sock, ssl=route.context, ssl_handshake_timeout=self.handshake_timeout
+                route.factory, sock, ssl=route.context, ssl_handshake_timeout=self.handshake_timeout, **self._tls_args
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            log.debug("public TLS: %s handshake failed: %s", route.name, exc)
+            log.debug("%s: %s handshake failed: %s", self.name, route.name, exc)
             self._on_result("handshake_failed")
             sock.close()
             return
         self._on_result("ok")
+
+
+class DoorServer:
+    """A :class:`FrontDoor` with the face of the ``asyncio.Server`` that websockets' ``Server``
+    wraps (``serve()``'s ``create_server`` replaced by one returning this): the members it
+    calls, pinned by tests/unit/test_library_contracts.py. ``close()`` stops accepting;
+    ``wait_closed()`` drops callers still before their ClientHello and cancels handshakes in
+    progress, so when websockets' ``close()`` has waited for its connection handlers, no
+    connection of this port is left, TLS handshake or not. (An ``asyncio.Server`` of Python
+    3.11 forgets a connection still in its handshake: nothing closed one after ``close()``.)"""
+
+    def __init__(self, door: FrontDoor, loop: asyncio.AbstractEventLoop) -> None:
+        self.door = door
+        self._loop = loop
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self.door.listener is not None
+
+    async def start_serving(self) -> None:
+        """Accepting since :meth:`FrontDoor.start`."""
+
+    def close(self) -> None:
+        self.door.stop_accepting()
+
+    async def wait_closed(self) -> None:
+        await self.door.close()
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        listener = self.door.listener
+        return (listener,) if listener is not None else ()

@@ -250,6 +250,13 @@ class Metrics:
             "(no ClientHello in time), handshake_failed, busy (too many waiting for their ClientHello)",
             ["result"],
         )
+        self.control_tls_handshakes = PlainFamily(
+            "counter",
+            "backhaul_control_tls_handshakes",
+            "Connections to the control port (--control-addr) by outcome: ok, not_tls, timeout "
+            "(no ClientHello in time), handshake_failed, busy (too many waiting for their ClientHello)",
+            ["result"],
+        )
         self.reconnects = PlainFamily(
             "counter", "backhaul_tunnel_reconnects", "Registrations by a client instance that had a session before"
         )
@@ -264,6 +271,7 @@ class Metrics:
             self.state_store_up,
             self.acme_orders,
             self.tls_handshakes,
+            self.control_tls_handshakes,
             self.reconnects,
             self.tcp_connections,
         )

@@ -16,7 +16,7 @@ import resource
 import secrets
 import ssl
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from websockets.asyncio.server import Server, serve
 from websockets.server import ServerProtocol
@@ -39,7 +39,7 @@ from .admin import AdminApp
 from .clienthello import ClientHello
 from .config import ServerConfig
 from .control import Authenticator, ControlEndpoint, SharedTokenAuth
-from .frontdoor import FrontDoor, Route
+from .frontdoor import DoorServer, FrontDoor, Route
 from .h1 import H1Listener
 from .iamauth import IamVerifier
 from .observe import Metrics
@@ -296,19 +296,42 @@ class ExitServer:
             await self.state.start()  # the credentials before the first client
         ssl_ctx = None if cfg.insecure_plaintext else server_context(cfg.tls_cert, cfg.tls_key, cfg.client_ca)  # type: ignore[arg-type]
         host, port = parse_addr(cfg.control_addr)
-        with _listen_errors("--control-addr", cfg.control_addr):
-            self._ws_server = await serve(
-                self.control.handle,
-                host,
-                port,
-                ssl=ssl_ctx,
-                process_request=self.control.process_request,
-                process_response=self.control.process_response,
-                server_header="backhaul",
-                create_connection=TunnelServerConnection,
-                **ws_limits(DEFAULT_MAX_FRAME),
+        limits = ws_limits(DEFAULT_MAX_FRAME)
+        ws = serve(
+            self.control.handle,
+            host,
+            port,
+            process_request=self.control.process_request,
+            process_response=self.control.process_response,
+            server_header="backhaul",
+            create_connection=TunnelServerConnection,
+            **limits,
+        )
+        if ssl_ctx is not None:
+            # TLS through a FrontDoor, not asyncio's listener: close() then reaches a connection
+            # still in its TLS handshake (DoorServer), and a silent caller is dropped after
+            # --handshake-timeout, at most 1,024 waiting. Connections are made as the public TLS
+            # port makes them for --control-hostname (_control_connection).
+            control = Route(self._control_connection, ssl_ctx, "control")
+            handshakes = self.metrics.control_tls_handshakes
+            door = FrontDoor(
+                lambda hello: control,
+                hello_timeout=cfg.handshake_timeout,
+                handshake_timeout=cfg.handshake_timeout,
+                shutdown_timeout=limits["close_timeout"],  # as websockets sets for its own TLS listener
+                name="control",
+                require_sni=False,
+                on_result=lambda result: handshakes.labels(result).inc(),
             )
-            self.control_port = listening_port(self._ws_server.sockets)
+
+            async def listen() -> asyncio.Server:
+                await door.start(host, port)
+                return cast("asyncio.Server", DoorServer(door, asyncio.get_running_loop()))
+
+            ws.create_server = listen
+        with _listen_errors("--control-addr", cfg.control_addr):
+            self._ws_server = await ws  # (assigned once listening: close() would wait for it)
+            self.control_port = listening_port(ws.sockets)
         self._listener = self._public_server(None)
         phost, pport = parse_addr(cfg.public_addr)
         with _listen_errors("--public-addr", cfg.public_addr):
@@ -437,9 +460,21 @@ class ExitServer:
             if any(x.connections for x in listeners):
                 log.warning("exit server: drain timeout while closing public connections")
             self._listener = self._tls_listener = None
+        self._stop_accepting_tunnels()
         for conn in list(self.control.connections):
             conn.goaway(GoAwayCode.SHUTDOWN, "exit server shutting down")
         await self.close(deadline)
+
+    def _stop_accepting_tunnels(self) -> None:
+        """Close the control listener, keeping the sessions: a client told to go (go-away, or
+        the WebSocket close) reconnects at once, and must not reach this server again. Accepted
+        then, its connection could still be in its TLS handshake when close() returned: not yet
+        a WebSocket connection, so nothing would close it (CI saw such a transport collected
+        unclosed). A connection between TLS and its upgrade is answered 503 by websockets."""
+        if self._ws_server is not None:
+            self._ws_server.server.close()
+        if self._front is not None and self.config.control_hostname:
+            self._front.stop_accepting()  # the public TLS port takes tunnels too
 
     async def _close_sessions(self, deadline: float | None) -> None:
         """Close every tunnel session at once, not one after another (issue 24 item 6: five
@@ -498,6 +533,7 @@ class ExitServer:
         if self.peers is not None:
             await self.peers.close()
         await self.public.close_relays()
+        self._stop_accepting_tunnels()
         await self._close_sessions(deadline)
         if self.h2 is not None:
             self.h2.close_all()
@@ -506,13 +542,13 @@ class ExitServer:
         await self.tcp.close()
         if self.acme is not None:
             await self.acme.close()
+        if self._front is not None:  # first: a hand-over it cancels cannot reach the WebSocket server
+            await self._front.close()
+            self._front = None
         if self._ws_server is not None:
             self._ws_server.close()
             await self._ws_server.wait_closed()
             self._ws_server = None
-        if self._front is not None:
-            await self._front.close()
-            self._front = None
         if self._site is not None:
             self._site.close()
         for listener in (self._listener, self._tls_listener):

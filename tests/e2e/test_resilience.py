@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -231,6 +232,45 @@ async def test_exit_server_closes_idle_keep_alive_connections_before_its_tunnels
         assert public_open_at_goaway == [False]
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no stray answer
         writer.close()
+
+
+def _control_accepts(server: ExitServer) -> bool:
+    """Whether the control listener still accepts a TCP connection (a blocking connect: the
+    kernel accepts into the backlog of a listening socket while the loop is busy)."""
+    try:
+        with socket.create_connection(("127.0.0.1", server.control_port), timeout=5):
+            return True
+    except ConnectionRefusedError:
+        return False
+
+
+@pytest.mark.parametrize("graceful", [True, False], ids=["shutdown", "close"])
+async def test_tunnels_are_told_to_go_only_after_the_control_listener_closed(
+    certs: Certs, monkeypatch: pytest.MonkeyPatch, graceful: bool
+) -> None:
+    """A tunnel client told to go away (go-away at shutdown, WebSocket close at close())
+    reconnects at once; the control listener is closed by then, so that connection cannot reach
+    this server. Before, it could be accepted and still be in its TLS handshake when close()
+    returned, a connection nobody closed (a CI run saw its transport collected unclosed)."""
+    async with server_to_shut_down(certs, 0.0) as server:
+        listening: list[bool] = []
+        goaway, close = TunnelConnection.goaway, TunnelConnection.close
+
+        def recording_goaway(conn: TunnelConnection, code: int = 0, reason: str = "") -> None:
+            listening.append(_control_accepts(server))
+            goaway(conn, code, reason)
+
+        async def recording_close(conn: TunnelConnection, code: int = 1000, reason: str = "") -> None:
+            listening.append(_control_accepts(server))
+            await close(conn, code, reason)
+
+        monkeypatch.setattr(TunnelConnection, "goaway", recording_goaway)  # its instances have slots
+        monkeypatch.setattr(TunnelConnection, "close", recording_close)
+        if graceful:
+            await server.shutdown(drain_timeout=5)
+        else:
+            await server.close()
+        assert listening and not any(listening)
 
 
 async def test_exit_server_shutdown_stays_within_the_drain_timeout(certs: Certs) -> None:

@@ -6,17 +6,19 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from exit_server import ExitServer
 from exit_server.server import MIN_SESSION_CLOSE
 from tunnel_client import TunnelClient
 
 from ..waiting import wait_until
-from .helpers import TOKEN, Certs, client_config, stack
+from .helpers import TOKEN, Certs, _token_auth, client_config, server_config, stack
 
 pytestmark = pytest.mark.asyncio
 
@@ -131,3 +133,40 @@ async def test_shutdown_with_frozen_clients_stays_within_the_drain_timeout(certs
                     proc.send_signal(signal.SIGCONT)
                     proc.terminate()
             await asyncio.gather(*(proc.wait() for proc in procs))
+
+
+async def _tls_midway(port: int, certs: Certs) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A control connection whose TLS handshake is under way: the ClientHello sent and the
+    server's first flight read, the client's Finished never sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context(cafile=str(certs.ca)).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    writer.write(outgoing.read())
+    assert await asyncio.wait_for(reader.read(65536), 10)  # the ServerHello: the handshake runs
+    return reader, writer
+
+
+async def test_close_leaves_no_control_connection_open(certs: Certs) -> None:
+    """When ExitServer.close() returns, no connection of the control port is open: neither a
+    caller that sent nothing yet nor one in its TLS handshake. (On asyncio's listener, which
+    the control port used before, Python 3.11 forgets a connection still in its handshake at
+    close(): it stayed open until the 10 s handshake timeout, or was collected unclosed in a
+    later test when the loop closed first.)"""
+    server = ExitServer(server_config(certs), auth=_token_auth())
+    await server.start()
+    conns = []
+    try:
+        conns.append(await asyncio.open_connection("127.0.0.1", server.control_port))
+        conns.append(await _tls_midway(server.control_port, certs))
+    finally:
+        await server.close()
+    try:
+        for reader, _ in conns:
+            with contextlib.suppress(ConnectionResetError):
+                # closed already: EOF (or a reset) at once, where the handshake timeout is 10 s
+                await asyncio.wait_for(reader.read(), 5)
+    finally:
+        for _, writer in conns:
+            writer.close()

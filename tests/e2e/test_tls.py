@@ -89,6 +89,38 @@ async def test_sslyze_scan_of_the_control_listener(certs: Certs) -> None:
     assert_strict_tls(scan)
 
 
+def _results(server: ExitServer) -> dict[str, float]:
+    return {
+        sample.labels["result"]: sample.value
+        for metric in server.metrics.control_tls_handshakes.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+
+
+@pytest.mark.asyncio
+async def test_control_port_drops_silent_and_plain_callers(certs: Certs) -> None:
+    """A caller that sends no ClientHello is closed after --handshake-timeout, plain HTTP to
+    the control port gets a 400 that says so, and a tunnel still connects by IP address (no
+    SNI); each counted in backhaul_control_tls_handshakes_total."""
+    timeout = 0.5
+    async with stack(certs, handshake_timeout=timeout) as s:
+        port = s.server.control_port
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        opened = loop.time()
+        assert await asyncio.wait_for(reader.read(), timeout + 10) == b""
+        assert loop.time() - opened >= timeout * 0.9  # not before the deadline (timer granularity)
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"plain HTTP" in answer
+        writer.close()
+        await s.add_client(["default=http://127.0.0.1:9"], server=[f"wss://127.0.0.1:{port}"])  # by IP: no SNI
+        assert _results(s.server) == {"timeout": 1, "not_tls": 1, "ok": 1}
+
+
 def _leaf_der(cert_pem: Path) -> bytes:
     first = cert_pem.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
     return ssl.PEM_cert_to_DER_cert(first)

@@ -7,7 +7,8 @@ Internals covered (docs/ARCHITECTURE.md, "Library internals"):
 * websockets: ``protocol.reader.buffer`` and ``protocol.state`` (shared/aio/wsfast.py attaches
   its own parser only at a frame boundary), ``Connection.data_received``/``process_event``
   (the hand-over), ``protocol.max_message_size`` and ``close_rcvd``, ``Connection.drain_waiters``
-  used as a list.
+  used as a list, and ``Server`` calling ``create_server`` and only the members of its
+  asyncio server that exit_server/frontdoor.py's ``DoorServer`` has.
 * asyncio/uvloop transports: ``set_protocol`` switches a reading transport's protocol
   (shared/aio/wsfast.py), and uvloop reads into a ``BufferedProtocol``'s buffer.
 * aiohttp: ``site._server`` (the bound port of the tests' upstreams on port 0).
@@ -62,6 +63,23 @@ def test_websockets_drain_waiters_need_only_a_list() -> None:
     assert uses, "websockets Connection.drain_waiters is gone (shared/aio/wsfast.py)"
     allowed = {":", ".append(waiter)", ".remove(waiter)"}  # declaration and `for ... in`, the two calls
     assert set(uses) <= allowed, f"websockets uses drain_waiters as {set(uses) - allowed} (shared/aio/wsfast.py)"
+
+
+def test_websockets_server_uses_only_what_door_server_has() -> None:
+    """exit_server/server.py replaces ``serve()``'s ``create_server`` with one returning a
+    ``DoorServer`` (exit_server/frontdoor.py): websockets' ``Server`` must still call it from
+    its ``_await`` and use no member of ``self.server`` the door server lacks."""
+    import re
+
+    from websockets.asyncio.server import Server
+
+    from exit_server.frontdoor import DoorServer
+
+    assert "self.create_server()" in inspect.getsource(Server._await), "websockets Server._await changed"
+    used = set(re.findall(r"self\.server\.(\w+)", inspect.getsource(Server)))
+    assert used, "websockets Server no longer wraps self.server (exit_server/server.py)"
+    missing = {name for name in used if not hasattr(DoorServer, name)}
+    assert not missing, f"websockets Server uses {missing} of its asyncio server (exit_server/frontdoor.py DoorServer)"
 
 
 @pytest.mark.asyncio
