@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
@@ -62,6 +62,13 @@ _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _PATH_SAFE = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
 #: Characters left as they are in a query (RFC 3986 ``query``); "%" is checked separately.
 _QUERY_SAFE = _PATH_SAFE | frozenset("?")
+#: A path :func:`canonical_path` returns unchanged: "/" then characters of ``_PATH_SAFE`` only
+#: (no "%"); with no "/." in it and no "//" at its start, it has no dot segment to remove.
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
+#: A query :func:`_canonical_query` returns unchanged: characters of ``_QUERY_SAFE`` only.
+_PLAIN_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
+#: Header names joined by LF: every one a token (LF is not a token character).
+_TOKENS = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
 _PATTERN = re.compile(r"/(?:[A-Za-z0-9\-._~!$&'()+,;:@%]+/)*(?:[A-Za-z0-9\-._~!$&'()+,;:@%]+|\*)?")
 
 
@@ -89,22 +96,25 @@ def check_method(method: str, kind: StreamKind) -> None:
         raise Refused("a WebSocket upgrade is a GET")
 
 
-def check_headers(headers: Iterable[tuple[str, str]]) -> None:
+def check_headers(headers: Sequence[tuple[str, str]]) -> None:
     """Header names must be tokens; values must not contain CR, LF, NUL or other controls
     (HTAB is allowed); the total size is bounded.
 
     Raises:
         Refused: otherwise.
     """
-    total = 0
-    for name, value in headers:
-        total += len(name) + len(value)
-        if total > MAX_HEADER_BYTES:
+    # Two joined strings and two regex calls, not two calls per header. HTAB, allowed in
+    # values, joins them; LF joins the names: never a token character, and a name holding one
+    # shows as one LF too many.
+    names = "\n".join([pair[0] for pair in headers])
+    values = "\t".join([pair[1] for pair in headers])
+    if len(names) + len(values) > MAX_HEADER_BYTES:  # the joins add one per header: a bound either way
+        if sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
             raise Refused("request head too large")
-        if not _TOKEN.fullmatch(name):
-            raise Refused("header name is not a token")
-        if _FIELD_VALUE_BAD.search(value):
-            raise Refused("control character in a header value")
+    if headers and (not _TOKENS.fullmatch(names) or names.count("\n") != len(headers) - 1):
+        raise Refused("header name is not a token")
+    if _FIELD_VALUE_BAD.search(values):
+        raise Refused("control character in a header value")
 
 
 def check_authority(authority: str) -> None:
@@ -141,6 +151,18 @@ def canonical_path(path: str) -> str:
         Refused: a malformed escape, a dot segment hidden behind ``;`` (``/..;/``), or a result
             starting with ``//``.
     """
+    if "/." not in path and not path.startswith("//") and _PLAIN_PATH.fullmatch(path):
+        return path  # nothing to decode, escape or remove (the usual path)
+    return _remove_dot_segments(_normalise_escapes(path))
+
+
+def _normalise_escapes(path: str) -> str:
+    """Escapes of unreserved characters decoded, other escapes upper-cased, characters
+    outside ``pchar`` escaped.
+
+    Raises:
+        Refused: a malformed escape.
+    """
     out: list[str] = []
     i, n = 0, len(path)
     while i < n:
@@ -155,7 +177,7 @@ def canonical_path(path: str) -> str:
             continue
         out.append(char if char in _PATH_SAFE else _escape(char))
         i += 1
-    return _remove_dot_segments("".join(out))
+    return "".join(out)
 
 
 def _remove_dot_segments(path: str) -> str:
@@ -179,6 +201,12 @@ def _remove_dot_segments(path: str) -> str:
 
 
 def _canonical_query(query: str) -> str:
+    if _PLAIN_QUERY.fullmatch(query):
+        return query
+    return _canonical_query_general(query)
+
+
+def _canonical_query_general(query: str) -> str:
     out: list[str] = []
     for i, char in enumerate(query):
         if char == "%":

@@ -3,6 +3,9 @@ targets: whatever passes can never move the upstream URL off its configured orig
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -10,6 +13,7 @@ from yarl import URL
 
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
+from tunnel_client import guard
 from tunnel_client.guard import (
     MAX_HEADER_BYTES,
     Guard,
@@ -232,3 +236,54 @@ def test_allow_list_refuses_escaped_separators() -> None:
         with pytest.raises(Refused) as info:
             guard.check_route("app", "/", path)
         assert info.value.code is ResetCode.FORBIDDEN
+
+
+# The per-character and per-header forms the fast paths stand in for (as before them): what
+# passes, is refused or is rewritten must not change.
+def _reference_check_headers(headers: list[tuple[str, str]]) -> None:
+    total = 0
+    for name, value in headers:
+        total += len(name) + len(value)
+        if total > MAX_HEADER_BYTES:
+            raise Refused("request head too large")
+        if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name):
+            raise Refused("header name is not a token")
+        if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+            raise Refused("control character in a header value")
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    try:
+        return call()
+    except Refused:
+        return Refused
+
+
+_TRICKY = st.text(alphabet="/.%;:@?aZ09-_~2F5e!*= \t\r\n\x00\x7f\xe9\u0100", max_size=24)
+
+
+@given(_TRICKY)
+@example("/a/..;/b")
+@example("//x")
+@example("/a/.")
+@example("")
+@example("/%2e%2E/x")
+def test_plain_path_fast_path_changes_nothing(path: str) -> None:
+    slow = _outcome(lambda: guard._remove_dot_segments(guard._normalise_escapes(path)))
+    assert _outcome(lambda: canonical_path(path)) == slow
+
+
+@given(_TRICKY)
+@example("a=%zz")
+def test_plain_query_fast_path_changes_nothing(query: str) -> None:
+    assert guard._canonical_query(query) == guard._canonical_query_general(query)
+
+
+@given(st.lists(st.tuples(_TRICKY, _TRICKY), max_size=5))
+@example([("X\nY", "v")])
+@example([("A", "v"), ("", "w")])
+@example([("A\n", "v")])
+def test_header_check_in_two_calls_refuses_what_one_per_header_did(headers: list[tuple[str, str]]) -> None:
+    assert (_outcome(lambda: check_headers(headers)) is Refused) == (
+        _outcome(lambda: _reference_check_headers(headers)) is Refused
+    )
