@@ -213,9 +213,9 @@ class ExitServer:
             raise
 
     def _control_connection(self) -> TunnelServerConnection:
-        """A control connection for the public TLS port (--control-hostname): what the control
-        listener's own factory makes, on the same websockets server (its handshake, token check
-        and handler)."""
+        """A control connection made by a front door: the control port's (with TLS) and the
+        public TLS port's for --control-hostname. What websockets' own factory makes, on the
+        same websockets server (its handshake, token check and handler)."""
         assert self._ws_server is not None
         limits = ws_limits(DEFAULT_MAX_FRAME)
         return TunnelServerConnection(
