@@ -23,6 +23,8 @@ import ssl
 from collections.abc import Callable
 from typing import NamedTuple
 
+from shared.aio.sockopts import listen_sockets
+
 from .clienthello import MAX_HELLO, ClientHello, alert, parse_client_hello
 
 __all__ = ["FrontDoor", "Route"]
@@ -60,7 +62,7 @@ class _Pending:
 
 
 class FrontDoor:
-    """Accepts on one listening socket and hands each connection on by its ClientHello.
+    """Accepts on a port (every address of its host) and hands each connection on by its ClientHello.
 
     Args:
         route: picks the route for a ClientHello (None: refused with unrecognized_name).
@@ -96,32 +98,32 @@ class FrontDoor:
         self.handshake_timeout = handshake_timeout
         self._on_result = on_result
         self.max_pending = max_pending
-        self._listener: socket.socket | None = None
+        self._listeners: list[socket.socket] = []
         self._pending: dict[int, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
 
     async def start(self, host: str, port: int, backlog: int = 1024) -> int:
-        """Listen on ``host:port`` (0: any free port); returns the bound port.
+        """Listen on every address of ``host`` (as asyncio's listener would), all on one port
+        (0: any free port); returns the bound port.
 
         Raises:
-            OSError: the address cannot be bound.
+            OSError: the name does not resolve or an address cannot be bound.
         """
         loop = self._loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=False)
-        sock.setblocking(False)
-        self._listener = sock
-        loop.add_reader(sock.fileno(), self._accept)
-        self.port = int(sock.getsockname()[1])
+        self._listeners = listen_sockets(host, port, backlog)
+        for sock in self._listeners:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        self.port = int(self._listeners[0].getsockname()[1])
         return self.port
 
     def stop_accepting(self) -> None:
-        """Close the listening socket (connections already handed on are not touched)."""
-        sock, self._listener = self._listener, None
-        if sock is not None and self._loop is not None:
-            self._loop.remove_reader(sock.fileno())
+        """Close the listening sockets (connections already handed on are not touched)."""
+        listeners, self._listeners = self._listeners, []
+        for sock in listeners:
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
             sock.close()
 
     async def close(self) -> None:
@@ -135,9 +137,10 @@ class FrontDoor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     @property
-    def listener(self) -> socket.socket | None:
-        """The listening socket (None once it stopped accepting, or before start)."""
-        return self._listener
+    def listeners(self) -> tuple[socket.socket, ...]:
+        """The listening sockets, one per address (none once it stopped accepting, or before
+        start)."""
+        return tuple(self._listeners)
 
     @property
     def waiting(self) -> int:
@@ -146,9 +149,9 @@ class FrontDoor:
 
     # ------------------------------------------------------------------ internals
 
-    def _accept(self) -> None:
-        listener, loop = self._listener, self._loop
-        assert listener is not None and loop is not None
+    def _accept(self, listener: socket.socket) -> None:
+        loop = self._loop
+        assert loop is not None
         for _ in range(64):  # a burst at a time; the loop comes back for more
             try:
                 sock, _addr = listener.accept()
@@ -284,7 +287,7 @@ class DoorServer:
         return self._loop
 
     def is_serving(self) -> bool:
-        return self.door.listener is not None
+        return bool(self.door.listeners)
 
     async def start_serving(self) -> None:
         """Accepting since :meth:`FrontDoor.start`."""
@@ -297,5 +300,4 @@ class DoorServer:
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
-        listener = self.door.listener
-        return (listener,) if listener is not None else ()
+        return self.door.listeners

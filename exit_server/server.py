@@ -22,7 +22,7 @@ from websockets.asyncio.server import Server, serve
 from websockets.server import ServerProtocol
 
 from shared.aio.connection import WS_LOG, ws_limits
-from shared.aio.sockopts import listening_port
+from shared.aio.sockopts import create_servers, listening_port
 from shared.aio.tls import server_context
 from shared.aio.wsfast import TunnelServerConnection
 from shared.errors import ConfigError
@@ -183,11 +183,11 @@ class ExitServer:
             admin_token = read_secret(config.admin_token_file, config.admin_token, "admin-token")
         self.admin = AdminApp(self, admin_token)
         self._admin_listener: H1Listener | None = None
-        self._admin_site: asyncio.Server | None = None
+        self._admin_sites: list[asyncio.Server] = []  # one per address of --admin-addr's host
         self.admin_port = 0
         self._ws_server: Server | None = None
         self._listener: H1Listener | None = None  # the public HTTP listener's connections
-        self._site: asyncio.Server | None = None
+        self._sites: list[asyncio.Server] = []  # one per address of --public-addr's host
         self._tls_listener: H1Listener | None = None  # the public HTTPS listener's
         self._front: FrontDoor | None = None
         self._tls_public: Route | None = None
@@ -335,10 +335,8 @@ class ExitServer:
         self._listener = self._public_server(None)
         phost, pport = parse_addr(cfg.public_addr)
         with _listen_errors("--public-addr", cfg.public_addr):
-            self._site = await asyncio.get_running_loop().create_server(
-                self._listener, phost or None, pport, reuse_address=True, backlog=1024
-            )
-            self.public_port = listening_port(self._site.sockets)
+            self._sites = await create_servers(self._listener, phost, pport)
+            self.public_port = listening_port(self._sites[0].sockets)
         if self.certs is not None and cfg.public_tls_addr:
             await self._start_public_tls(cfg.public_tls_addr, ssl_ctx)
         if self.reloader.items:
@@ -351,10 +349,8 @@ class ExitServer:
             self._admin_listener = H1Listener(self.admin, header_timeout=10.0, keepalive_timeout=75.0)
             ahost, aport = parse_addr(cfg.admin_addr)
             with _listen_errors("--admin-addr", cfg.admin_addr):
-                self._admin_site = await asyncio.get_running_loop().create_server(
-                    self._admin_listener, ahost or None, aport, reuse_address=True
-                )
-                self.admin_port = listening_port(self._admin_site.sockets)
+                self._admin_sites = await create_servers(self._admin_listener, ahost, aport, backlog=100)
+                self.admin_port = listening_port(self._admin_sites[0].sockets)
         log.info(
             "exit server: public http://%s:%d%s, control %s://%s:%d, admin %s",
             phost,
@@ -408,7 +404,7 @@ class ExitServer:
         """Listening, not draining, and serving at least ``--min-ready-tunnels`` sessions
         (``/readyz``): a server with no tunnel would answer 503 to everything it is sent."""
         return (
-            self._site is not None
+            bool(self._sites)
             and self._ws_server is not None
             and not self.public.draining
             and not self.stopping
@@ -440,8 +436,8 @@ class ExitServer:
         self.control.draining = True
         if self.h2 is not None:
             self.h2.goaway_all()  # HTTP/2 callers: streams in flight finish, new ones go elsewhere
-        if self._site is not None:
-            self._site.close()  # stop accepting public connections
+        for site in self._sites:
+            site.close()  # stop accepting public connections
         if self._front is not None:
             self._front.stop_accepting()
         self.tcp.stop_accepting()
@@ -549,19 +545,19 @@ class ExitServer:
             self._ws_server.close()
             await self._ws_server.wait_closed()
             self._ws_server = None
-        if self._site is not None:
-            self._site.close()
+        for site in self._sites:
+            site.close()
         for listener in (self._listener, self._tls_listener):
             if listener is not None:
                 await listener.shutdown(0)
         self._listener = self._tls_listener = None
-        if self._admin_site is not None:
-            self._admin_site.close()
-            self._admin_site = None
+        for site in self._admin_sites:
+            site.close()
+        self._admin_sites = []
         if self._admin_listener is not None:
             await self._admin_listener.shutdown(0)
             self._admin_listener = None
-        self._site = None
+        self._sites = []
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

@@ -10,7 +10,7 @@ import socket
 
 from shared.aio.chunks import ChunkStream
 from shared.aio.pump import pump
-from shared.aio.sockopts import set_keepalive
+from shared.aio.sockopts import listen_sockets, set_keepalive
 from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
@@ -32,34 +32,36 @@ class TcpListeners:
         self.registry = registry
         self.metrics = metrics
         self.host = host
-        self._servers: dict[int, asyncio.Server] = {}
+        self._servers: dict[int, list[asyncio.Server]] = {}  # one per address of the host
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections = 0
         self._limit_log = LogThrottle()
 
     def bind(self, port: int) -> str | None:
         """Open a listener on ``port`` now (synchronously, so a busy port is refused in the
-        welcome); returns an error text or None."""
+        welcome), on every address of the public host (as the public HTTP listener binds);
+        returns an error text or None."""
         if port in self._servers:
             return None
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, port))
-            sock.listen(1024)
-            sock.setblocking(False)
+            sockets = listen_sockets(self.host, port)
         except OSError as exc:
-            sock.close()
-            log.warning("tcp: cannot listen on %s:%d: %s", self.host, port, exc.strerror)
+            log.warning("tcp: cannot listen on %s:%d: %s", self.host, port, exc.strerror or exc)
             return "the exit server cannot listen on this port"
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._serve(port, sock))
+        servers: list[asyncio.Server] = []
+        self._servers[port] = servers  # now: a second bind of the port before it serves is a no-op
+        task = asyncio.get_running_loop().create_task(self._serve(port, sockets, servers))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+        def close_unserved(_: object) -> None:  # also when cancelled before it ran
+            for sock in sockets[len(servers) :]:
+                sock.close()
+
+        task.add_done_callback(close_unserved)
         return None
 
-    async def _serve(self, port: int, sock: socket.socket) -> None:
+    async def _serve(self, port: int, sockets: list[socket.socket], servers: list[asyncio.Server]) -> None:
         loop = asyncio.get_running_loop()
 
         def accepted(conn: ChunkStream) -> None:
@@ -67,32 +69,39 @@ class TcpListeners:
             self._tasks.add(task)  # owned here, so close() can cancel it
             task.add_done_callback(self._tasks.discard)
 
-        # each connection its own protocol, not asyncio streams: no copies (shared/aio/chunks.py)
-        server = await loop.create_server(lambda: ChunkStream(accepted), sock=sock)
-        self._servers[port] = server
+        for sock in sockets:
+            if self._servers.get(port) is not servers:
+                return  # no session serves the port any more (sync() closed it)
+            # each connection its own protocol, not asyncio streams: no copies (shared/aio/chunks.py)
+            server = await loop.create_server(lambda: ChunkStream(accepted), sock=sock)
+            servers.append(server)
+            if self._servers.get(port) is not servers:
+                server.close()
+                return
         log.info("tcp: listening on %s:%d", self.host, port)
 
     def sync(self) -> None:
         """Close the listeners of ports no session serves any more."""
         for port in [p for p in self._servers if p not in self.registry.tcp]:
-            server = self._servers.pop(port)
-            server.close()
+            for server in self._servers.pop(port):
+                server.close()
             log.info("tcp: closed port %d (no session serves it)", port)
 
     def stop_accepting(self) -> None:
         """Close every listener; connections already open carry on (drain)."""
-        for server in self._servers.values():
-            server.close()
+        for servers in self._servers.values():
+            for server in servers:
+                server.close()
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for server in self._servers.values():
-            server.close()
-        for server in self._servers.values():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1)
+        self.stop_accepting()
+        for servers in self._servers.values():
+            for server in servers:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.wait_closed(), 1)
         self._servers.clear()
 
     async def _accept(self, port: int, conn: ChunkStream) -> None:

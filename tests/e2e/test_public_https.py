@@ -19,6 +19,7 @@ import pytest
 import trustme
 from aiohttp import web
 
+from tests.names import dual_name, needs_ipv6
 from tests.waiting import wait_until
 
 from .helpers import Certs, stack, upstream
@@ -79,9 +80,9 @@ async def echo_app() -> web.Application:
     return app
 
 
-def peer_names(port: int, server_name: str | None, ctx: ssl.SSLContext) -> list[str]:
+def peer_names(port: int, server_name: str | None, ctx: ssl.SSLContext, address: str = "127.0.0.1") -> list[str]:
     """The DNS names of the certificate the listener presents for ``server_name``."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+    with socket.create_connection((address, port), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
             cert = tls.getpeercert()
     assert cert is not None
@@ -209,6 +210,34 @@ async def test_a_client_with_only_the_public_tls_port(certs: Certs, pki: PublicP
             if sample.name.endswith("_total")
         }
         assert samples.get("ok", 0) >= 2  # the tunnel and the caller
+
+
+@needs_ipv6
+async def test_listeners_on_every_address_of_their_name(
+    certs: Certs, pki: PublicPKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--public-tls-addr, --control-addr, --public-addr and --admin-addr given a name with an
+    IPv4 and an IPv6 address listen on both, one port for all (shared/aio/sockopts.py)."""
+    name = dual_name(monkeypatch)
+    addrs = {flag: f"{name}:0" for flag in ("public_tls_addr", "control_addr", "public_addr", "admin_addr")}
+    async with stack(certs, **tls_overrides(pki, **addrs)) as s:
+        server = s.server
+        for address in ("127.0.0.1", "::1"):
+            names = await asyncio.to_thread(
+                peer_names, server.public_tls_port, "app.test", pki.client_context(), address
+            )
+            assert names == ["app.test"]
+            for port, request, status in (
+                (server.control_port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),  # plain HTTP to a TLS port
+                (server.public_port, b"GET / HTTP/1.1\r\nHost: nobody.test\r\n\r\n", b"503"),  # no tunnel
+                (server.admin_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"200"),
+            ):
+                reader, writer = await asyncio.open_connection(address, port)
+                writer.write(request)
+                answer = await asyncio.wait_for(reader.readline(), 10)
+                assert answer.startswith(b"HTTP/1.1 " + status + b" "), (address, port, answer)
+                writer.close()
+        await s.add_client(["app.test=http://127.0.0.1:9"], server=[f"wss://127.0.0.1:{server.control_port}"])
 
 
 async def test_silent_and_non_tls_callers_do_not_hold_the_port(certs: Certs, pki: PublicPKI) -> None:

@@ -13,7 +13,9 @@ import pytest
 import pytest_asyncio
 
 from shared.proxyproto import SIGNATURE
+from tests.names import dual_name, needs_ipv6
 from tests.ports import free_port, free_port_run
+from tests.waiting import wait_until
 
 from .helpers import Certs, stack
 
@@ -105,6 +107,38 @@ async def test_port_outside_range_is_refused_with_reason(
         for r in caplog.records
         if r.name.startswith("tunnel_client")
     )
+
+
+@needs_ipv6
+async def test_tcp_port_on_every_address_of_the_public_host(
+    certs: Certs, echo_server: tuple[int, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--public-addr given a name with an IPv4 and an IPv6 address: a TCP tunnel's port
+    listens on both (as the public HTTP listener does), and closes on both when its client
+    leaves."""
+    port, _ = echo_server
+    base, rng = port_range()
+    name = dual_name(monkeypatch)
+    async with stack(certs, tcp_port_range=rng, public_addr=f"{name}:0") as s:
+        running = await s.add_client([], tcp=[f"{base}=127.0.0.1:{port}"])
+        for address in ("127.0.0.1", "::1"):
+            reader, writer = await asyncio.open_connection(address, base)
+            writer.write(address.encode())
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 5) == b"got:" + address.encode()
+            writer.close()
+        await running.stop()
+
+        async def refused(address: str) -> bool:
+            try:
+                _, writer = await asyncio.open_connection(address, base)
+            except OSError:
+                return True
+            writer.close()
+            return False
+
+        for address in ("127.0.0.1", "::1"):
+            await wait_until(lambda address=address: refused(address), timeout=10)
 
 
 async def test_tcp_port_closes_when_client_leaves_and_other_tenant_cannot_take_it(
