@@ -1,10 +1,12 @@
 """Interleaved A/B of two builds of Backhaul's HTTP mode on one machine, in one run.
 
-    .venv/bin/python bench/ab.py REV [--b REV2] [--workload small50,big50,small1] [--duration 4] [--rounds 6]
+    .venv/bin/python bench/ab.py REV [--b REV2 | --b-dir DIR] [--workload small50,big50,small1]
+                                 [--duration 4] [--rounds 6]
 
 A = the commit REV (checked out into a temporary git worktree and imported from there with
 PYTHONPATH, ahead of the editable install), B = the working tree, or with ``--b REV2`` that
-commit in a second worktree (to bisect a change between two commits). One nginx (bench/benchlib.py,
+commit in a second worktree (to bisect a change between two commits), or with ``--b-dir DIR`` a
+tree that is not a commit (an experiment: DIR is imported with PYTHONPATH, as A). One nginx (bench/benchlib.py,
 serving the 100 B and 1 MiB files) is the upstream of both; each build runs its own exit server
 and tunnel client on CPU 1, wrk runs on CPU 0 (as ``bench/run.py --pin``). Runs alternate
 A, B, B, A, A, B, ... so that a machine whose speed drifts (this one is shared: the nginx
@@ -72,13 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workload", default="small50,big50,small1", help="comma list of " + ", ".join(w.key for w in WORKLOADS)
     )
-    parser.add_argument("--b", dest="b_rev", help="the B side: a git revision (default: the working tree)")
+    side_b = parser.add_mutually_exclusive_group()
+    side_b.add_argument("--b", dest="b_rev", help="the B side: a git revision (default: the working tree)")
+    side_b.add_argument("--b-dir", type=Path, help="the B side: a source tree imported with PYTHONPATH (an experiment)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run (default 4)")
     parser.add_argument("--rounds", type=int, default=6, help="runs per side and workload (default 6)")
     args = parser.parse_args(argv)
     workloads = [w for w in WORKLOADS if w.key in args.workload.split(",")]
     if not workloads or not 1 <= args.rounds <= 50 or not 1 <= args.duration <= 60:
         parser.error("unknown workload, or rounds outside 1-50 / duration outside 1-60 s")
+    if args.b_dir is not None and not (args.b_dir / "exit_server").is_dir():
+        parser.error(f"--b-dir {args.b_dir}: not a Backhaul source tree (no exit_server/)")
     bl.ensure_tools()
     workdir = Path(tempfile.mkdtemp(prefix="backhaul-ab-"))
     tree = workdir / "a"
@@ -86,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.rev], check=True, capture_output=True
     )
     tree_b = workdir / "b" if args.b_rev else None
+    b_path = str(args.b_dir.resolve()) if args.b_dir is not None else str(tree_b) if tree_b is not None else None
     if tree_b is not None:
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree_b), args.b_rev],
@@ -98,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         nginx = bl.start_nginx(stack, cpu=1)
         os.environ["PYTHONPATH"] = str(tree)  # clean_env() copies it into A's processes only
         server_a, client_a, port_a = start_http_mode(stack, certs, nginx, 1)
-        if tree_b is not None:
-            os.environ["PYTHONPATH"] = str(tree_b)
+        if b_path is not None:
+            os.environ["PYTHONPATH"] = b_path
         else:
             del os.environ["PYTHONPATH"]
         server_b, client_b, port_b = start_http_mode(stack, certs, nginx, 1)
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True, check=True
             ).stdout.strip()
 
-        b_side = f"{args.b_rev} ({short(args.b_rev)})" if args.b_rev else "working tree"
+        b_side = f"{args.b_rev} ({short(args.b_rev)})" if args.b_rev else b_path or "working tree"
         print(
             f"A = {args.rev} ({short(args.rev)}), B = {b_side}; {args.rounds} x {args.duration:g} s per side and "
             "workload, interleaved, pinned (wrk CPU 0, the rest CPU 1)",
