@@ -1,16 +1,19 @@
-"""shared.aio.sockopts.listen_sockets: every address of a name, one port for all, nothing left
-open when one address cannot be bound (the name with two addresses: tests/names.py)."""
+"""shared.aio.sockopts.listen_sockets and create_servers: every address of a name, one port
+for all, nothing left open when one address cannot be bound or served (the name with two
+addresses: tests/names.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from shared.aio.sockopts import listen_sockets
+from shared.aio.sockopts import create_servers, listen_sockets
 from tests.names import dual_name, needs_ipv6
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -67,3 +70,56 @@ def test_one_address_taken_leaves_nothing_open(monkeypatch: pytest.MonkeyPatch) 
         with pytest.raises(OSError):
             listen_sockets(dual_name(monkeypatch), port)
     assert made and all(sock.fileno() == -1 for sock in made)  # the IPv4 one it bound, closed
+
+
+def test_a_name_without_an_ip_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])  # only other families
+    with pytest.raises(OSError, match="no IPv4 or IPv6 address"):
+        listen_sockets("elsewhere.test", 0)
+
+
+@pytest.mark.asyncio
+@needs_ipv6
+async def test_a_server_on_every_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    accepted: list[str] = []
+
+    class Note(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.append(transport.get_extra_info("sockname")[0])
+            transport.close()
+
+    servers = await create_servers(Note, dual_name(monkeypatch), 0, backlog=8)
+    try:
+        port = servers[0].sockets[0].getsockname()[1]
+        assert [s.sockets[0].getsockname()[1] for s in servers] == [port, port]
+        for address in ("127.0.0.1", "::1"):
+            _, writer = await asyncio.open_connection(address, port)
+            writer.close()
+        await wait_until(lambda: len(accepted) == 2, timeout=5, what="both connections accepted")
+        assert sorted(accepted) == ["127.0.0.1", "::1"]
+    finally:
+        for server in servers:
+            server.close()
+
+
+@pytest.mark.asyncio
+@needs_ipv6
+async def test_a_server_that_cannot_start_leaves_nothing_listening(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    real = loop.create_server
+    made: list[asyncio.Server] = []
+    given: list[socket.socket] = []
+
+    async def second_fails(*args: Any, **kwargs: Any) -> asyncio.Server:
+        given.append(kwargs["sock"])
+        if len(given) == 2:
+            raise OSError("refused by the test")
+        server = await real(*args, **kwargs)
+        made.append(server)
+        return server
+
+    monkeypatch.setattr(loop, "create_server", second_fails)
+    with pytest.raises(OSError, match="refused by the test"):
+        await create_servers(asyncio.Protocol, dual_name(monkeypatch), 0)
+    assert len(made) == 1 and not made[0].is_serving()
+    assert all(sock.fileno() == -1 for sock in given)
