@@ -1,7 +1,7 @@
 """A trial build of the hot path compiled with mypyc, for ``bench/ab.py --b-dir``: not how
 Backhaul is built or shipped (docs/BENCHMARKS.md, round 16, says what landing it takes).
 
-    .venv/bin/python bench/compiled_trial.py DIR [--rev HEAD]
+    .venv/bin/python bench/compiled_trial.py DIR [--rev HEAD] [--all]
     .venv/bin/python bench/ab.py HEAD --b-dir DIR --workload small50,small1 --duration 3 --rounds 6
 
 Clones REV into DIR, makes the three source edits mypyc needs in these modules (it rejects
@@ -23,10 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The sans-I/O core and the per-request modules that mypyc compiles as they are. Left out:
-#: exit_server/h1.py and tunnel_client/upstream.py (async generators, which mypyc does not
-#: compile), shared/aio/wsfast.py (its classes are subclassed by interpreted ones, with
-#: websockets' classes as the other base).
+#: The sans-I/O core and the per-request modules. Left out: shared/aio/wsfast.py (its classes
+#: are subclassed by interpreted ones, with websockets' classes as the other base).
 MODULES = (
     "shared/errors.py",
     "shared/sizes.py",
@@ -45,12 +43,65 @@ MODULES = (
     "tunnel_client/http1.py",
 )
 
+#: With ``--all``: also the public listener and the client's forwarder, whose async generators
+#: (which mypyc does not compile) the trial rewrites as async iterator classes.
+MORE = ("exit_server/h1.py", "tunnel_client/upstream.py")
+
+_ITER_ANY = """    async def iter_any(self) -> AsyncIterator[bytes]:
+        while chunk := await self.readany():
+            yield chunk
+"""
+_ITER_ANY_CLASS = """    def iter_any(self) -> AsyncIterator[bytes]:
+        return _Chunks(self)
+
+
+class _Chunks:
+    def __init__(self, reader: BodyReader) -> None:
+        self._reader = reader
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._reader.readany()
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+"""
+_BODY = """async def _body(stream: TunnelStream, record: AuditRecord) -> AsyncIterator[bytes | memoryview]:
+    while True:
+        chunk = await stream.read()
+        if not chunk:
+            return
+        record.bytes_in += len(chunk)
+        yield chunk
+"""
+_BODY_CLASS = """def _body(stream: TunnelStream, record: AuditRecord) -> AsyncIterator[bytes | memoryview]:
+    return _Body(stream, record)
+
+
+class _Body:
+    def __init__(self, stream: TunnelStream, record: AuditRecord) -> None:
+        self._stream = stream
+        self._record = record
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes | memoryview:
+        chunk = await self._stream.read()
+        if not chunk:
+            raise StopAsyncIteration
+        self._record.bytes_in += len(chunk)
+        return chunk
+"""
+
 _FINAL_FIELD = re.compile(r"^(    [a-z_]+): Final\[(.*)\]((?: = .*)?(?:  #.*)?)$", re.MULTILINE)
 
 
-def edit(tree: Path) -> None:
+def edit(tree: Path, modules: tuple[str, ...]) -> None:
     """The source edits the compiled modules need (a trial: read-only fields become plain)."""
-    for name in MODULES:
+    for name in modules:
         path = tree / name
         text = _FINAL_FIELD.sub(r"\1: \2\3", path.read_text())
         text = text.replace("    payload: memoryview\n", "    payload: builtins.memoryview\n")
@@ -59,6 +110,7 @@ def edit(tree: Path) -> None:
         text = text.replace(
             "if _PEER_FIELDS & request.headers.keys():", "if not _PEER_FIELDS.isdisjoint(request.headers.keys()):"
         )
+        text = text.replace(_ITER_ANY, _ITER_ANY_CLASS).replace(_BODY, _BODY_CLASS)
         path.write_text(text)
 
 
@@ -66,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", type=Path, help="where to clone and build (must not exist)")
     parser.add_argument("--rev", default="HEAD", help="the commit to build (default HEAD)")
+    parser.add_argument("--all", action="store_true", help="also " + " and ".join(MORE))
     args = parser.parse_args(argv)
+    modules = MODULES + MORE if args.all else MODULES
     tree: Path = args.dir.resolve()
     if tree.exists():
         parser.error(f"{tree} exists")
@@ -75,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{mypyc} not found: `make test` installs mypy (with mypyc) once")
     subprocess.run(["git", "clone", "-q", str(ROOT), str(tree)], check=True)
     subprocess.run(["git", "-C", str(tree), "checkout", "-q", "--detach", args.rev], check=True)
-    edit(tree)
+    edit(tree, modules)
     # mypyc's setuptools run reads pyproject.toml and would build the whole project: moved away.
     (tree / "pyproject.toml").rename(tree / "pyproject.toml.trial")
     env = dict(os.environ, MYPYPATH=str(tree))
-    cmd = [str(mypyc), "--strict", "--namespace-packages", "--explicit-package-bases", *MODULES]
+    cmd = [str(mypyc), "--strict", "--namespace-packages", "--explicit-package-bases", *modules]
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
     (tree / "pyproject.toml.trial").rename(tree / "pyproject.toml")
     if done.returncode != 0:
