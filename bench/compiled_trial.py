@@ -4,12 +4,13 @@ Backhaul is built or shipped (docs/BENCHMARKS.md, round 16, says what landing it
     .venv/bin/python bench/compiled_trial.py DIR [--rev HEAD] [--all]
     .venv/bin/python bench/ab.py HEAD --b-dir DIR --workload small50,small1 --duration 3 --rounds 6
 
-Clones REV into DIR, makes the three source edits mypyc needs in these modules (it rejects
-``Final`` fields of a dataclass at run time, cannot resolve a bare ``memoryview`` in a
-NamedTuple, and enforces the ``frozenset`` mypy infers for ``frozenset & dict.keys()``, which
-is a ``set`` at run time), and compiles :data:`MODULES` in place with the ``mypyc`` of the
-project's virtualenv (mypy's own, already a test dependency). Needs a C compiler and the
-Python headers. Every load stays in ``bench/ab.py``: this only builds.
+Clones REV into DIR, makes the source edits mypyc needs in these modules (it rejects
+``Final`` fields of a dataclass at run time; for commits before 2026-12-05 also: it cannot
+resolve a bare ``memoryview`` in a NamedTuple, and enforces the ``frozenset`` mypy infers for
+``frozenset & dict.keys()``, which is a ``set`` at run time), and compiles :data:`MODULES`
+in place with the ``mypyc`` of the project's virtualenv (mypy's own, already a test
+dependency). Needs a C compiler and the Python headers. Every load stays in
+``bench/ab.py``: this only builds.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ MODULES = (
     "tunnel_client/http1.py",
 )
 
-#: With ``--all``: also the public listener and the client's forwarder, whose async generators
-#: (which mypyc does not compile) the trial rewrites as async iterator classes.
+#: With ``--all``: also the public listener and the client's forwarder. Their two async
+#: generators (which mypyc does not compile) are async iterator classes since 2026-12-05; for
+#: an older ``--rev`` the trial rewrites them so.
 MORE = ("exit_server/h1.py", "tunnel_client/upstream.py")
 
 _ITER_ANY = """    async def iter_any(self) -> AsyncIterator[bytes]:

@@ -142,9 +142,26 @@ class BodyReader:
             return b""
         return await self._queue.get()
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        while chunk := await self.readany():
-            yield chunk
+    def iter_any(self) -> AsyncIterator[bytes]:
+        """The chunks until the end (an iterator object, not an async generator: nothing to
+        close when the reader stops early, and mypyc can compile it)."""
+        return _Chunks(self)
+
+
+class _Chunks:
+    __slots__ = ("_reader",)
+
+    def __init__(self, reader: BodyReader) -> None:
+        self._reader = reader
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._reader.readany()
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
 
 
 _NO_BODY = BodyReader(None)

@@ -149,7 +149,7 @@ class PublicHandler:
         self.requests += 1
         peer = self.peer_of(request)
         relayed_by = None
-        if _PEER_FIELDS & request.headers.keys():  # rare: a request relayed by a peer (peers.py)
+        if request.headers.keys() & _PEER_FIELDS:  # rare: a request relayed by a peer (peers.py)
             relayed_by, peer, scheme = self._peer_fields(request, peer, scheme)
         ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, "", request.path, peer)
         ex.scheme = scheme if scheme is not None else self.config.public_scheme

@@ -15,6 +15,7 @@ The declared length is checked against the limit before the payload is touched.
 
 from __future__ import annotations
 
+import builtins
 import enum
 import struct
 from collections.abc import Iterator
@@ -129,7 +130,7 @@ class Frame(NamedTuple):
     type: int
     flags: int
     stream_id: int
-    payload: memoryview
+    payload: builtins.memoryview  # so spelled, mypyc can build the NamedTuple (docs/BENCHMARKS.md, round 16)
 
 
 def encode_header(frame_type: int, flags: int, stream_id: int, length: int) -> bytes:
