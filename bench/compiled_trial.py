@@ -44,59 +44,9 @@ MODULES = (
     "tunnel_client/http1.py",
 )
 
-#: With ``--all``: also the public listener and the client's forwarder. Their two async
-#: generators (which mypyc does not compile) are async iterator classes since 2026-12-05; for
-#: an older ``--rev`` the trial rewrites them so.
+#: With ``--all``: also the public listener and the client's forwarder, for a ``--rev`` from
+#: 460357e on (before, each had an async generator, which mypyc does not compile).
 MORE = ("exit_server/h1.py", "tunnel_client/upstream.py")
-
-_ITER_ANY = """    async def iter_any(self) -> AsyncIterator[bytes]:
-        while chunk := await self.readany():
-            yield chunk
-"""
-_ITER_ANY_CLASS = """    def iter_any(self) -> AsyncIterator[bytes]:
-        return _Chunks(self)
-
-
-class _Chunks:
-    def __init__(self, reader: BodyReader) -> None:
-        self._reader = reader
-
-    def __aiter__(self) -> _Chunks:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await self._reader.readany()
-        if not chunk:
-            raise StopAsyncIteration
-        return chunk
-"""
-_BODY = """async def _body(stream: TunnelStream, record: AuditRecord) -> AsyncIterator[bytes | memoryview]:
-    while True:
-        chunk = await stream.read()
-        if not chunk:
-            return
-        record.bytes_in += len(chunk)
-        yield chunk
-"""
-_BODY_CLASS = """def _body(stream: TunnelStream, record: AuditRecord) -> AsyncIterator[bytes | memoryview]:
-    return _Body(stream, record)
-
-
-class _Body:
-    def __init__(self, stream: TunnelStream, record: AuditRecord) -> None:
-        self._stream = stream
-        self._record = record
-
-    def __aiter__(self) -> _Body:
-        return self
-
-    async def __anext__(self) -> bytes | memoryview:
-        chunk = await self._stream.read()
-        if not chunk:
-            raise StopAsyncIteration
-        self._record.bytes_in += len(chunk)
-        return chunk
-"""
 
 _FINAL_FIELD = re.compile(r"^(    [a-z_]+): Final\[(.*)\]((?: = .*)?(?:  #.*)?)$", re.MULTILINE)
 
@@ -112,7 +62,6 @@ def edit(tree: Path, modules: tuple[str, ...]) -> None:
         text = text.replace(
             "if _PEER_FIELDS & request.headers.keys():", "if not _PEER_FIELDS.isdisjoint(request.headers.keys()):"
         )
-        text = text.replace(_ITER_ANY, _ITER_ANY_CLASS).replace(_BODY, _BODY_CLASS)
         path.write_text(text)
 
 
