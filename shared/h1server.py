@@ -15,6 +15,10 @@ After an error the connection is unusable: :meth:`H1Parser.feed` returns nothing
 an upgrade (a request with ``Connection: upgrade`` and ``Upgrade``, or CONNECT) the bytes that
 follow are the upgraded protocol's, returned as :class:`Upgraded`; the caller decides whether
 the upgrade happens (and otherwise closes after its answer).
+
+The events are values: nothing assigns to their fields once made. The fields are not
+marked ``Final``: mypyc, which compiles this module (README, "Compiled build"), refuses a
+dataclass ``__init__`` that sets a ``Final`` field.
 """
 
 from __future__ import annotations
@@ -57,21 +61,21 @@ HEAD_BYTES_LIMIT = REQUEST_LINE_LIMIT + HEADERS_LIMIT + MAX_HEADERS * 4 + 64
 class Head:
     """A request head, complete."""
 
-    method: Final[str]
-    target: Final[str]  # as sent: origin-form, absolute-form, authority-form or "*"
-    version: Final[tuple[int, int]]
-    raw_headers: Final[tuple[tuple[bytes, bytes], ...]]  # in order, as sent
-    keep_alive: Final[bool]  # what llhttp reads from the version and Connection
-    chunked: Final[bool]  # the body is chunked (Transfer-Encoding ends with chunked)
-    content_length: Final[int | None]  # the Content-Length, when the body is so delimited
-    upgrade: Final[bool]  # an upgrade (or CONNECT): the bytes after this request are not HTTP/1.1
+    method: str
+    target: str  # as sent: origin-form, absolute-form, authority-form or "*"
+    version: tuple[int, int]
+    raw_headers: tuple[tuple[bytes, bytes], ...]  # in order, as sent
+    keep_alive: bool  # what llhttp reads from the version and Connection
+    chunked: bool  # the body is chunked (Transfer-Encoding ends with chunked)
+    content_length: int | None  # the Content-Length, when the body is so delimited
+    upgrade: bool  # an upgrade (or CONNECT): the bytes after this request are not HTTP/1.1
 
 
 @dataclass(slots=True)
 class Body:
     """Bytes of the current request's body (chunked framing removed)."""
 
-    data: Final[bytes]
+    data: bytes
 
 
 @dataclass(slots=True)
@@ -83,15 +87,15 @@ class End:
 class Upgraded:
     """The request before was an upgrade: ``data`` and everything after is raw."""
 
-    data: Final[bytes]
+    data: bytes
 
 
 @dataclass(slots=True)
 class ParseError:
     """The bytes cannot be a request: answer ``status`` (generic body) and close."""
 
-    status: Final[int]
-    reason: Final[str]  # llhttp's or ours, never the caller's bytes
+    status: int
+    reason: str  # llhttp's or ours, never the caller's bytes
 
 
 Event = Head | Body | End | Upgraded | ParseError

@@ -10,6 +10,10 @@ length-prefixed byte string (u16 big-endian length), decoded as ISO-8859-1 like 
                     fields: header name, header value, ...
     TRAILERS payload = count (u16) | count x (len u16 | bytes)   (protocol version 2)
                     fields: trailer name, trailer value, ...
+
+Heads are values: nothing assigns to their fields once made. The fields are not
+marked ``Final``: mypyc, which compiles this module (README, "Compiled build"), refuses a
+dataclass ``__init__`` that sets a ``Final`` field.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Final, NoReturn
+from typing import NoReturn
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -69,21 +73,21 @@ class RequestHead:
     For TCP streams ``target`` is the public port and ``method`` is empty.
     """
 
-    kind: Final[StreamKind]
-    method: Final[str]
-    target: Final[str]
-    authority: Final[str]
-    scheme: Final[str] = "https"
-    client_addr: Final[str] = ""
-    headers: Final[Headers] = field(default_factory=tuple)
+    kind: StreamKind
+    method: str
+    target: str
+    authority: str
+    scheme: str = "https"
+    client_addr: str = ""
+    headers: Headers = field(default_factory=tuple)
 
 
 @dataclass(slots=True)
 class ResponseHead:
     """The upstream's status and headers, sent back by the client."""
 
-    status: Final[int]
-    headers: Final[Headers] = field(default_factory=tuple)
+    status: int
+    headers: Headers = field(default_factory=tuple)
 
 
 def _pack_fields(parts: list[bytes], values: list[str]) -> None:

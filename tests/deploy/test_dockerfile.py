@@ -79,12 +79,23 @@ def test_hadolint_is_really_checking(tmp_path: Path) -> None:
 def test_image_shape() -> None:
     steps = instructions(DOCKERFILE.read_text())
     froms = [args for word, args in steps if word == "FROM"]
-    assert len(froms) >= 2, "multi-stage build expected"
-    assert froms[0].endswith(" AS builder")
-    bases = {f.split()[0] for f in froms}
+    assert len(froms) == 3, "three stages expected: compiler, builder, final"
+    assert froms[0].endswith(" AS compiler") and froms[1].endswith(" AS builder")
+    bases = {f.split()[0] for f in froms[1:]}
     assert len(bases) == 1, f"builder and final stage must share the base (the venv's interpreter): {bases}"
     (base,) = bases
     assert re.fullmatch(r"python:3\.1[1-9]\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", base), f"unpinned base {base}"
+    # The compiler stage: the full image of the same release (a C compiler and the headers);
+    # only its wheel reaches the builder.
+    compiler = froms[0].split()[0]
+    assert compiler == base.split("@")[0].replace("-slim-", "-"), f"compiler {compiler} is not {base}'s release"
+    builder = steps[[i for i, (word, _) in enumerate(steps) if word == "FROM"][1] :]
+    copies = [args for word, args in builder if word == "COPY" and args.startswith("--from=compiler ")]
+    assert copies == ["--from=compiler /wheels /wheels"], copies
+    runs = " ".join(args for word, args in steps[: len(steps) - len(builder)] if word == "RUN")
+    assert "BACKHAUL_COMPILE=1" in runs and "--no-build-isolation" in runs, (
+        "the compiler stage builds the compiled wheel"
+    )
 
     final = steps[max(i for i, (word, _) in enumerate(steps) if word == "FROM") :]
     users = [args for word, args in final if word == "USER"]
@@ -150,7 +161,7 @@ def test_dockerignore_lets_build_inputs_through() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     includes = project["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = sorted({p.split("*")[0].rstrip(".") for p in includes})
-    needed = ["pyproject.toml", project["project"]["readme"]]
+    needed = ["pyproject.toml", "setup.py", project["project"]["readme"]]
     needed += [str(p.relative_to(ROOT)) for pkg in packages for p in (ROOT / pkg).rglob("*.py")]
     for path in needed:
         assert not _dockerignore_excludes(path, patterns), f"{path} is needed by the build but excluded"
@@ -160,6 +171,7 @@ def test_dockerignore_lets_build_inputs_through() -> None:
         "tests/conftest.py",
         "deploy/ecs/service.json",
         "shared/__pycache__/x.cpython-311.pyc",
+        f"shared/{'mux'}.cpython-311-x86_64-linux-gnu.so",  # a compiled module left in the tree
         ".demo/token",
     ):
         assert _dockerignore_excludes(path, patterns), f"{path} should not reach the build context"
