@@ -82,11 +82,23 @@ $(BIN)/exit-server:
 ## gRPC (h2load, grpcio) and start time; writes
 ## docs/BENCHMARKS.md (installs nginx and wrk from Debian if missing: needs root).
 ## BENCH_ARGS="--quick --profile --skip-scale" etc. (see bench/run.py --help)
+## It measures the compiled build, what the container image ships (README, "Compiled build"):
+## built first into build/compiled and imported from there; BENCH_BUILD=pure measures the checkout.
 BENCH_ARGS ?= --pin
+BENCH_BUILD ?= compiled
 bench: | $(BIN)/exit-server
 	bash bench/setup.sh
+ifeq ($(BENCH_BUILD),compiled)
+	$(MAKE) $(STAMP)
+	$(BIN)/python scripts/compiled.py $(COMPILED_DIR)
 	BENCH_VIA="make bench$(if $(filter-out --pin,$(BENCH_ARGS)), BENCH_ARGS='$(BENCH_ARGS)')" \
+		PYTHONPATH="$(abspath $(COMPILED_DIR))" $(BIN)/python bench/run.py $(BENCH_ARGS)
+else ifeq ($(BENCH_BUILD),pure)
+	BENCH_VIA="make bench BENCH_BUILD=pure$(if $(filter-out --pin,$(BENCH_ARGS)), BENCH_ARGS='$(BENCH_ARGS)')" \
 		$(BIN)/python bench/run.py $(BENCH_ARGS)
+else
+	@echo "BENCH_BUILD=$(BENCH_BUILD): use compiled or pure" >&2; exit 2
+endif
 
 ## load: locust (own virtualenv .venv-load, the `load` extra) against a local stack for LOAD_TIME;
 ## fails on > 0.1% failures or a p95 over the locustfile's limit. Reports in bench/results/load/.

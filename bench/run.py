@@ -785,7 +785,22 @@ def machine_info() -> dict[str, str]:
         "wrk": bl.tool_version(["wrk", "--version"]).split(" Copyright")[0],
         "commit": (git.stdout.strip() or "?")
         + (" + uncommitted changes in the packages" if dirty.stdout.strip() else ""),
+        "build": build_under_test(),
     }
+
+
+def build_under_test() -> str:
+    """Which build the Backhaul processes import (they inherit PYTHONPATH through clean_env):
+    the compiled one from a scripts/compiled.py tree (what `make bench` builds first, and what
+    the container image ships), or the pure-Python checkout."""
+    probe = "import shared.mux, exit_server.h1; print(shared.mux.__file__, exit_server.h1.__file__)"
+    done = subprocess.run([sys.executable, "-P", "-c", probe], capture_output=True, text=True, env=bl.clean_env())
+    files = done.stdout.split()
+    if done.returncode != 0 or len(files) != 2:
+        return "? (" + (done.stderr.strip().splitlines() or ["no output"])[-1] + ")"
+    if all(f.endswith(".py") for f in files):
+        return "pure Python"
+    return f"compiled (mypyc), from {Path(files[0]).parent.parent}"
 
 
 def _os_release() -> str:
@@ -944,6 +959,7 @@ def write_doc(
         ("nginx", "nginx"),
         ("wrk", "wrk"),
         ("commit", "Backhaul commit"),
+        ("build", "Backhaul build"),
     ):
         out.append(f"| {label} | {info[key]} |")
     uv = extra.get("uvloop_loaded", {})
@@ -1205,7 +1221,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     bl.log(
         f"machine: {info['cpu']}, {info['cores']} cores, kernel {info['kernel']}, Python {info['python']}, "
-        f"uvloop {info['uvloop']}"
+        f"uvloop {info['uvloop']}; Backhaul build: {info['build']}"
     )
     runner = Runner(args, bl.RESULTS)
     results: list[Result] = []
