@@ -6,7 +6,7 @@ extensions beside the pure modules, which then take precedence on import. That n
 runtime dependencies (mypyc type-checks the modules against them, as ``mypy --strict`` does)
 and a C compiler in the build environment, so it runs without build isolation::
 
-    pip install mypy -r <(the runtime dependencies)     # or a `make test` virtualenv
+    pip install mypy 'setuptools>=77' .     # the runtime dependencies; or a `make test` virtualenv
     BACKHAUL_COMPILE=1 pip wheel --no-build-isolation --no-deps --wheel-dir dist .
 
 ``scripts/compiled.py DIR`` builds the same extensions in a copy of the working tree, for the

@@ -30,7 +30,7 @@ MARK = ".backhaul-compiled"
 
 
 def copy_tree(dest: Path) -> int:
-    """Copy the checkout's files into ``dest`` (which must not exist); returns their count."""
+    """Copy the checkout's files into ``dest`` (new, but for the marker file); returns their count."""
     listed = subprocess.run(
         ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         check=True,
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dest: Path = args.dir.resolve()
     if dest == ROOT or (ROOT in dest.parents and ROOT / "build" not in dest.parents):
-        parser.error(f"{dest}: outside the checkout or under its build/ (git ignores it; nothing imports it)")
+        parser.error(f"{dest}: inside the checkout; use a directory outside it or under its build/")
     if dest.exists():
         if not (dest / MARK).exists():
             parser.error(f"{dest} exists and is not an earlier compiled build: remove it first")
