@@ -33,6 +33,7 @@ COMPILED = (
     "shared/httputil.py",
     "shared/forwarding.py",
     "shared/aio/connection.py",
+    "shared/aio/splice.py",
     "exit_server/headers.py",
     "exit_server/observe.py",
     "exit_server/public.py",

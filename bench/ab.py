@@ -1,10 +1,11 @@
-"""Interleaved A/B of two builds of Backhaul's HTTP mode on one machine, in one run.
+"""Interleaved A/B of two builds of Backhaul (HTTP mode, or TCP mode) on one machine, in one run.
 
-    .venv/bin/python bench/ab.py REV [--b REV2 | --b-dir DIR] [--workload small50,big50,small1]
-                                 [--duration 4] [--rounds 6]
+    .venv/bin/python bench/ab.py {REV | --a-dir DIR} [--b REV2 | --b-dir DIR] [--mode http|tcp]
+                                 [--workload small50,big50,small1] [--duration 4] [--rounds 6]
 
 A = the commit REV (checked out into a temporary git worktree and imported from there with
-PYTHONPATH, ahead of the editable install), B = the working tree, or with ``--b REV2`` that
+PYTHONPATH, ahead of the editable install), or with ``--a-dir DIR`` a tree imported the same
+way (two compiled builds: ``scripts/compiled.py`` makes one per side), B = the working tree, or with ``--b REV2`` that
 commit in a second worktree (to bisect a change between two commits), or with ``--b-dir DIR`` a
 tree that is not a commit (an experiment: DIR is imported with PYTHONPATH, as A). One nginx (bench/benchlib.py,
 serving the 100 B and 1 MiB files) is the upstream of both; each build runs its own exit server
@@ -32,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl  # noqa: E402
-from run import WORKLOADS, start_http_mode  # noqa: E402
+from run import WORKLOADS, start_http_mode, start_tcp_mode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,10 @@ def wrk(port: int, path: str, connections: int, duration: float) -> tuple[int, f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rev", help="the A side: a git revision (B is the working tree)")
+    parser.add_argument("rev", nargs="?", help="the A side: a git revision (B is the working tree)")
+    parser.add_argument(
+        "--a-dir", type=Path, help="the A side: a source tree imported with PYTHONPATH, instead of REV (a compiled one)"
+    )
     parser.add_argument(
         "--workload", default="small50,big50,small1", help="comma list of " + ", ".join(w.key for w in WORKLOADS)
     )
@@ -79,18 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     side_b.add_argument("--b-dir", type=Path, help="the B side: a source tree imported with PYTHONPATH (an experiment)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run (default 4)")
     parser.add_argument("--rounds", type=int, default=6, help="runs per side and workload (default 6)")
+    parser.add_argument(
+        "--mode", choices=("http", "tcp"), default="http", help="the tunnel mode measured (default http)"
+    )
     args = parser.parse_args(argv)
+    start = start_tcp_mode if args.mode == "tcp" else start_http_mode
     workloads = [w for w in WORKLOADS if w.key in args.workload.split(",")]
     if not workloads or not 1 <= args.rounds <= 50 or not 1 <= args.duration <= 60:
         parser.error("unknown workload, or rounds outside 1-50 / duration outside 1-60 s")
-    if args.b_dir is not None and not (args.b_dir / "exit_server").is_dir():
-        parser.error(f"--b-dir {args.b_dir}: not a Backhaul source tree (no exit_server/)")
+    if (args.rev is None) == (args.a_dir is None):
+        parser.error("give the A side as REV or as --a-dir DIR (one of them)")
+    for flag, given in (("--a-dir", args.a_dir), ("--b-dir", args.b_dir)):
+        if given is not None and not (given / "exit_server").is_dir():
+            parser.error(f"{flag} {given}: not a Backhaul source tree (no exit_server/)")
     bl.ensure_tools()
     workdir = Path(tempfile.mkdtemp(prefix="backhaul-ab-"))
-    tree = workdir / "a"
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.rev], check=True, capture_output=True
-    )
+    tree = args.a_dir.resolve() if args.a_dir is not None else workdir / "a"
+    if args.a_dir is None:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.rev],
+            check=True,
+            capture_output=True,
+        )
     tree_b = workdir / "b" if args.b_rev else None
     b_path = str(args.b_dir.resolve()) if args.b_dir is not None else str(tree_b) if tree_b is not None else None
     if tree_b is not None:
@@ -104,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         certs = bl.make_certs(workdir)
         nginx = bl.start_nginx(stack, cpu=1)
         os.environ["PYTHONPATH"] = str(tree)  # clean_env() copies it into A's processes only
-        server_a, client_a, port_a = start_http_mode(stack, certs, nginx, 1)
+        server_a, client_a, port_a = start(stack, certs, nginx, 1)
         if b_path is not None:
             os.environ["PYTHONPATH"] = b_path
         else:
             del os.environ["PYTHONPATH"]
-        server_b, client_b, port_b = start_http_mode(stack, certs, nginx, 1)
+        server_b, client_b, port_b = start(stack, certs, nginx, 1)
         os.environ.pop("PYTHONPATH", None)
         sides = {"A": (port_a, [server_a.pid, client_a.pid]), "B": (port_b, [server_b.pid, client_b.pid])}
 
@@ -118,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                 ["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True, check=True
             ).stdout.strip()
 
+        a_side = str(tree) if args.a_dir is not None else f"{args.rev} ({short(args.rev)})"
         b_side = f"{args.b_rev} ({short(args.b_rev)})" if args.b_rev else b_path or "working tree"
         print(
-            f"A = {args.rev} ({short(args.rev)}), B = {b_side}; {args.rounds} x {args.duration:g} s per side and "
+            f"A = {a_side}, B = {b_side}; {args.mode} mode, {args.rounds} x {args.duration:g} s "
+            "per side and "
             "workload, interleaved, pinned (wrk CPU 0, the rest CPU 1)",
             flush=True,
         )
@@ -149,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{wl.label:22s} B/A: req/s {med['B'][0] / med['A'][0]:.3f}, CPU/req {ratio:.3f}", flush=True)
     finally:
         stack.close()
-        for t in (tree, tree_b):
+        for t in (None if args.a_dir is not None else tree, tree_b):
             if t is not None:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(t)], capture_output=True)
     return 0

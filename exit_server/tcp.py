@@ -8,9 +8,8 @@ import contextlib
 import logging
 import socket
 
-from shared.aio.chunks import ChunkStream
-from shared.aio.pump import pump
 from shared.aio.sockopts import listen_sockets, set_keepalive
+from shared.aio.splice import Splice
 from shared.errors import SessionClosed, StreamReset, TooManyStreams, TunnelError
 from shared.frames import ResetCode
 from shared.heads import RequestHead, StreamKind
@@ -64,7 +63,7 @@ class TcpListeners:
     async def _serve(self, port: int, sockets: list[socket.socket], servers: list[asyncio.Server]) -> None:
         loop = asyncio.get_running_loop()
 
-        def accepted(conn: ChunkStream) -> None:
+        def accepted(conn: Splice) -> None:
             task = loop.create_task(self._accept(port, conn))
             self._tasks.add(task)  # owned here, so close() can cancel it
             task.add_done_callback(self._tasks.discard)
@@ -72,8 +71,8 @@ class TcpListeners:
         for sock in sockets:
             if self._servers.get(port) is not servers:
                 return  # no session serves the port any more (sync() closed it)
-            # each connection its own protocol, not asyncio streams: no copies (shared/aio/chunks.py)
-            server = await loop.create_server(lambda: ChunkStream(accepted), sock=sock)
+            # each connection a splice: bytes go between socket and stream in callbacks (shared/aio/splice.py)
+            server = await loop.create_server(lambda: Splice(accepted), sock=sock)
             servers.append(server)
             if self._servers.get(port) is not servers:
                 server.close()
@@ -104,7 +103,7 @@ class TcpListeners:
                     await asyncio.wait_for(server.wait_closed(), 1)
         self._servers.clear()
 
-    async def _accept(self, port: int, conn: ChunkStream) -> None:
+    async def _accept(self, port: int, conn: Splice) -> None:
         transport = conn.transport
         assert transport is not None
         peer = transport.get_extra_info("peername") or ("", 0)
@@ -138,15 +137,16 @@ class TcpListeners:
         self.connections += 1
         self.metrics.tcp_connections.labels(str(port)).inc()
         try:
-            async with asyncio.timeout(self.config.upstream_timeout):
-                await stream.response()
-            await pump(stream, conn.endpoint(), self.config.stream_idle_timeout)
-        except (TimeoutError, StreamReset, TunnelError) as exc:
-            log.info("tcp %d stream %d: %s", port, stream.id, exc)
-            stream.reset(ResetCode.UPSTREAM_CONNECT, "no upstream connection")
-            conn.abort()
+            try:
+                await stream.response(self.config.upstream_timeout)
+            except (TimeoutError, StreamReset, TunnelError) as exc:
+                log.info("tcp %d stream %d: %s", port, stream.id, exc)
+                stream.reset(ResetCode.UPSTREAM_CONNECT, "no upstream connection")
+                conn.abort()
+                return
+            await conn.join(stream, self.config.stream_idle_timeout)  # done when both ways ended
         except asyncio.CancelledError:
-            stream.reset(ResetCode.CANCEL, "server closing")
+            stream.reset(ResetCode.CANCEL, "server closing")  # (which ends the splice)
             conn.abort()
             raise
         finally:

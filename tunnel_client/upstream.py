@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from shared.aio.chunks import ChunkStream
 from shared.aio.connection import TunnelStream
 from shared.aio.pump import Endpoint, pump, stream_endpoint
+from shared.aio.splice import Splice
 from shared.errors import LocalProtocolError, StreamReset, TunnelError, UpstreamError
 from shared.frames import ResetCode
 from shared.h2map import CONNECTION_SPECIFIC, from_h2_reset, grpc_status_headers, is_grpc
@@ -248,11 +248,11 @@ class Forwarder:
             record,
             target.host,
             target.port,
-            lambda: loop.create_connection(ChunkStream, target.host, target.port),
+            lambda: loop.create_connection(Splice, target.host, target.port),
         )
         if opened is None:
             return
-        conn = opened[1]  # its own protocol, not asyncio streams: no copies (shared/aio/chunks.py)
+        conn = opened[1]  # bytes go between socket and stream in callbacks (shared/aio/splice.py)
         try:
             if self.proxy_protocol:
                 try:
@@ -261,8 +261,12 @@ class Forwarder:
                 except ValueError:
                     log.warning("stream %d: no PROXY header: unusable addresses", stream.id)
             _reply(stream, record, ResponseHead(200))
-            await pump(stream, _counted(record, conn.endpoint()))
+            await conn.join(stream)  # done when both ways ended; a reset by the server cancels this task
         finally:
+            if stream.error is None and not conn.finished:  # cancelled with the splice under way
+                stream.reset(ResetCode.CANCEL, "cancelled")  # (which ends the splice)
+            record.bytes_in += conn.to_socket
+            record.bytes_out += conn.from_socket
             conn.abort() if stream.error else conn.close()
 
     async def _websocket(self, stream: TunnelStream, record: AuditRecord, upstream: Upstream, target: str) -> None:

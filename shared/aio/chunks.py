@@ -2,22 +2,18 @@
 
 :class:`ChunkQueue` is the one high/low-water chunk queue: the transport's reads are queued as
 they are (no copy into a joined buffer); reading pauses above ``high`` bytes queued and resumes
-below ``low``. :class:`ChunkStream` is a plain TCP connection built on it (a pump endpoint,
-:mod:`shared.aio.pump`); the public listener queues request bodies and the bytes of an
-upgraded connection in it (``exit_server/h1.py``).
+below ``low``. The public listener queues request bodies and the bytes of an upgraded
+connection in it (``exit_server/h1.py``). (A raw TCP connection needs no queue: it is spliced
+to its stream, :mod:`shared.aio.splice`.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
-from collections.abc import Callable
 from typing import Protocol
 
-from .pump import Endpoint
-
-__all__ = ["HIGH_WATER", "LOW_WATER", "ChunkQueue", "ChunkStream", "Pausable"]
+__all__ = ["HIGH_WATER", "LOW_WATER", "ChunkQueue", "Pausable"]
 
 #: Reading pauses above this many bytes queued ...
 HIGH_WATER = 1 << 20
@@ -120,107 +116,3 @@ class ChunkQueue:
             self._paused = False
             self.transport.resume_reading()
         return chunk
-
-
-class ChunkStream(asyncio.Protocol):
-    """A plain TCP connection as a pump endpoint, without asyncio streams' buffer.
-
-    A StreamReader copies every received ``bytes`` into its bytearray and out again (two
-    copies per byte: docs/ARCHITECTURE.md, "Performance tricks"). Here each received chunk
-    goes on as it is, through a :class:`ChunkQueue`; small chunks that queued up are joined (up
-    to ``JOIN_BELOW`` bytes), so one ``recv`` still returns what is there. ``send`` waits
-    while the transport's write buffer is above its high-water mark. A peer's EOF is a
-    half-close: ``recv`` returns ``b""`` and this side may still send.
-    """
-
-    JOIN_BELOW = 64 * 1024
-
-    _queue: ChunkQueue
-    _loop: asyncio.AbstractEventLoop
-
-    def __init__(self, on_connected: Callable[[ChunkStream], None] | None = None) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._on_connected = on_connected
-        self._lost = False
-        self._writing_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-
-    # ------------------------------------------------------------------ asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self._loop = asyncio.get_running_loop()
-        self._queue = ChunkQueue(self._loop)
-        self._queue.transport = self.transport
-        callback, self._on_connected = self._on_connected, None
-        if callback is not None:
-            callback(self)
-
-    def data_received(self, data: bytes) -> None:
-        self._queue.put(data)
-
-    def eof_received(self) -> bool:
-        self._queue.end()
-        return True  # keep our sending side open (half-close)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        self._queue.end(exc)
-        self._wake_writer()
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    # ------------------------------------------------------------------ the endpoint
-
-    async def recv(self) -> bytes:
-        """The next received bytes; ``b""`` at EOF.
-
-        Raises:
-            OSError: the connection broke (reset, not a clean EOF).
-        """
-        return await self._queue.get(self.JOIN_BELOW)
-
-    async def send(self, data: bytes | memoryview) -> None:
-        """Write ``data``, then wait while the transport holds too much unsent.
-
-        Raises:
-            ConnectionResetError: the connection is gone.
-        """
-        if self._lost or self.transport is None or self.transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        self.transport.write(data)
-        while self._writing_paused and not self._lost:
-            self._drain_waiter = waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._drain_waiter = None
-        if self._lost:
-            raise ConnectionResetError("connection lost")
-
-    def close_send(self) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing() and transport.can_write_eof():
-            with contextlib.suppress(OSError, RuntimeError):
-                transport.write_eof()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def endpoint(self) -> Endpoint:
-        return Endpoint(self.recv, self.send, self.close_send, self.abort)

@@ -10,7 +10,10 @@ Two classes with a small contract between them:
 * :class:`TunnelStream` is one stream's ``read``/``write``/``reset``. The connection feeds it
   through four methods and nothing else: :meth:`~TunnelStream.on_data`,
   :meth:`~TunnelStream.on_reply`, :meth:`~TunnelStream.on_writable` and
-  :meth:`~TunnelStream.on_error`.
+  :meth:`~TunnelStream.on_error`. A stream may instead be handed to a :class:`StreamSink`
+  (:meth:`~TunnelStream.attach`), which gets the same news as callbacks and sends with
+  :meth:`~TunnelStream.send_now`: no task, future or queue per chunk (a TCP stream's socket,
+  :mod:`shared.aio.splice`).
 
 Messages reach the session from the websockets protocol callback (:mod:`shared.aio.wsfast`: no
 reader task); ``flush()`` schedules one callback per loop iteration, so frames queued in the
@@ -49,7 +52,7 @@ from ..mux import Session, SessionState
 from ..sizes import MAX_MESSAGE
 from .wsfast import TunnelWebSocket
 
-__all__ = ["StreamOwner", "TunnelConnection", "TunnelStream", "ws_limits"]
+__all__ = ["StreamOwner", "StreamSink", "TunnelConnection", "TunnelStream", "ws_limits"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,23 @@ class StreamOwner(Protocol):
 
     def wait_writable(self, stream: TunnelStream) -> asyncio.Future[None]: ...
 
+    def mark_blocked(self, stream: TunnelStream) -> None: ...
+
     def release(self, stream: TunnelStream) -> None: ...
+
+
+class StreamSink(Protocol):
+    """What takes a stream's incoming side when it is attached (:meth:`TunnelStream.attach`)."""
+
+    def stream_data(self, data: bytes | memoryview, end: bool) -> None:
+        """Bytes arrived (maybe empty), and maybe the peer's end of stream. The sink grants the
+        credit back with :meth:`TunnelStream.consume` when it has taken them."""
+
+    def stream_writable(self) -> None:
+        """Send credit came back after :meth:`TunnelStream.send_now` took less than offered."""
+
+    def stream_failed(self, error: TunnelError) -> None:
+        """The stream was reset or its session ended; the sink is detached."""
 
 
 class TunnelStream:
@@ -111,6 +130,7 @@ class TunnelStream:
         "handler",
         "head",
         "id",
+        "sink",
         "trailers",
     )
 
@@ -133,10 +153,18 @@ class TunnelStream:
         self._reply: asyncio.Future[ResponseHead] | None = None
         #: the peer's trailer fields (protocol version 2), set when they end its half
         self.trailers: Headers | None = None
+        #: the callbacks that take the incoming side instead of read() (attach())
+        self.sink: StreamSink | None = None
 
     # -- the connection side: the only calls the connection makes
     def on_data(self, data: bytes | memoryview, end: bool) -> None:
         """Bytes (and maybe the end of stream) arrived."""
+        sink = self.sink
+        if sink is not None:
+            if end:
+                self._eof = True
+            sink.stream_data(data, end)
+            return
         if data:
             self._chunks.append(data)
         if end:
@@ -154,6 +182,10 @@ class TunnelStream:
 
     def on_writable(self) -> None:
         """Credit came back: a blocked write() goes on."""
+        sink = self.sink
+        if sink is not None:
+            sink.stream_writable()
+            return
         waiter = self._wwait
         if waiter is not None:
             self._wwait = None
@@ -164,6 +196,10 @@ class TunnelStream:
         """The stream ended abnormally: every waiter raises ``error`` (the first one kept)."""
         if self._error is None:
             self._error = error
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.stream_failed(self._error)
         self.on_data(b"", False)
         self.on_writable()
         if self._reply is not None and not self._reply.done():
@@ -288,6 +324,56 @@ class TunnelStream:
             owner.flush()
             if last:
                 return
+
+    def attach(self, sink: StreamSink) -> None:
+        """Hand the incoming side to ``sink``: from now on data, the end, credit and errors
+        reach its callbacks (what arrived before is delivered at once), and :meth:`read` is
+        not used. The sink sends with :meth:`send_now` and grants credit with :meth:`consume`;
+        it is detached when the stream fails (``stream_failed``) or by setting
+        :attr:`sink` to None."""
+        self.sink = sink
+        chunks, self._chunks = self._chunks, []
+        for chunk in chunks:
+            if self.sink is not sink:
+                return
+            sink.stream_data(chunk, False)
+        if self.sink is not sink:
+            return
+        if self._error is not None:
+            self.sink = None
+            sink.stream_failed(self._error)
+        elif self._eof:
+            sink.stream_data(b"", True)
+
+    def consume(self, n: int) -> None:
+        """The sink took ``n`` received bytes: credit may go back to the peer."""
+        self._owner.consumed(self.id, n)
+
+    def send_now(self, data: bytes | memoryview) -> int:
+        """Send as much of ``data`` as the send window allows, without waiting, and return the
+        bytes taken. Fewer than ``len(data)``: the window is spent, and the sink's
+        ``stream_writable`` is called when credit comes back.
+
+        Raises:
+            StreamReset / SessionClosed: the stream ended abnormally.
+        """
+        if self._error is not None:
+            raise _fresh(self._error)
+        owner = self._owner
+        session = owner.session
+        if session.state is SessionState.CLOSED:
+            raise SessionClosed("tunnel closed")
+        total = len(data)
+        window = session.send_window(self.id)
+        if window < total:
+            owner.mark_blocked(self)
+            if window <= 0:
+                return 0
+            data = memoryview(data)[:window]  # copied once, into the message
+            total = window
+        session.send_data(self.id, data, False)
+        owner.flush()
+        return total
 
     @property
     def carries_trailers(self) -> bool:
@@ -452,6 +538,10 @@ class TunnelConnection:
         credit again, or when it fails."""
         self._blocked[stream] = None
         return self.loop.create_future()
+
+    def mark_blocked(self, stream: TunnelStream) -> None:
+        """Call :meth:`TunnelStream.on_writable` when ``stream`` may get send credit again."""
+        self._blocked[stream] = None
 
     def release(self, stream: TunnelStream) -> None:
         """Forget a stream the application has finished with."""

@@ -1,8 +1,8 @@
-"""Byte pumps between a tunnel stream and a socket-like endpoint (TCP streams and WebSocket
-passthrough): asyncio streams (:func:`stream_endpoint`), a ChunkStream (shared/aio/chunks.py),
-or anything with the four :class:`Endpoint` calls. Half-close travels both ways: EOF from the
-socket becomes END_STREAM, END_STREAM from the peer becomes a write-EOF (TCP) or a close
-(WebSocket).
+"""Byte pumps between a tunnel stream and a socket-like endpoint (WebSocket passthrough): asyncio
+streams (:func:`stream_endpoint`), the public listener's upgraded connection, or anything with
+the four :class:`Endpoint` calls. Half-close travels both ways: EOF from the socket becomes
+END_STREAM, END_STREAM from the peer becomes a write-EOF or a close. (Raw TCP streams own their
+socket's protocol, so they are spliced by callbacks instead: :mod:`shared.aio.splice`.)
 
 An optional idle timeout ends a pump that moved no byte in either direction for that long: the
 stream is reset (CANCEL, "idle timeout") and the endpoint aborted. The check is a timer armed
