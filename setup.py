@@ -32,6 +32,8 @@ COMPILED = (
     "shared/h1server.py",
     "shared/httputil.py",
     "shared/forwarding.py",
+    "shared/routing.py",
+    "shared/runtime/plainmetrics.py",
     "shared/aio/connection.py",
     "shared/aio/splice.py",
     "exit_server/headers.py",
@@ -41,6 +43,7 @@ COMPILED = (
     "tunnel_client/guard.py",
     "tunnel_client/http1.py",
     "tunnel_client/upstream.py",
+    "tunnel_client/audit.py",
 )
 
 

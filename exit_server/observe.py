@@ -78,7 +78,7 @@ class LogThrottle:
         return self._held.pop(key, 0)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Exchange:
     """One public request (or TCP connection) from arrival to the last byte."""
 
@@ -102,6 +102,50 @@ class Exchange:
     protocol: str = "HTTP/1.1"  # the caller's HTTP version: HTTP/1.1 (or 1.0) or HTTP/2
     grpc_status: str | None = None  # a gRPC answer's grpc-status (trailers or Trailers-Only head)
     relayed_by: str | None = None  # the peer that relayed it here (exit_server/peers.py); "-": badly signed
+
+    def __init__(
+        self,
+        request_id: str,
+        method: str,
+        host: str,
+        path: str,
+        caller: str,
+        started: float | None = None,
+        route: str = UNROUTED,
+        tunnel_id: str = "-",
+        status: int = 0,
+        head_seconds: float | None = None,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        rejected: str | None = None,
+        continue_sent: bool = False,
+        close_connection: bool = False,
+        local_status: int | None = None,
+        scheme: str = "http",
+        protocol: str = "HTTP/1.1",
+        grpc_status: str | None = None,
+        relayed_by: str | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.host = host
+        self.path = path
+        self.caller = caller
+        self.started = time.perf_counter() if started is None else started
+        self.route = route
+        self.tunnel_id = tunnel_id
+        self.status = status
+        self.head_seconds = head_seconds
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+        self.rejected = rejected
+        self.continue_sent = continue_sent
+        self.close_connection = close_connection
+        self.local_status = local_status
+        self.scheme = scheme
+        self.protocol = protocol
+        self.grpc_status = grpc_status
+        self.relayed_by = relayed_by
 
     def mark_head(self) -> None:
         self.head_seconds = time.perf_counter() - self.started

@@ -192,7 +192,7 @@ def transition(state: StreamState, event: StreamEvent) -> StreamState:
         raise InvalidState("stream", state, event) from None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class _Stream:
     state: StreamState
     send_window: int
@@ -200,6 +200,22 @@ class _Stream:
     replied: bool = False
     buffered: int = 0
     consumed: int = 0
+
+    def __init__(
+        self,
+        state: StreamState,
+        send_window: int,
+        recv_window: int,
+        replied: bool = False,
+        buffered: int = 0,
+        consumed: int = 0,
+    ) -> None:
+        self.state = state
+        self.send_window = send_window
+        self.recv_window = recv_window
+        self.replied = replied
+        self.buffered = buffered
+        self.consumed = consumed
 
 
 class Session:

@@ -50,7 +50,7 @@ _TAIL_READ = 256 * 1024
 _FSYNC_EVERY = 1.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class AuditRecord:
     """What the forwarder learns about one stream; filled in while it is served."""
 
@@ -68,6 +68,38 @@ class AuditRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     duration_ms: float = 0.0
+
+    def __init__(
+        self,
+        started: float,
+        session: str,
+        stream: int,
+        kind: str,
+        method: str,
+        host: str,
+        path: str,
+        caller: str,
+        upstream: str | None = None,
+        status: int | None = None,
+        reset: str | None = None,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        duration_ms: float = 0.0,
+    ) -> None:
+        self.started = started
+        self.session = session
+        self.stream = stream
+        self.kind = kind
+        self.method = method
+        self.host = host
+        self.path = path
+        self.caller = caller
+        self.upstream = upstream
+        self.status = status
+        self.reset = reset
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+        self.duration_ms = duration_ms
 
 
 def _line(seq: int, record: AuditRecord, prev: str) -> tuple[bytes, str]:
@@ -170,7 +202,7 @@ class AuditLog:
         if not path.exists() and not os.access(path.parent if str(path.parent) else Path("."), os.W_OK):
             raise ConfigError(f"--audit-log: cannot create {path}")
         self._queue: queue.Queue[AuditRecord | None] = queue.Queue(max_queue)
-        self._thread: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
         self._dropped = 0
         self.failing = False  # the last write failed; cleared once pending lines are on disk
@@ -187,19 +219,19 @@ class AuditLog:
 
     def start(self) -> None:
         """Open the file, continue its chain, start the writer thread."""
-        if self._thread is not None:
+        if self._writer is not None:
             return
         self.seq, self.head, torn = _read_tail(self.path)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if torn >= 0:
             log.warning("audit log %s: dropping %d bytes of a torn last line", self.path, os.fstat(fd).st_size - torn)
             os.truncate(fd, torn)
-        self._thread = threading.Thread(target=self._run, args=(fd,), name="audit-writer", daemon=True)
-        self._thread.start()
+        self._writer = threading.Thread(target=self._run, args=(fd,), name="audit-writer", daemon=True)
+        self._writer.start()
 
     def write(self, record: AuditRecord) -> None:
         """Queue a finished record (never blocks the event loop)."""
-        if self._thread is None:
+        if self._writer is None:
             return
         try:
             self._queue.put_nowait(record)
@@ -213,7 +245,7 @@ class AuditLog:
 
     def close_sync(self, timeout: float = 5.0) -> None:
         """Write what is queued and stop the thread (blocking)."""
-        thread = self._thread
+        thread = self._writer
         if thread is None:
             return
         if thread.is_alive():
@@ -222,7 +254,7 @@ class AuditLog:
             except queue.Full:
                 log.error("audit log %s: writer stuck; %d records not written", self.path, self._queue.qsize())
             thread.join(timeout)
-        self._thread = None
+        self._writer = None
 
     async def close(self, timeout: float = 5.0) -> None:
         """Write what is queued and stop the thread without blocking the loop."""

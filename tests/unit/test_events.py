@@ -1,12 +1,12 @@
-"""shared.events: slotted dataclasses, each with a stream_id.
+"""shared.events: slotted dataclasses with read-only (``Final``) fields, each with a stream_id.
 
-Events and heads are values that nothing assigns to once made. Not ``frozen=True``: a frozen
-dataclass's ``__init__`` sets each field through ``object.__setattr__``, three times slower to
-build (about 430 against 140 ns), and the mux builds one or more per frame. Their fields were
-``Final`` (mypy --strict refused an assignment after construction) until the compiled build:
-mypyc refuses a dataclass ``__init__`` that sets a ``Final`` field, and these modules are among
-the compiled ones (README, "Compiled build"). What stays checked: slots, so no stray attribute
-either."""
+Not ``frozen=True``: a frozen dataclass's ``__init__`` sets each field through
+``object.__setattr__``, three times slower to build (about 430 against 140 ns), and the mux
+builds one or more per frame. ``Final`` fields make mypy --strict (run by ``make lint``) refuse
+any assignment after construction instead, and the compiled build refuses one at run time.
+Each class writes its own ``__init__`` (``init=False``): mypyc compiles that one, where a
+dataclass-made ``__init__`` stays interpreted (five times slower to build compiled) and could
+not set a ``Final`` field of a native class."""
 
 from __future__ import annotations
 
@@ -55,13 +55,25 @@ def test_heads_are_slotted(cls: type[Any]) -> None:
 
 
 def assert_slotted(cls: type[Any]) -> None:
-    """A dataclass whose every annotated attribute is a field, with slots (or, compiled, a
-    native class's fixed layout: no ``__slots__`` attribute, and no ``__dict__`` either)."""
+    """A dataclass whose every annotated attribute is a ``Final`` field, with slots. Compiled:
+    a native class's fixed layout (no ``__slots__`` attribute, and no ``__dict__`` either),
+    whose annotations mypyc writes without ``Final`` (the next test checks it is enforced)."""
     hints = typing.get_type_hints(cls, include_extras=True)
     assert [f.name for f in dataclasses.fields(cls)] == list(hints)
     assert "__dict__" not in dir(cls)
     compiled = not str(sys.modules[cls.__module__].__file__).endswith(".py")
     assert compiled or cls.__slots__
+    assert compiled or all(typing.get_origin(hint) is typing.Final for hint in hints.values()), hints
+
+
+def test_a_field_is_not_written_after_construction() -> None:
+    compiled = not str(sys.modules[events.__name__].__file__).endswith(".py")
+    event = events.DataReceived(1, b"x", False)
+    if compiled:  # a native Final attribute: no setter
+        with pytest.raises(AttributeError):
+            event.stream_id = 2  # type: ignore[misc]
+    assert event == events.DataReceived(1, b"x", False)  # dataclass eq, repr still made
+    assert repr(event) == "DataReceived(stream_id=1, data=b'x', end_stream=False)"
 
 
 def test_connection_events_default_to_stream_zero() -> None:
