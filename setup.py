@@ -23,6 +23,9 @@ import sys
 #: through its ``__dict__``, which a compiled exception has not; errors are off the hot path),
 #: shared/aio/wsfast.py (its classes are subclassed by interpreted ones, with websockets'
 #: classes as the other base), and everything that runs once (commands, settings, start).
+#: Tried and left out (docs/BENCHMARKS.md, round 18): shared/h2map.py (h2's error-code enum),
+#: exit_server/limits.py (an async generator), exit_server/httpguard.py, access.py and
+#: routes.py (called with duck-typed stand-ins that a compiled signature refuses).
 COMPILED = (
     "shared/sizes.py",
     "shared/frames.py",
