@@ -64,7 +64,6 @@ class Splice(asyncio.Protocol):
         self._sent_end = False  # END_STREAM went into the tunnel
         self._got_end = False  # the peer's END_STREAM became a write-EOF
         self._lost = False
-        self._lost_error: Exception | None = None
         self._reading_paused = False
         self._writing_paused = False
         self._held = 0  # bytes written to the socket whose credit waits for resume_writing
@@ -83,13 +82,13 @@ class Splice(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.from_socket += len(data)
+        if self._idle_timeout:
+            self._last = self._now()
         stream = self._stream
         if stream is None or self._pending:
             self._pending.append(data)
             self._pause_reading()
             return
-        if self._idle_timeout:
-            self._last = self._now()
         try:
             taken = stream.send_now(data)
         except TunnelError as exc:
@@ -107,7 +106,6 @@ class Splice(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._lost_error = exc
         stream = self._stream
         if stream is not None and not self._finished():
             # Whatever is left to travel cannot: the socket is gone.
@@ -162,6 +160,8 @@ class Splice(asyncio.Protocol):
             except TunnelError as exc:
                 self._fail(exc)
                 return
+            if taken and self._idle_timeout:
+                self._last = self._now()  # bytes moved: traffic, though read long ago
             if taken < len(chunk):
                 pending[0] = memoryview(chunk)[taken:]
                 return  # still blocked: called again when credit comes

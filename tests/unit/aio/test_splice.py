@@ -198,6 +198,30 @@ async def test_traffic_rearms_the_idle_timer() -> None:
         assert loop.time() - started >= 0.5 and stream.error is None
 
 
+async def test_bytes_sent_as_credit_returns_count_as_traffic() -> None:
+    """Bytes read before a long wait for credit still move when it comes back: that is
+    traffic, and the idle timer must not fire while it lasts."""
+    got = bytearray()
+
+    async def slow_reader(stream: TunnelStream) -> None:
+        stream.send_reply(ResponseHead(200))
+        while chunk := await stream.read():
+            got.extend(chunk)
+            await asyncio.sleep(0.05)  # pacing: credit returns a little at a time
+        stream.end()
+
+    total = 160 * 1024
+    async with pair(slow_reader, window=16 * 1024) as p, spliced_socket() as s:
+        stream = p.server.open_stream(tcp_head())
+        done = s.splice.join(stream, idle_timeout=0.3)
+        s.writer.write(b"y" * total)
+        s.writer.write_eof()  # everything read at once, then no new read: only credit moves it
+        async with asyncio.timeout(20):
+            await done
+            assert await s.reader.read() == b""
+        assert stream.error is None and len(got) == total
+
+
 async def test_a_peer_reset_aborts_the_socket() -> None:
     async def reset(stream: TunnelStream) -> None:
         stream.send_reply(ResponseHead(200))
