@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shared.aio.sockopts import listening_port
-from shared.runtime.plainmetrics import PlainHistogram
+from shared.runtime.plainmetrics import StreamTally
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -68,8 +68,8 @@ class ClientMetrics:
         self.extra: list[Callable[[CollectorRegistry], None]] = []
         # plain numbers on the hot path, metric families at scrape time (shared/runtime/plainmetrics.py)
         self._reconnects: dict[str, int] = {}
-        self._streams: dict[tuple[str, str], int] = {}
-        self._durations: dict[str, PlainHistogram] = {}
+        #: served streams; counted by the forwarder (tunnel_client/upstream.py, Forwarder.serve)
+        self.tally = StreamTally()
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -91,12 +91,7 @@ class ClientMetrics:
 
     def stream_done(self, kind: str, outcome: str, seconds: float) -> None:
         """Count one served stream (labels are bounded: stream kinds x outcomes)."""
-        key = (kind, outcome)
-        self._streams[key] = self._streams.get(key, 0) + 1
-        hist = self._durations.get(kind)
-        if hist is None:
-            hist = self._durations[kind] = PlainHistogram()
-        hist.observe(seconds)
+        self.tally.done(kind, outcome, seconds)
 
 
 class _StreamCollector:
@@ -118,12 +113,12 @@ class _StreamCollector:
         streams = CounterMetricFamily(
             "backhaul_client_streams", "Streams served by kind and outcome", labels=["kind", "outcome"]
         )
-        for (kind, outcome), n in sorted(self.metrics._streams.items()):
+        for (kind, outcome), n in sorted(self.metrics.tally.streams.items()):
             streams.add_metric([kind, outcome], n)
         duration = HistogramMetricFamily(
             "backhaul_client_stream_duration_seconds", "Time to serve a stream", labels=["kind"]
         )
-        for kind, hist in sorted(self.metrics._durations.items()):
+        for kind, hist in sorted(self.metrics.tally.durations.items()):
             duration.add_metric([kind], hist.buckets(), hist.total)
         yield streams
         yield duration

@@ -25,6 +25,7 @@ from shared.heads import KIND_NAMES, ResponseHead, StreamKind
 from shared.httputil import strip_hop_by_hop
 from shared.proxyproto import proxy_v2_header
 from shared.routing import RouteTable, normalize_host
+from shared.runtime.plainmetrics import StreamTally
 
 from .audit import AuditLog, AuditRecord
 from .config import TcpTarget, Upstream
@@ -120,6 +121,18 @@ class Forwarder:
     def match(self, authority: str, path: str) -> Upstream | None:
         found = self.table.lookup(normalize_host(authority), path)
         return found[0] if found else None
+
+    async def serve(self, stream: TunnelStream, tally: StreamTally) -> None:
+        """:meth:`handle`, counting the stream's outcome and duration in ``tally`` (the
+        client's metrics). Here, not in the interpreted client.py: one coroutine per stream."""
+        kind = KIND_NAMES[stream.head.kind] if stream.head is not None else "unknown"
+        started = time.perf_counter()
+        try:
+            await self.handle(stream)
+        finally:
+            error = stream.error
+            outcome = "ok" if error is None else ("reset" if isinstance(error, StreamReset) else "closed")
+            tally.done(kind, outcome, time.perf_counter() - started)
 
     async def handle(self, stream: TunnelStream) -> None:
         """Serve one stream (runs in its own task; cancelled when the server resets it)."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-__all__ = ["DEFAULT_BUCKETS", "PlainFamily", "PlainHistogram", "PlainSeries"]
+__all__ = ["DEFAULT_BUCKETS", "PlainFamily", "PlainHistogram", "PlainSeries", "StreamTally"]
 
 #: prometheus_client's default histogram bounds (without +Inf).
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -52,6 +52,27 @@ class PlainHistogram:
             running += n
             out.append((bound, running))
         return out
+
+
+class StreamTally:
+    """Served streams counted by kind and outcome, and their durations by kind (the client's
+    ``backhaul_client_streams`` and ``backhaul_client_stream_duration_seconds``). Here, in a
+    compiled module, so that the per-stream count runs no interpreted code."""
+
+    __slots__ = ("streams", "durations")
+
+    def __init__(self) -> None:
+        self.streams: dict[tuple[str, str], int] = {}
+        self.durations: dict[str, PlainHistogram] = {}
+
+    def done(self, kind: str, outcome: str, seconds: float) -> None:
+        """Count one served stream (labels are bounded: stream kinds x outcomes)."""
+        key = (kind, outcome)
+        self.streams[key] = self.streams.get(key, 0) + 1
+        hist = self.durations.get(kind)
+        if hist is None:
+            hist = self.durations[kind] = PlainHistogram()
+        hist.observe(seconds)
 
 
 class PlainSeries:
