@@ -22,7 +22,8 @@ import sys
 #: through. Left out: shared/errors.py (a stream re-raises a copy of a stored error made
 #: through its ``__dict__``, which a compiled exception has not; errors are off the hot path),
 #: shared/aio/wsfast.py (its classes are subclassed by interpreted ones, with websockets'
-#: classes as the other base), and everything that runs once (commands, settings, start).
+#: classes as the other base; its frame loops are in wsframes.py, compiled), and everything
+#: that runs once (commands, settings, start).
 #: Tried and left out (docs/BENCHMARKS.md, round 18): shared/h2map.py (h2's error-code enum),
 #: exit_server/limits.py (an async generator), exit_server/httpguard.py, access.py and
 #: routes.py (called with duck-typed stand-ins that a compiled signature refuses).
@@ -39,6 +40,7 @@ COMPILED = (
     "shared/runtime/plainmetrics.py",
     "shared/aio/connection.py",
     "shared/aio/splice.py",
+    "shared/aio/wsframes.py",
     "exit_server/headers.py",
     "exit_server/observe.py",
     "exit_server/public.py",

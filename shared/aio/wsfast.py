@@ -21,8 +21,6 @@ Why each of these, with figures, and the buffer-ownership rules: docs/ARCHITECTU
 from __future__ import annotations
 
 import asyncio
-import os
-import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -31,24 +29,13 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
 from ..sizes import MAX_MESSAGE
-
-try:
-    from websockets.speedups import apply_mask  # type: ignore[attr-defined,import-not-found,unused-ignore]
-except ImportError:  # pragma: no cover (the C extension ships in websockets' wheels)
-    from websockets.utils import apply_mask
+from .wsframes import frame_message, mask_key, parse_frames
 
 if TYPE_CHECKING:
     from .wsclient import TunnelClientConnection
 
 __all__ = ["DirectMessages", "TunnelServerConnection", "TunnelWebSocket", "mask_key"]
 
-_B2 = struct.Struct("!BB")
-_B2H = struct.Struct("!BBH")
-_B2Q = struct.Struct("!BBQ")
-_FIN_BINARY = 0x80 | Opcode.BINARY
-_U16 = struct.Struct("!H")
-_JOIN_BELOW = 16 * 1024  # a TLS record's largest payload
-_U64 = struct.Struct("!Q")
 _OWN_SIZE = 1024 * 1024  # a connection's own buffer: several reads and the largest frame
 _SMALL_OWN = 128 * 1024  # ... while the partial frames are small
 _MIN_READ = 64 * 1024  # room offered to a read, at least
@@ -64,27 +51,6 @@ def _scratch() -> memoryview:
     if _scratch_view is None:
         _scratch_view = memoryview(bytearray(_SCRATCH_SIZE))
     return _scratch_view
-
-
-class _MaskKeys:
-    """Masking keys from ``os.urandom``, fetched in 4 KiB blocks (1,024 keys per syscall)."""
-
-    __slots__ = ("_block", "_pos")
-
-    def __init__(self) -> None:
-        self._block = b""
-        self._pos = 0
-
-    def __call__(self) -> bytes:
-        pos = self._pos
-        if pos + 4 > len(self._block):
-            self._block = os.urandom(4096)
-            pos = 0
-        self._pos = pos + 4
-        return self._block[pos : pos + 4]
-
-
-mask_key = _MaskKeys()
 
 
 class _BufferedReader(asyncio.BufferedProtocol):
@@ -306,45 +272,9 @@ class DirectMessages:
             self._parsing = False
 
     def _parse_frames(self, view: memoryview, pos: int, end: int) -> int:
-        need = 0  # bytes from pos on that the frame being parsed needs (when incomplete)
-        odd = False  # a byte websockets must parse from here on
-        want = 0x00 if self._masked else 0x80  # the client receives unmasked frames, the server masked
+        # the loop is compiled (shared/aio/wsframes.py); the client receives unmasked frames
         limit = self.protocol.max_message_size or (1 << 62)
-        while end - pos >= 2:
-            b1 = view[pos + 1]
-            sink = self._sink  # (a message may detach the session)
-            if view[pos] != _FIN_BINARY or b1 & 0x80 != want or sink is None:
-                odd = True
-                break
-            length = b1 & 0x7F
-            head = pos + 2
-            if length == 126:
-                if end - head < 2:
-                    break
-                length = _U16.unpack_from(view, head)[0]
-                head += 2
-            elif length == 127:
-                if end - head < 8:
-                    break
-                length = _U64.unpack_from(view, head)[0]
-                head += 8
-            if length > limit:
-                odd = True  # websockets closes with 1009
-                break
-            if want:
-                if end - head < 4 + length:
-                    need = head + 4 + length - pos
-                    break
-                key = bytes(view[head : head + 4])
-                head += 4
-                payload = apply_mask(view[head : head + length], key)
-            else:
-                if end - head < length:
-                    need = head + length - pos
-                    break
-                payload = bytes(view[head : head + length])
-            pos = head + length
-            sink(payload)
+        pos, need, odd = parse_frames(self, view, pos, end, not self._masked, limit)
         if not odd:
             self._need = need
             return pos
@@ -376,43 +306,7 @@ class DirectMessages:
         :attr:`can_send`; flow control is the caller's: see ``paused``). The pieces are never
         joined: on the client each is masked with the key rotated to its offset, and
         ``writelines`` gives them to TLS in one pass and to the socket in one write."""
-        length = 0
-        for piece in pieces:
-            length += len(piece)
-        masked = self._masked
-        bit = 0x80 if masked else 0
-        if length < 126:
-            header = _B2.pack(_FIN_BINARY, bit | length)
-        elif length < 65536:
-            header = _B2H.pack(_FIN_BINARY, bit | 126, length)
-        else:
-            header = _B2Q.pack(_FIN_BINARY, bit | 127, length)
-        if masked:
-            key = mask_key()
-            if len(pieces) > 1 and length <= _JOIN_BELOW:  # one join and one mask beat many
-                pieces = [b"".join(pieces)]
-            masked_pieces: list[bytes | memoryview] = []
-            offset = 0
-            for piece in pieces:
-                shift = offset & 3
-                masked_pieces.append(apply_mask(piece, key[shift:] + key[:shift] if shift else key))
-                offset += len(piece)
-            pieces = masked_pieces
-            header += key
-        # Each piece given to the TLS transport becomes its own TLS record: small pieces are
-        # joined (with the header) into one, large ones go as they are (no copy).
-        out: list[bytes | memoryview] = []
-        small: list[bytes | memoryview] = [header]
-        for piece in pieces:
-            if len(piece) < _JOIN_BELOW:
-                small.append(piece)
-                continue
-            if small:
-                out.append(b"".join(small) if len(small) > 1 else small[0])
-                small = []
-            out.append(piece)
-        if small:
-            out.append(b"".join(small) if len(small) > 1 else small[0])
+        out = frame_message(pieces, self._masked)  # compiled (shared/aio/wsframes.py)
         self.transport.writelines(out)
 
     def process_event(self, event: Event) -> None:
