@@ -241,13 +241,42 @@ class StreamResponse:
 
     def __init__(self, *, status: int = 200, headers: HeadersInit = None) -> None:
         self.status = status
-        self.headers: CIMultiDict[str] = CIMultiDict(headers or ())
+        # Given as a list of pairs, the fields stay one until someone asks for ``headers``:
+        # the proxied answer's head is written from the list (response_head), with no
+        # case-insensitive dict built and queried per response.
+        self._fields: list[tuple[str, str]] | None = None
+        self._headers: CIMultiDict[str] | None = None
+        if isinstance(headers, list):
+            self._fields = list(headers)
+        else:
+            self._headers = CIMultiDict(headers or ())
         self.prepared = False
         self.keep_alive = True
         self._conn: H1Connection | None = None
         self._chunked = False
         self._no_body = False
         self._eof = False
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The header fields (a case-insensitive multidict, made from the list on first use)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDict(self._fields or ())
+            self._fields = None
+        return headers
+
+    def set_default(self, name: str, value: str) -> None:
+        """Add ``name: value`` unless a field of that name is there (either form, no dict made)."""
+        fields = self._fields
+        if fields is None:
+            self.headers.setdefault(name, value)
+            return
+        lower = name.lower()
+        for pair in fields:
+            if pair[0].lower() == lower:
+                return
+        fields.append((name, value))
 
     def force_close(self) -> None:
         """Close the connection after this response."""
@@ -719,41 +748,81 @@ class H1Connection(asyncio.Protocol):
         """The head of ``resp`` for ``request``, deciding its framing and the connection's
         reuse; ``body``: the whole body (a :class:`Response`), else None (streamed)."""
         request.started = True
-        headers = resp.headers
         status = resp.status
         version = request.version if request.version in (HttpVersion10, HttpVersion11) else HttpVersion11
         no_body = request.method == "HEAD" or status in _EMPTY_STATUS or status < 200
         keep = resp.keep_alive and request.keep_alive and not self._closing and not request.upgrade
-        if status == 101:
-            keep = True  # the connection belongs to the upgrade now
+        upgrade = status == 101  # the connection belongs to the upgrade now: framing left alone
+        drop_te = no_body and not upgrade
+        drop_cl = drop_te and status in _EMPTY_STATUS
+        sized = body is not None and not no_body and not upgrade  # Content-Length: len(body)
+        # One pass over the fields, as a multidict's popall / setitem / ``in`` would leave them:
+        # a set Content-Length replaces the first one in place and drops the others.
+        fields = resp._fields if resp._headers is None else list(resp._headers.items())
+        assert fields is not None
+        out: list[tuple[str, str]] = []
+        length: str | None = None  # the first Content-Length value sent
+        has_te = has_type = has_date = has_server = has_connection = False
+        for pair in fields:
+            lower = pair[0].lower()
+            if lower == "content-length":
+                if drop_cl or (sized and length is not None):
+                    continue
+                if sized:
+                    assert body is not None
+                    pair = ("Content-Length", str(len(body)))
+                if length is None:
+                    length = pair[1]
+            elif lower == "transfer-encoding":
+                if drop_te:
+                    continue
+                has_te = True
+            elif lower == "content-type":
+                has_type = True
+            elif lower == "date":
+                has_date = True
+            elif lower == "server":
+                has_server = True
+            elif lower == "connection":
+                has_connection = True
+            out.append(pair)
+        if upgrade:
+            keep = True
         elif no_body:
-            if status in _EMPTY_STATUS:
-                headers.popall("Content-Length", None)
-            headers.popall("Transfer-Encoding", None)
-        elif body is not None:
-            headers["Content-Length"] = str(len(body))
-        elif "Content-Length" not in headers:
+            pass
+        elif sized:
+            if length is None:
+                assert body is not None
+                length = str(len(body))
+                out.append(("Content-Length", length))
+        elif length is None:
             if version >= HttpVersion11:
-                headers["Transfer-Encoding"] = "chunked"
+                if has_te:  # as a multidict's setitem: the first one replaced, the others dropped
+                    at = next(i for i, pair in enumerate(out) if pair[0].lower() == "transfer-encoding")
+                    out[at] = ("Transfer-Encoding", "chunked")
+                    out[at + 1 :] = [pair for pair in out[at + 1 :] if pair[0].lower() != "transfer-encoding"]
+                else:
+                    out.append(("Transfer-Encoding", "chunked"))
                 resp._chunked = True
             else:
                 keep = False  # HTTP/1.0: the body ends with the connection
-        sized_empty = body == b"" or (body is None and headers.get("Content-Length") == "0")
-        if not no_body and not sized_empty and "Content-Type" not in headers and status != 101:
-            headers["Content-Type"] = "application/octet-stream"
-        if "Date" not in headers:
-            headers["Date"] = _date()
-        if "Server" not in headers:
-            headers["Server"] = SERVER
-        if "Connection" not in headers and status != 101:
+        sized_empty = body == b"" or (body is None and length == "0")
+        if not no_body and not sized_empty and not has_type and not upgrade:
+            out.append(("Content-Type", "application/octet-stream"))
+        if not has_date:
+            out.append(("Date", _date()))
+        if not has_server:
+            out.append(("Server", SERVER))
+        if not has_connection and not upgrade:
             if not keep:
-                headers["Connection"] = "close"
+                out.append(("Connection", "close"))
             elif version == HttpVersion10:
-                headers["Connection"] = "keep-alive"
+                out.append(("Connection", "keep-alive"))
+        resp._fields, resp._headers = out, None  # ``headers`` shows what was sent
         resp.keep_alive = keep
         resp._no_body = no_body
         lines = [f"HTTP/{version[0]}.{version[1]} {status} {_REASONS.get(status, 'Unknown')}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        lines += [f"{name}: {value}\r\n" for name, value in out]
         lines.append("\r\n")
         return "".join(lines).encode("latin-1")
 

@@ -653,15 +653,13 @@ class PublicHandler:
             body = stream.take_complete_body()
             if body is not None:  # all there already: head and body in one write
                 one = Response(status=status, body=body, headers=unsized)  # the listener sets the length
-                if "Server" not in one.headers:
-                    one.headers["Server"] = SERVER  # as the listener would (exit_server/h1.py)
+                one.set_default("Server", SERVER)  # as the listener would (exit_server/h1.py)
                 if self.draining or ex.close_connection:
                     one.force_close()
                 ex.bytes_out += len(body)
                 return one
         resp = StreamResponse(status=status, headers=kept)  # keeps order and repeats (Set-Cookie)
-        if "Server" not in resp.headers:
-            resp.headers["Server"] = SERVER
+        resp.set_default("Server", SERVER)
         if self._hsts is not None and ex.scheme == "https":
             resp.headers["Strict-Transport-Security"] = self._hsts
         if self.draining or ex.close_connection:
