@@ -5,7 +5,7 @@ Pure functions over the request's raw header pairs; one implementation each, on 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from shared.forwarding import TrustedProxies, forwarded_element
 from shared.httputil import EDGE_OWNED, HOP_BY_HOP, origin_form_of, strip_hop_by_hop
@@ -36,14 +36,19 @@ _WEBSOCKET_NAMES = dict(_REQUEST_NAMES, upgrade=None)  # Connection and Upgrade 
 _UPGRADE_NAMES = frozenset({"connection", "upgrade"})
 
 
-class Edge(NamedTuple):
-    """What the exit server decided about a request: the fields it writes for the upstream."""
+class Edge:
+    """What the exit server decided about a request: the fields it writes for the upstream.
+    (A plain slotted class: a NamedTuple is built by an interpreted ``__new__``, 0.25 us per
+    request in the compiled build.)"""
 
-    rid: str  # X-Request-Id
-    peer: str  # the address the request came from (a PROXY header's source when trusted)
-    proto: str  # the caller's scheme: https on the public TLS listener, else --public-scheme
-    host: str  # the authority the request was routed and checked on
-    trusted: TrustedProxies | None = None  # set when ``peer`` is a trusted proxy
+    __slots__ = ("rid", "peer", "proto", "host", "trusted")
+
+    def __init__(self, rid: str, peer: str, proto: str, host: str, trusted: TrustedProxies | None = None) -> None:
+        self.rid = rid  # X-Request-Id
+        self.peer = peer  # the address the request came from (a PROXY header's source when trusted)
+        self.proto = proto  # the caller's scheme: https on the public TLS listener, else --public-scheme
+        self.host = host  # the authority the request was routed and checked on
+        self.trusted = trusted  # set when ``peer`` is a trusted proxy
 
 
 def upstream_headers(raw: RawHeaders, edge: Edge, websocket: bool) -> tuple[tuple[str, str], ...]:

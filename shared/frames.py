@@ -33,6 +33,7 @@ __all__ = [
     "GoAwayCode",
     "ResetCode",
     "decode_frames",
+    "read_header",
     "decode_goaway",
     "decode_reset",
     "decode_window",
@@ -152,7 +153,8 @@ def encode_frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b
 
 
 def decode_frames(message: bytes | memoryview, max_payload: int) -> Iterator[Frame]:
-    """Split one WebSocket message into frames, validating each header.
+    """Split one WebSocket message into frames, validating each header (lazily: the frames
+    before a bad one are yielded first).
 
     Args:
         message: the message; it must hold whole frames only.
@@ -168,32 +170,43 @@ def decode_frames(message: bytes | memoryview, max_payload: int) -> Iterator[Fra
     if end == 0:
         raise RemoteProtocolError("empty message")
     offset = 0
-    unpack = HEADER.unpack_from
     while offset < end:
-        if end - offset < HEADER_SIZE:
-            raise RemoteProtocolError("truncated frame header")
-        hi, lo, ftype, flags, stream_id = unpack(view, offset)
-        length = (hi << 16) | lo
-        if length > max_payload:
-            raise FrameTooLarge(f"frame payload {length} exceeds limit {max_payload}")
+        ftype, flags, stream_id, length = read_header(view, offset, end, max_payload)
         offset += HEADER_SIZE
-        if end - offset < length:
-            raise RemoteProtocolError("truncated frame payload")
-        allowed = ALLOWED_FLAGS.get(ftype)
-        if allowed is None:
-            raise RemoteProtocolError(f"unknown frame type {ftype:#x}")
-        # int(): the complement of an IntFlag member stays within the defined bits
-        # (~Flags.END_STREAM == Flags.NONE), which would let every reserved bit through.
-        if flags & ~int(allowed):
-            raise RemoteProtocolError(f"reserved flag bits {flags:#x} set on frame type {ftype:#x}")
-        if stream_id & 0x80000000:
-            raise RemoteProtocolError("reserved stream id bit set")
-        if stream_id == 0 and ftype in STREAM_TYPES:
-            raise RemoteProtocolError(f"frame type {ftype:#x} on stream 0")
-        if stream_id != 0 and ftype in CONNECTION_TYPES:
-            raise RemoteProtocolError(f"frame type {ftype:#x} on stream {stream_id}")
         yield Frame(ftype, flags, stream_id, view[offset : offset + length])
         offset += length
+
+
+def read_header(view: memoryview, offset: int, end: int, max_payload: int) -> tuple[int, int, int, int]:
+    """The frame header at ``view[offset:]``, validated against the message's ``end``:
+    ``(type, flags, stream id, payload length)``. :func:`decode_frames` runs this per frame,
+    and so does the session's receive loop (no generator or tuple object per frame there).
+
+    Raises:
+        RemoteProtocolError, FrameTooLarge: as :func:`decode_frames`.
+    """
+    if end - offset < HEADER_SIZE:
+        raise RemoteProtocolError("truncated frame header")
+    hi, lo, ftype, flags, stream_id = HEADER.unpack_from(view, offset)
+    length: int = (hi << 16) | lo
+    if length > max_payload:
+        raise FrameTooLarge(f"frame payload {length} exceeds limit {max_payload}")
+    if end - offset - HEADER_SIZE < length:
+        raise RemoteProtocolError("truncated frame payload")
+    allowed = ALLOWED_FLAGS.get(ftype)
+    if allowed is None:
+        raise RemoteProtocolError(f"unknown frame type {ftype:#x}")
+    # int(): the complement of an IntFlag member stays within the defined bits
+    # (~Flags.END_STREAM == Flags.NONE), which would let every reserved bit through.
+    if flags & ~int(allowed):
+        raise RemoteProtocolError(f"reserved flag bits {flags:#x} set on frame type {ftype:#x}")
+    if stream_id & 0x80000000:
+        raise RemoteProtocolError("reserved stream id bit set")
+    if stream_id == 0 and ftype in STREAM_TYPES:
+        raise RemoteProtocolError(f"frame type {ftype:#x} on stream 0")
+    if stream_id != 0 and ftype in CONNECTION_TYPES:
+        raise RemoteProtocolError(f"frame type {ftype:#x} on stream {stream_id}")
+    return ftype, flags, stream_id, length
 
 
 def _reason_bytes(reason: str) -> bytes:

@@ -41,13 +41,13 @@ from .frames import (
     FrameType,
     GoAwayCode,
     ResetCode,
-    decode_frames,
     decode_goaway,
     decode_reset,
     decode_window,
     encode_goaway,
     encode_reset,
     encode_window,
+    read_header,
 )
 from .heads import (
     Headers,
@@ -751,7 +751,19 @@ class Session:
         # many times its size (slow consumers, many streams per message).
         self._share_min = (len(data) + 1) // 2 if type(data) is bytes else 1 << 62
         try:
-            for ftype, flags, stream_id, payload in decode_frames(data, self.max_frame):
+            # decode_frames's loop, inline: one header read and acted on at a time, as its
+            # frames are yielded (no generator and no Frame per frame on the hot path)
+            view = memoryview(data)
+            end = len(view)
+            if end == 0:
+                raise RemoteProtocolError("empty message")
+            offset = 0
+            max_frame = self.max_frame
+            while offset < end:
+                ftype, flags, stream_id, length = read_header(view, offset, end, max_frame)
+                offset += HEADER_SIZE
+                payload = view[offset : offset + length]
+                offset += length
                 if ftype == FrameType.DATA:
                     self._recv_data(stream_id, payload, flags & _END_STREAM != 0)
                 elif self.state is SessionState.HANDSHAKE and ftype != FrameType.CONTROL:
@@ -779,7 +791,7 @@ class Session:
             self._recv_goaway(payload)
         elif ftype == FrameType.TRAILERS:
             self._recv_trailers(stream_id, payload)
-        else:  # CONTROL; decode_frames has rejected unknown types
+        else:  # CONTROL; read_header has rejected unknown types
             self._recv_control(payload)
 
     def _recv_data(self, stream_id: int, payload: memoryview, end: bool) -> None:
