@@ -25,8 +25,8 @@ import sys
 #: classes as the other base; its frame loops are in wsframes.py, compiled), and everything
 #: that runs once (commands, settings, start).
 #: Tried and left out (docs/BENCHMARKS.md, round 18): shared/h2map.py (h2's error-code enum),
-#: exit_server/limits.py (an async generator), exit_server/httpguard.py, access.py and
-#: routes.py (called with duck-typed stand-ins that a compiled signature refuses).
+#: exit_server/limits.py (an async generator), access.py and routes.py (called with duck-typed
+#: stand-ins that a compiled signature refuses; httpguard.py takes a Protocol for that).
 COMPILED = (
     "shared/sizes.py",
     "shared/frames.py",
@@ -45,6 +45,7 @@ COMPILED = (
     "exit_server/observe.py",
     "exit_server/public.py",
     "exit_server/h1.py",
+    "exit_server/httpguard.py",
     "tunnel_client/guard.py",
     "tunnel_client/http1.py",
     "tunnel_client/upstream.py",

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from .frames import ResetCode
 from .heads import Headers
+from .httputil import is_grpc  # compiled there: the client asks it of every request
 
 __all__ = [
     "CONNECTION_SPECIFIC",
@@ -89,14 +90,6 @@ def split_pseudo(fields: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str],
         else:
             regular.append((name, value))
     return pseudo, regular
-
-
-def is_grpc(headers: Iterable[tuple[str, str]]) -> bool:
-    """True for a gRPC request or response (``content-type: application/grpc[+proto|;...]``)."""
-    for name, value in headers:
-        if name.lower() == "content-type":
-            return value.lower().startswith("application/grpc")
-    return False
 
 
 def wants_trailers(headers: Iterable[tuple[str, str]]) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["EDGE_OWNED", "HOP_BY_HOP", "origin_form_of", "strip_hop_by_hop"]
+__all__ = ["EDGE_OWNED", "HOP_BY_HOP", "is_grpc", "origin_form_of", "strip_hop_by_hop"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -74,6 +74,14 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], keep_upgrade: bool = Fa
     if not named:
         return out
     return [pair for pair in out if pair[0].lower() not in named]
+
+
+def is_grpc(headers: Iterable[tuple[str, str]]) -> bool:
+    """True for a gRPC request or response (``content-type: application/grpc[+proto|;...]``)."""
+    for name, value in headers:
+        if name.lower() == "content-type":
+            return value.lower().startswith("application/grpc")
+    return False
 
 
 def origin_form_of(target: str) -> str:
