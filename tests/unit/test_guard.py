@@ -283,6 +283,12 @@ def test_plain_query_fast_path_changes_nothing(query: str) -> None:
 @example([("X\nY", "v")])
 @example([("A", "v"), ("", "w")])
 @example([("A\n", "v")])
+@example([("\nA", "v")])
+@example([("A\n\nB", "v")])
+@example([("", "v")])
+@example([("A", "v\x7f")])
+@example([("A", "\xe9\x01"), ("B", "\u0100")])
+@example([("\xe9", "v")])
 def test_header_check_in_two_calls_refuses_what_one_per_header_did(headers: list[tuple[str, str]]) -> None:
     assert (_outcome(lambda: check_headers(headers)) is Refused) == (
         _outcome(lambda: _reference_check_headers(headers)) is Refused
