@@ -33,7 +33,6 @@ __all__ = [
     "GoAwayCode",
     "ResetCode",
     "decode_frames",
-    "read_header",
     "decode_goaway",
     "decode_reset",
     "decode_window",
@@ -42,6 +41,7 @@ __all__ = [
     "encode_header",
     "encode_reset",
     "encode_window",
+    "read_header",
 ]
 
 HEADER = struct.Struct(">BHBBI")  # length high byte, length low 16 bits, type, flags, stream id

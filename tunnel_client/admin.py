@@ -89,10 +89,6 @@ class ClientMetrics:
         """Count one session (re)connection attempt after the first to ``server``."""
         self._reconnects[server] = self._reconnects.get(server, 0) + 1
 
-    def stream_done(self, kind: str, outcome: str, seconds: float) -> None:
-        """Count one served stream (labels are bounded: stream kinds x outcomes)."""
-        self.tally.done(kind, outcome, seconds)
-
 
 class _StreamCollector:
     """``backhaul_client_reconnects``, ``backhaul_client_streams`` and

@@ -57,7 +57,7 @@ def test_client_metrics_are_plain_numbers_until_the_first_scrape() -> None:
     metrics.extra.append(added.append)
     metrics.reconnected("wss://a.example")
     metrics.reconnected("wss://a.example")
-    metrics.stream_done("http", "ok", 0.02)
+    metrics.tally.done("http", "ok", 0.02)  # as Forwarder.serve counts a stream
     assert metrics._registry is None and not added
     registry = metrics.registry
     assert added == [registry] and metrics.registry is registry  # built once

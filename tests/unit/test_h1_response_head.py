@@ -80,14 +80,12 @@ def _same_date(head: bytes) -> bytes:
     return re.sub(rb"(?im)^(date): [^\r]*", rb"\1: D", head)
 
 
-_LOOP = asyncio.new_event_loop()
-
-
 async def _connection() -> H1Connection:
     return H1Connection(H1Listener(lambda request: asyncio.sleep(0, Response())))
 
 
-_CONN = _LOOP.run_until_complete(_connection())
+# made once, on a loop closed at once: response_head runs no loop code
+_CONN = asyncio.run(_connection())
 
 
 @settings(max_examples=400, deadline=None)
