@@ -79,7 +79,8 @@ $(BIN)/exit-server:
 	$(MAKE) $(STAMP)
 
 ## bench: wrk against nginx baselines, Backhaul HTTP and TCP mode, then the scale test, HTTP/2 and
-## gRPC (h2load, grpcio) and start time; writes
+## gRPC (h2load, grpcio), the fleet, the bare relays under them (bench/relay_floor.py) and start
+## time; writes
 ## docs/BENCHMARKS.md (installs nginx and wrk from Debian if missing: needs root).
 ## BENCH_ARGS="--quick --profile --skip-scale" etc. (see bench/run.py --help)
 ## It measures the compiled build, what the container image ships (README, "Compiled build"):

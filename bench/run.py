@@ -33,7 +33,8 @@ bench/results/, and the top 15 frames by self time in the report.
 Writes docs/BENCHMARKS.md and bench/results/bench-*.json, then runs bench/scale.py (which adds
 its section to docs/BENCHMARKS.md) unless --skip-scale, bench/h2.py (HTTP/2 with h2load beside
 nginx, gRPC unary calls beside direct) unless --skip-h2, bench/fleet.py (a relayed request against
-a local one) unless --skip-fleet, and bench/startup.py (start time, idle
+a local one) unless --skip-fleet, bench/relay_floor.py (bare uvloop relays, the floor under
+any tunnel of this shape) unless --skip-floor, and bench/startup.py (start time, idle
 RSS, import cost) unless --skip-startup.
 """
 
@@ -71,6 +72,8 @@ H2_BEGIN = "<!-- h2:begin -->"
 H2_END = "<!-- h2:end -->"
 STARTUP_BEGIN = "<!-- startup:begin -->"
 STARTUP_END = "<!-- startup:end -->"
+FLOOR_BEGIN = "<!-- floor:begin -->"
+FLOOR_END = "<!-- floor:end -->"
 PROFILE_BEGIN = "<!-- profile:begin -->"
 PROFILE_END = "<!-- profile:end -->"
 
@@ -1104,10 +1107,11 @@ def write_doc(
     out.append("## How to run\n")
     out.append(
         "- `make bench` = `bench/setup.sh` (nginx + wrk from Debian when missing, as root) then "
-        "`.venv/bin/python bench/run.py --pin`, which runs `bench/scale.py` and `bench/startup.py` at the end. "
+        "`.venv/bin/python bench/run.py --pin`, which runs `bench/scale.py`, `bench/h2.py`, `bench/fleet.py`, "
+        "`bench/relay_floor.py` and `bench/startup.py` at the end. "
         "`make bench BENCH_ARGS='--pin --quick --profile'` passes other flags; `--skip-scale` leaves the "
-        "scale test out, `--skip-startup` the start-time one; `--only http,tcp` measures a subset (the report then "
-        "lacks the baselines)."
+        "scale test out, `--skip-floor` the bare relays, `--skip-startup` the start-time one; `--only http,tcp` "
+        "measures a subset (the report then lacks the baselines)."
     )
     out.append(
         "- `--profile`: py-spy (installed into .venv when missing) on the exit server and the client during "
@@ -1157,6 +1161,14 @@ def write_doc(
     else:
         out.append("Pending: `bench/startup.py` fills this section.\n")
     out.append(STARTUP_END)
+    out.append("")
+    out.append(FLOOR_BEGIN)
+    out.append("## The floor under a tunnel: a bare uvloop relay with TLS\n")
+    if args.skip_floor:
+        out.append("Not run (`--skip-floor`). Run `.venv/bin/python bench/relay_floor.py` to fill this section.\n")
+    else:
+        out.append("Pending: `bench/relay_floor.py` fills this section.\n")
+    out.append(FLOOR_END)
     return "\n".join(out) + "\n"
 
 
@@ -1187,6 +1199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-startup", action="store_true", help="do not run bench/startup.py")
     parser.add_argument("--skip-h2", action="store_true", help="do not run bench/h2.py (HTTP/2 and gRPC)")
     parser.add_argument("--skip-fleet", action="store_true", help="do not run bench/fleet.py (relayed requests)")
+    parser.add_argument("--skip-floor", action="store_true", help="do not run bench/relay_floor.py (bare relays)")
     parser.add_argument(
         "--retries", type=int, default=2, help="repeat a run up to N times when other load skewed it (default 2)"
     )
@@ -1284,6 +1297,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.skip_scale, "scale.py", ("--quick",), 1800),
         (args.skip_h2, "h2.py", ("--quick", "--pin"), 1800),
         (args.skip_fleet, "fleet.py", ("--quick", "--pin"), 1800),
+        (args.skip_floor, "relay_floor.py", ("--quick",), 1800),
         (args.skip_startup, "startup.py", ("--pin",), 900),
     ):
         if skipped:
