@@ -38,6 +38,8 @@ COMPILED = (
     "shared/forwarding.py",
     "shared/routing.py",
     "shared/runtime/plainmetrics.py",
+    "shared/runtime/textsafe.py",
+    "shared/runtime/accesslog.py",
     "shared/aio/connection.py",
     "shared/aio/splice.py",
     "shared/aio/wsframes.py",

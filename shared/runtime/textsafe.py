@@ -24,6 +24,8 @@ def escape_controls(text: str) -> str:
 
     A backslash is left alone: the result is for reading, not for decoding back.
     """
+    if text.isprintable():  # the usual line, in C: every character escaped is unprintable
+        return text
     if _CONTROLS.search(text) is None:
         return text
     return _CONTROLS.sub(_escaped, text)

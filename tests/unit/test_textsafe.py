@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from shared.runtime.cli import EscapingFormatter
 from shared.runtime.textsafe import escape_controls
 
@@ -23,3 +26,20 @@ def test_formatter_escapes_message_and_args() -> None:
     line = fmt.format(record)
     assert "\n" not in line and "\r" not in line
     assert line == "INFO path /x\\x0d\\x0a127.0.0.1 GET /forged"
+
+
+_EDGES = "\x00\x1b\r\n\x1f \x7f\x80\x85\x9f\xa0\u200b\u2028\u2029\ufeff a\\é"
+
+
+@given(st.text(alphabet=st.one_of(st.sampled_from(_EDGES), st.characters()), max_size=40))
+@settings(max_examples=500, deadline=None)
+def test_every_text_matches_the_escape_rule(text: str) -> None:
+    """The printable fast path changes nothing: each character the rule names is escaped, and
+    only those."""
+    expected = "".join((f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") if _named(c) else c for c in text)
+    assert escape_controls(text) == expected
+
+
+def _named(c: str) -> bool:
+    code = ord(c)
+    return code <= 0x1F or 0x7F <= code <= 0x9F or code in (0x2028, 0x2029)
