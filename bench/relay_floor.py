@@ -232,8 +232,8 @@ class _Refuse(asyncio.Protocol):
 class _MuxLeg(asyncio.Protocol):
     """A public connection (A) or an upstream connection (B) of ``mux``."""
 
-    def __init__(self, tunnel: _MuxTunnel, stream: int) -> None:
-        self.tunnel, self.stream = tunnel, stream
+    def __init__(self, tunnel: _MuxTunnel, stream: int, legs: dict[int, _MuxLeg]) -> None:
+        self.tunnel, self.stream, self.legs = tunnel, stream, legs
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -255,6 +255,8 @@ class _MuxLeg(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.legs.get(self.stream) is self:
+            del self.legs[self.stream]
         if self.tunnel.sources.pop(self.stream, None) is not None and self.tunnel.transport is not None:
             self.tunnel.send(self.stream, CLOSE)
 
@@ -292,7 +294,7 @@ async def mux_exit(public_port: int, control_port: int, context: ssl.SSLContext 
         if not tunnels:
             return _Refuse()  # an exception here would stop uvloop's listener
         stream = next(counter)
-        leg = legs[stream] = _MuxLeg(tunnels[-1], stream)
+        leg = legs[stream] = _MuxLeg(tunnels[-1], stream, legs)
         tunnels[-1].send(stream, OPEN)
         return leg
 
@@ -310,7 +312,7 @@ async def mux_client(control_port: int, upstream_port: int, context: ssl.SSLCont
 
     async def open_stream(stream: int) -> None:
         try:
-            _, leg = await loop.create_connection(lambda: _MuxLeg(tunnel, stream), "127.0.0.1", upstream_port)
+            _, leg = await loop.create_connection(lambda: _MuxLeg(tunnel, stream, legs), "127.0.0.1", upstream_port)
         except OSError:
             early.pop(stream, None)
             tunnel.send(stream, CLOSE)
