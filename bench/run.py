@@ -926,6 +926,17 @@ def hand_written(doc: Path) -> str:
     return "\n" + current[at:] if at >= 0 else ""
 
 
+#: The report's sections other scripts fill: (the --skip flag's attribute, the script, its title,
+#: its markers). write_doc leaves each one pending (or says it was skipped) in this order.
+_SECTIONS = (
+    ("skip_scale", "scale.py", "Scale", SCALE_BEGIN, SCALE_END),
+    ("skip_h2", "h2.py", "HTTP/2 and gRPC", H2_BEGIN, H2_END),
+    ("skip_fleet", "fleet.py", "A relayed request against a local one (fleet)", FLEET_BEGIN, FLEET_END),
+    ("skip_startup", "startup.py", "Start time, idle memory and imports", STARTUP_BEGIN, STARTUP_END),
+    ("skip_floor", "relay_floor.py", "The floor under a tunnel: a bare uvloop relay with TLS", FLOOR_BEGIN, FLOOR_END),
+)
+
+
 def write_doc(
     args: argparse.Namespace,
     command: str,
@@ -1130,45 +1141,15 @@ def write_doc(
                 cmd = re.sub(r"/tmp/[^ ]*/", "$TMP/", cmd).replace(str(bl.ROOT) + "/", "")
                 out.append(f"- {TARGETS[t]}, {name}: `{cmd}`")
         out.append("")
-    out.append(SCALE_BEGIN)
-    out.append("## Scale\n")
-    if args.skip_scale:
-        out.append("Not run (`--skip-scale`). Run `.venv/bin/python bench/scale.py` to fill this section.\n")
-    else:
-        out.append("Pending: `bench/scale.py` fills this section.\n")
-    out.append(SCALE_END)
-    out.append("")
-    out.append(H2_BEGIN)
-    out.append("## HTTP/2 and gRPC\n")
-    if args.skip_h2:
-        out.append("Not run (`--skip-h2`). Run `.venv/bin/python bench/h2.py` to fill this section.\n")
-    else:
-        out.append("Pending: `bench/h2.py` fills this section.\n")
-    out.append(H2_END)
-    out.append("")
-    out.append(FLEET_BEGIN)
-    out.append("## A relayed request against a local one (fleet)\n")
-    if args.skip_fleet:
-        out.append("Not run (`--skip-fleet`). Run `.venv/bin/python bench/fleet.py` to fill this section.\n")
-    else:
-        out.append("Pending: `bench/fleet.py` fills this section.\n")
-    out.append(FLEET_END)
-    out.append("")
-    out.append(STARTUP_BEGIN)
-    out.append("## Start time, idle memory and imports\n")
-    if args.skip_startup:
-        out.append("Not run (`--skip-startup`). Run `.venv/bin/python bench/startup.py` to fill this section.\n")
-    else:
-        out.append("Pending: `bench/startup.py` fills this section.\n")
-    out.append(STARTUP_END)
-    out.append("")
-    out.append(FLOOR_BEGIN)
-    out.append("## The floor under a tunnel: a bare uvloop relay with TLS\n")
-    if args.skip_floor:
-        out.append("Not run (`--skip-floor`). Run `.venv/bin/python bench/relay_floor.py` to fill this section.\n")
-    else:
-        out.append("Pending: `bench/relay_floor.py` fills this section.\n")
-    out.append(FLOOR_END)
+    for i, (skip, script, title, begin, end) in enumerate(_SECTIONS):
+        out += [""] if i else []
+        out += [begin, f"## {title}\n"]
+        if getattr(args, skip):
+            flag = "--" + skip.replace("_", "-")
+            out.append(f"Not run (`{flag}`). Run `.venv/bin/python bench/{script}` to fill this section.\n")
+        else:
+            out.append(f"Pending: `bench/{script}` fills this section.\n")
+        out.append(end)
     return "\n".join(out) + "\n"
 
 
